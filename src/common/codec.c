@@ -1,0 +1,73 @@
+/* Frame codec: see codec.h. No I/O, no allocation. */
+#include "codec.h"
+
+#include "ipmpi/errors.h"
+
+void ipmpi_limits_default(ipmpi_limits_t *lim)
+{
+    lim->max_parts = 4096;
+    lim->max_part = (uint64_t)4 << 30;
+    lim->max_frame = (uint64_t)8 << 30;
+}
+
+long ipmpi_hdr_encode(const ipmpi_hdr_t *h, const uint64_t *lens, uint8_t *out, size_t cap)
+{
+    if (h->nparts > IPMPI_MAX_PARTS || cap < ipmpi_hdr_wire_size(h->nparts))
+        return IPMPI_EINVAL;
+    ipmpi_put_u32(out, IPMPI_MAGIC);
+    out[4] = IPMPI_PROTO_VERSION;
+    out[5] = h->kind;
+    out[6] = (uint8_t)h->flags;
+    out[7] = (uint8_t)(h->flags >> 8);
+    ipmpi_put_u64(out + 8, h->req_id);
+    ipmpi_put_u32(out + 16, (uint32_t)h->target);
+    ipmpi_put_u32(out + 20, (uint32_t)h->status);
+    ipmpi_put_u32(out + 24, h->total);
+    ipmpi_put_u32(out + 28, h->nparts);
+    ipmpi_put_u64(out + 32, h->aux);
+    for (uint32_t i = 0; i < h->nparts; i++)
+        ipmpi_put_u64(out + IPMPI_HDR_SIZE + 8u * i, lens[i]);
+    return (long)ipmpi_hdr_wire_size(h->nparts);
+}
+
+long ipmpi_hdr_decode(const uint8_t *buf, size_t len, const ipmpi_limits_t *lim, ipmpi_hdr_t *out)
+{
+    if (len < IPMPI_HDR_SIZE)
+        return 0;
+    if (ipmpi_get_u32(buf) != IPMPI_MAGIC || buf[4] != IPMPI_PROTO_VERSION)
+        return IPMPI_EPROTO;
+    if (buf[5] == 0 || buf[5] >= IPMPI_K_MAX_)
+        return IPMPI_EPROTO;
+    uint32_t nparts = ipmpi_get_u32(buf + 28);
+    uint32_t maxp = lim->max_parts < IPMPI_MAX_PARTS ? lim->max_parts : IPMPI_MAX_PARTS;
+    if (nparts > maxp)
+        return IPMPI_E2BIG;
+    out->version = buf[4];
+    out->kind = buf[5];
+    out->flags = (uint16_t)(buf[6] | (buf[7] << 8));
+    out->req_id = ipmpi_get_u64(buf + 8);
+    out->target = (int32_t)ipmpi_get_u32(buf + 16);
+    out->status = (int32_t)ipmpi_get_u32(buf + 20);
+    out->total = ipmpi_get_u32(buf + 24);
+    out->nparts = nparts;
+    out->aux = ipmpi_get_u64(buf + 32);
+    return IPMPI_HDR_SIZE;
+}
+
+long ipmpi_lens_decode(const uint8_t *buf, size_t len, uint32_t nparts, const ipmpi_limits_t *lim,
+                       uint64_t *lens, uint64_t *total)
+{
+    if (len < (size_t)nparts * 8u)
+        return 0;
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < nparts; i++) {
+        uint64_t l = ipmpi_get_u64(buf + 8u * i);
+        if (l > lim->max_part || l > lim->max_frame - sum)
+            return IPMPI_E2BIG;
+        sum += l;
+    }
+    for (uint32_t i = 0; i < nparts; i++)
+        lens[i] = ipmpi_get_u64(buf + 8u * i);
+    *total = sum;
+    return (long)nparts * 8;
+}

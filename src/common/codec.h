@@ -1,0 +1,89 @@
+/*
+ * Frame codec: encodes and decodes the fixed header and the part-length
+ * table of include/ipmpi/protocol.h. Plain C, no I/O, no allocation: the
+ * decoder reads from the caller's buffer and writes only to out-params.
+ * Every field is checked against the limits before it is reported, so a
+ * caller may allocate from decoded lengths without further checks.
+ * Thread safety: all functions are reentrant.
+ */
+#ifndef IPMPI_CODEC_H
+#define IPMPI_CODEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ipmpi/protocol.h"
+
+typedef struct ipmpi_hdr {
+    uint8_t version;
+    uint8_t kind;
+    uint16_t flags;
+    uint64_t req_id;
+    int32_t target;
+    int32_t status;
+    uint32_t total;
+    uint32_t nparts;
+    uint64_t aux;
+} ipmpi_hdr_t;
+
+typedef struct ipmpi_limits {
+    uint32_t max_parts;  /* at most IPMPI_MAX_PARTS */
+    uint64_t max_part;   /* bytes in one part */
+    uint64_t max_frame;  /* bytes in all parts of one frame */
+} ipmpi_limits_t;
+
+/* Defaults: 4096 parts, 4 GiB a part, 8 GiB a frame. */
+void ipmpi_limits_default(ipmpi_limits_t *lim);
+
+/* Bytes of header plus length table for nparts parts. */
+static inline size_t ipmpi_hdr_wire_size(uint32_t nparts)
+{
+    return IPMPI_HDR_SIZE + (size_t)nparts * 8u;
+}
+
+/*
+ * Writes the 40-byte header for h (magic and version are filled in; h->version
+ * is ignored) followed by h->nparts lengths from lens into out. Returns the
+ * bytes written, or IPMPI_EINVAL if cap is too small or nparts exceeds
+ * IPMPI_MAX_PARTS.
+ */
+long ipmpi_hdr_encode(const ipmpi_hdr_t *h, const uint64_t *lens, uint8_t *out, size_t cap);
+
+/*
+ * Decodes the fixed 40-byte header from buf. Returns IPMPI_HDR_SIZE on
+ * success, 0 if len < IPMPI_HDR_SIZE (need more), IPMPI_EPROTO on a bad
+ * magic, version or kind, IPMPI_E2BIG if nparts exceeds lim->max_parts.
+ * *out is written only on success.
+ */
+long ipmpi_hdr_decode(const uint8_t *buf, size_t len, const ipmpi_limits_t *lim, ipmpi_hdr_t *out);
+
+/*
+ * Decodes the nparts lengths that follow the header (buf points at the
+ * first length). Returns nparts*8 on success, 0 if len is too short (need
+ * more), IPMPI_E2BIG if a part exceeds lim->max_part or their sum exceeds
+ * lim->max_frame. lens (room for nparts) and *total are written only on
+ * success.
+ */
+long ipmpi_lens_decode(const uint8_t *buf, size_t len, uint32_t nparts, const ipmpi_limits_t *lim,
+                       uint64_t *lens, uint64_t *total);
+
+/* Little-endian helpers, also used for target lists (i32 arrays). */
+static inline void ipmpi_put_u32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
+}
+static inline uint32_t ipmpi_get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+static inline void ipmpi_put_u64(uint8_t *p, uint64_t v)
+{
+    ipmpi_put_u32(p, (uint32_t)v);
+    ipmpi_put_u32(p + 4, (uint32_t)(v >> 32));
+}
+static inline uint64_t ipmpi_get_u64(const uint8_t *p)
+{
+    return (uint64_t)ipmpi_get_u32(p) | ((uint64_t)ipmpi_get_u32(p + 4) << 32);
+}
+
+#endif

@@ -1,0 +1,290 @@
+/*
+ * ipmpi: one executable, role by rank. Rank 0 is the controller, ranks
+ * 1..N are engines 0..N-1. Invoked as `ipcontroller` or `ipengine` the role
+ * is fixed instead, for the MPMD form
+ *   mpirun -n 1 ipcontroller : -n 4 ipengine
+ * main() parses options, initialises MPI (threads: funneled is enough; the
+ * loop is single-threaded), duplicates the world communicator for the
+ * runtime's own traffic, asks PMIx about the job, opens this process's log
+ * and hands over to the role.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <mpi.h>
+#include <pmix.h>
+
+#include "ipmpi/errors.h"
+#include "log.h"
+#include "runtime.h"
+
+enum role { ROLE_BY_RANK, ROLE_CONTROLLER, ROLE_ENGINE };
+
+static void usage(FILE *f, const char *prog)
+{
+    fprintf(f,
+            "usage: mpirun -n N+1 %s [options]   (rank 0 controller, ranks 1..N engines)\n"
+            "       mpirun -n 1 ipcontroller [options] : -n N ipengine [options]\n"
+            "options:\n"
+            "  --ipmpi-dir DIR      profile directory (default $IPMPI_DIR or ~/.ipmpi)\n"
+            "  --client-ip ADDR     address to listen on and write into the furls\n"
+            "                       (default: this host's name; 127.0.0.1 if it resolves nowhere else)\n"
+            "  --client-port N      fixed client port; key and certificate then persist (default random)\n"
+            "  --wait-spin-us N     spin this long after activity before sleeping (default 1000)\n"
+            "  --wait-max-us N      longest idle sleep; 0 = always spin (default 25000)\n"
+            "  --mpi MODE           none | mpi4py: give engines `comm`, an engines-only communicator\n"
+            "  --bind MODE          auto | core | none: pin engines to cores with hwloc (default auto)\n"
+            "  --max-message BYTES  largest frame a client may send (default 8 GiB)\n"
+            "  --ready-timeout SEC  how long the controller waits for engines (default 300)\n"
+            "  --log-level N        0 error .. 3 debug (default 2)\n"
+            "  --log-to-stderr      log to stderr instead of DIR/log/\n",
+            prog);
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *s == '\0' || *end != '\0' || *s == '-')
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
+{
+    static const struct option longopts[] = {
+        {"ipmpi-dir", required_argument, 0, 'd'},  {"client-ip", required_argument, 0, 'i'},
+        {"client-port", required_argument, 0, 'p'}, {"wait-spin-us", required_argument, 0, 's'},
+        {"wait-max-us", required_argument, 0, 'w'}, {"mpi", required_argument, 0, 'm'},
+        {"bind", required_argument, 0, 'b'},        {"max-message", required_argument, 0, 'M'},
+        {"ready-timeout", required_argument, 0, 'r'}, {"log-level", required_argument, 0, 'l'},
+        {"log-to-stderr", no_argument, 0, 'e'},     {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    memset(o, 0, sizeof *o);
+    const char *env = getenv("IPMPI_DIR"), *home = getenv("HOME");
+    if (env && *env)
+        snprintf(o->dir, sizeof o->dir, "%s", env);
+    else
+        snprintf(o->dir, sizeof o->dir, "%s/.ipmpi", home ? home : "/tmp");
+    o->log_level = IPMPI_LOG_INFO;
+    o->wait_spin_us = 1000;
+    o->wait_max_us = 25000;
+    snprintf(o->mpi_mode, sizeof o->mpi_mode, "none");
+    snprintf(o->bind, sizeof o->bind, "auto");
+    ipmpi_limits_default(&o->limits);
+    o->ready_timeout = 300;
+
+    int c;
+    uint64_t v;
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'd':
+            snprintf(o->dir, sizeof o->dir, "%s", optarg);
+            break;
+        case 'i':
+            snprintf(o->client_ip, sizeof o->client_ip, "%s", optarg);
+            break;
+        case 'p':
+            if (parse_u64(optarg, &v) || v > 65535)
+                return fprintf(stderr, "ipmpi: --client-port must be 0..65535\n"), -1;
+            o->client_port = (int)v;
+            break;
+        case 's':
+            if (parse_u64(optarg, &o->wait_spin_us))
+                return fprintf(stderr, "ipmpi: --wait-spin-us needs a number\n"), -1;
+            break;
+        case 'w':
+            if (parse_u64(optarg, &o->wait_max_us) || o->wait_max_us > 1000000)
+                return fprintf(stderr, "ipmpi: --wait-max-us must be 0..1000000\n"), -1;
+            break;
+        case 'm':
+            if (strcmp(optarg, "none") && strcmp(optarg, "mpi4py"))
+                return fprintf(stderr, "ipmpi: --mpi must be none or mpi4py\n"), -1;
+            snprintf(o->mpi_mode, sizeof o->mpi_mode, "%s", optarg);
+            break;
+        case 'b':
+            if (strcmp(optarg, "auto") && strcmp(optarg, "core") && strcmp(optarg, "none"))
+                return fprintf(stderr, "ipmpi: --bind must be auto, core or none\n"), -1;
+            snprintf(o->bind, sizeof o->bind, "%s", optarg);
+            break;
+        case 'M':
+            if (parse_u64(optarg, &v) || v < 1024)
+                return fprintf(stderr, "ipmpi: --max-message must be at least 1024\n"), -1;
+            o->limits.max_frame = v;
+            if (o->limits.max_part > v)
+                o->limits.max_part = v;
+            break;
+        case 'r':
+            if (parse_u64(optarg, &v) || v == 0)
+                return fprintf(stderr, "ipmpi: --ready-timeout must be a positive number\n"), -1;
+            o->ready_timeout = (double)v;
+            break;
+        case 'l':
+            if (parse_u64(optarg, &v) || v > 3)
+                return fprintf(stderr, "ipmpi: --log-level must be 0..3\n"), -1;
+            o->log_level = (int)v;
+            break;
+        case 'e':
+            o->log_to_stderr = 1;
+            break;
+        case 'h':
+            usage(stdout, argv[0]);
+            exit(0);
+        default:
+            usage(stderr, argv[0]);
+            return -1;
+        }
+    }
+    if (optind < argc)
+        return fprintf(stderr, "ipmpi: unexpected argument '%s'\n", argv[optind]), -1;
+    return 0;
+}
+
+/* mkdir -p with the given mode for the last component (0700 for our dirs). */
+static int make_dir(const char *path)
+{
+    char tmp[PATH_MAX];
+    snprintf(tmp, sizeof tmp, "%s", path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(tmp, 0700) != 0 && errno != EEXIST)
+                return -1;
+            *p = '/';
+        }
+    }
+    if (mkdir(tmp, 0700) != 0 && errno != EEXIST)
+        return -1;
+    return 0;
+}
+
+/* Fills job from PMIx; falls back to Open MPI's environment, then to a singleton. */
+static void describe_job(ipmpi_job_t *job)
+{
+    pmix_proc_t me, wild;
+    pmix_value_t *val = NULL;
+    const char *e;
+
+    job->local_rank = 0;
+    job->local_size = 1;
+    gethostname(job->hostname, sizeof job->hostname - 1);
+    snprintf(job->jobid, sizeof job->jobid, "singleton");
+    if ((e = getenv("OMPI_COMM_WORLD_LOCAL_RANK")))
+        job->local_rank = atoi(e);
+    if ((e = getenv("OMPI_COMM_WORLD_LOCAL_SIZE")))
+        job->local_size = atoi(e);
+
+    if (PMIx_Init(&me, NULL, 0) != PMIX_SUCCESS)
+        return;
+    job->have_pmix = 1;
+    snprintf(job->jobid, sizeof job->jobid, "%s", me.nspace);
+    PMIX_PROC_CONSTRUCT(&wild);
+    PMIX_LOAD_PROCID(&wild, me.nspace, PMIX_RANK_WILDCARD);
+    if (PMIx_Get(&me, PMIX_LOCAL_RANK, NULL, 0, &val) == PMIX_SUCCESS && val) {
+        if (val->type == PMIX_UINT16)
+            job->local_rank = val->data.uint16;
+        PMIX_VALUE_RELEASE(val);
+    }
+    val = NULL;
+    if (PMIx_Get(&wild, PMIX_LOCAL_SIZE, NULL, 0, &val) == PMIX_SUCCESS && val) {
+        if (val->type == PMIX_UINT32)
+            job->local_size = (int)val->data.uint32;
+        PMIX_VALUE_RELEASE(val);
+    }
+    val = NULL;
+    if (PMIx_Get(&me, PMIX_HOSTNAME, NULL, 0, &val) == PMIX_SUCCESS && val) {
+        if (val->type == PMIX_STRING && val->data.string)
+            snprintf(job->hostname, sizeof job->hostname, "%s", val->data.string);
+        PMIX_VALUE_RELEASE(val);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    ipmpi_opts_t opts;
+    ipmpi_job_t job;
+    memset(&job, 0, sizeof job);
+
+    char prog[PATH_MAX];
+    snprintf(prog, sizeof prog, "%s", argv[0]);
+    const char *base = basename(prog);
+    enum role role = ROLE_BY_RANK;
+    if (strcmp(base, "ipcontroller") == 0)
+        role = ROLE_CONTROLLER;
+    else if (strcmp(base, "ipengine") == 0)
+        role = ROLE_ENGINE;
+
+    if (parse_opts(argc, argv, &opts) != 0)
+        return 2;
+
+    /* Sleeps in the wait loops must be short when they are asked to be. */
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+
+    int provided;
+    if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+        fprintf(stderr, "ipmpi: MPI_Init_thread failed\n");
+        return 1;
+    }
+    MPI_Comm_rank(MPI_COMM_WORLD, &job.world_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &job.world_size);
+    describe_job(&job);
+
+    if ((role == ROLE_CONTROLLER && job.world_rank != 0) || (role == ROLE_ENGINE && job.world_rank == 0)) {
+        fprintf(stderr,
+                "ipmpi: %s started as rank %d; the controller must be rank 0 "
+                "(mpirun -n 1 ipcontroller : -n N ipengine)\n",
+                base, job.world_rank);
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    int is_controller = job.world_rank == 0;
+    if (job.world_size < 2) {
+        fprintf(stderr, "ipmpi: needs at least 2 ranks (a controller and one engine); "
+                        "try: mpirun -n 5 ipmpi\n");
+        MPI_Finalize();
+        return 2;
+    }
+
+    char role_name[48], path[PATH_MAX];
+    if (is_controller)
+        snprintf(role_name, sizeof role_name, "controller");
+    else
+        snprintf(role_name, sizeof role_name, "engine %d", job.world_rank - 1);
+    ipmpi_log_setup(role_name, opts.log_level);
+    snprintf(path, sizeof path, "%s/log", opts.dir);
+    if (make_dir(opts.dir) != 0 || make_dir(path) != 0) {
+        fprintf(stderr, "ipmpi: cannot create %s: %s\n", path, strerror(errno));
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    if (!opts.log_to_stderr) {
+        if (is_controller)
+            snprintf(path, sizeof path, "%s/log/ipcontroller-%d.log", opts.dir, (int)getpid());
+        else
+            snprintf(path, sizeof path, "%s/log/ipengine-%d-%d.log", opts.dir, job.world_rank - 1,
+                     (int)getpid());
+        if (ipmpi_log_open(path, 1) != 0)
+            fprintf(stderr, "ipmpi: cannot open log %s; logging to stderr\n", path);
+    }
+    ipmpi_log(IPMPI_LOG_INFO, "rank %d of %d on %s (local rank %d of %d), job %s, pid %d", job.world_rank,
+              job.world_size, job.hostname, job.local_rank, job.local_size, job.jobid, (int)getpid());
+
+    MPI_Comm comm;
+    MPI_Comm_dup(MPI_COMM_WORLD, &comm);
+    int rc = is_controller ? ipmpi_controller_run(&opts, &job, comm) : ipmpi_engine_run(&opts, &job, comm);
+    /* The roles never return when a rank died: they _exit() instead of
+     * trusting MPI_Finalize (ENVIRONMENT.md: it can hang after a death). */
+    MPI_Comm_free(&comm);
+    if (job.have_pmix)
+        PMIx_Finalize(NULL, 0);
+    MPI_Finalize();
+    return rc;
+}

@@ -1,0 +1,42 @@
+/*
+ * What main() hands to the role it starts: the parsed options, the job
+ * description from PMIx, and the runtime's private communicator (a
+ * duplicate of MPI_COMM_WORLD, so user code can never receive the
+ * runtime's messages). Read-only after start-up; loop thread only.
+ */
+#ifndef IPMPI_RUNTIME_H
+#define IPMPI_RUNTIME_H
+
+#include <stdint.h>
+
+#include <mpi.h>
+
+#include "codec.h"
+
+typedef struct ipmpi_opts {
+    char dir[1024];           /* profile dir: --ipmpi-dir, $IPMPI_DIR, or ~/.ipmpi */
+    char client_ip[256];      /* --client-ip: listen address, written into furls ("" = default) */
+    int client_port;          /* --client-port: 0 = random high port */
+    int log_level;            /* --log-level 0..3 */
+    int log_to_stderr;        /* --log-to-stderr: do not open files under dir/log */
+    uint64_t wait_spin_us;    /* --wait-spin-us: spin window after activity */
+    uint64_t wait_max_us;     /* --wait-max-us: longest idle sleep (0 = spin) */
+    char mpi_mode[16];        /* --mpi: "none" or "mpi4py" (engines' user comm) */
+    char bind[16];            /* --bind: "auto", "core" or "none" */
+    ipmpi_limits_t limits;    /* --max-message bytes per frame */
+    double ready_timeout;     /* --ready-timeout: seconds the controller waits for engines */
+} ipmpi_opts_t;
+
+typedef struct ipmpi_job {
+    int world_rank, world_size; /* in MPI_COMM_WORLD */
+    int local_rank, local_size; /* on this node (PMIx, else environment, else 0/1) */
+    char hostname[256];
+    char jobid[256];            /* PMIx namespace, or "singleton" */
+    int have_pmix;              /* PMIx_Init succeeded: proc table queries possible */
+} ipmpi_job_t;
+
+/* Each returns the process exit status. comm is the private duplicate. */
+int ipmpi_controller_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm);
+int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm);
+
+#endif
