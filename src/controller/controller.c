@@ -1,7 +1,538 @@
-/* placeholder: replaced by the controller implementation */
-#include "runtime.h"
+/*
+ * The controller (rank 0): start-up, the event loop and shutdown.
+ *
+ * Start-up makes the security directory, certificate and keys, opens the
+ * listening socket, waits until every live engine sent READY and only then
+ * writes the furl files. The loop is single-threaded and never blocks on
+ * one client or one engine: each round runs MPI progress (sends, header
+ * probes, part receives), the death watch when it is due, then ppoll()
+ * over the listening socket and every client socket. While an engine has
+ * work the ppoll() timeout follows the spin-then-back-off policy (capped at
+ * 5 ms); with no work anywhere it blocks until a socket event or the next
+ * death-watch tick, so idle engines cost the controller nothing.
+ *
+ * Thread safety: everything runs on the thread that called
+ * ipmpi_controller_run(); the signal handler only sets a flag.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backoff.h"
+#include "ctl.h"
+#include "ipmpi/errors.h"
+#include "log.h"
+#include "tls.h"
+
+#define HELLO_TIMEOUT_NS (10ull * 1000000000ull)
+#define FLUSH_TIMEOUT_NS (2ull * 1000000000ull)
+#define WATCH_BUSY_NS (250ull * 1000000ull)
+#define WATCH_IDLE_NS (2000ull * 1000000ull)
+#define MAX_SESSIONS 4096u
+
+/* Set by SIGTERM/SIGINT; the only state a signal handler may touch. */
+static volatile sig_atomic_t stop_signal;
+
+static void on_signal(int sig)
+{
+    stop_signal = sig;
+}
+
+/* ---- waiting ---- */
+
+/* Waits for fds (may be NULL/0) at most timeout_ns (UINT64_MAX: forever),
+ * with SIGTERM/SIGINT deliverable only here (they stay blocked elsewhere,
+ * so a signal cannot slip in between the flag check and the wait). */
+static int wait_fds(struct pollfd *fds, nfds_t n, uint64_t timeout_ns, const sigset_t *waitmask)
+{
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns != UINT64_MAX) {
+        ts.tv_sec = (time_t)(timeout_ns / 1000000000ull);
+        ts.tv_nsec = (long)(timeout_ns % 1000000000ull);
+        tsp = &ts;
+    }
+    if (stop_signal)
+        return 0;
+    int r = ppoll(fds, n, tsp, waitmask);
+    return r < 0 ? 0 : r;
+}
+
+/* ---- sessions table ---- */
+
+static int add_session(ipmpi_ctl_t *c, int fd, const char *peer, uint64_t now)
+{
+    uint32_t slot = 0;
+    while (slot < c->scap && c->sess[slot])
+        slot++;
+    if (slot == c->scap) {
+        if (c->scap >= MAX_SESSIONS)
+            return IPMPI_EAGAIN;
+        uint32_t ncap = c->scap ? c->scap * 2 : 16;
+        ipmpi_session_t **ns = realloc(c->sess, ncap * sizeof *ns);
+        if (!ns)
+            return IPMPI_ENOMEM;
+        c->sess = ns;
+        uint32_t *ng = realloc(c->sgen, ncap * sizeof *ng);
+        if (!ng)
+            return IPMPI_ENOMEM;
+        c->sgen = ng;
+        for (uint32_t i = c->scap; i < ncap; i++) {
+            c->sess[i] = NULL;
+            c->sgen[i] = 0;
+        }
+        c->scap = ncap;
+    }
+    uint64_t id = ((uint64_t)c->sgen[slot] << 32) | slot;
+    ipmpi_session_t *s = ipmpi_session_new(fd, c->ssl, peer, id, now);
+    if (!s)
+        return IPMPI_ENOMEM;
+    c->sess[slot] = s;
+    c->nsess++;
+    return 0;
+}
+
+static void drop_session(ipmpi_ctl_t *c, uint32_t slot)
+{
+    ipmpi_session_free(c->sess[slot]);
+    c->sess[slot] = NULL;
+    c->sgen[slot]++; /* replies still on their way for it find nothing */
+    c->nsess--;
+}
+
+static void accept_clients(ipmpi_ctl_t *c, uint64_t now)
+{
+    for (;;) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        int fd = accept4(c->lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                ipmpi_log(IPMPI_LOG_WARN, "accept failed: %s", strerror(errno));
+            return;
+        }
+        char addr[INET6_ADDRSTRLEN] = "?", peer[80];
+        int port = 0;
+        if (ss.ss_family == AF_INET) {
+            inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, addr, sizeof addr);
+            port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+        } else if (ss.ss_family == AF_INET6) {
+            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, addr, sizeof addr);
+            port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+        }
+        snprintf(peer, sizeof peer, "%s:%d", addr, port);
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        int rc = add_session(c, fd, peer, now);
+        if (rc != 0) {
+            ipmpi_log(IPMPI_LOG_WARN, "connection from %s refused: %s", peer,
+                      rc == IPMPI_EAGAIN ? "too many sessions" : ipmpi_strerror(rc));
+            close(fd);
+            continue;
+        }
+        ipmpi_log(IPMPI_LOG_INFO, "connection from %s", peer);
+    }
+}
+
+/* Runs one session's I/O and closes it when it is finished. */
+static void session_step(ipmpi_ctl_t *c, uint32_t slot)
+{
+    ipmpi_session_t *s = c->sess[slot];
+    int rc = ipmpi_session_io(s, &c->o->limits, ipmpi_ctl_client_frame, c);
+    if (rc < 0) {
+        if (rc != IPMPI_ECLOSED || s->state != IPMPI_SESS_CLOSING)
+            ipmpi_log(IPMPI_LOG_INFO, "client %s: connection closed", s->peer);
+        drop_session(c, slot);
+    }
+}
+
+/* Hello and flush deadlines. Returns the earliest future deadline. */
+static uint64_t session_deadlines(ipmpi_ctl_t *c, uint64_t now)
+{
+    uint64_t next = UINT64_MAX;
+    for (uint32_t i = 0; i < c->scap; i++) {
+        ipmpi_session_t *s = c->sess[i];
+        if (!s)
+            continue;
+        uint64_t d = UINT64_MAX;
+        if (s->state == IPMPI_SESS_CLOSING) {
+            d = s->t_close + FLUSH_TIMEOUT_NS;
+            if (now >= d) {
+                ipmpi_log(IPMPI_LOG_WARN, "client %s: output not flushed within 2 s; closing", s->peer);
+                drop_session(c, i);
+                continue;
+            }
+        } else if (s->cap == IPMPI_CAP_NONE) {
+            d = s->t_open + HELLO_TIMEOUT_NS;
+            if (now >= d) {
+                ipmpi_log(IPMPI_LOG_WARN, "client %s refused: no HELLO within 10 s", s->peer);
+                if (s->state == IPMPI_SESS_OPEN) {
+                    ipmpi_session_send_error(s, IPMPI_K_HELLO, 0, IPMPI_TARGET_CONTROLLER, 1, IPMPI_EACCES,
+                                             "access denied: no HELLO within 10 s");
+                    ipmpi_session_close_after_flush(s, now);
+                    d = now + FLUSH_TIMEOUT_NS;
+                } else {
+                    drop_session(c, i);
+                    continue;
+                }
+            }
+        }
+        if (d < next)
+            next = d;
+    }
+    return next;
+}
+
+/* ---- MPI side ---- */
+
+static int mpi_progress(ipmpi_ctl_t *c)
+{
+    int ev = ipmpi_mpilink_progress(&c->link, ipmpi_ctl_engine_frame, c);
+    if (ev < 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "MPI progress failed: %s", ipmpi_strerror(ev));
+        return 0;
+    }
+    return ev;
+}
+
+static void watch_tick(ipmpi_ctl_t *c, uint64_t now, int busy)
+{
+    if (!c->watch.enabled)
+        return;
+    if (now >= c->watch.next_ns) {
+        ipmpi_ctl_watch_poll(&c->watch, ipmpi_ctl_rank_dead, c);
+        c->watch.next_ns = now + (busy ? WATCH_BUSY_NS : WATCH_IDLE_NS);
+    } else if (busy && c->watch.next_ns > now + WATCH_BUSY_NS) {
+        /* Work just arrived: deaths must now show within 250 ms. */
+        c->watch.next_ns = now + WATCH_BUSY_NS;
+    }
+}
+
+/* Sends EXIT to every live engine; aux = 1 tells them to _exit. */
+static void send_exit(ipmpi_ctl_t *c, int aux)
+{
+    if (!c->eng)
+        return;
+    for (int i = 0; i < c->nengines; i++) {
+        if (c->eng[i].dead)
+            continue;
+        ipmpi_hdr_t h = {.kind = IPMPI_K_EXIT, .target = i, .aux = (uint64_t)aux};
+        int rc = ipmpi_mpilink_send(&c->link, c->eng[i].rank, &h, NULL);
+        if (rc != 0)
+            ipmpi_log(IPMPI_LOG_ERROR, "cannot send EXIT to engine %d: %s", i, ipmpi_strerror(rc));
+    }
+}
+
+/* Waits (at most limit_ns) until every send completed; engine frames
+ * that still arrive are dropped (c->stopping is set). */
+static int drain_sends(ipmpi_ctl_t *c, uint64_t limit_ns, const sigset_t *waitmask)
+{
+    uint64_t end = ipmpi_now_ns() + limit_ns;
+    while (ipmpi_mpilink_sends(&c->link) > 0 && ipmpi_now_ns() < end) {
+        mpi_progress(c);
+        watch_tick(c, ipmpi_now_ns(), 1);
+        if (ipmpi_mpilink_bulk(&c->link) == 0)
+            wait_fds(NULL, 0, 200000, waitmask);
+    }
+    return ipmpi_mpilink_sends(&c->link) == 0 ? 0 : IPMPI_ETIMEDOUT;
+}
+
+/* Ends the job at once (start-up failures): EXIT with aux = 1, then _exit. */
+static void abort_job(ipmpi_ctl_t *c, int code, const sigset_t *waitmask)
+{
+    c->stopping = 1;
+    send_exit(c, 1);
+    drain_sends(c, 1000000000ull, waitmask);
+    ipmpi_furls_remove(&c->sec);
+    ipmpi_log(IPMPI_LOG_ERROR, "controller stops the job (exit status %d)", code);
+    _exit(code);
+}
+
+/* ---- start-up ---- */
+
+static int wait_ready(ipmpi_ctl_t *c, const sigset_t *waitmask)
+{
+    ipmpi_backoff_t bo;
+    uint64_t now = ipmpi_now_ns();
+    uint64_t deadline = now + (uint64_t)(c->o->ready_timeout * 1e9);
+    uint64_t cap = c->o->wait_max_us < 5000 ? c->o->wait_max_us : 5000;
+    ipmpi_backoff_init(&bo, c->o->wait_spin_us, cap, now);
+    for (;;) {
+        if (mpi_progress(c) > 0)
+            ipmpi_backoff_busy(&bo, ipmpi_now_ns());
+        now = ipmpi_now_ns();
+        watch_tick(c, now, 0);
+        int ready = 0;
+        for (int i = 0; i < c->nengines; i++)
+            ready += c->eng[i].ready && !c->eng[i].dead;
+        if (c->nlive == 0) {
+            ipmpi_log(IPMPI_LOG_ERROR, "every engine died during start-up");
+            return IPMPI_EDEAD;
+        }
+        if (ready == c->nlive)
+            return 0;
+        if (stop_signal) {
+            ipmpi_log(IPMPI_LOG_INFO, "signal %d during start-up", (int)stop_signal);
+            return IPMPI_ESHUTDOWN;
+        }
+        if (now >= deadline) {
+            ipmpi_log(IPMPI_LOG_ERROR, "only %d of %d engines ready after %.0f s (--ready-timeout)", ready,
+                      c->nlive, c->o->ready_timeout);
+            return IPMPI_ETIMEDOUT;
+        }
+        wait_fds(NULL, 0, ipmpi_backoff_next(&bo, now), waitmask);
+    }
+}
+
+static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
+{
+    memset(c, 0, sizeof *c);
+    c->o = o;
+    c->job = job;
+    c->comm = comm;
+    c->lfd = -1;
+    c->nengines = job->world_size - 1;
+    c->nlive = c->nengines;
+    c->eng = calloc((size_t)c->nengines, sizeof *c->eng);
+    c->mark = calloc((size_t)c->nengines, sizeof *c->mark);
+    c->targets = calloc((size_t)c->nengines, sizeof *c->targets);
+    if (!c->eng || !c->mark || !c->targets)
+        return IPMPI_ENOMEM;
+    for (int i = 0; i < c->nengines; i++) {
+        c->eng[i].id = i;
+        c->eng[i].rank = i + 1;
+        ipmpi_equeue_init(&c->eng[i].q);
+    }
+    ipmpi_reqtab_init(&c->reqs);
+    /* A send to a dead rank must come back as an error, not abort rank 0. */
+    MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+    ipmpi_mpilink_init(&c->link, comm);
+    ipmpi_ctl_watch_init(&c->watch, job->have_pmix, job->jobid);
+    c->watch.next_ns = ipmpi_now_ns() + WATCH_IDLE_NS;
+
+    int rc = ipmpi_security_setup(&c->sec, o->dir, job->hostname, o->client_port != 0);
+    if (rc != 0)
+        return rc;
+    c->ssl = ipmpi_tls_server_ctx(c->sec.key, c->sec.cert);
+    if (!c->ssl) {
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot make the TLS server context");
+        return IPMPI_ETLS;
+    }
+    return ipmpi_listen_open(o->client_ip, o->client_port, &c->lfd, c->host, &c->port);
+}
+
+/* ---- the loop ---- */
+
+static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
+{
+    ipmpi_backoff_t bo;
+    uint64_t cap = c->o->wait_max_us < 5000 ? c->o->wait_max_us : 5000;
+    ipmpi_backoff_init(&bo, c->o->wait_spin_us, cap, ipmpi_now_ns());
+    struct pollfd *pfd = NULL;
+    uint32_t *pslot = NULL;
+    uint32_t pcap = 0;
+
+    while (!c->stopping && !stop_signal) {
+        int ev = mpi_progress(c);
+        uint64_t now = ipmpi_now_ns();
+        if (ev > 0)
+            ipmpi_backoff_busy(&bo, now);
+        int busy = c->nbusy > 0 || ipmpi_mpilink_sends(&c->link) > 0;
+        watch_tick(c, now, busy);
+        if (c->stopping)
+            break;
+        uint64_t next_deadline = session_deadlines(c, now);
+
+        if (pcap < c->scap + 1) {
+            pcap = c->scap + 1;
+            struct pollfd *np = realloc(pfd, pcap * sizeof *np);
+            uint32_t *ns = realloc(pslot, pcap * sizeof *ns);
+            if (np)
+                pfd = np;
+            if (ns)
+                pslot = ns;
+            if (!np || !ns) {
+                ipmpi_log(IPMPI_LOG_ERROR, "out of memory in the event loop; stopping");
+                c->stopping = 1;
+                break;
+            }
+        }
+        nfds_t n = 0;
+        pfd[n].fd = c->lfd;
+        pfd[n].events = POLLIN;
+        pfd[n].revents = 0;
+        n++;
+        int more = 0;
+        for (uint32_t i = 0; i < c->scap; i++) {
+            ipmpi_session_t *s = c->sess[i];
+            if (!s)
+                continue;
+            more |= s->read_more;
+            pfd[n].fd = s->fd;
+            pfd[n].events = ipmpi_session_events(s);
+            pfd[n].revents = 0;
+            pslot[n] = i;
+            n++;
+        }
+
+        uint64_t timeout;
+        busy = c->nbusy > 0 || ipmpi_mpilink_sends(&c->link) > 0;
+        if (more || ipmpi_mpilink_bulk(&c->link) > 0) {
+            timeout = 0;
+            ipmpi_backoff_busy(&bo, now);
+        }
+        else if (busy)
+            timeout = ipmpi_backoff_next(&bo, now);
+        else {
+            /* Nothing in flight: sleep until a socket wakes us or a timer is due. */
+            uint64_t d = c->watch.enabled ? c->watch.next_ns : UINT64_MAX;
+            if (next_deadline < d)
+                d = next_deadline;
+            timeout = d == UINT64_MAX ? UINT64_MAX : (d > now ? d - now : 0);
+            ipmpi_backoff_busy(&bo, now);
+        }
+        int nev = wait_fds(pfd, n, timeout, waitmask);
+        now = ipmpi_now_ns();
+        if (nev > 0)
+            ipmpi_backoff_busy(&bo, now);
+        if (pfd[0].revents & POLLIN)
+            accept_clients(c, now);
+        for (nfds_t k = 1; k < n; k++) {
+            uint32_t slot = pslot[k];
+            ipmpi_session_t *s = c->sess[slot];
+            if (!s || (!pfd[k].revents && !s->read_more))
+                continue;
+            session_step(c, slot);
+        }
+    }
+    free(pfd);
+    free(pslot);
+}
+
+/* Clean stop: fail what is queued, EXIT the engines, flush clients. */
+static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
+{
+    c->stopping = 1;
+    if (stop_signal)
+        ipmpi_log(IPMPI_LOG_INFO, "signal %d: shutting down", (int)stop_signal);
+    ipmpi_log(IPMPI_LOG_INFO, "shutting down: %u request(s) still queued or running", c->reqs.len);
+    ipmpi_ctl_fail_all(c);
+    int died = c->any_died;
+    send_exit(c, died);
+
+    uint64_t now = ipmpi_now_ns();
+    for (uint32_t i = 0; i < c->scap; i++)
+        if (c->sess[i])
+            ipmpi_session_close_after_flush(c->sess[i], now);
+    /* Flush client output and finish the EXIT sends, at most 2 s. */
+    uint64_t end = now + FLUSH_TIMEOUT_NS;
+    struct pollfd *pfd = calloc(c->scap + 1, sizeof *pfd);
+    uint32_t *pslot = calloc(c->scap + 1, sizeof *pslot);
+    while (pfd && pslot && (c->nsess > 0 || ipmpi_mpilink_sends(&c->link) > 0) && ipmpi_now_ns() < end) {
+        mpi_progress(c);
+        nfds_t n = 0;
+        for (uint32_t i = 0; i < c->scap; i++) {
+            if (!c->sess[i])
+                continue;
+            pfd[n].fd = c->sess[i]->fd;
+            pfd[n].events = ipmpi_session_events(c->sess[i]);
+            pfd[n].revents = 0;
+            pslot[n++] = i;
+        }
+        /* Every session is stepped, not only those with events: one that
+         * has nothing left to write closes right here. */
+        for (nfds_t k = 0; k < n; k++)
+            if (c->sess[pslot[k]])
+                session_step(c, pslot[k]);
+        if ((c->nsess > 0 || ipmpi_mpilink_sends(&c->link) > 0) && ipmpi_mpilink_bulk(&c->link) == 0)
+            wait_fds(pfd, 0, 1000000, waitmask);
+    }
+    free(pfd);
+    free(pslot);
+    int sends_left = ipmpi_mpilink_sends(&c->link) > 0;
+
+    for (uint32_t i = 0; i < c->scap; i++)
+        if (c->sess[i])
+            drop_session(c, i);
+    ipmpi_furls_remove(&c->sec);
+    if (c->lfd >= 0)
+        close(c->lfd);
+    c->lfd = -1;
+    if (died || sends_left) {
+        ipmpi_log(IPMPI_LOG_INFO, "controller stopped (%s): exiting without MPI_Finalize",
+                  died ? "a rank died" : "EXIT not delivered to every engine");
+        _exit(0);
+    }
+    ipmpi_log(IPMPI_LOG_INFO, "controller stopped");
+    return 0;
+}
+
+static void teardown(ipmpi_ctl_t *c)
+{
+    for (int i = 0; c->eng && i < c->nengines; i++) {
+        ipmpi_equeue_fini(&c->eng[i].q);
+        free(c->eng[i].props);
+    }
+    free(c->eng);
+    free(c->mark);
+    free(c->targets);
+    free(c->sess);
+    free(c->sgen);
+    ipmpi_reqtab_fini(&c->reqs);
+    ipmpi_mpilink_fini(&c->link);
+    SSL_CTX_free(c->ssl);
+    ipmpi_security_fini(&c->sec);
+}
+
 int ipmpi_controller_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
 {
-    (void)o; (void)job; (void)comm;
-    return 1;
+    ipmpi_ctl_t c;
+    sigset_t block, waitmask;
+    struct sigaction sa;
+
+    /* A client that vanishes must not kill us through SIGPIPE. */
+    signal(SIGPIPE, SIG_IGN);
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &waitmask);
+    sigdelset(&waitmask, SIGTERM);
+    sigdelset(&waitmask, SIGINT);
+
+    ipmpi_log(IPMPI_LOG_INFO, "controller starting: %d engine(s), profile %s", job->world_size - 1, o->dir);
+    int rc = setup(&c, o, job, comm);
+    if (rc != 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "controller start-up failed: %s", ipmpi_strerror(rc));
+        abort_job(&c, 1, &waitmask);
+    }
+    rc = wait_ready(&c, &waitmask);
+    if (rc == IPMPI_ESHUTDOWN) {
+        rc = shutdown_job(&c, &waitmask);
+        teardown(&c);
+        return rc;
+    }
+    if (rc != 0)
+        abort_job(&c, 1, &waitmask);
+    if (ipmpi_furls_write(&c.sec, c.host, c.port) != 0)
+        abort_job(&c, 1, &waitmask);
+    ipmpi_log(IPMPI_LOG_INFO, "%d engines ready", c.nlive);
+
+    run_loop(&c, &waitmask);
+    rc = shutdown_job(&c, &waitmask);
+    teardown(&c);
+    return rc;
 }

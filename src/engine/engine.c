@@ -1,7 +1,529 @@
-/* placeholder: replaced by the engine implementation */
-#include "runtime.h"
+/*
+ * An engine: ranks 1..N of the job, engine id = world rank - 1. It pins
+ * itself with hwloc, starts an embedded CPython holding one persistent
+ * namespace (ipmpi._engine.Engine), announces itself to the controller
+ * with READY, then serves one request at a time from rank 0 until EXIT
+ * (doc/protocol.md sections 3 and 4).
+ *
+ * Waiting: MPI has no blocking receive that does not spin, so the loop
+ * polls MPI_Improbe with a spin-then-sleep back-off (backoff.h): right
+ * after a reply it spins, so a client's next request is answered in
+ * microseconds; long idle it sleeps up to --wait-max-us between polls, so
+ * many idle engines leave the cores to those that compute. The GIL is
+ * released whenever the engine waits or moves bytes, so threads started by
+ * user code keep running.
+ *
+ * Threads: everything here runs on the process's main thread, the only one
+ * that calls MPI (MPI_THREAD_FUNNELED).
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "backoff.h"
+#include "engine.h"
+#include "ipmpi/errors.h"
+#include "log.h"
+
+/* An idle engine asks whether its controller still lives this often. */
+#define WATCH_INTERVAL_NS (2000000000ull)
+
+typedef struct engine {
+    const ipmpi_opts_t *o;
+    const ipmpi_job_t *job;
+    MPI_Comm comm;          /* the runtime's private duplicate of the world */
+    int eid;
+    PyObject *handle;       /* bound method Engine.handle (owned) */
+    PyObject *failure;      /* bound method Engine.failure (owned) */
+} engine_t;
+
+/* A reply ready to go: the Python objects it came from stay referenced and
+ * their buffers exported until the frame is sent. */
+typedef struct reply {
+    PyObject *result;       /* the (status, parts, exit_after) tuple (owned) */
+    PyObject *seq;          /* parts as a fast sequence (owned) */
+    Py_buffer *views;       /* nparts exported buffers */
+    uint32_t nviews;        /* how many of views are held */
+    uint64_t *lens;
+    const void **bufs;
+    int status;
+    int exit_after;
+} reply_t;
+
+static void reply_release(reply_t *r)
+{
+    for (uint32_t i = 0; i < r->nviews; i++)
+        PyBuffer_Release(&r->views[i]);
+    free(r->views);
+    free(r->lens);
+    free(r->bufs);
+    Py_XDECREF(r->seq);
+    Py_XDECREF(r->result);
+    memset(r, 0, sizeof *r);
+}
+
+/* Takes ownership of result (a reference from handle or failure). Exports
+ * every part's buffer. Returns 0, or IPMPI_EPYTHON with a Python error set
+ * (result released). GIL held. */
+static int reply_prepare(reply_t *r, PyObject *result)
+{
+    memset(r, 0, sizeof *r);
+    r->result = result;
+    if (!PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 3) {
+        PyErr_SetString(PyExc_TypeError, "Engine.handle must return (status, parts, exit_after)");
+        goto fail;
+    }
+    long status = PyLong_AsLong(PyTuple_GET_ITEM(result, 0));
+    if (status == -1 && PyErr_Occurred())
+        goto fail;
+    int exit_after = PyObject_IsTrue(PyTuple_GET_ITEM(result, 2));
+    if (exit_after < 0)
+        goto fail;
+    r->seq = PySequence_Fast(PyTuple_GET_ITEM(result, 1), "reply parts must be a sequence");
+    if (!r->seq)
+        goto fail;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(r->seq);
+    if ((uint64_t)n > IPMPI_MAX_PARTS) {
+        PyErr_Format(PyExc_ValueError, "a reply of %zd parts is more than a frame can hold", n);
+        goto fail;
+    }
+    r->views = calloc((size_t)n + 1, sizeof *r->views);
+    r->lens = calloc((size_t)n + 1, sizeof *r->lens);
+    r->bufs = calloc((size_t)n + 1, sizeof *r->bufs);
+    if (!r->views || !r->lens || !r->bufs) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* PyBUF_SIMPLE: contiguous bytes, sent straight from the object's
+         * memory (a pulled numpy array is never copied). */
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(r->seq, i), &r->views[i], PyBUF_SIMPLE) != 0)
+            goto fail;
+        r->nviews++;
+        r->lens[i] = (uint64_t)r->views[i].len;
+        r->bufs[i] = r->views[i].buf;
+    }
+    r->status = (int)status;
+    r->exit_after = exit_after;
+    return 0;
+
+fail:
+    reply_release(r);
+    return IPMPI_EPYTHON;
+}
+
+/* Sends r as the reply to req. GIL held on entry and return; released
+ * for the transfer (r's buffers stay exported meanwhile). */
+static int reply_send(engine_t *e, const ipmpi_hdr_t *req, const reply_t *r)
+{
+    ipmpi_hdr_t h = {0};
+    h.kind = req->kind;
+    h.flags = IPMPI_F_REPLY;
+    h.req_id = req->req_id;
+    h.target = e->eid;
+    h.status = r->status;
+    h.total = 1;
+    h.nparts = r->nviews;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ipmpi_eng_link_send(e->comm, 0, &h, r->lens, r->bufs);
+    Py_END_ALLOW_THREADS
+    return rc;
+}
+
+/* Last resort when Python cannot even build an error reply: status
+ * IPMPI_EPYTHON with a UTF-8 message, in the form the controller uses for
+ * its own errors, so the request is still answered. */
+static int reply_send_plain(engine_t *e, const ipmpi_hdr_t *req, const char *msg)
+{
+    ipmpi_hdr_t h = {0};
+    h.kind = req->kind;
+    h.flags = IPMPI_F_REPLY;
+    h.req_id = req->req_id;
+    h.target = e->eid;
+    h.status = IPMPI_EPYTHON;
+    h.total = 1;
+    h.nparts = 1;
+    uint64_t len = strlen(msg);
+    const void *buf = msg;
+    return ipmpi_eng_link_send(e->comm, 0, &h, &len, &buf);
+}
+
+/* Turns the pending Python exception into Engine.failure's reply.
+ * Returns a new reference or NULL (error logged). GIL held. */
+static PyObject *failure_result(engine_t *e, int kind)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb && value)
+        PyException_SetTraceback(value, tb);
+    PyObject *res = NULL;
+    if (value)
+        res = PyObject_CallFunction(e->failure, "iO", kind, value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (!res)
+        ipmpi_eng_py_log_error("Engine.failure raised");
+    return res;
+}
+
+/*
+ * Serves one request whose header h and lengths lens were received. GIL
+ * held on entry and on return. Returns 0 (replied; *exit_after set), or a
+ * negative code when the MPI link failed (the engine cannot go on).
+ */
+static int serve(engine_t *e, const ipmpi_hdr_t *h, const uint64_t *lens, int *exit_after)
+{
+    PyObject *parts = NULL, *result = NULL;
+    PyObject *alloc_err_type = NULL, *alloc_err = NULL, *alloc_tb = NULL;
+    char **dst = NULL;
+    reply_t r;
+    int rc = IPMPI_ENOMEM;
+
+    *exit_after = 0;
+    memset(&r, 0, sizeof r);
+    dst = calloc((size_t)h->nparts + 1, sizeof *dst);
+    parts = PyList_New((Py_ssize_t)h->nparts);
+    if (!dst || !parts) {
+        PyErr_NoMemory();
+        goto drain;
+    }
+    for (uint32_t i = 0; i < h->nparts; i++) {
+        PyObject *ba = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)lens[i]);
+        if (!ba)
+            goto drain; /* MemoryError: keep it, drain the rest, report it */
+        PyList_SET_ITEM(parts, i, ba);
+        dst[i] = PyByteArray_AS_STRING(ba);
+    }
+    /* The bytearrays are referenced only by us, so their memory stays put
+     * while other Python threads run during the transfer. */
+    rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (uint32_t i = 0; i < h->nparts && rc == 0; i++)
+        rc = ipmpi_eng_link_recv_part(e->comm, 0, dst[i], lens[i]);
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        goto free_all;
+    result = PyObject_CallFunction(e->handle, "iO", (int)h->kind, parts);
+    /* handle never raises by contract, but a signal that arrives before
+     * its first line (KeyboardInterrupt) can still make the call fail. */
+    if (!result)
+        result = failure_result(e, h->kind);
+    goto reply;
+
+drain:
+    /* Allocation failed: the rest of the frame is still on the wire and
+     * must be taken off it to keep the link in step. */
+    PyErr_Fetch(&alloc_err_type, &alloc_err, &alloc_tb);
+    rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (uint32_t i = 0; i < h->nparts && rc == 0; i++)
+        rc = ipmpi_eng_link_recv_part(e->comm, 0, dst ? dst[i] : NULL, lens[i]);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        Py_XDECREF(alloc_err_type);
+        Py_XDECREF(alloc_err);
+        Py_XDECREF(alloc_tb);
+        goto free_all;
+    }
+    Py_CLEAR(parts);
+    PyErr_Restore(alloc_err_type, alloc_err, alloc_tb);
+    ipmpi_log(IPMPI_LOG_WARN, "no memory for a request of %u parts", h->nparts);
+    result = failure_result(e, h->kind);
+
+reply:
+    Py_CLEAR(parts); /* the request's buffers are not needed for the reply */
+    if (result && reply_prepare(&r, result) != 0) {
+        /* E.g. a part without the buffer protocol: that error becomes the
+         * reply, so the client learns what went wrong. */
+        ipmpi_log(IPMPI_LOG_WARN, "Engine.handle returned an unusable reply");
+        result = failure_result(e, h->kind);
+        if (result && reply_prepare(&r, result) != 0) {
+            ipmpi_eng_py_log_error("Engine.failure returned an unusable reply");
+            result = NULL;
+        }
+    } else if (!result) {
+        PyErr_Clear();
+    }
+    if (result) {
+        rc = reply_send(e, h, &r);
+        *exit_after = r.exit_after;
+        reply_release(&r);
+    } else {
+        rc = reply_send_plain(e, h, "the engine's Python layer failed; see the engine's log");
+    }
+    if (rc != 0)
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot send the reply to request %llu: %s",
+                  (unsigned long long)h->req_id, ipmpi_strerror(rc));
+
+free_all:
+    Py_XDECREF(parts);
+    free(dst);
+    return rc;
+}
+
+/* Builds the engines-only communicator for --mpi=mpi4py: world ranks 1..N,
+ * rank = engine id. Collective over the engines only; the controller never
+ * joins. Returns 0 and *fint (its Fortran handle), or IPMPI_EMPI. */
+static int make_user_comm(MPI_Fint *fint)
+{
+    MPI_Group world = MPI_GROUP_NULL, engines = MPI_GROUP_NULL;
+    MPI_Comm ucomm = MPI_COMM_NULL;
+    int rc = IPMPI_EMPI;
+    int ranks[1] = {0};
+    if (MPI_Comm_group(MPI_COMM_WORLD, &world) != MPI_SUCCESS)
+        return rc;
+    if (MPI_Group_excl(world, 1, ranks, &engines) != MPI_SUCCESS)
+        goto free_world;
+    if (MPI_Comm_create_group(MPI_COMM_WORLD, engines, 0x1e9, &ucomm) != MPI_SUCCESS)
+        goto free_engines;
+    /* ucomm lives as long as the process: user code holds it as `comm`. */
+    *fint = MPI_Comm_c2f(ucomm);
+    rc = 0;
+free_engines:
+    MPI_Group_free(&engines);
+free_world:
+    MPI_Group_free(&world);
+    return rc;
+}
+
+/* Creates the Engine object and returns the READY JSON (new reference to a
+ * bytes object). GIL held. */
+static PyObject *make_engine(engine_t *e, const char *cpuset, int bound, PyObject *comm_fint)
+{
+    PyObject *mod = NULL, *cls = NULL, *props = NULL, *json = NULL, *eng = NULL, *text = NULL,
+             *ready = NULL;
+    const char *version = Py_GetVersion();
+
+    props = Py_BuildValue("{s:i,s:i,s:i,s:s,s:i,s:s,s:N,s:s}", "id", e->eid, "rank", e->job->world_rank,
+                          "pid", (int)getpid(), "host", e->job->hostname, "local_rank",
+                          e->job->local_rank, "cpuset", cpuset, "bound", PyBool_FromLong(bound),
+                          "python", version);
+    if (!props)
+        goto decref;
+    mod = PyImport_ImportModule("ipmpi._engine");
+    if (!mod)
+        goto decref;
+    cls = PyObject_GetAttrString(mod, "Engine");
+    if (!cls)
+        goto decref;
+    eng = PyObject_CallFunction(cls, "iiOO", e->eid, e->job->world_size - 1, props, comm_fint);
+    if (!eng)
+        goto decref;
+    PyObject *mp = PyLong_FromUnsignedLong(e->o->limits.max_parts);
+    if (!mp || PyObject_SetAttrString(eng, "max_parts", mp) != 0) {
+        Py_XDECREF(mp);
+        goto decref;
+    }
+    Py_DECREF(mp);
+    e->handle = PyObject_GetAttrString(eng, "handle");
+    e->failure = PyObject_GetAttrString(eng, "failure");
+    if (!e->handle || !e->failure)
+        goto decref;
+    json = PyImport_ImportModule("json");
+    if (!json)
+        goto decref;
+    text = PyObject_CallMethod(json, "dumps", "O", props);
+    if (!text)
+        goto decref;
+    ready = PyUnicode_AsUTF8String(text);
+
+decref:
+    if (!ready) {
+        Py_CLEAR(e->handle);
+        Py_CLEAR(e->failure);
+    }
+    Py_XDECREF(text);
+    Py_XDECREF(json);
+    Py_XDECREF(eng); /* the bound methods keep it alive */
+    Py_XDECREF(cls);
+    Py_XDECREF(mod);
+    Py_XDECREF(props);
+    return ready;
+}
+
+/* Ends the process at once, flushing what Python and stdio hold. */
+static void die_now(int status, PyThreadState *ts)
+{
+    if (ts)
+        PyEval_RestoreThread(ts);
+    ipmpi_eng_py_flush();
+    _exit(status);
+}
+
+/*
+ * Waits for the next frame header from rank 0 with the GIL released (ts
+ * is the saved thread state). Returns 0 with *buf (caller frees) and *len,
+ * or IPMPI_EMPI / IPMPI_ENOMEM. Never returns when the controller is gone.
+ */
+static int wait_header(engine_t *e, ipmpi_backoff_t *b, ipmpi_eng_watch_t *w, PyThreadState *ts, uint8_t **buf,
+                       int *len)
+{
+    for (;;) {
+        int flag = 0;
+        MPI_Message msg;
+        MPI_Status st;
+        if (MPI_Improbe(0, IPMPI_TAG_HDR, e->comm, &flag, &msg, &st) != MPI_SUCCESS)
+            return IPMPI_EMPI;
+        if (flag) {
+            int n = 0;
+            MPI_Get_count(&st, MPI_BYTE, &n);
+            uint8_t *p = malloc(n > 0 ? (size_t)n : 1);
+            if (!p)
+                return IPMPI_ENOMEM;
+            if (MPI_Mrecv(p, n, MPI_BYTE, &msg, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+                free(p);
+                return IPMPI_EMPI;
+            }
+            *buf = p;
+            *len = n;
+            return 0;
+        }
+        uint64_t now = ipmpi_now_ns();
+        uint64_t d = ipmpi_backoff_next(b, now);
+        if (d == 0)
+            continue;
+        if (now - b->last_busy >= WATCH_INTERVAL_NS && now - w->last_check >= WATCH_INTERVAL_NS &&
+            ipmpi_eng_watch_controller_gone(w, now)) {
+            ipmpi_log(IPMPI_LOG_ERROR, "engine %d exits: its controller is gone", e->eid);
+            die_now(1, ts);
+        }
+        struct timespec tsl = {(time_t)(d / 1000000000u), (long)(d % 1000000000u)};
+        nanosleep(&tsl, NULL);
+    }
+}
+
+static int serve_loop(engine_t *e)
+{
+    ipmpi_backoff_t b;
+    ipmpi_eng_watch_t w;
+    uint64_t *lens = NULL;
+    uint8_t *buf = NULL;
+    int rc = 0;
+
+    ipmpi_backoff_init(&b, e->o->wait_spin_us, e->o->wait_max_us, ipmpi_now_ns());
+    ipmpi_eng_watch_init(&w, e->job, ipmpi_now_ns());
+    lens = malloc(sizeof *lens * ((size_t)e->o->limits.max_parts + 1));
+    if (!lens)
+        return IPMPI_ENOMEM;
+
+    PyThreadState *ts = PyEval_SaveThread();
+    for (;;) {
+        int len = 0;
+        ipmpi_hdr_t h;
+        uint64_t total = 0;
+        rc = wait_header(e, &b, &w, ts, &buf, &len);
+        if (rc != 0)
+            break;
+        ipmpi_backoff_busy(&b, ipmpi_now_ns());
+        long hn = ipmpi_hdr_decode(buf, (size_t)len, &e->o->limits, &h);
+        long ln = hn > 0 ? ipmpi_lens_decode(buf + hn, (size_t)len - (size_t)hn, h.nparts, &e->o->limits,
+                                             lens, &total)
+                         : hn;
+        int bad = hn < 0 ? (int)hn : hn == 0 ? IPMPI_EPROTO : ln < 0 ? (int)ln : 0;
+        if (!bad && ((size_t)len != ipmpi_hdr_wire_size(h.nparts) || (h.flags & IPMPI_F_REPLY)))
+            bad = IPMPI_EPROTO;
+        if (bad) {
+            /* The controller is trusted and checks clients' frames against
+             * the same limits, so this is a bug; the parts that may follow
+             * cannot be framed, and going on would answer garbage. */
+            ipmpi_log(IPMPI_LOG_ERROR, "malformed frame from the controller (%d bytes): %s", len,
+                      ipmpi_strerror(bad));
+            free(buf);
+            die_now(1, ts);
+        }
+        free(buf);
+        buf = NULL;
+
+        if (h.kind == IPMPI_K_EXIT) {
+            for (uint32_t i = 0; i < h.nparts && rc == 0; i++)
+                rc = ipmpi_eng_link_recv_part(e->comm, 0, NULL, lens[i]);
+            ipmpi_log(IPMPI_LOG_INFO, "EXIT from the controller%s",
+                      h.aux == 1 ? " (a rank died: ending without MPI_Finalize)" : "");
+            if (h.aux == 1)
+                die_now(0, ts);
+            break;
+        }
+        ipmpi_log(IPMPI_LOG_DEBUG, "request %llu kind %d, %u parts, %llu bytes", (unsigned long long)h.req_id,
+                  h.kind, h.nparts, (unsigned long long)total);
+
+        int exit_after = 0;
+        PyEval_RestoreThread(ts);
+        rc = serve(e, &h, lens, &exit_after);
+        if (exit_after) {
+            ipmpi_log(IPMPI_LOG_INFO, "killed by request %llu", (unsigned long long)h.req_id);
+            die_now(0, NULL);
+        }
+        ts = PyEval_SaveThread();
+        if (rc != 0)
+            break;
+        /* Spin again: the next request of a busy client comes soon. */
+        ipmpi_backoff_busy(&b, ipmpi_now_ns());
+    }
+    /* Hold the GIL from here on: user threads must not run Python (and
+     * perhaps MPI) while main finalises MPI. */
+    PyEval_RestoreThread(ts);
+    ipmpi_eng_py_flush();
+    free(lens);
+    return rc;
+}
+
 int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
 {
-    (void)o; (void)job; (void)comm;
-    return 1;
+    engine_t e = {.o = o, .job = job, .comm = comm, .eid = job->world_rank - 1};
+    char *cpuset = NULL;
+    int bound = 0;
+    MPI_Fint fint = 0;
+    int use_mpi4py = strcmp(o->mpi_mode, "mpi4py") == 0;
+
+    if (ipmpi_eng_bind(o->bind, job->local_rank, &cpuset, &bound) != 0)
+        ipmpi_log(IPMPI_LOG_WARN, "binding unknown: hwloc failed");
+    /* Before Python starts, so that every engine reaches this collective
+     * even if its Python later fails to start. */
+    if (use_mpi4py && make_user_comm(&fint) != 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot create the engines' communicator");
+        free(cpuset);
+        _exit(1);
+    }
+    if (ipmpi_eng_py_start() != 0) {
+        free(cpuset);
+        fflush(NULL);
+        _exit(1);
+    }
+
+    PyObject *comm_arg = use_mpi4py ? PyLong_FromLong((long)fint) : Py_NewRef(Py_None);
+    PyObject *ready = comm_arg ? make_engine(&e, cpuset ? cpuset : "", bound, comm_arg) : NULL;
+    Py_XDECREF(comm_arg);
+    free(cpuset);
+    if (!ready) {
+        ipmpi_eng_py_log_error("cannot create the engine (ipmpi._engine.Engine)");
+        die_now(1, NULL);
+    }
+
+    ipmpi_hdr_t h = {0};
+    h.kind = IPMPI_K_READY;
+    h.target = e.eid;
+    h.nparts = 1;
+    uint64_t len = (uint64_t)PyBytes_GET_SIZE(ready);
+    const void *p = PyBytes_AS_STRING(ready);
+    ipmpi_log(IPMPI_LOG_INFO, "ready: %s", PyBytes_AS_STRING(ready));
+    int rc = ipmpi_eng_link_send(comm, 0, &h, &len, &p);
+    Py_DECREF(ready);
+    if (rc != 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot send READY: %s", ipmpi_strerror(rc));
+        die_now(1, NULL);
+    }
+
+    rc = serve_loop(&e);
+    if (rc != 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "engine loop failed: %s", ipmpi_strerror(rc));
+        die_now(1, NULL);
+    }
+    return 0;
 }

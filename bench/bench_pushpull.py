@@ -1,0 +1,163 @@
+#!/usr/bin/python3
+"""Push then pull of a 256 MiB float64 numpy array to one engine.
+
+ipmpi (`mec.push(dict(a=arr), targets=0)`, `mec.pull('a', targets=0)`) vs
+ipyparallel 7.1 (`rc[0].push(dict(a=arr), block=True)`,
+`rc[0].pull('a', block=True)`): MiB/s each way, best of --repeat runs, the
+values checked after every pull, and the ratio (target: ipmpi >= 5x each
+way). Floors measured in the same run: a memcpy of the same array in numpy
+(np.copyto), and, unless --no-mpi, an MPI ping of the same size between two
+ranks of one node through mpi4py (shared memory).
+
+Usage: bench_pushpull.py [--mib 256] [--repeat 3] [--no-mpi]
+Environment: the build tree first on PYTHONPATH and PATH (make bench).
+Exit status 1 if any measurement failed or a pulled array was wrong.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+import benchlib
+
+MIB = 1 << 20
+
+
+def best_rate(nbytes, fn, repeat):
+    """Best MiB/s of repeat calls of fn (each moves nbytes)."""
+    best = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best = dt if best is None or dt < best else best
+    return nbytes / MIB / best
+
+
+def check_same(got, arr):
+    got = benchlib.unwrap_single(got)
+    if not isinstance(got, np.ndarray) or got.shape != arr.shape or got.dtype != arr.dtype:
+        raise RuntimeError("pulled %r, not a %s array of shape %s" % (type(got), arr.dtype, arr.shape))
+    if not np.array_equal(got, arr):
+        raise RuntimeError("pulled array differs from the pushed one")
+
+
+def push_pull(push, pull, arr, repeat):
+    """(push MiB/s, pull MiB/s); every pull is checked against arr."""
+    def pull_checked():
+        check_same(pull(), arr)
+
+    push()  # warm-up: first touch of the engine's memory, connection set-up
+    pull_checked()
+    up = best_rate(arr.nbytes, push, repeat)
+    # Timed pulls are checked after the clock stops; the check is not part
+    # of the figure, so time the bare pull and check each result after.
+    results = []
+
+    def pull_keep():
+        results.append(pull())
+
+    down = best_rate(arr.nbytes, pull_keep, repeat)
+    for r in results:
+        check_same(r, arr)
+    return up, down
+
+
+def bench_ipmpi(arr, repeat):
+    with benchlib.ipmpi_cluster(1) as (c, _):
+        mec = c.client()
+        try:
+            return push_pull(lambda: mec.push(dict(a=arr), targets=0),
+                             lambda: mec.pull("a", targets=0), arr, repeat)
+        finally:
+            mec.close()
+
+
+def bench_ipyparallel(arr, repeat):
+    with benchlib.ipyparallel_client(1) as (rc, _):
+        e = rc[0]
+        return push_pull(lambda: e.push(dict(a=arr), block=True),
+                         lambda: e.pull("a", block=True), arr, repeat)
+
+
+def bench_memcpy(arr, repeat):
+    dst = np.empty_like(arr)
+    np.copyto(dst, arr)  # first touch of dst outside the clock
+    return best_rate(arr.nbytes, lambda: np.copyto(dst, arr), repeat)
+
+
+MPI_PING = r"""
+import sys, time
+import numpy as np
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+n = int(sys.argv[1]); repeat = int(sys.argv[2])
+buf = np.ones(n, dtype=np.uint8)
+best = None
+for i in range(repeat + 1):
+    comm.Barrier()
+    t0 = MPI.Wtime()
+    if comm.rank == 0:
+        comm.Send(buf, dest=1)
+        comm.Recv(buf[:1], source=1)
+    else:
+        comm.Recv(buf, source=0)
+        comm.Send(buf[:1], dest=0)
+    dt = MPI.Wtime() - t0
+    if i > 0 and (best is None or dt < best):
+        best = dt
+if comm.rank == 0:
+    print("%.6f" % best, flush=True)
+"""
+
+
+def bench_mpi(nbytes, repeat):
+    """One-way MiB/s of an nbytes MPI message between two ranks (best of repeat)."""
+    with benchlib.tmpdir("bench-mpi-") as d:
+        script = os.path.join(d, "ping.py")
+        with open(script, "w") as f:
+            f.write(MPI_PING)
+        out = benchlib.run_checked(["mpirun", "-n", "2", sys.executable, script, str(nbytes), str(repeat)],
+                                   timeout=300)
+        best = float(out.strip().splitlines()[-1])
+        return nbytes / MIB / best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=256, help="array size in MiB")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs each way; the best counts")
+    ap.add_argument("--no-mpi", action="store_true", help="skip the MPI shared-memory floor")
+    a = ap.parse_args()
+
+    arr = np.arange(a.mib * MIB // 8, dtype=np.float64)
+    memcpy = benchlib.measure("memcpy floor", bench_memcpy, arr, a.repeat)
+    mpi = None if a.no_mpi else benchlib.measure("MPI shared-memory floor", bench_mpi, arr.nbytes, a.repeat)
+    ipmpi = benchlib.measure("ipmpi push/pull", bench_ipmpi, arr, a.repeat)
+    peer = benchlib.measure("ipyparallel push/pull", bench_ipyparallel, arr, a.repeat)
+
+    print("push / pull of a %d MiB float64 array to one engine, best of %d, loopback"
+          % (a.mib, a.repeat))
+    if ipmpi:
+        print("  ipmpi            push %8.0f MiB/s   pull %8.0f MiB/s" % ipmpi)
+    if peer:
+        print("  ipyparallel 7.1  push %8.0f MiB/s   pull %8.0f MiB/s" % peer)
+    if ipmpi and peer:
+        rp, rl = ipmpi[0] / peer[0], ipmpi[1] / peer[1]
+        print("  ratio ipmpi/ipyparallel   push %.1fx   pull %.1fx   target >= 5x each way: %s"
+              % (rp, rl, "met" if min(rp, rl) >= 5 else "NOT met"))
+    if memcpy:
+        print("  floor: memcpy (np.copyto)       %8.0f MiB/s" % memcpy)
+    if mpi:
+        print("  floor: MPI shared memory, 2 ranks %6.0f MiB/s (one way)" % mpi)
+    if ipmpi and memcpy:
+        print("  ipmpi/memcpy   push %.2f   pull %.2f" % (ipmpi[0] / memcpy, ipmpi[1] / memcpy))
+    if ipmpi and mpi:
+        print("  ipmpi/MPI      push %.2f   pull %.2f" % (ipmpi[0] / mpi, ipmpi[1] / mpi))
+    return benchlib.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

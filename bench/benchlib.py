@@ -1,0 +1,142 @@
+"""Shared pieces of the ipmpi benchmarks (bench/bench_*.py).
+
+Each benchmark measures ipmpi, its peer ipyparallel 7.1 and, where one
+exists, the physical floor, all in the same run on the same machine, and
+prints each figure with the ratios. This module holds what they share:
+starting and always stopping an ipmpi cluster and an ipyparallel cluster,
+percentiles, and a failure record that makes the script exit non-zero when
+any measurement could not be made. Single-threaded; run with
+/usr/bin/python3 (Debian's, which has numpy, mpi4py and ipyparallel).
+"""
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+# Figures that could not be measured; main() exits non-zero when any did.
+failures = []
+
+
+def percentile(samples, q):
+    """q-th percentile (0..100) of samples, nearest rank."""
+    s = sorted(samples)
+    if not s:
+        raise ValueError("no samples")
+    k = max(0, min(len(s) - 1, int(round(q / 100.0 * (len(s) - 1)))))
+    return s[k]
+
+
+def median(samples):
+    return percentile(samples, 50)
+
+
+def measure(name, fn, *args, **kw):
+    """Runs one measurement; on any error records it and returns None.
+
+    Each peer is measured in its own call, so one that fails does not hide
+    the figures of the others.
+    """
+    try:
+        return fn(*args, **kw)
+    except Exception:
+        failures.append(name)
+        print("FAILED: %s" % name, file=sys.stderr)
+        traceback.print_exc()
+        return None
+
+
+def fmt_ratio(num, den):
+    if num is None or den is None or den == 0:
+        return "n/a"
+    return "%.1fx" % (num / den)
+
+
+def finish():
+    """Exit status of the benchmark: 1 if any measurement failed."""
+    if failures:
+        print("measurements that failed: %s" % ", ".join(failures))
+        return 1
+    return 0
+
+
+@contextlib.contextmanager
+def tmpdir(prefix):
+    d = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ipmpi_cluster(n, start_timeout=120):
+    """Yields (cluster, seconds start() took) for a started ipmpi cluster
+    of n engines in a private IPMPI_DIR; stops it whatever happens."""
+    from ipmpi.cluster import Cluster
+    with tmpdir("ipmpi-bench-") as d:
+        c = Cluster(n=n, ipmpi_dir=d)
+        try:
+            t0 = time.perf_counter()
+            c.start(timeout=start_timeout)
+            yield c, time.perf_counter() - t0
+        finally:
+            c.stop()
+
+
+def ipyparallel_cluster_args(n, profile_dir):
+    """ipyparallel at its best settings for a fair comparison
+    (ENVIRONMENT.md): no delay between controller and engines, and a short
+    heartbeat, since engines count as ready only after their first beat."""
+    return dict(n=n, delay=0, profile_dir=profile_dir,
+                controller_args=["--HeartMonitor.period=500"])
+
+
+@contextlib.contextmanager
+def ipyparallel_client(n, timeout=120):
+    """Yields (client, seconds until n engines were ready) for a local
+    ipyparallel 7.1 cluster; stops the cluster whatever happens."""
+    import ipyparallel
+    with tmpdir("ipp-bench-") as d:
+        cluster = ipyparallel.Cluster(**ipyparallel_cluster_args(n, d))
+        rc = None
+        try:
+            t0 = time.perf_counter()
+            rc = cluster.start_and_connect_sync()
+            rc.wait_for_engines(n, timeout=timeout)
+            ready = time.perf_counter() - t0
+            yield rc, ready
+        finally:
+            if rc is not None:
+                with contextlib.suppress(Exception):
+                    rc.close()
+            cluster.stop_cluster_sync()
+
+
+def ompi_env():
+    env = dict(os.environ)
+    if os.geteuid() == 0:
+        env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+        env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    return env
+
+
+def run_checked(cmd, timeout, **kw):
+    """subprocess.run with a time bound; raises on failure with the output."""
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=timeout, env=kw.pop("env", ompi_env()), **kw)
+    if p.returncode != 0:
+        raise RuntimeError("%s exited %d:\n%s" % (" ".join(cmd), p.returncode,
+                                                  p.stdout.decode(errors="replace")[-2000:]))
+    return p.stdout.decode(errors="replace")
+
+
+def unwrap_single(r):
+    """A result for one target: the MultiEngineClient may return the value
+    itself or a one-element list (per-engine results); both are accepted."""
+    if isinstance(r, list) and len(r) == 1:
+        return r[0]
+    return r

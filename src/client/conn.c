@@ -1,0 +1,867 @@
+/*
+ * Client transport: TCP + TLS 1.3 to the controller, frame writer,
+ * incremental frame reader and result store. See conn.h for the API and
+ * the locking theory; every function may be called from any thread.
+ *
+ * The socket is non-blocking. Waiting happens in poll() slices of
+ * SLICE_MS with no lock held, so hooks->interrupted() can run between
+ * slices (the Python module turns that into Ctrl-C handling) and close()
+ * can wake every waiter by shutting the socket down.
+ */
+#include "conn.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include "backoff.h"
+#include "codec.h"
+#include "ipmpi/errors.h"
+#include "tls.h"
+
+#define SLICE_MS 100
+#define SLICE_NS ((uint64_t)SLICE_MS * 1000000u)
+#define SMALL_PART (16u * 1024u) /* parts below this are gathered with the header */
+#define WBUF_SIZE (64u * 1024u)
+#define SCRATCH_SIZE (16u * 1024u)
+#define MSG_MAX 512
+
+enum { RX_HDR, RX_LENS, RX_PARTS };
+
+/* The frame being read. rep.parts/lens/data are allocated per frame and
+ * handed to the store when the frame is complete. */
+typedef struct rx_state {
+    int stage;
+    uint8_t hdr[IPMPI_HDR_SIZE];
+    size_t have;
+    ipmpi_hdr_t h;
+    uint8_t *lensbuf;
+    size_t lensbuf_cap;
+    ipmpi_cl_reply_t rep;
+    char **data;  /* memory of rep.parts[i], or NULL when discarding */
+    int keep;     /* someone waits for this req_id */
+    int nomem;    /* alloc failed: the parts are discarded, status ENOMEM */
+    uint32_t cur;
+    uint64_t off;
+} rx_state_t;
+
+struct ipmpi_cl {
+    pthread_mutex_t send_mu; /* one frame at a time on the wire */
+    pthread_mutex_t mu;      /* SSL, reader, store, error, users */
+    pthread_cond_t cond;     /* broadcast on delivery, role release, error */
+    int fd;
+    SSL_CTX *ctx;
+    SSL *ssl;
+    int reading;  /* the reader role is taken */
+    int users;    /* threads inside a function of c */
+    int closed;
+    int err;
+    char errmsg[MSG_MAX];
+    char addr[IPMPI_FURL_HOST_MAX + 16];
+    uint64_t next_id;
+    ipmpi_limits_t lim;
+    ipmpi_cl_entry_t **buckets;
+    size_t nbuckets, nentries;
+    rx_state_t rx;
+    uint8_t *wbuf; /* gather buffer for small writes; under send_mu */
+    size_t wlen;
+    uint8_t scratch[SCRATCH_SIZE];
+};
+
+/* ---- errors ---- */
+
+/* Records the first error that broke the connection (mu held). */
+static void set_broken(ipmpi_cl_t *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void set_broken(ipmpi_cl_t *c, int code, const char *fmt, ...)
+{
+    if (c->err)
+        return;
+    char why[160];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    c->err = code;
+    snprintf(c->errmsg, sizeof c->errmsg, "connection to controller %s lost: %s", c->addr, why);
+    pthread_cond_broadcast(&c->cond);
+}
+
+/* Translates a failed SSL_read/SSL_write once, where it happened. */
+static void set_broken_ssl(ipmpi_cl_t *c, int sslerr, int sys_errno, const char *doing)
+{
+    unsigned long e = ERR_peek_error();
+    if (sslerr == SSL_ERROR_ZERO_RETURN || (sslerr == SSL_ERROR_SYSCALL && sys_errno == 0 && e == 0))
+        set_broken(c, IPMPI_ECLOSED, "the controller closed the connection (%s)", doing);
+    else if (sslerr == SSL_ERROR_SYSCALL && e == 0)
+        set_broken(c, IPMPI_ECLOSED, "%s: %s", doing, strerror(sys_errno));
+    else {
+        char buf[160];
+        ERR_error_string_n(e, buf, sizeof buf);
+        set_broken(c, IPMPI_ETLS, "TLS error %s: %s", doing, buf);
+    }
+    ERR_clear_error();
+}
+
+int ipmpi_cl_error(ipmpi_cl_t *c, char *msg, size_t msgcap)
+{
+    pthread_mutex_lock(&c->mu);
+    int err = c->err;
+    if (msgcap)
+        snprintf(msg, msgcap, "%s", c->errmsg);
+    pthread_mutex_unlock(&c->mu);
+    return err;
+}
+
+/* ---- store: req_id -> entry, chained hash; ids are sequential, so the
+ * low bits spread them evenly ---- */
+
+static ipmpi_cl_entry_t **slot(ipmpi_cl_t *c, uint64_t id)
+{
+    ipmpi_cl_entry_t **pp = &c->buckets[id & (c->nbuckets - 1)];
+    while (*pp && (*pp)->req_id != id)
+        pp = &(*pp)->next;
+    return pp;
+}
+
+static ipmpi_cl_entry_t *lookup(ipmpi_cl_t *c, uint64_t id)
+{
+    return *slot(c, id);
+}
+
+static int complete(const ipmpi_cl_entry_t *e)
+{
+    return e->total != 0 && e->nrep >= e->total;
+}
+
+static int grow(ipmpi_cl_t *c)
+{
+    size_t n = c->nbuckets * 2;
+    ipmpi_cl_entry_t **nb = calloc(n, sizeof *nb);
+    if (!nb)
+        return IPMPI_ENOMEM;
+    for (size_t i = 0; i < c->nbuckets; i++) {
+        ipmpi_cl_entry_t *e = c->buckets[i];
+        while (e) {
+            ipmpi_cl_entry_t *next = e->next;
+            e->next = nb[e->req_id & (n - 1)];
+            nb[e->req_id & (n - 1)] = e;
+            e = next;
+        }
+    }
+    free(c->buckets);
+    c->buckets = nb;
+    c->nbuckets = n;
+    return 0;
+}
+
+static int insert(ipmpi_cl_t *c, uint64_t id)
+{
+    if (c->nentries >= c->nbuckets && grow(c) != 0)
+        return IPMPI_ENOMEM;
+    ipmpi_cl_entry_t *e = calloc(1, sizeof *e);
+    if (!e)
+        return IPMPI_ENOMEM;
+    e->req_id = id;
+    ipmpi_cl_entry_t **pp = &c->buckets[id & (c->nbuckets - 1)];
+    e->next = *pp;
+    *pp = e;
+    c->nentries++;
+    return 0;
+}
+
+static ipmpi_cl_entry_t *unlink_entry(ipmpi_cl_t *c, uint64_t id)
+{
+    ipmpi_cl_entry_t **pp = slot(c, id);
+    ipmpi_cl_entry_t *e = *pp;
+    if (e) {
+        *pp = e->next;
+        e->next = NULL;
+        c->nentries--;
+    }
+    return e;
+}
+
+static void reply_release(ipmpi_cl_reply_t *r, const ipmpi_cl_hooks_t *hooks)
+{
+    for (uint32_t i = 0; r->parts && i < r->nparts; i++)
+        if (r->parts[i])
+            hooks->release(hooks->ctx, r->parts[i]);
+    free(r->parts);
+    free(r->lens);
+    r->parts = NULL;
+    r->lens = NULL;
+    r->nparts = 0;
+}
+
+void ipmpi_cl_entry_free(ipmpi_cl_entry_t *e, const ipmpi_cl_hooks_t *hooks)
+{
+    if (!e)
+        return;
+    for (uint32_t i = 0; i < e->nrep; i++)
+        reply_release(&e->reps[i], hooks);
+    free(e->reps);
+    free(e);
+}
+
+/* ---- reader: an incremental state machine over SSL_read, resumed by
+ * whichever thread holds the reader role ---- */
+
+static void rx_reset(rx_state_t *rx)
+{
+    free(rx->data);
+    rx->data = NULL;
+    memset(&rx->rep, 0, sizeof rx->rep);
+    rx->stage = RX_HDR;
+    rx->have = 0;
+    rx->keep = 0;
+    rx->nomem = 0;
+    rx->cur = 0;
+    rx->off = 0;
+}
+
+/* The frame is complete: hand it to its entry, or drop it. mu held. */
+static void rx_deliver(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
+{
+    rx_state_t *rx = &c->rx;
+    ipmpi_cl_entry_t *e = lookup(c, rx->h.req_id);
+    ipmpi_cl_reply_t rep = rx->rep;
+    rep.target = rx->h.target;
+    rep.status = rx->h.status;
+    if (!e || !rx->keep) {
+        reply_release(&rep, hooks);
+        goto done;
+    }
+    if (rx->nomem) {
+        reply_release(&rep, hooks);
+        rep.status = IPMPI_ENOMEM;
+    }
+    if (e->nrep == e->cap) {
+        uint32_t ncap = e->cap ? e->cap * 2 : 4;
+        ipmpi_cl_reply_t *n = realloc(e->reps, ncap * sizeof *n);
+        if (!n) {
+            reply_release(&rep, hooks);
+            set_broken(c, IPMPI_ENOMEM, "out of memory storing a reply");
+            goto done;
+        }
+        e->reps = n;
+        e->cap = ncap;
+    }
+    e->reps[e->nrep++] = rep;
+    /* total comes with every reply; a controller reply says 1. */
+    e->total = rx->h.total ? rx->h.total : 1;
+    pthread_cond_broadcast(&c->cond);
+done:
+    rx_reset(rx);
+}
+
+/* Lengths are known: get memory for every part (or decide to discard). */
+static int rx_start_parts(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
+{
+    rx_state_t *rx = &c->rx;
+    uint32_t n = rx->h.nparts;
+    uint64_t total = 0;
+    rx->rep.nparts = n;
+    rx->rep.lens = calloc(n, sizeof(uint64_t));
+    rx->rep.parts = calloc(n, sizeof(void *));
+    rx->data = calloc(n, sizeof(char *));
+    if (!rx->rep.lens || !rx->rep.parts || !rx->data) {
+        set_broken(c, IPMPI_ENOMEM, "out of memory reading a reply");
+        return IPMPI_ENOMEM;
+    }
+    long r = ipmpi_lens_decode(rx->lensbuf, (size_t)n * 8u, n, &c->lim, rx->rep.lens, &total);
+    if (r < 0) {
+        set_broken(c, (int)r, "reply %llu from the controller is too large",
+                   (unsigned long long)rx->h.req_id);
+        return (int)r;
+    }
+    rx->keep = lookup(c, rx->h.req_id) != NULL;
+    for (uint32_t i = 0; rx->keep && i < n; i++) {
+        rx->rep.parts[i] = hooks->alloc(hooks->ctx, rx->rep.lens[i], &rx->data[i]);
+        if (!rx->rep.parts[i]) {
+            rx->nomem = 1;
+            break;
+        }
+    }
+    if (rx->nomem) {
+        for (uint32_t i = 0; i < n; i++) {
+            if (rx->rep.parts[i])
+                hooks->release(hooks->ctx, rx->rep.parts[i]);
+            rx->rep.parts[i] = NULL;
+            rx->data[i] = NULL;
+        }
+    }
+    rx->stage = RX_PARTS;
+    rx->cur = 0;
+    rx->off = 0;
+    return 0;
+}
+
+/* A header has been read in full. */
+static int rx_got_header(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
+{
+    rx_state_t *rx = &c->rx;
+    long r = ipmpi_hdr_decode(rx->hdr, IPMPI_HDR_SIZE, &c->lim, &rx->h);
+    if (r <= 0 || !(rx->h.flags & IPMPI_F_REPLY)) {
+        set_broken(c, IPMPI_EPROTO, "malformed frame from the controller");
+        return IPMPI_EPROTO;
+    }
+    if (rx->h.nparts == 0) {
+        rx_deliver(c, hooks);
+        return 0;
+    }
+    size_t need = (size_t)rx->h.nparts * 8u;
+    if (need > rx->lensbuf_cap) {
+        uint8_t *b = realloc(rx->lensbuf, need);
+        if (!b) {
+            set_broken(c, IPMPI_ENOMEM, "out of memory reading a reply");
+            return IPMPI_ENOMEM;
+        }
+        rx->lensbuf = b;
+        rx->lensbuf_cap = need;
+    }
+    rx->stage = RX_LENS;
+    rx->have = 0;
+    return 0;
+}
+
+/*
+ * Reads everything readable now and delivers complete frames. Returns 0
+ * when the socket has nothing more (SSL has nothing buffered either, so
+ * poll() is then a valid wait), or the error that broke the connection.
+ * mu held, reader role held.
+ */
+static int pump(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
+{
+    rx_state_t *rx = &c->rx;
+    for (;;) {
+        if (c->err)
+            return c->err;
+        uint8_t *dest;
+        size_t want;
+        if (rx->stage == RX_HDR) {
+            dest = rx->hdr + rx->have;
+            want = IPMPI_HDR_SIZE - rx->have;
+        } else if (rx->stage == RX_LENS) {
+            dest = rx->lensbuf + rx->have;
+            want = (size_t)rx->h.nparts * 8u - rx->have;
+        } else {
+            if (rx->cur == rx->rep.nparts) {
+                rx_deliver(c, hooks);
+                continue;
+            }
+            uint64_t left = rx->rep.lens[rx->cur] - rx->off;
+            if (left == 0) {
+                rx->cur++;
+                rx->off = 0;
+                continue;
+            }
+            if (rx->data[rx->cur]) {
+                dest = (uint8_t *)rx->data[rx->cur] + rx->off;
+                want = left > (1u << 30) ? (1u << 30) : (size_t)left;
+            } else {
+                dest = c->scratch;
+                want = left > SCRATCH_SIZE ? SCRATCH_SIZE : (size_t)left;
+            }
+        }
+        size_t got = 0;
+        ERR_clear_error();
+        errno = 0;
+        if (!SSL_read_ex(c->ssl, dest, want, &got)) {
+            int saved = errno;
+            int e = SSL_get_error(c->ssl, 0);
+            if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+                return 0;
+            set_broken_ssl(c, e, saved, "reading");
+            return c->err;
+        }
+        if (rx->stage == RX_HDR) {
+            rx->have += got;
+            if (rx->have == IPMPI_HDR_SIZE && rx_got_header(c, hooks) != 0)
+                return c->err;
+        } else if (rx->stage == RX_LENS) {
+            rx->have += got;
+            if (rx->have == (size_t)rx->h.nparts * 8u && rx_start_parts(c, hooks) != 0)
+                return c->err;
+        } else {
+            rx->off += got;
+        }
+    }
+}
+
+/* ---- lifetime ---- */
+
+static void release_socket(ipmpi_cl_t *c)
+{
+    if (c->ssl) {
+        /* Best effort close_notify; the socket is non-blocking. */
+        if (SSL_is_init_finished(c->ssl) && (!c->err || c->err == IPMPI_ECLOSED))
+            SSL_shutdown(c->ssl);
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
+    if (c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+    ERR_clear_error();
+}
+
+static void enter(ipmpi_cl_t *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->users++;
+}
+
+/* Leaves a function of c; the last thread out after close() frees the
+ * socket. Unlocks mu. */
+static void leave(ipmpi_cl_t *c)
+{
+    c->users--;
+    if (c->closed && c->users == 0)
+        release_socket(c);
+    pthread_mutex_unlock(&c->mu);
+}
+
+void ipmpi_cl_close(ipmpi_cl_t *c)
+{
+    pthread_mutex_lock(&c->mu);
+    if (!c->closed) {
+        c->closed = 1;
+        set_broken(c, IPMPI_ECLOSED, "closed by the client");
+        if (c->users == 0)
+            release_socket(c);
+        else if (c->fd >= 0)
+            shutdown(c->fd, SHUT_RDWR); /* wakes every poll() on it */
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+void ipmpi_cl_free(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
+{
+    if (!c)
+        return;
+    c->closed = 1;
+    release_socket(c);
+    for (size_t i = 0; i < c->nbuckets; i++) {
+        ipmpi_cl_entry_t *e = c->buckets[i];
+        while (e) {
+            ipmpi_cl_entry_t *next = e->next;
+            ipmpi_cl_entry_free(e, hooks);
+            e = next;
+        }
+    }
+    free(c->buckets);
+    reply_release(&c->rx.rep, hooks);
+    free(c->rx.data);
+    free(c->rx.lensbuf);
+    free(c->wbuf);
+    SSL_CTX_free(c->ctx);
+    pthread_cond_destroy(&c->cond);
+    pthread_mutex_destroy(&c->mu);
+    pthread_mutex_destroy(&c->send_mu);
+    free(c);
+}
+
+/* ---- connecting ---- */
+
+/* Waits for events on fd until deadline (0 = none), polling in slices and
+ * asking hooks->interrupted between them. Returns 0, IPMPI_ETIMEDOUT or
+ * IPMPI_CL_EINTR. No lock held. */
+static int wait_fd(int fd, short events, uint64_t deadline, const ipmpi_cl_hooks_t *hooks)
+{
+    for (;;) {
+        uint64_t now = ipmpi_now_ns();
+        if (deadline && now >= deadline)
+            return IPMPI_ETIMEDOUT;
+        int ms = SLICE_MS;
+        if (deadline && deadline - now < SLICE_NS)
+            ms = (int)((deadline - now + 999999u) / 1000000u);
+        struct pollfd p = {.fd = fd, .events = events};
+        int r = poll(&p, 1, ms);
+        if (r > 0)
+            return 0;
+        if (hooks->interrupted(hooks->ctx))
+            return IPMPI_CL_EINTR;
+    }
+}
+
+static int tcp_connect(const ipmpi_furl_t *f, const char *addr, uint64_t deadline, const ipmpi_cl_hooks_t *hooks,
+                       int *fd_out, char *msg, size_t msgcap)
+{
+    char port[16];
+    snprintf(port, sizeof port, "%d", f->port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_ADDRCONFIG};
+    struct addrinfo *res = NULL;
+    int gai = getaddrinfo(f->host, port, &hints, &res);
+    if (gai != 0) {
+        snprintf(msg, msgcap, "cannot resolve controller host %s: %s", f->host, gai_strerror(gai));
+        return IPMPI_EIO;
+    }
+    int rc = IPMPI_EIO, last_errno = 0;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) {
+            last_errno = errno;
+            continue;
+        }
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+            if (errno != EINPROGRESS) {
+                last_errno = errno;
+                close(fd);
+                continue;
+            }
+            int w = wait_fd(fd, POLLOUT, deadline, hooks);
+            if (w != 0) {
+                close(fd);
+                rc = w;
+                if (w == IPMPI_ETIMEDOUT)
+                    snprintf(msg, msgcap, "timed out connecting to controller at %s", addr);
+                goto free_res;
+            }
+            int soerr = 0;
+            socklen_t sl = sizeof soerr;
+            if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0 || soerr != 0) {
+                last_errno = soerr ? soerr : errno;
+                close(fd);
+                continue;
+            }
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        *fd_out = fd;
+        rc = 0;
+        goto free_res;
+    }
+    snprintf(msg, msgcap, "cannot connect to controller at %s: %s", addr,
+             last_errno ? strerror(last_errno) : "no usable address");
+free_res:
+    freeaddrinfo(res);
+    return rc;
+}
+
+static int tls_handshake(SSL *ssl, int fd, const char *addr, uint64_t deadline, const ipmpi_cl_hooks_t *hooks,
+                         char *msg, size_t msgcap)
+{
+    for (;;) {
+        ERR_clear_error();
+        errno = 0;
+        int r = SSL_connect(ssl);
+        if (r == 1)
+            return 0;
+        int saved = errno;
+        int e = SSL_get_error(ssl, r);
+        short ev = e == SSL_ERROR_WANT_READ ? POLLIN : e == SSL_ERROR_WANT_WRITE ? POLLOUT : 0;
+        if (!ev) {
+            char buf[160] = "";
+            unsigned long le = ERR_peek_error();
+            if (le)
+                ERR_error_string_n(le, buf, sizeof buf);
+            else
+                snprintf(buf, sizeof buf, "%s", saved ? strerror(saved) : "connection closed");
+            snprintf(msg, msgcap, "TLS 1.3 handshake with controller at %s failed: %s", addr, buf);
+            ERR_clear_error();
+            return IPMPI_ETLS;
+        }
+        int w = wait_fd(fd, ev, deadline, hooks);
+        if (w == IPMPI_ETIMEDOUT)
+            snprintf(msg, msgcap, "timed out in the TLS handshake with controller at %s", addr);
+        if (w != 0)
+            return w;
+    }
+}
+
+int ipmpi_cl_connect(const ipmpi_furl_t *f, double timeout_s, const ipmpi_cl_hooks_t *hooks,
+                     ipmpi_cl_t **out, char *msg, size_t msgcap)
+{
+    int rc = IPMPI_ENOMEM;
+    uint64_t deadline = timeout_s > 0 ? ipmpi_now_ns() + (uint64_t)(timeout_s * 1e9) : 0;
+    snprintf(msg, msgcap, "out of memory");
+    ipmpi_cl_t *c = calloc(1, sizeof *c);
+    if (!c)
+        goto out;
+    c->fd = -1;
+    if (strchr(f->host, ':'))
+        snprintf(c->addr, sizeof c->addr, "[%s]:%d", f->host, f->port);
+    else
+        snprintf(c->addr, sizeof c->addr, "%s:%d", f->host, f->port);
+    ipmpi_limits_default(&c->lim);
+    c->nbuckets = 64;
+    c->buckets = calloc(c->nbuckets, sizeof *c->buckets);
+    c->wbuf = malloc(WBUF_SIZE);
+    if (!c->buckets || !c->wbuf)
+        goto free_c;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    int prc = pthread_cond_init(&c->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    if (prc != 0)
+        goto free_c;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_mutex_init(&c->send_mu, NULL);
+    rx_reset(&c->rx);
+
+    c->ctx = ipmpi_tls_client_ctx();
+    if (!c->ctx) {
+        rc = IPMPI_ETLS;
+        snprintf(msg, msgcap, "cannot create a TLS 1.3 client context");
+        goto free_conn;
+    }
+    rc = tcp_connect(f, c->addr, deadline, hooks, &c->fd, msg, msgcap);
+    if (rc != 0)
+        goto free_conn;
+    c->ssl = SSL_new(c->ctx);
+    if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) {
+        rc = IPMPI_ETLS;
+        snprintf(msg, msgcap, "cannot set up TLS on the socket");
+        goto free_conn;
+    }
+    rc = tls_handshake(c->ssl, c->fd, c->addr, deadline, hooks, msg, msgcap);
+    if (rc != 0)
+        goto free_conn;
+    if (ipmpi_tls_check_peer(c->ssl, f->fingerprint) != 0) {
+        rc = IPMPI_EACCES;
+        snprintf(msg, msgcap,
+                 "certificate fingerprint of %s does not match the furl: wrong controller, or someone in between",
+                 c->addr);
+        goto free_conn;
+    }
+    msg[0] = '\0';
+    *out = c;
+    return 0;
+free_conn:
+    ipmpi_cl_free(c, hooks);
+    return rc;
+free_c:
+    free(c->buckets);
+    free(c->wbuf);
+    free(c);
+out:
+    return rc;
+}
+
+/* ---- writing ---- */
+
+/* Writes len bytes with mu held, waiting for the socket (mu released while
+ * waiting) and reading replies meanwhile when the reader role is free, so
+ * a controller that is busy sending to us never deadlocks against us. */
+static int write_raw(ipmpi_cl_t *c, const uint8_t *p, size_t len, const ipmpi_cl_hooks_t *hooks)
+{
+    while (len) {
+        if (c->err)
+            return c->err;
+        size_t n = 0;
+        ERR_clear_error();
+        errno = 0;
+        if (SSL_write_ex(c->ssl, p, len, &n)) {
+            p += n;
+            len -= n;
+            continue;
+        }
+        int saved = errno;
+        int e = SSL_get_error(c->ssl, 0);
+        if (e != SSL_ERROR_WANT_WRITE && e != SSL_ERROR_WANT_READ) {
+            set_broken_ssl(c, e, saved, "writing");
+            return c->err;
+        }
+        int role = !c->reading;
+        if (role)
+            c->reading = 1;
+        struct pollfd pf = {.fd = c->fd, .events = (short)(POLLOUT | (role ? POLLIN : 0))};
+        pthread_mutex_unlock(&c->mu);
+        poll(&pf, 1, SLICE_MS);
+        pthread_mutex_lock(&c->mu);
+        if (role) {
+            if (!c->err && (pf.revents & POLLIN))
+                pump(c, hooks);
+            c->reading = 0;
+            pthread_cond_broadcast(&c->cond);
+        }
+    }
+    return 0;
+}
+
+static int flush_wbuf(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
+{
+    int rc = write_raw(c, c->wbuf, c->wlen, hooks);
+    c->wlen = 0;
+    return rc;
+}
+
+/* Small pieces are gathered in wbuf; large ones go out from their own
+ * memory after what was gathered before them. */
+static int write_piece(ipmpi_cl_t *c, const void *p, size_t len, const ipmpi_cl_hooks_t *hooks)
+{
+    if (len < SMALL_PART && len <= WBUF_SIZE - c->wlen) {
+        memcpy(c->wbuf + c->wlen, p, len);
+        c->wlen += len;
+        return 0;
+    }
+    int rc = flush_wbuf(c, hooks);
+    if (rc != 0)
+        return rc;
+    return write_raw(c, p, len, hooks);
+}
+
+int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, const struct iovec *parts,
+                  const ipmpi_cl_hooks_t *hooks, uint64_t *req_id)
+{
+    int rc;
+    if (nparts > c->lim.max_parts)
+        return IPMPI_E2BIG;
+    size_t hsize = ipmpi_hdr_wire_size(nparts);
+    uint8_t *hbuf = malloc(hsize);
+    uint64_t *lens = malloc((nparts ? nparts : 1) * sizeof *lens);
+    if (!hbuf || !lens) {
+        rc = IPMPI_ENOMEM;
+        goto free_bufs;
+    }
+    for (uint32_t i = 0; i < nparts; i++)
+        lens[i] = parts[i].iov_len;
+
+    pthread_mutex_lock(&c->send_mu);
+    enter(c);
+    if (c->err) {
+        rc = c->err;
+        goto unlock;
+    }
+    uint64_t id = ++c->next_id;
+    ipmpi_hdr_t h = {.kind = (uint8_t)kind, .req_id = id, .target = target, .nparts = nparts};
+    long hl = ipmpi_hdr_encode(&h, lens, hbuf, hsize);
+    if (hl < 0) {
+        rc = (int)hl;
+        goto unlock;
+    }
+    rc = insert(c, id);
+    if (rc != 0)
+        goto unlock;
+    c->wlen = 0;
+    rc = write_piece(c, hbuf, (size_t)hl, hooks);
+    for (uint32_t i = 0; rc == 0 && i < nparts; i++)
+        rc = write_piece(c, parts[i].iov_base, parts[i].iov_len, hooks);
+    if (rc == 0)
+        rc = flush_wbuf(c, hooks);
+    if (rc != 0) {
+        ipmpi_cl_entry_free(unlink_entry(c, id), hooks);
+        goto unlock;
+    }
+    *req_id = id;
+unlock:
+    leave(c);
+    pthread_mutex_unlock(&c->send_mu);
+free_bufs:
+    free(lens);
+    free(hbuf);
+    return rc;
+}
+
+/* ---- waiting ---- */
+
+int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
+                  ipmpi_cl_entry_t **out)
+{
+    int rc;
+    uint64_t last_check = ipmpi_now_ns();
+    enter(c);
+    for (;;) {
+        ipmpi_cl_entry_t *e = lookup(c, req_id);
+        if (!e) {
+            rc = IPMPI_ENOENT;
+            break;
+        }
+        if (complete(e)) {
+            *out = unlink_entry(c, req_id);
+            rc = 0;
+            break;
+        }
+        if (c->err) {
+            rc = c->err;
+            break;
+        }
+        uint64_t now = ipmpi_now_ns();
+        if (deadline_ns && now >= deadline_ns) {
+            rc = IPMPI_ETIMEDOUT;
+            break;
+        }
+        if (now - last_check >= SLICE_NS) {
+            pthread_mutex_unlock(&c->mu);
+            int intr = hooks->interrupted(hooks->ctx);
+            pthread_mutex_lock(&c->mu);
+            last_check = now;
+            if (intr) {
+                rc = IPMPI_CL_EINTR;
+                break;
+            }
+            continue;
+        }
+        int ms = SLICE_MS;
+        if (deadline_ns && deadline_ns - now < SLICE_NS)
+            ms = (int)((deadline_ns - now + 999999u) / 1000000u);
+        if (!c->reading) {
+            c->reading = 1;
+            pump(c, hooks);
+            e = lookup(c, req_id);
+            if (!c->err && e && !complete(e)) {
+                struct pollfd pf = {.fd = c->fd, .events = POLLIN};
+                pthread_mutex_unlock(&c->mu);
+                poll(&pf, 1, ms);
+                pthread_mutex_lock(&c->mu);
+            }
+            c->reading = 0;
+            pthread_cond_broadcast(&c->cond);
+        } else {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            ts.tv_nsec += (long)ms * 1000000L;
+            ts.tv_sec += ts.tv_nsec / 1000000000L;
+            ts.tv_nsec %= 1000000000L;
+            pthread_cond_timedwait(&c->cond, &c->mu, &ts);
+        }
+    }
+    leave(c);
+    return rc;
+}
+
+int ipmpi_cl_ready(ipmpi_cl_t *c, uint64_t req_id, const ipmpi_cl_hooks_t *hooks)
+{
+    int rc;
+    enter(c);
+    ipmpi_cl_entry_t *e = lookup(c, req_id);
+    if (e && !complete(e) && !c->err && !c->reading) {
+        c->reading = 1;
+        pump(c, hooks);
+        c->reading = 0;
+        pthread_cond_broadcast(&c->cond);
+        e = lookup(c, req_id);
+    }
+    if (!e)
+        rc = IPMPI_ENOENT;
+    else if (complete(e))
+        rc = 1;
+    else
+        rc = c->err ? c->err : 0;
+    leave(c);
+    return rc;
+}
+
+int ipmpi_cl_forget(ipmpi_cl_t *c, uint64_t req_id, const ipmpi_cl_hooks_t *hooks)
+{
+    enter(c);
+    ipmpi_cl_entry_t *e = unlink_entry(c, req_id);
+    ipmpi_cl_entry_free(e, hooks);
+    leave(c);
+    return e ? 0 : IPMPI_ENOENT;
+}

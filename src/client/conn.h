@@ -1,0 +1,124 @@
+/*
+ * Client transport: one TLS 1.3 connection to the controller, the frame
+ * writer, the incremental frame reader and the result store (replies kept
+ * per request id until their owner collects them). No Python here: the
+ * memory that received parts land in comes from the caller's hooks, so the
+ * Python module can receive straight into bytearrays.
+ *
+ * Locking theory. Two mutexes: send_mu serialises whole frames (a frame is
+ * never interleaved with another thread's frame) and mu guards the SSL
+ * object, the reader state and the store. Lock order: send_mu, then mu,
+ * then (inside hooks) the caller's own lock, e.g. the GIL; so a caller must
+ * never hold its lock while calling in here. One thread at a time holds the
+ * reader role: it alone reads the socket (under mu) and polls it (without
+ * mu); the others wait on a condition variable that the reader broadcasts
+ * whenever a frame is delivered or it gives the role up. Every function
+ * below may be called from any thread, concurrently, except
+ * ipmpi_cl_free().
+ */
+#ifndef IPMPI_CLIENT_CONN_H
+#define IPMPI_CLIENT_CONN_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "furl.h"
+
+/* Returned when hooks->interrupted() asked to stop waiting. Private to the
+ * client: never on the wire. */
+#define IPMPI_CL_EINTR (-1000)
+
+/*
+ * How the transport gets memory for received parts and lets the caller
+ * react to signals. alloc returns an opaque handle for a buffer of len
+ * bytes and its memory in *data, or NULL (the part is then discarded and
+ * the reply reported with status IPMPI_ENOMEM); it and release may be
+ * called with mu held. interrupted is called with no lock held, about
+ * every 100 ms of waiting; nonzero stops the wait with IPMPI_CL_EINTR.
+ */
+typedef struct ipmpi_cl_hooks {
+    void *(*alloc)(void *ctx, uint64_t len, char **data);
+    void (*release)(void *ctx, void *obj);
+    int (*interrupted)(void *ctx);
+    void *ctx;
+} ipmpi_cl_hooks_t;
+
+typedef struct ipmpi_cl_reply {
+    int32_t target;
+    int32_t status;
+    uint32_t nparts;
+    void **parts;   /* handles from hooks->alloc; NULL entries are allowed */
+    uint64_t *lens;
+} ipmpi_cl_reply_t;
+
+/* The replies of one request, in order of arrival. */
+typedef struct ipmpi_cl_entry {
+    uint64_t req_id;
+    uint32_t total;  /* from the first reply; 0 until then */
+    uint32_t nrep, cap;
+    ipmpi_cl_reply_t *reps;
+    struct ipmpi_cl_entry *next; /* hash chain */
+} ipmpi_cl_entry_t;
+
+typedef struct ipmpi_cl ipmpi_cl_t;
+
+/*
+ * Connects to f's host and port (every address getaddrinfo gives, IPv4 and
+ * IPv6), runs the TLS 1.3 handshake and pins the certificate to f's
+ * fingerprint. Waits at most timeout_s seconds. Returns 0 and the
+ * connection in *out (caller owns: ipmpi_cl_free), or IPMPI_EIO (resolve
+ * or connect failed), IPMPI_ETIMEDOUT, IPMPI_ETLS, IPMPI_EACCES (the
+ * fingerprint does not match), IPMPI_ENOMEM or IPMPI_CL_EINTR; msg gets a
+ * sentence saying what happened.
+ */
+int ipmpi_cl_connect(const ipmpi_furl_t *f, double timeout_s, const ipmpi_cl_hooks_t *hooks,
+                     ipmpi_cl_t **out, char *msg, size_t msgcap);
+
+/*
+ * Sends one request frame: header, then each part straight from its
+ * memory (parts of 16 KiB or more are written in place; smaller ones are
+ * gathered with the header so a small request is one TLS record). The
+ * request id is registered before the first byte goes out, so a reply can
+ * never arrive unclaimed. Returns 0 and the id in *req_id, or the code
+ * that broke the connection (see ipmpi_cl_error).
+ */
+int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, const struct iovec *parts,
+                  const ipmpi_cl_hooks_t *hooks, uint64_t *req_id);
+
+/*
+ * Waits until every reply of req_id is in, then removes the entry from
+ * the store and gives it to the caller (*out; free with ipmpi_cl_entry_free).
+ * deadline_ns is on ipmpi_now_ns()'s clock, or 0 for no deadline.
+ * Returns 0, IPMPI_ETIMEDOUT (nothing lost: the entry stays), IPMPI_ENOENT
+ * (no such pending request), IPMPI_CL_EINTR, or the code that broke the
+ * connection.
+ */
+int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
+                  ipmpi_cl_entry_t **out);
+
+/* Reads what is readable now without blocking; returns 1 if every reply of
+ * req_id is in, 0 if not, IPMPI_ENOENT, or the connection's error. */
+int ipmpi_cl_ready(ipmpi_cl_t *c, uint64_t req_id, const ipmpi_cl_hooks_t *hooks);
+
+/* Drops what is stored for req_id; later replies for it are discarded.
+ * Returns 0 or IPMPI_ENOENT. */
+int ipmpi_cl_forget(ipmpi_cl_t *c, uint64_t req_id, const ipmpi_cl_hooks_t *hooks);
+
+/* The code and message that broke the connection (0 and "" while healthy).
+ * The message is copied into msg. */
+int ipmpi_cl_error(ipmpi_cl_t *c, char *msg, size_t msgcap);
+
+/* Closes the connection: waiters fail at once with IPMPI_ECLOSED. The
+ * socket is released when the last thread using it has left. Idempotent. */
+void ipmpi_cl_close(ipmpi_cl_t *c);
+
+/* Frees c and everything stored in it. No other thread may be inside a
+ * function of c. */
+void ipmpi_cl_free(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks);
+
+/* Frees an entry returned by ipmpi_cl_wait; non-NULL part handles are
+ * passed to hooks->release. */
+void ipmpi_cl_entry_free(ipmpi_cl_entry_t *e, const ipmpi_cl_hooks_t *hooks);
+
+#endif

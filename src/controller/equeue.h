@@ -1,0 +1,107 @@
+/*
+ * Controller data structures with no I/O: shared payloads, requests, the
+ * per-engine FIFO of request references, and the request table.
+ *
+ * A payload (ipmpi_parts_t) is the list of parts of one frame, each part in
+ * its own heap buffer, reference-counted so that one client payload sent to
+ * many engines, or one engine reply queued to a client, is held once and
+ * never copied. A request (ipmpi_req_t) is one client request for engines:
+ * it is referenced by the FIFO of every target engine until that engine has
+ * replied or the request failed there ("pending" counts those references).
+ * The request table maps the controller's dispatch ids to live requests.
+ *
+ * Thread safety: none; only the controller's loop thread uses these.
+ */
+#ifndef IPMPI_CTL_EQUEUE_H
+#define IPMPI_CTL_EQUEUE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct ipmpi_parts {
+    unsigned refs;
+    uint32_t n;
+    uint64_t *lens;  /* n lengths */
+    uint8_t **bufs;  /* n buffers, each owned by this object (never NULL) */
+} ipmpi_parts_t;
+
+/*
+ * Makes a payload of n parts with the given lengths, each buffer allocated
+ * (uninitialised) and refs = 1. lens may be NULL when n == 0. Returns NULL
+ * when out of memory. Caller owns the reference.
+ */
+ipmpi_parts_t *ipmpi_parts_new(uint32_t n, const uint64_t *lens);
+/* Makes a one-part payload holding a copy of len bytes of data. NULL on ENOMEM. */
+ipmpi_parts_t *ipmpi_parts_from(const void *data, size_t len);
+/* Takes one more reference; returns p. */
+ipmpi_parts_t *ipmpi_parts_ref(ipmpi_parts_t *p);
+/* Drops one reference (NULL is ignored); frees at zero. */
+void ipmpi_parts_unref(ipmpi_parts_t *p);
+/* Frees part 0 and shifts the others down (the target list of a request).
+ * Only valid while the caller holds the only reference and n > 0. */
+void ipmpi_parts_drop_first(ipmpi_parts_t *p);
+/* Sum of the part lengths. */
+uint64_t ipmpi_parts_bytes(const ipmpi_parts_t *p);
+
+typedef struct ipmpi_req {
+    uint64_t id;          /* dispatch id, sent to engines as req_id */
+    uint64_t client_req;  /* the client's req_id, echoed in replies */
+    uint64_t session;     /* owning session id; may outlive the session */
+    uint8_t kind;
+    uint32_t total;       /* target engines: replies the client expects */
+    uint32_t pending;     /* engines that still hold this request */
+    ipmpi_parts_t *payload; /* owned reference */
+} ipmpi_req_t;
+
+/* Allocates a request owning payload (taken on success). NULL on ENOMEM. */
+ipmpi_req_t *ipmpi_req_new(uint64_t id, uint64_t client_req, uint64_t session, uint8_t kind,
+                           uint32_t total, ipmpi_parts_t *payload);
+/* Frees the request and its payload reference. */
+void ipmpi_req_free(ipmpi_req_t *r);
+
+/*
+ * FIFO of request references for one engine: a power-of-two ring that grows
+ * by doubling. Push/pop are O(1) amortised. The queue borrows the requests.
+ */
+typedef struct ipmpi_equeue {
+    ipmpi_req_t **ring;
+    uint32_t cap;   /* 0 or a power of two */
+    uint32_t head;  /* index of the oldest entry */
+    uint32_t len;
+} ipmpi_equeue_t;
+
+void ipmpi_equeue_init(ipmpi_equeue_t *q);
+/* Frees the ring (not the requests). */
+void ipmpi_equeue_fini(ipmpi_equeue_t *q);
+/* Appends r. Returns 0 or IPMPI_ENOMEM (queue unchanged). */
+int ipmpi_equeue_push(ipmpi_equeue_t *q, ipmpi_req_t *r);
+/* Removes and returns the oldest entry, or NULL when empty. */
+ipmpi_req_t *ipmpi_equeue_pop(ipmpi_equeue_t *q);
+/* Returns entry i (0 = oldest) without removing it; NULL if out of range. */
+ipmpi_req_t *ipmpi_equeue_at(const ipmpi_equeue_t *q, uint32_t i);
+static inline uint32_t ipmpi_equeue_len(const ipmpi_equeue_t *q) { return q->len; }
+
+/*
+ * Request table: open addressing with linear probing on the dispatch id,
+ * backward-shift deletion (no tombstones), grown at 50% load. The table
+ * borrows the requests.
+ */
+typedef struct ipmpi_reqtab {
+    ipmpi_req_t **slots;
+    uint32_t cap;  /* 0 or a power of two */
+    uint32_t len;
+} ipmpi_reqtab_t;
+
+void ipmpi_reqtab_init(ipmpi_reqtab_t *t);
+void ipmpi_reqtab_fini(ipmpi_reqtab_t *t);
+/* Inserts r (its id must not be present). Returns 0 or IPMPI_ENOMEM. */
+int ipmpi_reqtab_put(ipmpi_reqtab_t *t, ipmpi_req_t *r);
+/* Returns the request with this id, or NULL. */
+ipmpi_req_t *ipmpi_reqtab_get(const ipmpi_reqtab_t *t, uint64_t id);
+/* Removes and returns the request with this id, or NULL. */
+ipmpi_req_t *ipmpi_reqtab_del(ipmpi_reqtab_t *t, uint64_t id);
+/* Writes every request of the table into out (room for t->len entries),
+ * in no particular order; returns how many. For draining at shutdown. */
+uint32_t ipmpi_reqtab_collect(const ipmpi_reqtab_t *t, ipmpi_req_t **out);
+
+#endif

@@ -1,0 +1,291 @@
+/*
+ * Security directory, keys, listening socket and furl files of the
+ * controller: see furlfile.h. Loop thread only.
+ */
+#include "furlfile.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ipmpi/errors.h"
+#include "log.h"
+#include "tls.h"
+
+/* Writes len bytes to path through a temp file and rename(), mode 0600,
+ * so a reader sees either no file or the whole file. */
+static int write_atomic(const char *path, const char *data, size_t len)
+{
+    char tmp[PATH_MAX + 16];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid()) >= (int)sizeof tmp)
+        return IPMPI_EINVAL;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return IPMPI_EIO;
+    int rc = IPMPI_EIO;
+    fchmod(fd, 0600);
+    size_t off = 0;
+    while (off < len) {
+        ssize_t w = write(fd, data + off, len - off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            goto close_fd;
+        off += (size_t)w;
+    }
+    if (fsync(fd) != 0)
+        goto close_fd;
+    rc = 0;
+close_fd:
+    if (close(fd) != 0)
+        rc = IPMPI_EIO;
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = IPMPI_EIO;
+    if (rc != 0)
+        unlink(tmp);
+    return rc;
+}
+
+/* Reads a 64-hex-digit key from path into out (lowercased). 0 or IPMPI_EIO. */
+static int read_key(const char *path, char out[IPMPI_KEY_HEX_LEN + 1])
+{
+    char buf[IPMPI_KEY_HEX_LEN + 8];
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return IPMPI_EIO;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    while (n > 0 && isspace((unsigned char)buf[n - 1]))
+        buf[--n] = '\0';
+    if (n != IPMPI_KEY_HEX_LEN)
+        return IPMPI_EIO;
+    for (size_t i = 0; i < n; i++) {
+        if (!isxdigit((unsigned char)buf[i]))
+            return IPMPI_EIO;
+        out[i] = (char)tolower((unsigned char)buf[i]);
+    }
+    out[n] = '\0';
+    return 0;
+}
+
+static int load_or_make_key(const char *secdir, const char *name, int persistent, char out[IPMPI_KEY_HEX_LEN + 1])
+{
+    char path[PATH_MAX], line[IPMPI_KEY_HEX_LEN + 2];
+    if (snprintf(path, sizeof path, "%s/ipcontroller-%s.key", secdir, name) >= (int)sizeof path)
+        return IPMPI_EINVAL;
+    if (persistent && read_key(path, out) == 0)
+        return 0;
+    int rc = ipmpi_random_hex(out, IPMPI_KEY_HEX_LEN / 2);
+    if (rc != 0)
+        return rc;
+    snprintf(line, sizeof line, "%s\n", out);
+    rc = write_atomic(path, line, strlen(line));
+    if (rc != 0)
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot write %s: %s", path, strerror(errno));
+    return rc;
+}
+
+int ipmpi_security_setup(ipmpi_security_t *sec, const char *dir, const char *cn, int persistent)
+{
+    memset(sec, 0, sizeof *sec);
+    if (snprintf(sec->secdir, sizeof sec->secdir, "%s/security", dir) >= (int)sizeof sec->secdir ||
+        snprintf(sec->mec_path, sizeof sec->mec_path, "%s/ipcontroller-mec.furl", sec->secdir) >=
+            (int)sizeof sec->mec_path ||
+        snprintf(sec->tc_path, sizeof sec->tc_path, "%s/ipcontroller-tc.furl", sec->secdir) >=
+            (int)sizeof sec->tc_path) {
+        ipmpi_log(IPMPI_LOG_ERROR, "profile directory path too long: %s", dir);
+        return IPMPI_EINVAL;
+    }
+    if (mkdir(sec->secdir, 0700) != 0 && errno != EEXIST) {
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot create %s: %s", sec->secdir, strerror(errno));
+        return IPMPI_EIO;
+    }
+    /* An existing directory may have been made with a looser umask. */
+    chmod(sec->secdir, 0700);
+    int rc = ipmpi_tls_load_or_make(sec->secdir, cn, persistent, &sec->key, &sec->cert);
+    if (rc != 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot load or make the certificate in %s: %s", sec->secdir,
+                  ipmpi_strerror(rc));
+        return rc;
+    }
+    rc = ipmpi_tls_fingerprint(sec->cert, sec->fingerprint);
+    if (rc == 0)
+        rc = load_or_make_key(sec->secdir, "mec", persistent, sec->mec_key);
+    if (rc == 0)
+        rc = load_or_make_key(sec->secdir, "tc", persistent, sec->tc_key);
+    if (rc != 0) {
+        ipmpi_security_fini(sec);
+        return rc;
+    }
+    return 0;
+}
+
+void ipmpi_security_fini(ipmpi_security_t *sec)
+{
+    EVP_PKEY_free(sec->key);
+    X509_free(sec->cert);
+    sec->key = NULL;
+    sec->cert = NULL;
+}
+
+static int is_loopback_sa(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->sa_family == AF_INET6) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a) ||
+               (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+    }
+    return 0;
+}
+
+/* The host name if it resolves to some non-loopback address. */
+static int pick_hostname(char host[IPMPI_FURL_HOST_MAX + 1])
+{
+    char name[256];
+    if (gethostname(name, sizeof name - 1) != 0)
+        return -1;
+    name[sizeof name - 1] = '\0';
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai = NULL;
+    if (getaddrinfo(name, NULL, &hints, &ai) != 0)
+        return -1;
+    int ok = 0;
+    for (struct addrinfo *p = ai; p && !ok; p = p->ai_next)
+        if (p->ai_family == AF_INET && !is_loopback_sa(p->ai_addr))
+            ok = 1;
+    freeaddrinfo(ai);
+    if (!ok)
+        return -1;
+    snprintf(host, IPMPI_FURL_HOST_MAX + 1, "%s", name);
+    return 0;
+}
+
+/* The first non-loopback IPv4 address of an interface that is up. */
+static int pick_ifaddr(char host[IPMPI_FURL_HOST_MAX + 1])
+{
+    struct ifaddrs *ifa = NULL;
+    if (getifaddrs(&ifa) != 0)
+        return -1;
+    int rc = -1;
+    for (struct ifaddrs *p = ifa; p; p = p->ifa_next) {
+        if (!p->ifa_addr || p->ifa_addr->sa_family != AF_INET || !(p->ifa_flags & IFF_UP) ||
+            (p->ifa_flags & IFF_LOOPBACK) || is_loopback_sa(p->ifa_addr))
+            continue;
+        if (inet_ntop(AF_INET, &((struct sockaddr_in *)p->ifa_addr)->sin_addr, host, IPMPI_FURL_HOST_MAX + 1)) {
+            rc = 0;
+            break;
+        }
+    }
+    freeifaddrs(ifa);
+    return rc;
+}
+
+int ipmpi_listen_open(const char *client_ip, int port, int *fd_out, char host[IPMPI_FURL_HOST_MAX + 1],
+                      int *port_out)
+{
+    char portstr[16];
+    snprintf(portstr, sizeof portstr, "%d", port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE},
+                    *ai = NULL;
+    int gai = getaddrinfo(client_ip[0] ? client_ip : "0.0.0.0", portstr, &hints, &ai);
+    if (gai != 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot resolve --client-ip %s: %s", client_ip, gai_strerror(gai));
+        return IPMPI_EIO;
+    }
+    int fd = -1, loopback = 0, err = 0;
+    for (struct addrinfo *p = ai; p; p = p->ai_next) {
+        fd = socket(p->ai_family, p->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, p->ai_protocol);
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, p->ai_addr, p->ai_addrlen) == 0 && listen(fd, 128) == 0) {
+            loopback = is_loopback_sa(p->ai_addr);
+            break;
+        }
+        err = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(ai);
+    if (fd < 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot listen on %s:%d: %s", client_ip[0] ? client_ip : "0.0.0.0", port,
+                  strerror(err));
+        return IPMPI_EIO;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    getsockname(fd, (struct sockaddr *)&ss, &sl);
+    int real_port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                                    : ((struct sockaddr_in *)&ss)->sin_port);
+    if (client_ip[0]) {
+        snprintf(host, IPMPI_FURL_HOST_MAX + 1, "%s", client_ip);
+    } else if (pick_hostname(host) == 0 || pick_ifaddr(host) == 0) {
+        loopback = 0;
+    } else {
+        snprintf(host, IPMPI_FURL_HOST_MAX + 1, "127.0.0.1");
+        loopback = 1;
+    }
+    ipmpi_log(IPMPI_LOG_INFO, "listening on %s:%d (furl address %s)", client_ip[0] ? client_ip : "0.0.0.0",
+              real_port, host);
+    if (loopback)
+        ipmpi_log(IPMPI_LOG_WARN, "furl address %s is loopback: clients on other hosts cannot connect; "
+                                  "use --client-ip",
+                  host);
+    *fd_out = fd;
+    *port_out = real_port;
+    return 0;
+}
+
+int ipmpi_furls_write(ipmpi_security_t *sec, const char *host, int port)
+{
+    ipmpi_furl_t f;
+    char line[512];
+    memset(&f, 0, sizeof f);
+    snprintf(f.fingerprint, sizeof f.fingerprint, "%s", sec->fingerprint);
+    snprintf(f.host, sizeof f.host, "%s", host);
+    f.port = port;
+    const char *keys[2] = {sec->mec_key, sec->tc_key}, *paths[2] = {sec->mec_path, sec->tc_path};
+    for (int i = 0; i < 2; i++) {
+        snprintf(f.key, sizeof f.key, "%s", keys[i]);
+        int n = ipmpi_furl_format(&f, line, sizeof line - 1);
+        if (n < 0) {
+            ipmpi_log(IPMPI_LOG_ERROR, "cannot format the furl for %s:%d", host, port);
+            return n;
+        }
+        line[n] = '\n';
+        int rc = write_atomic(paths[i], line, (size_t)n + 1);
+        if (rc != 0) {
+            ipmpi_log(IPMPI_LOG_ERROR, "cannot write %s: %s", paths[i], strerror(errno));
+            return rc;
+        }
+        sec->written = 1;
+    }
+    ipmpi_log(IPMPI_LOG_INFO, "wrote %s", sec->mec_path);
+    ipmpi_log(IPMPI_LOG_INFO, "wrote %s", sec->tc_path);
+    return 0;
+}
+
+void ipmpi_furls_remove(ipmpi_security_t *sec)
+{
+    if (!sec->written)
+        return;
+    unlink(sec->mec_path);
+    unlink(sec->tc_path);
+    sec->written = 0;
+}

@@ -1,0 +1,330 @@
+/*
+ * Controller side of the MPI framing: see mpilink.h. Loop thread only.
+ */
+#include "mpilink.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "ipmpi/errors.h"
+#include "log.h"
+
+/* Parts above this size are not sent eagerly by Open MPI's shared-memory
+ * and TCP transports (their eager limits are 4 KiB and 64 KiB). */
+#define EAGER_MAX 4096u
+
+struct ipmpi_sendop {
+    int rank;
+    uint8_t *hdr;
+    ipmpi_parts_t *parts;
+    uint32_t left; /* requests not yet complete */
+    int bulk;      /* counted in nbulk */
+};
+
+struct ipmpi_recvop {
+    ipmpi_recvop_t *next;
+    int rank;
+    ipmpi_hdr_t h;
+    ipmpi_parts_t *parts;
+    MPI_Request *reqs;
+    int nreq;
+    int bulk; /* counted in nbulk */
+};
+
+void ipmpi_mpilink_init(ipmpi_mpilink_t *l, MPI_Comm comm)
+{
+    memset(l, 0, sizeof *l);
+    l->comm = comm;
+    /* Engines are ranks of this job, not strangers: the bounds only catch
+     * a corrupted header before it turns into a huge allocation. */
+    l->lim.max_parts = IPMPI_MAX_PARTS;
+    l->lim.max_part = UINT64_MAX / 2;
+    l->lim.max_frame = UINT64_MAX / 2;
+}
+
+void ipmpi_mpilink_fini(ipmpi_mpilink_t *l)
+{
+    free(l->sreq);
+    free(l->sop);
+    free(l->sidx);
+    memset(l, 0, sizeof *l);
+}
+
+static int has_bulk(uint32_t n, const uint64_t *lens)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (lens[i] > EAGER_MAX)
+            return 1;
+    return 0;
+}
+
+static uint32_t nchunks(uint64_t len)
+{
+    return len == 0 ? 1 : (uint32_t)((len + IPMPI_MPI_CHUNK - 1) / IPMPI_MPI_CHUNK);
+}
+
+static int grow_sends(ipmpi_mpilink_t *l, uint32_t more)
+{
+    if (l->ns + more <= l->scap)
+        return 0;
+    uint32_t ncap = l->scap ? l->scap : 64;
+    while (ncap < l->ns + more)
+        ncap *= 2;
+    MPI_Request *r = realloc(l->sreq, (size_t)ncap * sizeof *r);
+    if (!r)
+        return IPMPI_ENOMEM;
+    l->sreq = r;
+    ipmpi_sendop_t **o = realloc(l->sop, (size_t)ncap * sizeof *o);
+    if (!o)
+        return IPMPI_ENOMEM;
+    l->sop = o;
+    int *x = realloc(l->sidx, (size_t)ncap * sizeof *x);
+    if (!x)
+        return IPMPI_ENOMEM;
+    l->sidx = x;
+    l->scap = ncap;
+    return 0;
+}
+
+int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts)
+{
+    ipmpi_hdr_t hh = *h;
+    hh.nparts = parts ? parts->n : 0;
+    uint32_t nreq = 1;
+    for (uint32_t i = 0; parts && i < parts->n; i++)
+        nreq += nchunks(parts->lens[i]);
+    int rc = grow_sends(l, nreq);
+    if (rc)
+        return rc;
+    ipmpi_sendop_t *op = calloc(1, sizeof *op);
+    if (!op)
+        return IPMPI_ENOMEM;
+    size_t hl = ipmpi_hdr_wire_size(hh.nparts);
+    op->hdr = malloc(hl);
+    if (!op->hdr) {
+        free(op);
+        return IPMPI_ENOMEM;
+    }
+    ipmpi_hdr_encode(&hh, parts ? parts->lens : NULL, op->hdr, hl);
+    op->rank = rank;
+    op->parts = parts ? ipmpi_parts_ref(parts) : NULL;
+    /* Once the header is posted the frame must go out whole, or the engine
+     * would read a later frame's parts as this one's: from here on a failed
+     * post is fatal for the link (reported as IPMPI_EMPI). */
+    if (MPI_Isend(op->hdr, (int)hl, MPI_BYTE, rank, IPMPI_TAG_HDR, l->comm, &l->sreq[l->ns]) != MPI_SUCCESS) {
+        ipmpi_parts_unref(op->parts);
+        free(op->hdr);
+        free(op);
+        return IPMPI_EMPI;
+    }
+    l->sop[l->ns++] = op;
+    op->left = 1;
+    op->bulk = parts && has_bulk(parts->n, parts->lens);
+    l->nbulk += (uint32_t)op->bulk;
+    for (uint32_t i = 0; parts && i < parts->n; i++) {
+        uint64_t len = parts->lens[i], off = 0;
+        do {
+            uint64_t n = len - off < IPMPI_MPI_CHUNK ? len - off : IPMPI_MPI_CHUNK;
+            if (MPI_Isend(parts->bufs[i] + off, (int)n, MPI_BYTE, rank, IPMPI_TAG_PART, l->comm,
+                          &l->sreq[l->ns]) != MPI_SUCCESS)
+                return IPMPI_EMPI;
+            l->sop[l->ns++] = op;
+            op->left++;
+            off += n;
+        } while (off < len);
+    }
+    return 0;
+}
+
+static void sendop_done(ipmpi_mpilink_t *l, ipmpi_sendop_t *op)
+{
+    l->nbulk -= (uint32_t)op->bulk;
+    ipmpi_parts_unref(op->parts);
+    free(op->hdr);
+    free(op);
+}
+
+/* Drops the entries whose request is MPI_REQUEST_NULL, keeping order. */
+static void compact_sends(ipmpi_mpilink_t *l)
+{
+    uint32_t j = 0;
+    for (uint32_t i = 0; i < l->ns; i++) {
+        if (l->sreq[i] == MPI_REQUEST_NULL)
+            continue;
+        l->sreq[j] = l->sreq[i];
+        l->sop[j] = l->sop[i];
+        j++;
+    }
+    l->ns = j;
+}
+
+static int progress_sends(ipmpi_mpilink_t *l)
+{
+    if (l->ns == 0)
+        return 0;
+    int outcount = 0;
+    if (MPI_Testsome((int)l->ns, l->sreq, &outcount, l->sidx, MPI_STATUSES_IGNORE) != MPI_SUCCESS)
+        return IPMPI_EMPI;
+    if (outcount == MPI_UNDEFINED || outcount == 0)
+        return 0;
+    for (int k = 0; k < outcount; k++) {
+        ipmpi_sendop_t *op = l->sop[l->sidx[k]];
+        if (--op->left == 0)
+            sendop_done(l, op);
+    }
+    compact_sends(l);
+    return outcount;
+}
+
+/* A header arrived: take it and post receives for all its parts. */
+static int start_recv(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st)
+{
+    int count = 0, src = st->MPI_SOURCE;
+    MPI_Get_count(st, MPI_BYTE, &count);
+    uint8_t *buf = malloc(count > 0 ? (size_t)count : 1);
+    if (!buf)
+        return IPMPI_ENOMEM;
+    if (MPI_Mrecv(buf, count, MPI_BYTE, msg, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+        free(buf);
+        return IPMPI_EMPI;
+    }
+    int rc = IPMPI_EPROTO;
+    ipmpi_hdr_t h;
+    uint64_t *lens = NULL, total = 0;
+    ipmpi_recvop_t *op = NULL;
+    if (ipmpi_hdr_decode(buf, (size_t)count, &l->lim, &h) != IPMPI_HDR_SIZE ||
+        (size_t)count != ipmpi_hdr_wire_size(h.nparts))
+        goto bad;
+    lens = malloc(((size_t)h.nparts + 1) * sizeof *lens);
+    rc = IPMPI_ENOMEM;
+    if (!lens)
+        goto bad;
+    rc = IPMPI_EPROTO;
+    if (h.nparts && ipmpi_lens_decode(buf + IPMPI_HDR_SIZE, (size_t)count - IPMPI_HDR_SIZE, h.nparts, &l->lim,
+                                      lens, &total) <= 0)
+        goto bad;
+    rc = IPMPI_ENOMEM;
+    op = calloc(1, sizeof *op);
+    if (!op)
+        goto bad;
+    op->parts = ipmpi_parts_new(h.nparts, lens);
+    if (!op->parts)
+        goto bad;
+    uint32_t nreq = 0;
+    for (uint32_t i = 0; i < h.nparts; i++)
+        nreq += nchunks(lens[i]);
+    op->reqs = malloc(((size_t)nreq + 1) * sizeof *op->reqs);
+    if (!op->reqs)
+        goto bad;
+    op->rank = src;
+    op->h = h;
+    op->bulk = has_bulk(h.nparts, lens);
+    for (uint32_t i = 0; i < h.nparts; i++) {
+        uint64_t off = 0;
+        do {
+            uint64_t n = lens[i] - off < IPMPI_MPI_CHUNK ? lens[i] - off : IPMPI_MPI_CHUNK;
+            if (MPI_Irecv(op->parts->bufs[i] + off, (int)n, MPI_BYTE, src, IPMPI_TAG_PART, l->comm,
+                          &op->reqs[op->nreq]) != MPI_SUCCESS) {
+                rc = IPMPI_EMPI;
+                goto bad;
+            }
+            op->nreq++;
+            off += n;
+        } while (off < lens[i]);
+    }
+    op->next = l->recv_head;
+    l->recv_head = op;
+    l->nbulk += (uint32_t)op->bulk;
+    free(lens);
+    free(buf);
+    return 0;
+bad:
+    /* Receives already posted keep their buffers: leak them with the op. */
+    if (op && op->nreq == 0) {
+        ipmpi_parts_unref(op->parts);
+        free(op->reqs);
+        free(op);
+    }
+    ipmpi_log(IPMPI_LOG_ERROR, "bad frame from rank %d (%d bytes of header): %s", src, count, ipmpi_strerror(rc));
+    free(lens);
+    free(buf);
+    return rc;
+}
+
+int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg)
+{
+    int events = progress_sends(l);
+    if (events < 0)
+        return events;
+
+    for (;;) {
+        int flag = 0;
+        MPI_Message msg;
+        MPI_Status st;
+        if (MPI_Improbe(MPI_ANY_SOURCE, IPMPI_TAG_HDR, l->comm, &flag, &msg, &st) != MPI_SUCCESS)
+            return IPMPI_EMPI;
+        if (!flag)
+            break;
+        int rc = start_recv(l, &msg, &st);
+        if (rc == IPMPI_EMPI)
+            return rc;
+        events++;
+    }
+
+    /* Unlink the complete frames first, then hand them over, so the
+     * callback may send or abandon freely. */
+    ipmpi_recvop_t *done = NULL, **pp = &l->recv_head;
+    while (*pp) {
+        ipmpi_recvop_t *op = *pp;
+        int flag = 1;
+        if (op->nreq > 0 && MPI_Testall(op->nreq, op->reqs, &flag, MPI_STATUSES_IGNORE) != MPI_SUCCESS)
+            return IPMPI_EMPI;
+        if (!flag) {
+            pp = &op->next;
+            continue;
+        }
+        *pp = op->next;
+        op->next = done;
+        done = op;
+        l->nbulk -= (uint32_t)op->bulk;
+    }
+    /* recv_head holds the newest first and prepending reversed it again:
+     * done is in arrival order, which keeps each rank's frames in order. */
+    while (done) {
+        ipmpi_recvop_t *op = done;
+        done = op->next;
+        events++;
+        cb(arg, op->rank, &op->h, op->parts);
+        free(op->reqs);
+        free(op);
+    }
+    return events;
+}
+
+void ipmpi_mpilink_abandon(ipmpi_mpilink_t *l, int rank)
+{
+    uint32_t j = 0;
+    for (uint32_t i = 0; i < l->ns; i++) {
+        ipmpi_sendop_t *op = l->sop[i];
+        if (op->rank == rank) {
+            /* The op and its buffers stay allocated on purpose; its bulk
+             * count goes once, with its first request seen here. */
+            l->nbulk -= (uint32_t)op->bulk;
+            op->bulk = 0;
+            continue;
+        }
+        l->sreq[j] = l->sreq[i];
+        l->sop[j] = l->sop[i];
+        j++;
+    }
+    l->ns = j;
+    ipmpi_recvop_t **pp = &l->recv_head;
+    while (*pp) {
+        if ((*pp)->rank == rank) {
+            l->nbulk -= (uint32_t)(*pp)->bulk;
+            *pp = (*pp)->next; /* leaked: MPI may still write into it */
+        }
+        else
+            pp = &(*pp)->next;
+    }
+}

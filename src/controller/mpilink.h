@@ -1,0 +1,82 @@
+/*
+ * Controller side of the MPI framing (doc/protocol.md section 3): a frame
+ * is one IPMPI_TAG_HDR message (header + length table), then each part as
+ * messages of tag IPMPI_TAG_PART of at most IPMPI_MPI_CHUNK bytes.
+ *
+ * Sends are non-blocking and go straight from the shared payload buffers
+ * (a reference is held until every message of the frame completed).
+ * Receives start when MPI_Improbe finds a header: the header is taken with
+ * MPI_Mrecv, every part is posted with MPI_Irecv into a fresh buffer, and
+ * the frame is handed over once all of them completed. Nothing here ever
+ * blocks on one rank, so a rank that died mid-transfer costs nothing but
+ * the abandoned requests (ipmpi_mpilink_abandon).
+ *
+ * Thread safety: none; the controller's loop thread only.
+ */
+#ifndef IPMPI_CTL_MPILINK_H
+#define IPMPI_CTL_MPILINK_H
+
+#include <stdint.h>
+
+#include <mpi.h>
+
+#include "codec.h"
+#include "equeue.h"
+
+typedef struct ipmpi_sendop ipmpi_sendop_t;
+typedef struct ipmpi_recvop ipmpi_recvop_t;
+
+typedef struct ipmpi_mpilink {
+    MPI_Comm comm;
+    /* All outstanding send requests, flat for MPI_Testsome; sop[i] is the
+     * frame that request i belongs to. */
+    MPI_Request *sreq;
+    ipmpi_sendop_t **sop;
+    int *sidx;
+    uint32_t ns, scap;
+    ipmpi_recvop_t *recv_head; /* frames being received */
+    uint32_t nbulk;            /* frames in flight with a part over the eager size */
+    ipmpi_limits_t lim;        /* bounds on frames from engines */
+} ipmpi_mpilink_t;
+
+/* Called with each complete frame from an engine; takes ownership of parts. */
+typedef void (*ipmpi_mpilink_cb)(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts);
+
+void ipmpi_mpilink_init(ipmpi_mpilink_t *l, MPI_Comm comm);
+/* Frees what is left; requests still outstanding are abandoned. */
+void ipmpi_mpilink_fini(ipmpi_mpilink_t *l);
+
+/*
+ * Starts sending the frame h + parts to rank (parts may be NULL: no parts;
+ * a reference is taken and released when the sends completed). Returns 0,
+ * IPMPI_ENOMEM or IPMPI_EMPI.
+ */
+int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts);
+
+/*
+ * One round of progress: completes finished sends, starts receiving every
+ * header that arrived, completes receives and calls cb for each complete
+ * frame (after the internal lists are consistent, so cb may send or
+ * abandon). Returns the number of events (0 = nothing happened) or a
+ * negative code on an MPI failure.
+ */
+int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg);
+
+/* Forgets every send and receive involving rank (it died): its requests
+ * and buffers are leaked on purpose, since MPI may still own them. */
+void ipmpi_mpilink_abandon(ipmpi_mpilink_t *l, int rank);
+
+/*
+ * Frames in flight (either way) with a part too large to go eagerly. Such
+ * a transfer moves only while this rank calls into MPI (shared-memory
+ * fragments need both sides), and its peer is always ready for it (an
+ * engine gets a request only when idle; replies are received as soon as
+ * their header is seen), so the loop keeps polling MPI while this is
+ * non-zero instead of sleeping.
+ */
+static inline uint32_t ipmpi_mpilink_bulk(const ipmpi_mpilink_t *l) { return l->nbulk; }
+
+/* Number of outstanding send requests. */
+static inline uint32_t ipmpi_mpilink_sends(const ipmpi_mpilink_t *l) { return l->ns; }
+
+#endif

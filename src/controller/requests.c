@@ -1,0 +1,602 @@
+/*
+ * What the controller does with each frame: client requests (access
+ * rules, target resolution, controller kinds answered here, engine kinds
+ * queued per engine), engine replies (forwarded to the owning client) and
+ * engine deaths (their requests fail with IPMPI_EDEAD).
+ * Controller JSON replies are built with snprintf into a growing buffer.
+ * Loop thread only.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backoff.h"
+#include "ctl.h"
+#include "ipmpi/errors.h"
+#include "log.h"
+#include "tls.h"
+
+/* ---- small JSON text builder ---- */
+
+typedef struct jbuf {
+    char *s;
+    size_t len, cap;
+    int oom;
+} jbuf_t;
+
+static void jb_grow(jbuf_t *b, size_t need)
+{
+    if (b->oom || b->len + need + 1 <= b->cap)
+        return;
+    size_t ncap = b->cap ? b->cap : 256;
+    while (ncap < b->len + need + 1)
+        ncap *= 2;
+    char *n = realloc(b->s, ncap);
+    if (!n) {
+        b->oom = 1;
+        return;
+    }
+    b->s = n;
+    b->cap = ncap;
+}
+
+static void jb_printf(jbuf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void jb_printf(jbuf_t *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        b->oom = 1;
+        return;
+    }
+    jb_grow(b, (size_t)n);
+    if (b->oom)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(b->s + b->len, b->cap - b->len, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+/* Appends s as a JSON string literal, escaping quotes, backslashes and
+ * control characters (other bytes pass through: they are UTF-8). */
+static void jb_str(jbuf_t *b, const char *s)
+{
+    jb_printf(b, "\"");
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            jb_printf(b, "\\%c", ch);
+        else if (ch < 0x20)
+            jb_printf(b, "\\u%04x", ch);
+        else
+            jb_printf(b, "%c", ch);
+    }
+    jb_printf(b, "\"");
+}
+
+/* ---- helpers ---- */
+
+static const char *kind_name(unsigned k)
+{
+    static const char *const names[IPMPI_K_MAX_] = {
+        [IPMPI_K_HELLO] = "hello",           [IPMPI_K_EXECUTE] = "execute",
+        [IPMPI_K_PUSH] = "push",             [IPMPI_K_PULL] = "pull",
+        [IPMPI_K_APPLY] = "apply",           [IPMPI_K_RESET] = "reset",
+        [IPMPI_K_KEYS] = "keys",             [IPMPI_K_KILL] = "kill",
+        [IPMPI_K_QUEUE_STATUS] = "queue_status", [IPMPI_K_CLEAR_QUEUE] = "clear_queue",
+        [IPMPI_K_GET_RESULT] = "get_result", [IPMPI_K_GET_IDS] = "get_ids",
+        [IPMPI_K_SHUTDOWN] = "shutdown",     [IPMPI_K_TASK_SUBMIT] = "task_submit",
+        [IPMPI_K_TASK_ABORT] = "task_abort", [IPMPI_K_TASK_BARRIER] = "task_barrier",
+        [IPMPI_K_PROPERTIES] = "properties", [IPMPI_K_READY] = "ready",
+        [IPMPI_K_EXIT] = "exit",
+    };
+    return k < IPMPI_K_MAX_ && names[k] ? names[k] : "unknown";
+}
+
+static int is_engine_kind(unsigned k)
+{
+    switch (k) {
+    case IPMPI_K_EXECUTE: case IPMPI_K_PUSH: case IPMPI_K_PULL: case IPMPI_K_APPLY:
+    case IPMPI_K_RESET: case IPMPI_K_KEYS: case IPMPI_K_KILL: case IPMPI_K_GET_RESULT:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int is_task_kind(unsigned k)
+{
+    return k == IPMPI_K_TASK_SUBMIT || k == IPMPI_K_TASK_ABORT || k == IPMPI_K_TASK_BARRIER;
+}
+
+ipmpi_session_t *ipmpi_ctl_session(const ipmpi_ctl_t *c, uint64_t id)
+{
+    uint32_t slot = (uint32_t)id, gen = (uint32_t)(id >> 32);
+    if (slot >= c->scap || !c->sess[slot] || c->sgen[slot] != gen)
+        return NULL;
+    return c->sess[slot];
+}
+
+static void send_json(ipmpi_session_t *s, const ipmpi_hdr_t *req, jbuf_t *b)
+{
+    if (b->oom) {
+        ipmpi_session_send_error(s, req->kind, req->req_id, IPMPI_TARGET_CONTROLLER, 1, IPMPI_ENOMEM,
+                                 "controller out of memory");
+        free(b->s);
+        return;
+    }
+    ipmpi_parts_t *p = ipmpi_parts_from(b->s ? b->s : "", b->len);
+    free(b->s);
+    if (!p) {
+        ipmpi_session_send_error(s, req->kind, req->req_id, IPMPI_TARGET_CONTROLLER, 1, IPMPI_ENOMEM,
+                                 "controller out of memory");
+        return;
+    }
+    ipmpi_hdr_t h = {.kind = req->kind, .flags = IPMPI_F_REPLY, .req_id = req->req_id,
+                     .target = IPMPI_TARGET_CONTROLLER, .total = 1};
+    ipmpi_session_send(s, &h, p);
+    ipmpi_parts_unref(p);
+}
+
+static void reply_err(ipmpi_session_t *s, const ipmpi_hdr_t *req, int status, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void reply_err(ipmpi_session_t *s, const ipmpi_hdr_t *req, int status, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    ipmpi_session_send_error(s, req->kind, req->req_id, IPMPI_TARGET_CONTROLLER, 1, status, msg);
+}
+
+static void dead_msg(const ipmpi_engine_slot_t *e, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "engine %d died (rank %d): %s", e->id, e->rank, e->why);
+}
+
+/* One target of r is settled without a reply from the engine: send the
+ * client an error reply for that engine and drop the engine's reference. */
+static void req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int status, const char *msg)
+{
+    ipmpi_session_t *s = ipmpi_ctl_session(c, r->session);
+    if (s)
+        ipmpi_session_send_error(s, r->kind, r->client_req, engine, r->total, status, msg);
+    if (--r->pending == 0) {
+        ipmpi_reqtab_del(&c->reqs, r->id);
+        ipmpi_req_free(r);
+    }
+}
+
+/* Sends the next queued request to e if it is idle. */
+static void dispatch(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e)
+{
+    while (!e->dead && !e->running && ipmpi_equeue_len(&e->q) > 0) {
+        ipmpi_req_t *r = ipmpi_equeue_pop(&e->q);
+        ipmpi_hdr_t h = {.kind = r->kind, .req_id = r->id, .target = e->id};
+        int rc = ipmpi_mpilink_send(&c->link, e->rank, &h, r->payload);
+        if (rc != 0) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "controller could not send the request to engine %d: %s", e->id,
+                     ipmpi_strerror(rc));
+            ipmpi_log(IPMPI_LOG_ERROR, "%s", msg);
+            req_fail_one(c, r, e->id, rc, msg);
+            continue;
+        }
+        e->running = r;
+        c->nbusy++;
+    }
+}
+
+void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *why)
+{
+    if (e->dead)
+        return;
+    e->dead = 1;
+    c->nlive--;
+    c->any_died = 1;
+    snprintf(e->why, sizeof e->why, "%s", why);
+    ipmpi_log(IPMPI_LOG_ERROR, "engine %d (rank %d) died: %s", e->id, e->rank, why);
+    ipmpi_mpilink_abandon(&c->link, e->rank);
+    char msg[256];
+    dead_msg(e, msg, sizeof msg);
+    if (e->running) {
+        ipmpi_req_t *r = e->running;
+        e->running = NULL;
+        c->nbusy--;
+        req_fail_one(c, r, e->id, IPMPI_EDEAD, msg);
+    }
+    ipmpi_req_t *r;
+    while ((r = ipmpi_equeue_pop(&e->q)))
+        req_fail_one(c, r, e->id, IPMPI_EDEAD, msg);
+}
+
+void ipmpi_ctl_rank_dead(void *arg, int rank, const char *state)
+{
+    ipmpi_ctl_t *c = arg;
+    if (rank < 1 || rank > c->nengines)
+        return;
+    ipmpi_ctl_engine_died(c, &c->eng[rank - 1], state);
+}
+
+void ipmpi_ctl_fail_all(ipmpi_ctl_t *c)
+{
+    const char *msg = "controller is shutting down: the request did not run";
+    for (int i = 0; i < c->nengines; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[i];
+        if (e->running) {
+            ipmpi_req_t *r = e->running;
+            e->running = NULL;
+            c->nbusy--;
+            req_fail_one(c, r, e->id, IPMPI_ESHUTDOWN, msg);
+        }
+        ipmpi_req_t *r;
+        while ((r = ipmpi_equeue_pop(&e->q)))
+            req_fail_one(c, r, e->id, IPMPI_ESHUTDOWN, msg);
+    }
+}
+
+/* ---- engine frames ---- */
+
+static void store_ready(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_parts_t *p)
+{
+    char *props = NULL;
+    if (p->n >= 1) {
+        props = malloc((size_t)p->lens[0] + 1);
+        if (props) {
+            memcpy(props, p->bufs[0], (size_t)p->lens[0]);
+            props[p->lens[0]] = '\0';
+        }
+    }
+    free(e->props);
+    e->props = props;
+    if (!e->ready)
+        ipmpi_log(IPMPI_LOG_DEBUG, "engine %d (rank %d) ready: %s", e->id, e->rank, props ? props : "");
+    e->ready = 1;
+    (void)c;
+}
+
+void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts)
+{
+    ipmpi_ctl_t *c = arg;
+    if (rank < 1 || rank > c->nengines) {
+        ipmpi_log(IPMPI_LOG_ERROR, "frame from rank %d, which is not an engine; dropped", rank);
+        goto drop;
+    }
+    ipmpi_engine_slot_t *e = &c->eng[rank - 1];
+    if (e->dead)
+        goto drop;
+    if (h->kind == IPMPI_K_READY) {
+        store_ready(c, e, parts);
+        goto drop;
+    }
+    ipmpi_req_t *r = e->running;
+    if (!r || !(h->flags & IPMPI_F_REPLY) || h->req_id != r->id) {
+        if (!c->stopping)
+            ipmpi_log(IPMPI_LOG_ERROR, "unexpected frame from engine %d (kind %u, req %llu); dropped", e->id,
+                      h->kind, (unsigned long long)h->req_id);
+        goto drop;
+    }
+    e->running = NULL;
+    c->nbusy--;
+    ipmpi_session_t *s = ipmpi_ctl_session(c, r->session);
+    if (s) {
+        ipmpi_hdr_t out = {.kind = r->kind, .flags = IPMPI_F_REPLY, .req_id = r->client_req,
+                           .target = e->id, .status = h->status, .total = r->total};
+        if (ipmpi_session_send(s, &out, parts) != 0)
+            ipmpi_session_send_error(s, r->kind, r->client_req, e->id, r->total, IPMPI_ENOMEM,
+                                     "controller out of memory for the reply");
+    }
+    int killed = r->kind == IPMPI_K_KILL;
+    if (--r->pending == 0) {
+        ipmpi_reqtab_del(&c->reqs, r->id);
+        ipmpi_req_free(r);
+    }
+    /* The engine _exits right after answering KILL. */
+    if (killed)
+        ipmpi_ctl_engine_died(c, e, "killed by request");
+    else
+        dispatch(c, e);
+drop:
+    ipmpi_parts_unref(parts);
+}
+
+/* ---- client frames ---- */
+
+/*
+ * Resolves h->target into c->targets. ALL (and, for controller kinds, the
+ * controller target) means live engines. Returns the count, or a negative
+ * status after replying with the reason.
+ */
+static int resolve(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    int n = 0;
+    if (h->target == IPMPI_TARGET_ALL ||
+        (h->target == IPMPI_TARGET_CONTROLLER && !is_engine_kind(h->kind))) {
+        for (int i = 0; i < c->nengines; i++)
+            if (!c->eng[i].dead && c->eng[i].ready)
+                c->targets[n++] = i;
+        if (n == 0 && is_engine_kind(h->kind)) {
+            reply_err(s, h, IPMPI_ENOENT, "no live engines");
+            return IPMPI_ENOENT;
+        }
+        return n;
+    }
+    if (h->target >= 0) {
+        if (h->target >= c->nengines) {
+            reply_err(s, h, IPMPI_ENOENT, "no engine %d: ids are 0..%d", h->target, c->nengines - 1);
+            return IPMPI_ENOENT;
+        }
+        c->targets[0] = h->target;
+        return 1;
+    }
+    if (h->target != IPMPI_TARGET_LIST) {
+        reply_err(s, h, IPMPI_ENOENT, "bad target %d", h->target);
+        return IPMPI_ENOENT;
+    }
+    if (!p || p->n < 1 || p->lens[0] == 0 || p->lens[0] % 4 != 0) {
+        reply_err(s, h, IPMPI_EPROTO, "target list: part 0 must be a non-empty array of int32 engine ids");
+        return IPMPI_EPROTO;
+    }
+    uint64_t cnt = p->lens[0] / 4;
+    if (cnt > (uint64_t)c->nengines) {
+        reply_err(s, h, IPMPI_ENOENT, "target list of %llu ids, but there are only %d engines",
+                  (unsigned long long)cnt, c->nengines);
+        return IPMPI_ENOENT;
+    }
+    if (++c->markgen == 0) {
+        memset(c->mark, 0, (size_t)c->nengines * sizeof *c->mark);
+        c->markgen = 1;
+    }
+    for (uint64_t i = 0; i < cnt; i++) {
+        int32_t id = (int32_t)ipmpi_get_u32(p->bufs[0] + 4 * i);
+        if (id < 0 || id >= c->nengines) {
+            reply_err(s, h, IPMPI_ENOENT, "no engine %d: ids are 0..%d", id, c->nengines - 1);
+            return IPMPI_ENOENT;
+        }
+        if (c->mark[id] == c->markgen) {
+            reply_err(s, h, IPMPI_EPROTO, "target list names engine %d twice", id);
+            return IPMPI_EPROTO;
+        }
+        c->mark[id] = c->markgen;
+        c->targets[n++] = id;
+    }
+    return n;
+}
+
+static void do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    int cap = IPMPI_CAP_NONE;
+    if (p->n >= 1 && p->lens[0] == IPMPI_KEY_HEX_LEN) {
+        /* Both comparisons always run: the time taken says nothing about the key. */
+        int mec = ipmpi_consttime_eq(p->bufs[0], c->sec.mec_key, IPMPI_KEY_HEX_LEN);
+        int tc = ipmpi_consttime_eq(p->bufs[0], c->sec.tc_key, IPMPI_KEY_HEX_LEN);
+        cap = mec ? IPMPI_CAP_MEC : tc ? IPMPI_CAP_TC : IPMPI_CAP_NONE;
+    }
+    if (cap == IPMPI_CAP_NONE) {
+        ipmpi_log(IPMPI_LOG_WARN, "client %s refused: wrong key", s->peer);
+        reply_err(s, h, IPMPI_EACCES, "access denied: wrong key");
+        ipmpi_session_close_after_flush(s, ipmpi_now_ns());
+        return;
+    }
+    if (s->cap == IPMPI_CAP_NONE)
+        ipmpi_log(IPMPI_LOG_INFO, "client %s connected with capability %s", s->peer,
+                  cap == IPMPI_CAP_MEC ? "mec" : "tc");
+    s->cap = cap;
+    jbuf_t b = {0};
+    jb_printf(&b, "{\"capability\": \"%s\", \"engines\": %d, \"ids\": [", cap == IPMPI_CAP_MEC ? "mec" : "tc",
+              c->nlive);
+    int first = 1;
+    for (int i = 0; i < c->nengines; i++)
+        if (!c->eng[i].dead && c->eng[i].ready) {
+            jb_printf(&b, first ? "%d" : ", %d", i);
+            first = 0;
+        }
+    jb_printf(&b, "], \"version\": %d}", IPMPI_PROTO_VERSION);
+    send_json(s, h, &b);
+}
+
+static void do_get_ids(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h)
+{
+    jbuf_t b = {0};
+    jb_printf(&b, "[");
+    int first = 1;
+    for (int i = 0; i < c->nengines; i++)
+        if (!c->eng[i].dead && c->eng[i].ready) {
+            jb_printf(&b, first ? "%d" : ", %d", i);
+            first = 0;
+        }
+    jb_printf(&b, "]");
+    send_json(s, h, &b);
+}
+
+static void do_queue_status(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n)
+{
+    jbuf_t b = {0};
+    jb_printf(&b, "[");
+    for (int i = 0; i < n; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        jb_printf(&b, "%s{\"id\": %d, \"running\": ", i ? ", " : "", e->id);
+        if (e->running)
+            jb_printf(&b, "\"%s\"", kind_name(e->running->kind));
+        else
+            jb_printf(&b, "null");
+        jb_printf(&b, ", \"queue\": [");
+        for (uint32_t k = 0; k < ipmpi_equeue_len(&e->q); k++)
+            jb_printf(&b, "%s\"%s\"", k ? ", " : "", kind_name(ipmpi_equeue_at(&e->q, k)->kind));
+        jb_printf(&b, "]}");
+    }
+    jb_printf(&b, "]");
+    send_json(s, h, &b);
+}
+
+static void do_clear_queue(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n)
+{
+    unsigned long cleared = 0;
+    for (int i = 0; i < n; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        char msg[128];
+        snprintf(msg, sizeof msg, "removed from the queue of engine %d by CLEAR_QUEUE before it ran", e->id);
+        ipmpi_req_t *r;
+        while ((r = ipmpi_equeue_pop(&e->q))) {
+            req_fail_one(c, r, e->id, IPMPI_EABORTED, msg);
+            cleared++;
+        }
+    }
+    jbuf_t b = {0};
+    jb_printf(&b, "{\"cleared\": %lu}", cleared);
+    send_json(s, h, &b);
+}
+
+static void do_properties(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n)
+{
+    jbuf_t b = {0};
+    jb_printf(&b, "[");
+    for (int i = 0; i < n; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        jb_printf(&b, "%s{\"id\": %d", i ? ", " : "", e->id);
+        /* The READY JSON is an object built by our engine: splice its
+         * members in after our "id"; anything else goes in as a string. */
+        const char *p = e->props;
+        if (p) {
+            size_t len = strlen(p);
+            while (len && (p[len - 1] == ' ' || p[len - 1] == '\n' || p[len - 1] == '\r' || p[len - 1] == '\t'))
+                len--;
+            while (len && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
+                p++, len--;
+            if (len >= 2 && p[0] == '{' && p[len - 1] == '}') {
+                const char *in = p + 1;
+                size_t il = len - 2;
+                while (il && (*in == ' ' || *in == '\n' || *in == '\t' || *in == '\r'))
+                    in++, il--;
+                if (il)
+                    jb_printf(&b, ", %.*s", (int)il, in);
+            } else {
+                jb_printf(&b, ", \"ready\": ");
+                jb_str(&b, e->props);
+            }
+        }
+        if (e->dead) {
+            jb_printf(&b, ", \"dead\": ");
+            jb_str(&b, e->why);
+        }
+        jb_printf(&b, "}");
+    }
+    jb_printf(&b, "]");
+    send_json(s, h, &b);
+}
+
+/* Queues an engine-kind request on every target engine: one shared payload. */
+static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p, int n)
+{
+    if (h->target == IPMPI_TARGET_LIST)
+        ipmpi_parts_drop_first(p);
+    ipmpi_req_t *r = ipmpi_req_new(++c->next_req, h->req_id, s->id, h->kind, (uint32_t)n, p);
+    if (!r || ipmpi_reqtab_put(&c->reqs, r) != 0) {
+        if (r) {
+            r->payload = NULL;
+            ipmpi_req_free(r);
+        }
+        ipmpi_parts_unref(p);
+        reply_err(s, h, IPMPI_ENOMEM, "controller out of memory");
+        return;
+    }
+    r->pending = (uint32_t)n;
+    char msg[256];
+    /* r may be freed by the last req_fail_one; nothing reads it after that. */
+    for (int i = 0; i < n; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        if (e->dead) {
+            dead_msg(e, msg, sizeof msg);
+            req_fail_one(c, r, e->id, IPMPI_EDEAD, msg);
+        } else if (!e->ready) {
+            snprintf(msg, sizeof msg, "engine %d never became ready", e->id);
+            req_fail_one(c, r, e->id, IPMPI_EDEAD, msg);
+        } else if (ipmpi_equeue_push(&e->q, r) != 0) {
+            req_fail_one(c, r, e->id, IPMPI_ENOMEM, "controller out of memory");
+        } else {
+            dispatch(c, e);
+        }
+    }
+}
+
+static int allowed(int cap, unsigned kind)
+{
+    if (kind == IPMPI_K_HELLO || kind == IPMPI_K_GET_IDS || kind == IPMPI_K_PROPERTIES ||
+        kind == IPMPI_K_QUEUE_STATUS)
+        return 1;
+    if (cap == IPMPI_CAP_TC)
+        return is_task_kind(kind);
+    return cap == IPMPI_CAP_MEC && !is_task_kind(kind);
+}
+
+void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p)
+{
+    ipmpi_ctl_t *c = arg;
+    int n;
+    if (h->kind == IPMPI_K_HELLO) {
+        do_hello(c, s, h, p);
+        goto done;
+    }
+    if (h->kind == IPMPI_K_READY || h->kind == IPMPI_K_EXIT || (h->flags & IPMPI_F_REPLY)) {
+        reply_err(s, h, IPMPI_EKIND, "kind %u (%s)%s is not a request a client may send", h->kind,
+                  kind_name(h->kind), (h->flags & IPMPI_F_REPLY) ? " with the reply flag" : "");
+        goto done;
+    }
+    if (!allowed(s->cap, h->kind)) {
+        ipmpi_log(IPMPI_LOG_WARN, "client %s: %s refused for capability %s", s->peer, kind_name(h->kind),
+                  s->cap == IPMPI_CAP_MEC ? "mec" : "tc");
+        reply_err(s, h, IPMPI_EACCES, "access denied: %s is not allowed with the %s capability",
+                  kind_name(h->kind), s->cap == IPMPI_CAP_MEC ? "mec" : "tc");
+        goto done;
+    }
+    if (c->stopping) {
+        reply_err(s, h, IPMPI_ESHUTDOWN, "controller is shutting down");
+        goto done;
+    }
+    if (is_task_kind(h->kind)) {
+        reply_err(s, h, IPMPI_EKIND,
+                  "task kinds are served by the task scheduler, which this controller does not run yet");
+        goto done;
+    }
+    switch (h->kind) {
+    case IPMPI_K_GET_IDS:
+        do_get_ids(c, s, h);
+        break;
+    case IPMPI_K_SHUTDOWN: {
+        ipmpi_log(IPMPI_LOG_INFO, "SHUTDOWN requested by client %s", s->peer);
+        jbuf_t b = {0};
+        jb_printf(&b, "{\"stopping\": true}");
+        send_json(s, h, &b);
+        c->stopping = 1;
+        break;
+    }
+    case IPMPI_K_QUEUE_STATUS:
+    case IPMPI_K_CLEAR_QUEUE:
+    case IPMPI_K_PROPERTIES:
+        if ((n = resolve(c, s, h, p)) < 0)
+            break;
+        if (h->kind == IPMPI_K_QUEUE_STATUS)
+            do_queue_status(c, s, h, n);
+        else if (h->kind == IPMPI_K_CLEAR_QUEUE)
+            do_clear_queue(c, s, h, n);
+        else
+            do_properties(c, s, h, n);
+        break;
+    default:
+        if (!is_engine_kind(h->kind)) {
+            reply_err(s, h, IPMPI_EKIND, "unknown request kind %u", h->kind);
+            break;
+        }
+        if ((n = resolve(c, s, h, p)) < 0)
+            break;
+        submit(c, s, h, p, n);
+        return; /* submit took p */
+    }
+done:
+    ipmpi_parts_unref(p);
+}

@@ -1,0 +1,109 @@
+/*
+ * One client connection of the controller: a non-blocking TCP socket with
+ * its own SSL object (TLS 1.3 only), an input state machine that reads a
+ * frame header, its length table and then every part straight into its own
+ * buffer, and an output queue of frames written with partial-write offsets,
+ * so a client that stops reading never stalls the controller's loop.
+ *
+ * WANT_READ/WANT_WRITE are tracked per direction: ipmpi_session_events()
+ * says what to poll() for, ipmpi_session_io() makes whatever progress the
+ * socket allows. Complete frames go to the caller's callback, which takes
+ * ownership of the parts.
+ *
+ * Access rule enforced here (doc/protocol.md section 1): before the session
+ * is authorised, the only frame accepted is HELLO with one 64-byte part;
+ * anything else is answered with IPMPI_EACCES and the session closes, so an
+ * unauthenticated peer can never make the controller allocate a payload.
+ *
+ * Thread safety: none; the controller's loop thread only.
+ */
+#ifndef IPMPI_CTL_SESSION_H
+#define IPMPI_CTL_SESSION_H
+
+#include <stdint.h>
+
+#include <openssl/ssl.h>
+
+#include "codec.h"
+#include "equeue.h"
+
+enum ipmpi_sess_state {
+    IPMPI_SESS_HANDSHAKE, /* TLS handshake running */
+    IPMPI_SESS_OPEN,      /* frames flow (cap says whether HELLO passed) */
+    IPMPI_SESS_CLOSING    /* no more input; flush output, then close */
+};
+
+enum ipmpi_cap { IPMPI_CAP_NONE = 0, IPMPI_CAP_MEC = 1, IPMPI_CAP_TC = 2 };
+
+typedef struct ipmpi_outframe ipmpi_outframe_t;
+
+typedef struct ipmpi_session {
+    uint64_t id;        /* unique for the controller's life; requests keep it */
+    int fd;
+    SSL *ssl;
+    char peer[80];      /* "addr:port", for logs */
+    int state;
+    int cap;            /* enum ipmpi_cap */
+    uint64_t t_open;    /* accept time (ns), for the HELLO deadline */
+    uint64_t t_close;   /* when CLOSING began (ns), for the flush deadline */
+    int read_more;      /* the read budget ran out with input possibly left */
+
+    /* input */
+    int in_stage;       /* 0 header, 1 lengths, 2 parts */
+    uint8_t in_hdr[IPMPI_HDR_SIZE];
+    size_t in_off;
+    ipmpi_hdr_t in_h;
+    uint8_t *in_lenbuf; /* nparts*8 raw lengths */
+    uint64_t *in_lens;
+    ipmpi_parts_t *in_parts;
+    uint32_t in_part;
+
+    /* per-direction wants: POLLIN or POLLOUT */
+    short rd_want, wr_want, hs_want;
+
+    /* output */
+    ipmpi_outframe_t *out_head, *out_tail;
+    uint64_t out_bytes; /* bytes queued and not yet written */
+} ipmpi_session_t;
+
+/* Called for each complete frame; takes ownership of parts. */
+typedef void (*ipmpi_session_frame_cb)(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
+                                       ipmpi_parts_t *parts);
+
+/*
+ * Wraps an accepted non-blocking socket (ownership of fd passes to the
+ * session on success; stays with the caller on failure). Returns NULL on
+ * failure.
+ */
+ipmpi_session_t *ipmpi_session_new(int fd, SSL_CTX *ctx, const char *peer, uint64_t id, uint64_t now);
+
+/* Events to poll() for. */
+short ipmpi_session_events(const ipmpi_session_t *s);
+
+/*
+ * Makes progress: handshake, then input (frames to cb, at most a bounded
+ * number of bytes per call), then output. Returns 0 to keep the session, or
+ * a negative code when it must be closed now (peer gone, TLS failure, or
+ * CLOSING with everything flushed); the reason is logged.
+ */
+int ipmpi_session_io(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_session_frame_cb cb, void *arg);
+
+/*
+ * Queues a frame: the header h (magic, version and nparts filled in from
+ * parts) and the parts (a reference is taken; parts may be NULL for none).
+ * Small frames are copied into one buffer; large parts are written from
+ * the shared buffers. Returns 0 or IPMPI_ENOMEM.
+ */
+int ipmpi_session_send(ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *parts);
+
+/* Queues an error reply (status < 0) whose part 0 is msg. Returns 0 or IPMPI_ENOMEM. */
+int ipmpi_session_send_error(ipmpi_session_t *s, uint8_t kind, uint64_t req_id, int32_t target,
+                             uint32_t total, int status, const char *msg);
+
+/* Stops input; the session closes once its output is flushed. */
+void ipmpi_session_close_after_flush(ipmpi_session_t *s, uint64_t now);
+
+/* Frees everything, closing the socket (sends close_notify best-effort). */
+void ipmpi_session_free(ipmpi_session_t *s);
+
+#endif

@@ -1,0 +1,91 @@
+/*
+ * The engine's private interface: the pieces of an engine (ranks 1..N)
+ * that engine.c puts together. bind.c pins the process with hwloc,
+ * pyhost.c starts the embedded CPython, link.c moves frames over MPI,
+ * watch.c notices a dead controller. Everything here runs on the engine's
+ * main thread (the only thread that calls MPI: MPI_THREAD_FUNNELED).
+ */
+#ifndef IPMPI_ENGINE_H
+#define IPMPI_ENGINE_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <mpi.h>
+
+#include "codec.h"
+#include "runtime.h"
+
+/* ---- bind.c ---- */
+
+/*
+ * Applies the --bind policy: "auto" binds to core (local_rank mod cores)
+ * unless the process is already bound to a strict subset of the machine,
+ * "core" always binds that way, "none" leaves it alone. A failed bind is
+ * logged and the engine goes on unbound. On success *cpuset (caller owns,
+ * free()) is the resulting binding as an hwloc list string ("3", "0-1")
+ * and *bound is 1 if this call bound the process. Returns 0,
+ * IPMPI_ENOMEM, or IPMPI_EIO when hwloc cannot describe the machine.
+ */
+int ipmpi_eng_bind(const char *mode, int local_rank, char **cpuset, int *bound);
+
+/* ---- pyhost.c (caller holds the GIL after ipmpi_eng_py_start) ---- */
+
+/*
+ * Starts the embedded interpreter: executable and program name set to
+ * IPMPI_PYTHON, environment honoured (PYTHONPATH), IPMPI_PYTHONDIR added to
+ * sys.path, fatal signals back to their default action and faulthandler
+ * enabled so a crash leaves a traceback in the log. Returns 0 with the GIL
+ * held by the calling thread, or IPMPI_EPYTHON (already logged).
+ */
+int ipmpi_eng_py_start(void);
+
+/* Logs what, then the pending Python exception with its traceback (to
+ * fd 2, the engine's log), and clears it. GIL held. */
+void ipmpi_eng_py_log_error(const char *what);
+
+/* Flushes sys.stdout, sys.stderr and C stdio, ignoring errors, so nothing
+ * is lost when the process ends with _exit. GIL held. */
+void ipmpi_eng_py_flush(void);
+
+/* ---- link.c (no Python; may run with the GIL released) ---- */
+
+/*
+ * Sends one frame to rank dest: the header plus length table as one
+ * IPMPI_TAG_HDR message, then each part as IPMPI_TAG_PART chunks of at
+ * most IPMPI_MPI_CHUNK bytes (one empty message for an empty part). bufs
+ * and lens have h->nparts entries; borrowed for the call. Returns 0,
+ * IPMPI_EINVAL (too many parts), IPMPI_ENOMEM or IPMPI_EMPI.
+ */
+int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uint64_t *lens,
+                    const void *const *bufs);
+
+/*
+ * Receives one part of len bytes from rank src, chunk by chunk, straight
+ * into buf (len bytes, borrowed). With buf NULL the part is received into a
+ * scratch buffer and dropped, to keep the stream in step when memory for
+ * the part could not be had. Returns 0, IPMPI_ENOMEM or IPMPI_EMPI.
+ */
+int ipmpi_eng_link_recv_part(MPI_Comm comm, int src, void *buf, uint64_t len);
+
+/* ---- watch.c ---- */
+
+typedef struct ipmpi_eng_watch {
+    const ipmpi_job_t *job; /* borrowed for the engine's life */
+    pid_t ppid;             /* parent at start: a change means the launcher died */
+    int pmix_state;         /* 0 untried, 1 queries answer, -1 queries do not work here */
+    uint64_t last_check;    /* ipmpi_now_ns() of the last check */
+} ipmpi_eng_watch_t;
+
+void ipmpi_eng_watch_init(ipmpi_eng_watch_t *w, const ipmpi_job_t *job, uint64_t now);
+
+/*
+ * Returns 1 if the controller (rank 0) is known to be gone: the PMIx
+ * process table says it terminated, the PMIx server stopped answering after
+ * it had answered, or this process was re-parented (its launcher died).
+ * Returns 0 otherwise, also when nothing can be learned (no PMIx, or a
+ * launcher like srun that does not answer process-table queries).
+ */
+int ipmpi_eng_watch_controller_gone(ipmpi_eng_watch_t *w, uint64_t now);
+
+#endif

@@ -1,0 +1,541 @@
+"""The client without a cluster: result formatting, target validation,
+partitioning, error classes, furl files, and the C transport (ipmpi._ipmpi)
+against a fake controller: a TLS 1.3 server in a thread that speaks
+doc/protocol.md. Run by `make check` with PYTHONPATH=<builddir>/pytree.
+"""
+import hashlib
+import json
+import os
+import pickle
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+
+import numpy
+import pytest
+
+from ipmpi import _ipmpi, _serialize, client
+
+HDR = struct.Struct("<IBBHQiiIIQ")
+KEY = "ab" * 32
+
+
+# ---------------------------------------------------------------- fake controller
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cert")
+    key, crt = str(d / "key.pem"), str(d / "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", key, "-out", crt, "-days", "2", "-subj", "/CN=fake"],
+                   check=True, capture_output=True)
+    with open(crt) as f:
+        fp = hashlib.sha256(ssl.PEM_cert_to_DER_cert(f.read())).hexdigest()
+    return key, crt, fp
+
+
+class Peer:
+    """The server side of one client connection, blocking."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def _read(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return bytes(buf)
+
+    def read_frame(self):
+        magic, ver, kind, flags, req, target, status, total, nparts, aux = HDR.unpack(self._read(HDR.size))
+        assert magic == _ipmpi.MAGIC and ver == _ipmpi.PROTO_VERSION
+        lens = struct.unpack("<%dQ" % nparts, self._read(8 * nparts)) if nparts else ()
+        parts = [self._read(n) for n in lens]
+        return dict(kind=kind, req=req, target=target, flags=flags, parts=parts)
+
+    def write_frame(self, kind, req, target=-2, status=0, total=1, parts=()):
+        parts = [bytes(p) for p in parts]
+        head = HDR.pack(_ipmpi.MAGIC, _ipmpi.PROTO_VERSION, kind, _ipmpi.F_REPLY, req, target, status,
+                        total, len(parts), 0)
+        head += struct.pack("<%dQ" % len(parts), *[len(p) for p in parts])
+        self.sock.sendall(head + b"".join(parts))
+
+    def hello(self, capability="mec", engines=2):
+        f = self.read_frame()
+        assert f["kind"] == _ipmpi.K_HELLO and f["parts"] == [KEY.encode()]
+        js = json.dumps({"capability": capability, "engines": engines, "ids": list(range(engines)),
+                         "version": 1})
+        self.write_frame(_ipmpi.K_HELLO, f["req"], parts=[js.encode()])
+
+
+class FakeController:
+    """Accepts one connection and runs handler(peer) in a thread."""
+
+    def __init__(self, cert, handler, tls=True):
+        key, crt, self.fp = cert
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.ctx.load_cert_chain(crt, key)
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(4)
+        self.port = self.lsock.getsockname()[1]
+        self.handler, self.tls = handler, tls
+        self.error = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def furl(self, fp=None, key=KEY):
+        return "ipmpi+tls://%s@127.0.0.1:%d/%s" % (fp or self.fp, self.port, key)
+
+    def _run(self):
+        try:
+            raw, _ = self.lsock.accept()
+            if not self.tls:
+                self.handler(raw)
+                return
+            with self.ctx.wrap_socket(raw, server_side=True) as s:
+                self.handler(Peer(s))
+        except (EOFError, ConnectionError, ssl.SSLError):
+            pass
+        except Exception as e:  # surfaced by stop()
+            self.error = e
+        finally:
+            self.done.set()
+
+    def stop(self):
+        self.done.wait(10)
+        self.lsock.close()
+        if self.error:
+            raise self.error
+
+
+@pytest.fixture
+def fake(cert):
+    made = []
+
+    def start(handler, tls=True):
+        fc = FakeController(cert, handler, tls)
+        made.append(fc)
+        return fc
+
+    yield start
+    for fc in made:
+        fc.stop()
+
+
+def meta(eid, number=1, code="", out="", err="", **extra):
+    m = {"id": eid, "kind": "execute", "number": number, "input": code, "stdout": out, "stderr": err}
+    m.update(extra)
+    return pickle.dumps(m, protocol=5)
+
+
+# ---------------------------------------------------------------- pure Python pieces
+
+def test_resultlist_repr_is_ipython_0x_form():
+    rl = client.ResultList([
+        {"id": 0, "number": 1, "input": 'print("Hello World")', "stdout": "Hello World\n", "stderr": ""},
+        {"id": 1, "number": 1, "input": 'print("Hello World")', "stdout": "Hello World\n", "stderr": ""},
+    ])
+    assert repr(rl) == ('<Results List>\n'
+                        '[0] In [1]: print("Hello World")\n'
+                        '[0] Out[1]: Hello World\n\n'
+                        '[1] In [1]: print("Hello World")\n'
+                        '[1] Out[1]: Hello World\n\n')
+
+
+def test_resultlist_repr_adds_newline_after_stdout_without_one_and_shows_stderr():
+    rl = client.ResultList([{"id": 2, "number": 3, "input": "x", "stdout": "abc", "stderr": "warn\n"}])
+    assert repr(rl) == "<Results List>\n[2] In [3]: x\n[2] Out[3]: abc\n\n[2] Err[3]:\nwarn\n"
+    assert repr(client.ResultList([{"id": 0, "number": 4, "input": "a=1", "stdout": "", "stderr": ""}])) == \
+        "<Results List>\n[0] In [4]: a=1\n"
+
+
+def test_targets_are_validated():
+    assert client._parse_targets("all") == (_ipmpi.TARGET_ALL, None, False)
+    assert client._parse_targets(3) == (3, None, True)
+    assert client._parse_targets(numpy.int64(1)) == (1, None, True)
+    assert client._parse_targets([2, 0]) == (_ipmpi.TARGET_LIST, [2, 0], False)
+    assert client._parse_targets(range(2)) == (_ipmpi.TARGET_LIST, [0, 1], False)
+    for bad, exc in [(-1, ValueError), ([], ValueError), ([1, 1], ValueError), ([0, -2], ValueError),
+                     ("some", TypeError), (True, TypeError), ([0.5], TypeError), (1.0, TypeError)]:
+        with pytest.raises(exc):
+            client._parse_targets(bad)
+
+
+def test_scatter_partitions_are_contiguous_and_balanced():
+    parts = client._partition(list(range(10)), 3)
+    assert parts == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert client._partition(range(2), 4) == [[0], [1], [], []]
+    assert client._partition((1, 2, 3), 2) == [[1, 2], [3]]
+
+
+def test_scatter_slices_numpy_arrays_without_copy():
+    a = numpy.arange(1000.0)
+    parts = client._partition(a, 3)
+    assert [len(p) for p in parts] == [334, 333, 333]
+    assert all(numpy.shares_memory(p, a) for p in parts)
+    assert numpy.array_equal(client._concatenate(parts), a)
+
+
+def test_gather_concatenates_lists_and_tuples():
+    assert client._concatenate([[1, 2], (3,), []]) == [1, 2, 3]
+    assert client._concatenate([1, 2]) == [1, 2]
+
+
+def test_remote_error_names_engine_and_keeps_traceback():
+    e = client.RemoteError(2, "ZeroDivisionError", "division by zero", "Traceback...\n  1/0\nZeroDivisionError")
+    assert isinstance(e, Exception)
+    assert str(e).startswith("engine 2: ZeroDivisionError: division by zero\nTraceback")
+    assert (e.engine_id, e.etype, e.evalue) == (2, "ZeroDivisionError", "division by zero")
+
+
+def test_engine_error_classes():
+    assert issubclass(client.EngineError, RuntimeError)
+    assert issubclass(client.DeadEngineError, client.EngineError)
+    assert issubclass(client.AbortedError, client.EngineError)
+    e = client.DeadEngineError(_ipmpi.EDEAD, "engine 1 died (rank 2): PROC ABORTED BY SIGNAL", 1)
+    assert str(e) == "engine 1 died (rank 2): PROC ABORTED BY SIGNAL (IPMPI_EDEAD)" and e.code == _ipmpi.EDEAD
+
+
+def test_one_failure_raises_it_with_the_successes():
+    replies = [(0, 0, [meta(0, out="ok")]),
+               (1, _ipmpi.EREMOTE, [meta(1, etype="NameError", evalue="name 'x' is not defined", traceback="tb")])]
+    with pytest.raises(client.RemoteError) as ei:
+        client._engine_results(replies, lambda m, p: m)
+    assert ei.value.engine_id == 1 and ei.value.results[0]["stdout"] == "ok"
+
+
+def test_several_failures_raise_composite_error_with_controller_errors_too():
+    replies = [(2, _ipmpi.EREMOTE, [meta(2, etype="ValueError", evalue="v", traceback="tb")]),
+               (1, _ipmpi.EDEAD, [b"engine 1 died (rank 2)"]),
+               (3, _ipmpi.EABORTED, [b"aborted by clear_queue"]),
+               (0, 0, [meta(0)])]
+    with pytest.raises(client.CompositeError) as ei:
+        client._engine_results(replies, lambda m, p: m["id"])
+    ce = ei.value
+    assert [type(e) for e in ce.errors] == [client.DeadEngineError, client.RemoteError, client.AbortedError]
+    assert ce.results == [0]
+    assert "engine 2: ValueError: v" in str(ce)
+    with pytest.raises(client.DeadEngineError):
+        ce.raise_exception()
+
+
+def test_missing_furl_file_tells_how_to_start_a_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("IPMPI_DIR", str(tmp_path))
+    assert client.default_furl_file() == str(tmp_path / "security" / "ipcontroller-mec.furl")
+    with pytest.raises(FileNotFoundError, match=r"ipcluster mpirun -n 4"):
+        client.MultiEngineClient()
+    monkeypatch.delenv("IPMPI_DIR")
+    assert client.default_furl_file("tc") == os.path.expanduser("~/.ipmpi/security/ipcontroller-tc.furl")
+
+
+def test_bad_furl_says_what_is_wrong(tmp_path):
+    bad = {
+        "http://x": "does not start with",
+        "ipmpi+tls://zz@h:1/" + KEY: "fingerprint",
+        "ipmpi+tls://" + "a" * 64 + "@h:1/abc": "key",
+        "ipmpi+tls://" + "a" * 64 + "@h:0/" + KEY: "port",
+        "ipmpi+tls://" + "a" * 64 + "@h:1" + KEY: "key",
+    }
+    for text, word in bad.items():
+        p = tmp_path / "x.furl"
+        p.write_text(text)
+        with pytest.raises(ValueError, match=word):
+            client.MultiEngineClient(str(p))
+
+
+def test_constants_and_strerror():
+    assert _ipmpi.K_EXECUTE == 2 and _ipmpi.TARGET_ALL == -1 and _ipmpi.TARGET_LIST == -3
+    assert _ipmpi.EREMOTE == -6 and _ipmpi.EDEAD == -5
+    assert _ipmpi.strerror(_ipmpi.EDEAD) == "engine died"
+    assert _ipmpi.errname(_ipmpi.EDEAD) == "IPMPI_EDEAD"
+
+
+# ---------------------------------------------------------------- C transport
+
+def test_connect_hello_and_attributes(fake):
+    def h(peer):
+        peer.hello()
+        peer.read_frame()
+
+    fc = fake(h)
+    c = _ipmpi.Connection(fc.furl(), 5)
+    assert c.capability == "mec" and json.loads(c.hello)["engines"] == 2
+    assert (c.host, c.port) == ("127.0.0.1", fc.port)
+    c.send(_ipmpi.K_GET_IDS, _ipmpi.TARGET_ALL, [])
+    c.close()
+    assert c.closed
+
+
+def test_fingerprint_mismatch_is_refused(fake):
+    fc = fake(lambda peer: peer.read_frame())
+    with pytest.raises(ConnectionError, match="certificate fingerprint of 127.0.0.1:%d does not match the furl: "
+                       "wrong controller, or someone in between" % fc.port):
+        _ipmpi.Connection(fc.furl(fp="0" * 64), 5)
+
+
+def test_hello_refusal_raises_permission_error_with_controller_message(fake):
+    def h(peer):
+        f = peer.read_frame()
+        peer.write_frame(_ipmpi.K_HELLO, f["req"], status=_ipmpi.EACCES, parts=[b"wrong key"])
+
+    fc = fake(h)
+    with pytest.raises(PermissionError, match="wrong key"):
+        _ipmpi.Connection(fc.furl(key="cd" * 32), 5)
+
+
+def test_connect_times_out_when_no_tls_handshake(fake):
+    gate = threading.Event()
+    fc = fake(lambda raw: gate.wait(5), tls=False)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        _ipmpi.Connection(fc.furl(), 0.3)
+    assert time.monotonic() - t0 < 3
+    gate.set()
+
+
+def test_recv_timeout_loses_nothing(fake):
+    go = threading.Event()
+
+    def h(peer):
+        peer.hello()
+        f = peer.read_frame()
+        go.wait(5)
+        peer.write_frame(f["kind"], f["req"], parts=[b"[0, 1]"])
+        peer.read_frame()
+
+    fc = fake(h)
+    c = _ipmpi.Connection(fc.furl(), 5)
+    rid = c.send(_ipmpi.K_GET_IDS, _ipmpi.TARGET_ALL, [])
+    with pytest.raises(TimeoutError):
+        c.recv(rid, timeout=0.2)
+    assert not c.ready(rid)
+    go.set()
+    assert c.recv(rid, timeout=5) == [(-2, 0, [bytearray(b"[0, 1]")])]
+    c.close()
+
+
+def test_replies_out_of_order_are_kept_for_their_own_recv(fake):
+    def h(peer):
+        peer.hello()
+        a, b = peer.read_frame(), peer.read_frame()
+        assert a["target"] == _ipmpi.TARGET_LIST and b["target"] == _ipmpi.TARGET_ALL
+        assert struct.unpack("<2i", a["parts"][0]) == (1, 0) and a["parts"][1] == b"code"
+        peer.write_frame(b["kind"], b["req"], target=1, total=2, parts=[meta(1), b"x"])
+        peer.write_frame(a["kind"], a["req"], target=0, total=2, parts=[meta(0)])
+        peer.write_frame(b["kind"], b["req"], target=0, total=2, parts=[meta(0)])
+        peer.write_frame(a["kind"], a["req"], target=1, total=2, parts=[meta(1)])
+        peer.read_frame()
+
+    fc = fake(h)
+    c = _ipmpi.Connection(fc.furl(), 5)
+    ra = c.send(_ipmpi.K_EXECUTE, 0, [b"code"], targets=[1, 0])
+    rb = c.send(_ipmpi.K_EXECUTE, _ipmpi.TARGET_ALL, [bytearray(b"code")])
+    assert ra != rb
+    got_a = c.recv(ra, timeout=5)
+    assert [(t, s) for t, s, _ in got_a] == [(0, 0), (1, 0)]
+    assert c.ready(rb)
+    got_b = c.recv(rb, timeout=5)
+    assert [(t, len(p)) for t, _, p in got_b] == [(1, 2), (0, 1)]
+    assert got_b[0][2][1] == bytearray(b"x") and isinstance(got_b[0][2][1], bytearray)
+    with pytest.raises(KeyError):
+        c.recv(ra, timeout=0.1)
+    c.close()
+
+
+def test_forget_drops_stored_and_later_replies(fake):
+    def h(peer):
+        peer.hello()
+        a = peer.read_frame()
+        b = peer.read_frame()
+        peer.write_frame(a["kind"], a["req"], parts=[b"late"])
+        peer.write_frame(b["kind"], b["req"], parts=[b"[]"])
+        peer.read_frame()
+
+    fc = fake(h)
+    c = _ipmpi.Connection(fc.furl(), 5)
+    ra = c.send(_ipmpi.K_GET_IDS, _ipmpi.TARGET_ALL, [])
+    c.forget(ra)
+    rb = c.send(_ipmpi.K_GET_IDS, _ipmpi.TARGET_ALL, [])
+    assert c.recv(rb, timeout=5)[0][2] == [bytearray(b"[]")]
+    with pytest.raises(KeyError):
+        c.recv(ra, timeout=0.1)
+    c.close()
+
+
+def test_closed_connection_fails_pending_recv_naming_the_controller(fake):
+    def h(peer):
+        peer.hello()
+        peer.read_frame()
+
+    fc = fake(h)
+    c = _ipmpi.Connection(fc.furl(), 5)
+    rid = c.send(_ipmpi.K_GET_IDS, _ipmpi.TARGET_ALL, [])
+    with pytest.raises(ConnectionError, match="127.0.0.1:%d" % fc.port):
+        c.recv(rid, timeout=10)
+    with pytest.raises(ConnectionError):
+        c.send(_ipmpi.K_GET_IDS, _ipmpi.TARGET_ALL, [])
+
+
+def test_close_from_another_thread_wakes_a_waiting_recv(fake):
+    def h(peer):
+        peer.hello()
+        peer.read_frame()
+        peer.read_frame()
+
+    fc = fake(h)
+    c = _ipmpi.Connection(fc.furl(), 5)
+    rid = c.send(_ipmpi.K_GET_IDS, _ipmpi.TARGET_ALL, [])
+    threading.Timer(0.2, c.close).start()
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError):
+        c.recv(rid)
+    assert time.monotonic() - t0 < 5
+
+
+def test_signal_handler_interrupts_a_blocking_recv_and_nothing_is_lost(fake):
+    import signal
+    go = threading.Event()
+
+    def h(peer):
+        peer.hello()
+        f = peer.read_frame()
+        go.wait(5)
+        peer.write_frame(f["kind"], f["req"], parts=[b"[0]"])
+        peer.read_frame()
+
+    class Stop(Exception):
+        pass
+
+    def raise_stop(signum, frame):
+        raise Stop()
+
+    fc = fake(h)
+    c = _ipmpi.Connection(fc.furl(), 5)
+    rid = c.send(_ipmpi.K_GET_IDS, _ipmpi.TARGET_ALL, [])
+    old = signal.signal(signal.SIGALRM, raise_stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Stop):
+            c.recv(rid, timeout=10)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    go.set()
+    assert c.recv(rid, timeout=5)[0][2] == [bytearray(b"[0]")]
+    c.close()
+
+
+def test_large_numpy_parts_round_trip_into_bytearrays(fake):
+    def h(peer):
+        peer.hello()
+        f = peer.read_frame()
+        peer.write_frame(f["kind"], f["req"], target=0, parts=f["parts"])
+        peer.read_frame()
+
+    fc = fake(h)
+    c = _ipmpi.Connection(fc.furl(), 5)
+    a = numpy.random.default_rng(0).random(3_000_000)
+    parts = _serialize.dumps({"a": a})
+    assert len(parts) == 2 and parts[1].nbytes == a.nbytes
+    rid = c.send(_ipmpi.K_PUSH, 0, parts)
+    (target, status, back), = c.recv(rid, timeout=30)
+    assert all(isinstance(p, bytearray) for p in back)
+    b = _serialize.loads(back)["a"]
+    assert numpy.array_equal(a, b) and b.flags.writeable
+    c.close()
+
+
+def test_many_threads_share_one_connection(fake):
+    n = 64
+
+    def h(peer):
+        peer.hello()
+        frames = [peer.read_frame() for _ in range(n)]
+        for f in reversed(frames):
+            peer.write_frame(f["kind"], f["req"], target=0, parts=f["parts"])
+        peer.read_frame()
+
+    fc = fake(h)
+    c = _ipmpi.Connection(fc.furl(), 5)
+    errors = []
+
+    def worker(i):
+        try:
+            payload = bytes([i]) * (i * 1000)
+            rid = c.send(_ipmpi.K_APPLY, 0, [payload])
+            (t, s, parts), = c.recv(rid, timeout=20)
+            assert parts == [bytearray(payload)]
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    c.close()
+
+
+# ---------------------------------------------------------------- MultiEngineClient over the fake
+
+def engines(peer, handle, count=1):
+    """Answers count requests as two engines 0 and 1 would."""
+    for _ in range(count):
+        f = peer.read_frame()
+        for eid in (1, 0):
+            status, parts = handle(f, eid)
+            peer.write_frame(f["kind"], f["req"], target=eid, status=status, total=2, parts=parts)
+
+
+def test_mec_execute_pull_and_errors_over_the_wire(fake, tmp_path):
+    def h(peer):
+        peer.hello()
+        engines(peer, lambda f, eid: (0, [meta(eid, 1, f["parts"][0].decode(), "Hello World\n")]))
+        engines(peer, lambda f, eid: (0, [meta(eid)] + _serialize.dumps([eid * 10])))
+        engines(peer, lambda f, eid: (_ipmpi.EREMOTE, [meta(eid, etype="ZeroDivisionError",
+                                                          evalue="division by zero", traceback="tb")])
+                if eid == 1 else (0, [meta(eid)]))
+        peer.read_frame()
+
+    fc = fake(h)
+    p = tmp_path / "ipcontroller-mec.furl"
+    p.write_text(fc.furl() + "\n")
+    with client.MultiEngineClient(str(p), timeout=10) as mec:
+        r = mec.execute('print("Hello World")')
+        assert repr(r).startswith('<Results List>\n[0] In [1]: print("Hello World")\n[0] Out[1]: Hello World\n')
+        pending = mec.pull("a", block=False)
+        assert pending.get_result() == [0, 10]
+        with pytest.raises(client.RemoteError, match="engine 1: ZeroDivisionError") as ei:
+            mec.execute("1/0")
+        assert ei.value.results[0]["id"] == 0
+
+
+def test_mec_refuses_a_tc_capability(fake):
+    fc = fake(lambda peer: (peer.hello("tc"), peer.read_frame()))
+    with pytest.raises(PermissionError, match="TaskClient"):
+        client.MultiEngineClient(fc.furl())
+
+
+def test_task_client_offers_only_what_works(fake):
+    def h(peer):
+        peer.hello("tc")
+        f = peer.read_frame()
+        assert f["kind"] == _ipmpi.K_GET_IDS
+        peer.write_frame(f["kind"], f["req"], parts=[b"[0, 1, 2]"])
+        peer.read_frame()
+
+    fc = fake(h)
+    tc = client.TaskClient(fc.furl())
+    assert tc.get_ids() == [0, 1, 2]
+    assert not hasattr(tc, "execute")
+    tc.close()

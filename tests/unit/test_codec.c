@@ -1,0 +1,493 @@
+/*
+ * Unit tests for the frame codec (src/common/codec.h): every claim of the
+ * header comment in codec.h is one test here. Truncations are fed from
+ * heap buffers of the exact length, so under AddressSanitizer a read past
+ * the end of the input is caught, not only a wrong return value.
+ * Single-threaded test program.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "codec.h"
+#include "ipmpi/errors.h"
+
+/* A header with every field away from zero, negative where signed. */
+static ipmpi_hdr_t sample_hdr(uint32_t nparts)
+{
+    ipmpi_hdr_t h;
+    memset(&h, 0, sizeof h);
+    h.kind = IPMPI_K_PULL;
+    h.flags = 0xa5c3;
+    h.req_id = UINT64_C(0xfedcba9876543210);
+    h.target = IPMPI_TARGET_LIST;
+    h.status = IPMPI_EREMOTE;
+    h.total = 0xdeadbeefu;
+    h.nparts = nparts;
+    h.aux = UINT64_MAX - 7;
+    return h;
+}
+
+/* Copies n bytes into a fresh heap block of exactly n bytes (ASan bounds). */
+static uint8_t *exact_copy(const uint8_t *src, size_t n)
+{
+    uint8_t *p = malloc(n ? n : 1);
+    assert_non_null(p);
+    if (n)
+        memcpy(p, src, n);
+    return p;
+}
+
+static void test_header_round_trip_keeps_every_field(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint64_t lens[3] = {0, 1, (uint64_t)3 << 30};
+    ipmpi_hdr_t h = sample_hdr(3);
+    uint8_t buf[IPMPI_HDR_SIZE + 3 * 8];
+
+    assert_int_equal(ipmpi_hdr_encode(&h, lens, buf, sizeof buf), (long)sizeof buf);
+    assert_int_equal(ipmpi_get_u32(buf), IPMPI_MAGIC);
+
+    ipmpi_hdr_t d;
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_HDR_SIZE);
+    assert_int_equal(d.version, IPMPI_PROTO_VERSION);
+    assert_int_equal(d.kind, h.kind);
+    assert_int_equal(d.flags, h.flags);
+    assert_true(d.req_id == h.req_id);
+    assert_int_equal(d.target, IPMPI_TARGET_LIST);
+    assert_int_equal(d.status, IPMPI_EREMOTE);
+    assert_int_equal(d.total, h.total);
+    assert_int_equal(d.nparts, 3);
+    assert_true(d.aux == h.aux);
+
+    uint64_t got[3], total = 0;
+    assert_int_equal(ipmpi_lens_decode(buf + IPMPI_HDR_SIZE, 3 * 8, 3, &lim, got, &total), 3 * 8);
+    for (int i = 0; i < 3; i++)
+        assert_true(got[i] == lens[i]);
+    assert_true(total == lens[0] + lens[1] + lens[2]);
+}
+
+static void test_header_round_trip_extreme_values(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim = {IPMPI_MAX_PARTS, UINT64_MAX, UINT64_MAX};
+    /* Each row: signed fields at their extremes, u64s at their top bit. */
+    const int32_t ints[] = {INT32_MIN, -1, IPMPI_TARGET_ALL, IPMPI_TARGET_CONTROLLER, 0, INT32_MAX};
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        ipmpi_hdr_t h = sample_hdr(1);
+        h.target = ints[i];
+        h.status = ints[sizeof ints / sizeof ints[0] - 1 - i];
+        h.req_id = UINT64_MAX - i;
+        h.aux = UINT64_C(1) << 63 | i;
+        h.flags = (uint16_t)(0xffffu - i);
+        h.total = UINT32_MAX - (uint32_t)i;
+        uint64_t len = UINT64_MAX - i;
+        uint8_t buf[IPMPI_HDR_SIZE + 8];
+        ipmpi_hdr_t d;
+        uint64_t got, total;
+        assert_int_equal(ipmpi_hdr_encode(&h, &len, buf, sizeof buf), (long)sizeof buf);
+        assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_HDR_SIZE);
+        assert_int_equal(d.target, h.target);
+        assert_int_equal(d.status, h.status);
+        assert_true(d.req_id == h.req_id);
+        assert_true(d.aux == h.aux);
+        assert_int_equal(d.flags, h.flags);
+        assert_int_equal(d.total, h.total);
+        assert_int_equal(ipmpi_lens_decode(buf + IPMPI_HDR_SIZE, 8, 1, &lim, &got, &total), 8);
+        assert_true(got == len && total == len);
+    }
+}
+
+static void test_encoder_writes_little_endian_layout(void **state)
+{
+    (void)state;
+    ipmpi_hdr_t h = sample_hdr(1);
+    h.target = -2;
+    uint64_t len = UINT64_C(0x0102030405060708);
+    uint8_t buf[IPMPI_HDR_SIZE + 8];
+    assert_int_equal(ipmpi_hdr_encode(&h, &len, buf, sizeof buf), (long)sizeof buf);
+    /* "IPMP" in memory order, as protocol.h documents the magic. */
+    assert_memory_equal(buf, "IPMP", 4);
+    assert_int_equal(buf[4], IPMPI_PROTO_VERSION);
+    assert_int_equal(buf[5], IPMPI_K_PULL);
+    assert_int_equal(buf[6], 0xc3);
+    assert_int_equal(buf[7], 0xa5);
+    const uint8_t minus_two[4] = {0xfe, 0xff, 0xff, 0xff};
+    assert_memory_equal(buf + 16, minus_two, 4);
+    assert_int_equal(buf[28], 1);
+    assert_int_equal(buf[IPMPI_HDR_SIZE], 0x08);
+    assert_int_equal(buf[IPMPI_HDR_SIZE + 7], 0x01);
+}
+
+static void test_encoder_ignores_caller_version(void **state)
+{
+    (void)state;
+    ipmpi_hdr_t h = sample_hdr(0);
+    h.version = 99;
+    uint8_t buf[IPMPI_HDR_SIZE];
+    assert_int_equal(ipmpi_hdr_encode(&h, NULL, buf, sizeof buf), IPMPI_HDR_SIZE);
+    assert_int_equal(buf[4], IPMPI_PROTO_VERSION);
+}
+
+static void test_encoder_refuses_too_small_buffer(void **state)
+{
+    (void)state;
+    uint64_t lens[2] = {5, 6};
+    ipmpi_hdr_t h = sample_hdr(2);
+    uint8_t buf[IPMPI_HDR_SIZE + 16];
+    for (size_t cap = 0; cap < sizeof buf; cap++) {
+        memset(buf, 0x5a, sizeof buf);
+        assert_int_equal(ipmpi_hdr_encode(&h, lens, buf, cap), IPMPI_EINVAL);
+        /* A refused encode writes nothing, so a partial frame never leaks out. */
+        for (size_t i = 0; i < sizeof buf; i++)
+            assert_int_equal(buf[i], 0x5a);
+    }
+    assert_int_equal(ipmpi_hdr_encode(&h, lens, buf, sizeof buf), (long)sizeof buf);
+}
+
+static void test_encoder_refuses_nparts_over_hard_limit(void **state)
+{
+    (void)state;
+    ipmpi_hdr_t h = sample_hdr(IPMPI_MAX_PARTS + 1);
+    uint8_t buf[IPMPI_HDR_SIZE];
+    assert_int_equal(ipmpi_hdr_encode(&h, NULL, buf, SIZE_MAX), IPMPI_EINVAL);
+}
+
+static void test_decoder_needs_more_for_every_truncated_header(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    ipmpi_hdr_t h = sample_hdr(0);
+    uint8_t buf[IPMPI_HDR_SIZE];
+    assert_int_equal(ipmpi_hdr_encode(&h, NULL, buf, sizeof buf), IPMPI_HDR_SIZE);
+    for (size_t n = 0; n < IPMPI_HDR_SIZE; n++) {
+        uint8_t *p = exact_copy(buf, n);
+        ipmpi_hdr_t d;
+        memset(&d, 0x77, sizeof d);
+        assert_int_equal(ipmpi_hdr_decode(p, n, &lim, &d), 0);
+        free(p);
+    }
+}
+
+static void test_decoder_needs_more_for_every_truncated_length_table(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    enum { N = 5 };
+    uint64_t lens[N] = {1, 2, 3, 4, 5};
+    ipmpi_hdr_t h = sample_hdr(N);
+    uint8_t buf[IPMPI_HDR_SIZE + N * 8];
+    assert_int_equal(ipmpi_hdr_encode(&h, lens, buf, sizeof buf), (long)sizeof buf);
+    /* Every prefix of the whole header + table: whichever step is reached,
+     * the answer is "need more", never an error and never success. */
+    for (size_t n = 0; n < sizeof buf; n++) {
+        uint8_t *p = exact_copy(buf, n);
+        ipmpi_hdr_t d;
+        long r = ipmpi_hdr_decode(p, n, &lim, &d);
+        if (n < IPMPI_HDR_SIZE) {
+            assert_int_equal(r, 0);
+        } else {
+            assert_int_equal(r, IPMPI_HDR_SIZE);
+            uint64_t got[N], total;
+            assert_int_equal(ipmpi_lens_decode(p + IPMPI_HDR_SIZE, n - IPMPI_HDR_SIZE, d.nparts, &lim,
+                                               got, &total),
+                             0);
+        }
+        free(p);
+    }
+}
+
+static void test_decoder_rejects_bad_magic(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint8_t buf[IPMPI_HDR_SIZE];
+    ipmpi_hdr_t h = sample_hdr(0), d;
+    assert_int_equal(ipmpi_hdr_encode(&h, NULL, buf, sizeof buf), IPMPI_HDR_SIZE);
+    /* Flip each bit of the magic in turn. */
+    for (int bit = 0; bit < 32; bit++) {
+        buf[bit / 8] ^= (uint8_t)(1u << (bit % 8));
+        assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_EPROTO);
+        buf[bit / 8] ^= (uint8_t)(1u << (bit % 8));
+    }
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_HDR_SIZE);
+}
+
+static void test_decoder_rejects_bad_version(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint8_t buf[IPMPI_HDR_SIZE];
+    ipmpi_hdr_t h = sample_hdr(0), d;
+    assert_int_equal(ipmpi_hdr_encode(&h, NULL, buf, sizeof buf), IPMPI_HDR_SIZE);
+    for (int v = 0; v < 256; v++) {
+        if (v == IPMPI_PROTO_VERSION)
+            continue;
+        buf[4] = (uint8_t)v;
+        assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_EPROTO);
+    }
+}
+
+static void test_decoder_rejects_kind_zero_and_past_max(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint8_t buf[IPMPI_HDR_SIZE];
+    ipmpi_hdr_t h = sample_hdr(0), d;
+    assert_int_equal(ipmpi_hdr_encode(&h, NULL, buf, sizeof buf), IPMPI_HDR_SIZE);
+    buf[5] = 0;
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_EPROTO);
+    for (int k = IPMPI_K_MAX_; k < 256; k++) {
+        buf[5] = (uint8_t)k;
+        assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_EPROTO);
+    }
+    /* The first and last real kinds pass. */
+    buf[5] = IPMPI_K_HELLO;
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_HDR_SIZE);
+    buf[5] = IPMPI_K_MAX_ - 1;
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_HDR_SIZE);
+}
+
+static void test_decoder_rejects_nparts_over_limit(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint8_t buf[IPMPI_HDR_SIZE];
+    ipmpi_hdr_t h = sample_hdr(0), d;
+    assert_int_equal(ipmpi_hdr_encode(&h, NULL, buf, sizeof buf), IPMPI_HDR_SIZE);
+
+    ipmpi_put_u32(buf + 28, lim.max_parts);
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_HDR_SIZE);
+    assert_int_equal(d.nparts, lim.max_parts);
+    ipmpi_put_u32(buf + 28, lim.max_parts + 1);
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_E2BIG);
+    ipmpi_put_u32(buf + 28, UINT32_MAX);
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_E2BIG);
+
+    /* A runtime limit above the hard bound does not lift the hard bound. */
+    lim.max_parts = UINT32_MAX;
+    ipmpi_put_u32(buf + 28, IPMPI_MAX_PARTS);
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_HDR_SIZE);
+    ipmpi_put_u32(buf + 28, IPMPI_MAX_PARTS + 1);
+    assert_int_equal(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d), IPMPI_E2BIG);
+}
+
+static void put_lens(uint8_t *p, const uint64_t *lens, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        ipmpi_put_u64(p + 8 * i, lens[i]);
+}
+
+static void test_lens_decoder_rejects_part_over_max_part(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim = {16, 1000, 1000000};
+    uint64_t lens[3] = {1000, 1001, 1};
+    uint8_t buf[24];
+    uint64_t got[3], total;
+    put_lens(buf, lens, 3);
+    assert_int_equal(ipmpi_lens_decode(buf, sizeof buf, 1, &lim, got, &total), 8);
+    assert_int_equal(ipmpi_lens_decode(buf, sizeof buf, 3, &lim, got, &total), IPMPI_E2BIG);
+}
+
+static void test_lens_decoder_rejects_sum_over_max_frame(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim = {16, 1000, 2500};
+    uint64_t lens[3] = {1000, 1000, 500};
+    uint8_t buf[24];
+    uint64_t got[3], total = 0;
+    put_lens(buf, lens, 3);
+    /* Exactly max_frame is allowed ... */
+    assert_int_equal(ipmpi_lens_decode(buf, sizeof buf, 3, &lim, got, &total), 24);
+    assert_true(total == 2500);
+    /* ... one byte more is not. */
+    lens[2] = 501;
+    put_lens(buf, lens, 3);
+    assert_int_equal(ipmpi_lens_decode(buf, sizeof buf, 3, &lim, got, &total), IPMPI_E2BIG);
+}
+
+static void test_lens_decoder_rejects_sum_that_overflows_u64(void **state)
+{
+    (void)state;
+    /* With no limits at all, only wrap-around can make the sum look small. */
+    ipmpi_limits_t lim = {16, UINT64_MAX, UINT64_MAX};
+    const uint64_t cases[][3] = {
+        {UINT64_C(1) << 63, UINT64_C(1) << 63, 0},
+        {UINT64_MAX, 1, 0},
+        {UINT64_MAX - 1, 1, 1},
+        {UINT64_MAX / 2 + 1, UINT64_MAX / 2 + 1, 5},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        uint8_t buf[24];
+        uint64_t got[3], total;
+        put_lens(buf, cases[c], 3);
+        assert_int_equal(ipmpi_lens_decode(buf, sizeof buf, 3, &lim, got, &total), IPMPI_E2BIG);
+    }
+    /* The largest sum that does fit is accepted. */
+    const uint64_t fits[3] = {UINT64_MAX - 1, 1, 0};
+    uint8_t buf[24];
+    uint64_t got[3], total;
+    put_lens(buf, fits, 3);
+    assert_int_equal(ipmpi_lens_decode(buf, sizeof buf, 3, &lim, got, &total), 24);
+    assert_true(total == UINT64_MAX);
+}
+
+static void test_lens_decoder_accepts_zero_parts(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint64_t total = 99;
+    assert_int_equal(ipmpi_lens_decode(NULL, 0, 0, &lim, NULL, &total), 0);
+    /* nparts 0 is "done, 0 bytes consumed": total must be 0 then. */
+    assert_true(total == 0);
+}
+
+static void test_failed_decode_leaves_out_params_untouched(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim = {8, 100, 150};
+    uint8_t buf[IPMPI_HDR_SIZE + 3 * 8];
+    uint64_t lens[3] = {100, 40, 20}; /* 160 > max_frame */
+    ipmpi_hdr_t h = sample_hdr(3);
+    assert_int_equal(ipmpi_hdr_encode(&h, lens, buf, sizeof buf), (long)sizeof buf);
+
+    ipmpi_hdr_t d, sentinel;
+    memset(&sentinel, 0xa5, sizeof sentinel);
+
+    /* need more, bad magic, bad version, bad kind, too many parts */
+    d = sentinel;
+    assert_int_equal(ipmpi_hdr_decode(buf, IPMPI_HDR_SIZE - 1, &lim, &d), 0);
+    assert_memory_equal(&d, &sentinel, sizeof d);
+    const size_t offs[] = {0, 4, 5, 28};
+    const uint8_t vals[] = {0x00, 0x09, 0x00, 0xff};
+    for (size_t i = 0; i < 4; i++) {
+        uint8_t save = buf[offs[i]];
+        buf[offs[i]] = vals[i];
+        d = sentinel;
+        assert_true(ipmpi_hdr_decode(buf, sizeof buf, &lim, &d) < 0);
+        assert_memory_equal(&d, &sentinel, sizeof d);
+        buf[offs[i]] = save;
+    }
+
+    /* lens: need more, part too big (second part ok, first too big), sum too big */
+    uint64_t got[3], total;
+    uint64_t got_s[3] = {7, 7, 7}, total_s = 7;
+    memcpy(got, got_s, sizeof got);
+    total = total_s;
+    assert_int_equal(ipmpi_lens_decode(buf + IPMPI_HDR_SIZE, 23, 3, &lim, got, &total), 0);
+    assert_memory_equal(got, got_s, sizeof got);
+    assert_true(total == total_s);
+    /* The sum check fails only at the third part, after two were read. */
+    assert_int_equal(ipmpi_lens_decode(buf + IPMPI_HDR_SIZE, 24, 3, &lim, got, &total), IPMPI_E2BIG);
+    assert_memory_equal(got, got_s, sizeof got);
+    assert_true(total == total_s);
+    ipmpi_put_u64(buf + IPMPI_HDR_SIZE + 8, 101);
+    assert_int_equal(ipmpi_lens_decode(buf + IPMPI_HDR_SIZE, 24, 3, &lim, got, &total), IPMPI_E2BIG);
+    assert_memory_equal(got, got_s, sizeof got);
+    assert_true(total == total_s);
+}
+
+/* xorshift64*: fixed seed, so a failure reproduces exactly. */
+static uint64_t rng_next(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * UINT64_C(2685821657736338717);
+}
+
+static void test_random_bytes_never_crash_or_decode_without_magic(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim = {64, 1 << 20, 1 << 22};
+    uint64_t seed = UINT64_C(0x9e3779b97f4a7c15);
+    static uint64_t lens[64];
+    for (int iter = 0; iter < 100000; iter++) {
+        size_t n = (size_t)(rng_next(&seed) % (IPMPI_HDR_SIZE + 64 * 8 + 16));
+        uint8_t *p = malloc(n ? n : 1);
+        assert_non_null(p);
+        for (size_t i = 0; i < n; i++)
+            p[i] = (uint8_t)rng_next(&seed);
+        /* Half of the inputs get a valid magic and version, so the checks
+         * behind them (kind, nparts, lengths) see random data too. */
+        int planted = (iter & 1) && n >= 5;
+        if (planted) {
+            ipmpi_put_u32(p, IPMPI_MAGIC);
+            p[4] = IPMPI_PROTO_VERSION;
+            if (n > 28)
+                p[28] = (uint8_t)(p[28] & 0x7f); /* small nparts, often in range */
+            if (n > 31)
+                p[29] = p[30] = p[31] = 0;
+        } else if (n >= 4 && ipmpi_get_u32(p) == IPMPI_MAGIC) {
+            p[0] ^= 1; /* "without the magic" must really lack it */
+        }
+        ipmpi_hdr_t d;
+        long r = ipmpi_hdr_decode(p, n, &lim, &d);
+        if (n < IPMPI_HDR_SIZE) {
+            assert_int_equal(r, 0);
+        } else if (!planted) {
+            assert_int_equal(r, IPMPI_EPROTO);
+        } else {
+            assert_true(r == IPMPI_HDR_SIZE || r == IPMPI_EPROTO || r == IPMPI_E2BIG);
+        }
+        if (r == IPMPI_HDR_SIZE) {
+            assert_true(d.kind > 0 && d.kind < IPMPI_K_MAX_);
+            assert_true(d.nparts <= lim.max_parts);
+            uint64_t total = 0;
+            long lr = ipmpi_lens_decode(p + IPMPI_HDR_SIZE, n - IPMPI_HDR_SIZE, d.nparts, &lim, lens,
+                                        &total);
+            assert_true(lr == 0 || lr == (long)d.nparts * 8 || lr == IPMPI_E2BIG);
+            if (lr > 0 || (lr == 0 && d.nparts == 0 && n >= IPMPI_HDR_SIZE)) {
+                uint64_t sum = 0;
+                for (uint32_t i = 0; i < d.nparts; i++) {
+                    assert_true(lens[i] <= lim.max_part);
+                    sum += lens[i];
+                }
+                assert_true(sum == total && total <= lim.max_frame);
+            }
+        }
+        free(p);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_header_round_trip_keeps_every_field),
+        cmocka_unit_test(test_header_round_trip_extreme_values),
+        cmocka_unit_test(test_encoder_writes_little_endian_layout),
+        cmocka_unit_test(test_encoder_ignores_caller_version),
+        cmocka_unit_test(test_encoder_refuses_too_small_buffer),
+        cmocka_unit_test(test_encoder_refuses_nparts_over_hard_limit),
+        cmocka_unit_test(test_decoder_needs_more_for_every_truncated_header),
+        cmocka_unit_test(test_decoder_needs_more_for_every_truncated_length_table),
+        cmocka_unit_test(test_decoder_rejects_bad_magic),
+        cmocka_unit_test(test_decoder_rejects_bad_version),
+        cmocka_unit_test(test_decoder_rejects_kind_zero_and_past_max),
+        cmocka_unit_test(test_decoder_rejects_nparts_over_limit),
+        cmocka_unit_test(test_lens_decoder_rejects_part_over_max_part),
+        cmocka_unit_test(test_lens_decoder_rejects_sum_over_max_frame),
+        cmocka_unit_test(test_lens_decoder_rejects_sum_that_overflows_u64),
+        cmocka_unit_test(test_lens_decoder_accepts_zero_parts),
+        cmocka_unit_test(test_failed_decode_leaves_out_params_untouched),
+        cmocka_unit_test(test_random_bytes_never_crash_or_decode_without_magic),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
