@@ -38,7 +38,7 @@ static void usage(FILE *f, const char *prog)
             "  --client-ip ADDR     address to listen on and write into the furls\n"
             "                       (default: this host's name; 127.0.0.1 if it resolves nowhere else)\n"
             "  --client-port N      fixed client port; key and certificate then persist (default random)\n"
-            "  --wait-spin-us N     spin this long after activity before sleeping (default 1000)\n"
+            "  --wait-spin-us N     spin (yielding the core) this long after activity (default 10000)\n"
             "  --wait-max-us N      longest idle sleep; 0 = always spin (default 25000)\n"
             "  --mpi MODE           none | mpi4py: give engines `comm`, an engines-only communicator\n"
             "  --bind MODE          auto | core | none: pin engines to cores with hwloc (default auto)\n"
@@ -77,7 +77,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
     else
         snprintf(o->dir, sizeof o->dir, "%s/.ipmpi", home ? home : "/tmp");
     o->log_level = IPMPI_LOG_INFO;
-    o->wait_spin_us = 1000;
+    o->wait_spin_us = 10000;
     o->wait_max_us = 25000;
     snprintf(o->mpi_mode, sizeof o->mpi_mode, "none");
     snprintf(o->bind, sizeof o->bind, "auto");

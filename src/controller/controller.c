@@ -20,6 +20,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,6 +65,10 @@ static int wait_fds(struct pollfd *fds, nfds_t n, uint64_t timeout_ns, const sig
     if (stop_signal)
         return 0;
     int r = ppoll(fds, n, tsp, waitmask);
+    /* Spinning (timeout 0) must not starve the other processes of a
+     * shared node, the client among them: give the core away each turn. */
+    if (r == 0 && timeout_ns == 0)
+        sched_yield();
     return r < 0 ? 0 : r;
 }
 

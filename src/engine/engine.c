@@ -16,6 +16,7 @@
  * Threads: everything here runs on the process's main thread, the only one
  * that calls MPI (MPI_THREAD_FUNNELED).
  */
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -387,8 +388,12 @@ static int wait_header(engine_t *e, ipmpi_backoff_t *b, ipmpi_eng_watch_t *w, Py
         }
         uint64_t now = ipmpi_now_ns();
         uint64_t d = ipmpi_backoff_next(b, now);
-        if (d == 0)
+        if (d == 0) {
+            /* Spin politely: on a shared node the client and the
+             * controller need this core too. */
+            sched_yield();
             continue;
+        }
         if (now - b->last_busy >= WATCH_INTERVAL_NS && now - w->last_check >= WATCH_INTERVAL_NS &&
             ipmpi_eng_watch_controller_gone(w, now)) {
             ipmpi_log(IPMPI_LOG_ERROR, "engine %d exits: its controller is gone", e->eid);
