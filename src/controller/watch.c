@@ -11,6 +11,7 @@
 
 #include "ipmpi/errors.h"
 #include "log.h"
+#include "proctable.h"
 
 void ipmpi_ctl_watch_init(ipmpi_ctl_watch_t *w, int have_pmix, const char *nspace)
 {
@@ -30,66 +31,30 @@ static void disable(ipmpi_ctl_watch_t *w, const char *why)
     w->enabled = 0;
 }
 
-static int is_dead(pmix_proc_state_t st)
-{
-    return st >= PMIX_PROC_STATE_TERMINATED;
-}
+/* Adapts one row of the table to the watch's callback: engines only. */
+struct report_ctx {
+    ipmpi_ctl_watch_cb cb;
+    void *arg;
+};
 
-static void report(const pmix_proc_info_t *pi, ipmpi_ctl_watch_cb cb, void *arg)
+static void report(void *arg, pmix_rank_t rank, pmix_proc_state_t st)
 {
-    if (pi->proc.rank == PMIX_RANK_WILDCARD || pi->proc.rank == 0 || pi->proc.rank > (pmix_rank_t)INT32_MAX)
+    struct report_ctx *r = arg;
+    if (rank == PMIX_RANK_WILDCARD || rank == 0 || rank > (pmix_rank_t)INT32_MAX)
         return;
-    if (is_dead(pi->state))
-        cb(arg, (int)pi->proc.rank, PMIx_Proc_state_string(pi->state));
+    if (ipmpi_proc_state_dead(st))
+        r->cb(r->arg, (int)rank, PMIx_Proc_state_string(st));
 }
 
 int ipmpi_ctl_watch_poll(ipmpi_ctl_watch_t *w, ipmpi_ctl_watch_cb cb, void *arg)
 {
     if (!w->enabled)
         return IPMPI_EPMIX;
-    pmix_query_t *q;
-    pmix_info_t *res = NULL;
-    size_t nres = 0;
-    int rc = IPMPI_EPMIX;
-    pmix_status_t prc;
-
-    PMIX_QUERY_CREATE(q, 1);
-    if (!q) {
-        disable(w, "out of memory");
-        return IPMPI_EPMIX;
-    }
-    PMIX_ARGV_APPEND(prc, q[0].keys, PMIX_QUERY_PROC_TABLE);
-    PMIX_INFO_CREATE(q[0].qualifiers, 1);
-    q[0].nqual = 1;
-    PMIX_INFO_LOAD(&q[0].qualifiers[0], PMIX_NSPACE, w->nspace, PMIX_STRING);
-
-    prc = PMIx_Query_info(q, 1, &res, &nres);
+    struct report_ctx r = {cb, arg};
+    pmix_status_t prc = ipmpi_proctable_query(w->nspace, report, &r);
     if (prc != PMIX_SUCCESS) {
         disable(w, PMIx_Error_string(prc));
-        goto free_query;
+        return IPMPI_EPMIX;
     }
-    /* Open MPI answers with a data array of PMIX_INFO each holding a
-     * PMIX_PROC_INFO; the standard also allows a data array of
-     * PMIX_PROC_INFO directly. Accept both. */
-    for (size_t i = 0; i < nres; i++) {
-        if (res[i].value.type != PMIX_DATA_ARRAY || !res[i].value.data.darray)
-            continue;
-        pmix_data_array_t *da = res[i].value.data.darray;
-        if (da->type == PMIX_PROC_INFO) {
-            pmix_proc_info_t *pa = da->array;
-            for (size_t j = 0; j < da->size; j++)
-                report(&pa[j], cb, arg);
-        } else if (da->type == PMIX_INFO) {
-            pmix_info_t *ia = da->array;
-            for (size_t j = 0; j < da->size; j++)
-                if (ia[j].value.type == PMIX_PROC_INFO && ia[j].value.data.pinfo)
-                    report(ia[j].value.data.pinfo, cb, arg);
-        }
-    }
-    rc = 0;
-    if (res)
-        PMIX_INFO_FREE(res, nres);
-free_query:
-    PMIX_QUERY_FREE(q, 1);
-    return rc;
+    return 0;
 }
