@@ -1,0 +1,68 @@
+#!/bin/sh
+# test.sh: build ipmpi from this checkout and run every test (make check).
+#
+# For a fresh Debian 12, as root: installs the Debian packages ipmpi needs,
+# runs autoreconf, configures in build/, builds with make -j2 and runs
+# make check (C unit tests, Python unit tests, and system tests on real
+# mpirun clusters). On failure the logs of the failing tests are printed;
+# the test summary always comes last. Exits non-zero if any test failed.
+set -e
+cd "$(dirname "$0")"
+
+PACKAGES="libopenmpi-dev openmpi-bin libpmix-dev libhwloc-dev hwloc libcmocka-dev libssl-dev
+python3-dev python3-numpy python3-cloudpickle python3-mpi4py python3-pytest
+autoconf automake libtool pkg-config make gcc procps"
+
+if [ "$(id -u)" = 0 ]; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $PACKAGES
+else
+    echo "test.sh: not root, not installing packages (needed: $PACKAGES)" >&2
+fi
+
+autoreconf -fi
+mkdir -p build
+cd build
+../configure
+make -j2
+
+# make check's own exit status decides; its output is kept for the summary.
+set +e
+make check > check.out 2>&1
+status=$?
+set -e
+grep -E '^(PASS|FAIL|ERROR|XPASS|XFAIL|SKIP):' check.out || true
+
+if [ "$status" -ne 0 ]; then
+    # The failing tests' logs, so CI shows why they failed.
+    for trs in $(find . -name '*.trs' | sort); do
+        if grep -Eq '^:test-result: (FAIL|ERROR|XPASS)' "$trs"; then
+            log="${trs%.trs}.log"
+            echo
+            echo "======================== $log ========================"
+            cat "$log"
+        fi
+    done
+    if ! grep -q '^# TOTAL:' check.out; then
+        # make check stopped before running the tests (e.g. a build error).
+        echo
+        echo "======================== make check output ========================"
+        cat check.out
+    fi
+fi
+
+echo
+echo "============================================================================"
+echo "Test summary (make check in $(pwd))"
+echo "============================================================================"
+if grep -q '^# TOTAL:' check.out; then
+    sed -n '/^# TOTAL:/,/^# ERROR:/p' check.out
+    count() { sed -n "s/^# $1: *\([0-9]*\).*/\1/p" check.out | tail -n 1; }
+    passed=$(( $(count PASS) + $(count XFAIL) ))
+    failed=$(( $(count FAIL) + $(count ERROR) + $(count XPASS) ))
+    echo "============================================================================"
+    echo "tests: $passed passed, $failed failed, $(count SKIP) skipped"
+else
+    echo "make check ran no test (exit status $status)"
+fi
+exit "$status"

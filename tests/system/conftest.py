@@ -1,0 +1,229 @@
+"""Shared pieces of the system tests: real clusters, raw protocol frames.
+
+Every test here runs real processes: `ipcluster mpirun` (the build tree's,
+found next to $IPMPI_BIN), mpirun, the controller and engines, TLS and the
+Python client. make check sets PYTHONPATH, PATH and IPMPI_BIN (Makefile.am's
+AM_TESTS_ENVIRONMENT). Each cluster gets its own temporary IPMPI_DIR; the
+fixtures always stop their cluster and, as a last resort, kill every process
+of its session. Every wait is bounded.
+"""
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from ipmpi import cluster as ipcluster_mod
+
+IPMPI_BIN = os.environ.get("IPMPI_BIN")
+if not IPMPI_BIN or not os.path.exists(IPMPI_BIN):
+    raise RuntimeError("IPMPI_BIN must name the build tree's ipmpi: run these tests with `make check`")
+BUILD_DIR = os.path.dirname(os.path.abspath(IPMPI_BIN))
+IPCLUSTER = os.path.join(BUILD_DIR, "ipcluster")
+PYTHON = os.environ.get("PYTHON") or "/usr/bin/python3"
+# Tests only ever talk to this machine's loopback.
+LOOPBACK = "127.0.0.1"
+
+# Protocol constants (include/ipmpi/protocol.h, errors.h), for raw frames.
+MAGIC = 0x504D5049
+VERSION = 1
+HDR = struct.Struct("<IBBHQiiIIQ")
+assert HDR.size == 40
+F_REPLY = 1
+K_HELLO, K_EXECUTE, K_GET_IDS = 1, 2, 12
+TARGET_ALL, TARGET_CONTROLLER = -1, -2
+EPROTO, E2BIG, EACCES = -1, -2, -3
+
+
+def child_env():
+    """Environment for child processes: the build tree first, Open MPI as root allowed."""
+    env = dict(os.environ)
+    env["PATH"] = BUILD_DIR + os.pathsep + env.get("PATH", "")
+    env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    return env
+
+
+def new_dir(prefix="ipmpi-test-"):
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+def ipcluster(*args, timeout=180, ipmpi_dir=None, check=False):
+    """Runs the build tree's ipcluster; returns the CompletedProcess."""
+    argv = [IPCLUSTER] + [str(a) for a in args]
+    if ipmpi_dir is not None:
+        argv += ["--ipmpi-dir", ipmpi_dir]
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=timeout, env=child_env())
+    if check and r.returncode != 0:
+        raise AssertionError("ipcluster %s failed (%d):\n%s\n%s" % (args, r.returncode, r.stdout, r.stderr))
+    return r
+
+
+def job_processes(sid):
+    return ipcluster_mod.job_processes(sid)
+
+
+def processes_with(text):
+    """PIDs of live processes whose command line contains text (pgrep -f)."""
+    r = subprocess.run(["pgrep", "-f", "--", text], stdout=subprocess.PIPE, text=True, timeout=10)
+    mine = {os.getpid()}
+    return [int(p) for p in r.stdout.split() if int(p) not in mine]
+
+
+def kill_dir_jobs(ipmpi_dir):
+    """Last resort: SIGKILL every process whose command line names ipmpi_dir."""
+    for pid in processes_with(ipmpi_dir):
+        try:
+            st = ipcluster_mod._proc_stat(pid)
+            if st is not None:
+                for p in job_processes(st[3]):
+                    os.kill(p, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def wait_for(pred, timeout, interval=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def start_cluster(n=4, **kw):
+    """A started Cluster in a fresh IPMPI_DIR, on loopback."""
+    kw.setdefault("client_ip", LOOPBACK)
+    kw.setdefault("ipmpi_bin", IPMPI_BIN)
+    d = kw.pop("ipmpi_dir", None) or new_dir()
+    c = ipcluster_mod.Cluster(n=n, ipmpi_dir=d, **kw)
+    c.start(timeout=180)
+    return c
+
+
+def stop_cluster(c):
+    """Stops c, whatever state it is in; nothing of it survives."""
+    try:
+        c.stop(timeout=20)
+    finally:
+        if c.pid is not None:
+            for p in job_processes(c.pid):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        kill_dir_jobs(c.ipmpi_dir)
+
+
+@pytest.fixture(scope="module")
+def cluster4():
+    """One 4-engine cluster shared by the tests of a module."""
+    c = start_cluster(4)
+    try:
+        yield c
+    finally:
+        stop_cluster(c)
+        shutil.rmtree(c.ipmpi_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mec(cluster4):
+    m = cluster4.client(timeout=120)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+# ---- raw protocol, for the refusal tests ---------------------------------
+
+def parse_furl(path):
+    with open(path) as f:
+        text = f.read().strip()
+    assert text.startswith("ipmpi+tls://"), text
+    rest = text[len("ipmpi+tls://"):]
+    fp, rest = rest.split("@", 1)
+    hostport, key = rest.split("/", 1)
+    host, port = hostport.rsplit(":", 1)
+    return fp, host.strip("[]"), int(port), key
+
+
+def frame(kind, req_id, target=TARGET_CONTROLLER, parts=(), status=0, flags=0, version=VERSION,
+          magic=MAGIC, lens=None, total=0):
+    parts = [bytes(p) for p in parts]
+    if lens is None:
+        lens = [len(p) for p in parts]
+    head = HDR.pack(magic, version, kind, flags, req_id, target, status, total, len(lens), 0)
+    return head + b"".join(struct.pack("<Q", n) for n in lens) + b"".join(parts)
+
+
+def tls_connect(furl_path, max_version=None, timeout=10):
+    """A TLS socket to the controller of furl_path, with its certificate pinned."""
+    fp, host, port, _ = parse_furl(furl_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if max_version is not None:
+        ctx.maximum_version = max_version
+    else:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    raw = socket.create_connection((host, port), timeout=timeout)
+    try:
+        s = ctx.wrap_socket(raw, server_hostname=host)
+    except BaseException:
+        raw.close()
+        raise
+    der = s.getpeercert(binary_form=True)
+    assert hashlib.sha256(der).hexdigest() == fp.lower(), "controller certificate does not match furl"
+    return s
+
+
+def recv_exact(s, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed after %d of %d bytes" % (len(buf), n))
+        buf += chunk
+    return bytes(buf)
+
+
+def read_frame(s):
+    """(kind, flags, req_id, target, status, total, parts) of the next frame."""
+    magic, version, kind, flags, req_id, target, status, total, nparts, _aux = HDR.unpack(recv_exact(s, 40))
+    assert magic == MAGIC and version == VERSION
+    lens = [struct.unpack("<Q", recv_exact(s, 8))[0] for _ in range(nparts)]
+    parts = [recv_exact(s, n) for n in lens]
+    return kind, flags, req_id, target, status, total, parts
+
+
+def hello(s, key, req_id=1):
+    s.sendall(frame(K_HELLO, req_id, parts=[key.encode()]))
+    return read_frame(s)
+
+
+def closed_by_peer(s, timeout):
+    """True if the peer closes s within timeout (frames sent before the close are skipped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = s.recv(65536)
+        except socket.timeout:
+            return False
+        except (ssl.SSLError, ConnectionError, OSError):
+            return True
+        if not data:
+            return True
+    return False

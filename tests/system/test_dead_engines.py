@@ -1,0 +1,119 @@
+"""Engines that die: user code calling os._exit, SIGKILL, a segfault, and
+MultiEngineClient.kill.
+
+One cluster of 5 engines serves the module; each test kills the highest
+live engine, so engine 0 outlives them all. For each death: the request
+fails within 5 s with an error naming the engine, requests queued behind it
+on that engine fail too, the other engines keep working, and get_ids no
+longer lists it.
+"""
+import shutil
+import time
+
+import pytest
+
+from conftest import start_cluster, stop_cluster
+from ipmpi import client
+
+
+@pytest.fixture(scope="module")
+def cluster5():
+    c = start_cluster(5)
+    try:
+        yield c
+    finally:
+        stop_cluster(c)
+        shutil.rmtree(c.ipmpi_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mec5(cluster5):
+    m = cluster5.client(timeout=120)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def pid_gone(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def victim(mec):
+    ids = mec.get_ids()
+    assert len(ids) >= 2 and ids[0] == 0, ids
+    v = ids[-1]
+    mec.execute("import os; mypid = os.getpid()", targets=v)
+    return ids, v, mec.pull("mypid", targets=v)
+
+
+def check_death(mec, ids, v, pid, dying, behind, t0):
+    with pytest.raises(client.DeadEngineError) as ei:
+        dying.get_result(timeout=30)
+    took = time.monotonic() - t0
+    assert took < 5.0, "the death was reported after %.2f s" % took
+    assert "engine %d" % v in str(ei.value)
+    for b in behind:
+        with pytest.raises(client.DeadEngineError):
+            b.get_result(timeout=30)
+    assert time.monotonic() - t0 < 5.0
+    alive = [i for i in ids if i != v]
+    assert mec.get_ids() == alive
+    res = mec.execute("print('still here')")
+    assert [x["id"] for x in res] == alive
+    assert all(x["stdout"] == "still here\n" for x in res)
+    # Naming the dead engine fails at once, and does not hang.
+    t1 = time.monotonic()
+    with pytest.raises(client.DeadEngineError):
+        mec.execute("pass", targets=v)
+    assert time.monotonic() - t1 < 5.0
+    with pytest.raises((client.EngineError, client.CompositeError)):
+        mec.execute("pass", targets=[0, v])
+    assert pid_gone(pid)
+
+
+@pytest.mark.parametrize("code", [
+    "import os; os._exit(1)",
+    "import os; os.kill(os.getpid(), 9)",
+    "import ctypes; ctypes.string_at(0)",
+], ids=["os_exit", "sigkill", "segfault"])
+def test_engine_death_in_user_code(mec5, code):
+    ids, v, pid = victim(mec5)
+    t0 = time.monotonic()
+    dying = mec5.execute("import time; time.sleep(0.2); " + code, targets=v, block=False)
+    behind = [mec5.execute("after = %d" % i, targets=v, block=False) for i in range(2)]
+    check_death(mec5, ids, v, pid, dying, behind, t0)
+
+
+def test_kill_request_stops_one_engine(mec5):
+    ids, v, pid = victim(mec5)
+    mec5.kill(targets=v)
+    alive = [i for i in ids if i != v]
+    deadline = time.monotonic() + 5
+    while mec5.get_ids() != alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mec5.get_ids() == alive
+    deadline = time.monotonic() + 5
+    while not pid_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_gone(pid)
+    assert mec5.execute("x = 1", targets=0)[0]["id"] == 0
+
+
+def test_survivor_still_serves_every_kind(mec5):
+    assert mec5.get_ids()[0] == 0
+    mec5.push(dict(s=3), targets=0)
+    assert mec5.pull("s", targets=0) == 3
+    assert mec5.execute("print(s * 2)", targets=0)[0]["stdout"] == "6\n"
+
+
+def test_shutdown_after_deaths_stops_the_whole_job(cluster5, mec5):
+    # The job in which ranks died must still stop cleanly (no MPI_Finalize
+    # reliance): stop() returns True only if it ended without signals.
+    assert cluster5.stop(timeout=30) is True
+    assert not cluster5.running()

@@ -1,0 +1,58 @@
+"""An idle cluster leaves the machine idle.
+
+16 idle engines (17 ranks on 2 cores) plus mpirun: after a settle period,
+the CPU time that all processes of the job use, summed from /proc over
+about 3 s, must stay under 0.3 s of CPU per second in total. A runtime whose
+idle ranks spin or poll every millisecond fails this.
+"""
+import os
+import shutil
+import time
+
+from conftest import job_processes, start_cluster, stop_cluster
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(rest[11]) + int(rest[12])  # utime + stime, in clock ticks
+    return total / CLK_TCK
+
+
+def test_sixteen_idle_engines_use_little_cpu():
+    c = start_cluster(16)
+    try:
+        mec = c.client(timeout=120)
+        try:
+            assert mec.get_ids() == list(range(16))
+            # Some work first, so the measurement starts from ranks that were busy.
+            mec.execute("x = sum(range(1000))")
+        finally:
+            mec.close()
+        time.sleep(5)  # settle: the back-off reaches its cap
+        pids = job_processes(c.pid)
+        assert len(pids) >= 18, pids  # mpirun + controller + 16 engines
+        t0, c0 = time.monotonic(), cpu_seconds(pids)
+        time.sleep(3)
+        t1, c1 = time.monotonic(), cpu_seconds(pids)
+        rate = (c1 - c0) / (t1 - t0)
+        print("idle job: %d processes used %.3f s of CPU per second" % (len(pids), rate))
+        assert rate < 0.3, "idle cluster uses %.3f s of CPU per second (limit 0.3)" % rate
+        # And it still answers promptly after the idle period.
+        mec = c.client(timeout=60)
+        try:
+            t = time.monotonic()
+            assert len(mec.execute("pass")) == 16
+            assert time.monotonic() - t < 5
+        finally:
+            mec.close()
+    finally:
+        stop_cluster(c)
+        shutil.rmtree(c.ipmpi_dir, ignore_errors=True)
