@@ -26,6 +26,23 @@ cd build
 ../configure
 make -j2
 
+# The C unit tests once more under AddressSanitizer and UBSan (the C pieces
+# with no I/O: codec, furl, TLS helpers, queues...). A failure here stops
+# the run with that test's log.
+cd ..
+mkdir -p build-asan
+cd build-asan
+../configure -q --enable-sanitizers
+make -j2 >/dev/null
+if ! ASAN_OPTIONS=detect_leaks=1 make check TESTS='$(check_PROGRAMS)' > check-asan.out 2>&1; then
+    cat check-asan.out
+    for log in test_*.log; do echo "==== $log"; cat "$log"; done
+    echo "sanitizer unit tests failed" >&2
+    exit 1
+fi
+sed -n '/^# TOTAL:/,/^# ERROR:/p' check-asan.out | sed 's/^/asan /'
+cd ../build
+
 # make check's own exit status decides; its output is kept for the summary.
 set +e
 make check > check.out 2>&1
