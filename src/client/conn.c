@@ -8,6 +8,7 @@
  * slices (the Python module turns that into Ctrl-C handling) and close()
  * can wake every waiter by shutting the socket down.
  */
+#include "hugemem.h"
 #include "conn.h"
 
 #include <errno.h>
@@ -294,6 +295,7 @@ static int rx_start_parts(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
             rx->nomem = 1;
             break;
         }
+        ipmpi_advise_huge(rx->data[i], rx->rep.lens[i]);
     }
     if (rx->nomem) {
         for (uint32_t i = 0; i < n; i++) {

@@ -356,6 +356,11 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         if (c->stopping)
             break;
         uint64_t next_deadline = session_deadlines(c, now);
+        /* Cached payload buffers go back to the system after a while
+         * unused: wake up for that too. */
+        uint64_t trim_in = ipmpi_parts_cache_trim();
+        if (trim_in != UINT64_MAX && now + trim_in < next_deadline)
+            next_deadline = now + trim_in;
 
         if (pcap < c->scap + 1) {
             pcap = c->scap + 1;

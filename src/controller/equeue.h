@@ -42,6 +42,16 @@ void ipmpi_parts_unref(ipmpi_parts_t *p);
 void ipmpi_parts_drop_first(ipmpi_parts_t *p);
 /* Sum of the part lengths. */
 uint64_t ipmpi_parts_bytes(const ipmpi_parts_t *p);
+/*
+ * Parts of 1 MiB or more live in 2 MiB-aligned transparent-huge-page
+ * mappings, and freed ones are kept in a small cache (at most 4 buffers,
+ * 1 GiB) for the next payload of a similar size: fresh memory costs more
+ * to fault in than the bytes cost to move. This releases cached buffers
+ * unused for 10 s and returns the nanoseconds until the next one expires
+ * (UINT64_MAX: none cached). The controller's loop calls it every round
+ * and wakes up for the next expiry.
+ */
+uint64_t ipmpi_parts_cache_trim(void);
 
 typedef struct ipmpi_req {
     uint64_t id;          /* dispatch id, sent to engines as req_id */

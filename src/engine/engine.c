@@ -17,6 +17,7 @@
  * that calls MPI (MPI_THREAD_FUNNELED).
  */
 #include <sched.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -25,6 +26,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "hugemem.h"
 #include "backoff.h"
 #include "engine.h"
 #include "ipmpi/errors.h"
@@ -201,6 +203,7 @@ static int serve(engine_t *e, const ipmpi_hdr_t *h, const uint64_t *lens, int *e
             goto drain; /* MemoryError: keep it, drain the rest, report it */
         PyList_SET_ITEM(parts, i, ba);
         dst[i] = PyByteArray_AS_STRING(ba);
+        ipmpi_advise_huge(dst[i], lens[i]);
     }
     /* The bytearrays are referenced only by us, so their memory stays put
      * while other Python threads run during the transfer. */

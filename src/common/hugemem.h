@@ -1,0 +1,22 @@
+/*
+ * Transparent-huge-page advice for large buffers that fresh data is about
+ * to be written into. Faulting new memory in 4 KiB pages is the slowest step
+ * of a large transfer on these machines (256 MiB: ~130-170 ms, against
+ * ~25 ms to copy the bytes); huge pages ("madvise" THP mode) cut that to
+ * ~25-45 ms. Reentrant.
+ */
+#ifndef IPMPI_HUGEMEM_H
+#define IPMPI_HUGEMEM_H
+
+#include <stdint.h>
+
+/* Buffers shorter than this are left alone. */
+#define IPMPI_HUGE_ADVISE_MIN ((uint64_t)4 << 20)
+
+/*
+ * Advises huge pages for the 2 MiB-aligned interior of [p, p+len), which
+ * belongs to this buffer alone. A hint: failure changes nothing.
+ */
+void ipmpi_advise_huge(void *p, uint64_t len);
+
+#endif
