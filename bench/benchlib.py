@@ -113,7 +113,47 @@ def ipyparallel_client(n, timeout=120):
             if rc is not None:
                 with contextlib.suppress(Exception):
                     rc.close()
-            cluster.stop_cluster_sync()
+            try:
+                cluster.stop_cluster_sync()
+            finally:
+                # A start that timed out leaves engine nannies behind that
+                # ipyparallel's stop does not reach; they are ours to end.
+                kill_descendants()
+
+
+def _descendants(root):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_descendants(grace=3.0):
+    """SIGTERM, then SIGKILL, every process descended from this one."""
+    import signal
+    pids = _descendants(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(os.path.exists("/proc/%d" % p) for p in pids):
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            time.sleep(0.05)
 
 
 def ompi_env():
