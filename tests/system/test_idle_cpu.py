@@ -1,6 +1,6 @@
 """An idle cluster leaves the machine idle.
 
-16 idle engines (17 ranks on 2 cores) plus mpirun: after a settle period,
+64 idle engines (65 ranks on 2 cores, the case the issue names) plus mpirun: after a settle period,
 the CPU time that all processes of the job use, summed from /proc over
 about 3 s, must stay under 0.3 s of CPU per second in total. A runtime whose
 idle ranks spin or poll every millisecond fails this.
@@ -26,19 +26,22 @@ def cpu_seconds(pids):
     return total / CLK_TCK
 
 
-def test_sixteen_idle_engines_use_little_cpu():
-    c = start_cluster(16)
+N = 64
+
+
+def test_sixty_four_idle_engines_use_little_cpu():
+    c = start_cluster(N)
     try:
         mec = c.client(timeout=120)
         try:
-            assert mec.get_ids() == list(range(16))
+            assert mec.get_ids() == list(range(N))
             # Some work first, so the measurement starts from ranks that were busy.
             mec.execute("x = sum(range(1000))")
         finally:
             mec.close()
         time.sleep(5)  # settle: the back-off reaches its cap
         pids = job_processes(c.pid)
-        assert len(pids) >= 18, pids  # mpirun + controller + 16 engines
+        assert len(pids) >= N + 2, pids  # mpirun + controller + N engines
         t0, c0 = time.monotonic(), cpu_seconds(pids)
         time.sleep(3)
         t1, c1 = time.monotonic(), cpu_seconds(pids)
@@ -49,7 +52,7 @@ def test_sixteen_idle_engines_use_little_cpu():
         mec = c.client(timeout=60)
         try:
             t = time.monotonic()
-            assert len(mec.execute("pass")) == 16
+            assert len(mec.execute("pass")) == N
             assert time.monotonic() - t < 5
         finally:
             mec.close()
