@@ -1,0 +1,119 @@
+"""A client on another host reaches the controller; a loopback furl is refused loudly.
+
+Two "hosts" on this machine: network namespaces A and B joined by their own
+veth pair (198.51.100.1 in A, 198.51.100.2 in B; ENVIRONMENT.md: addresses
+only inside the namespaces, never on the machine's own interfaces). The
+cluster runs in A, the client in B, so every byte of the client link
+crosses a network between two hosts, as from a laptop or login node.
+Needs root and iproute2 (`ip`); without them the test fails, it never skips.
+"""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir
+
+ADDR_A, ADDR_B = "198.51.100.1", "198.51.100.2"
+
+CLIENT = r"""
+import sys, time
+from ipmpi import client
+try:
+    mec = client.MultiEngineClient(furl_file=sys.argv[1], connect_timeout=10, timeout=60)
+except Exception as e:
+    print("CONNECT-FAILED %s: %s" % (type(e).__name__, e))
+    sys.exit(3)
+print("IDS", mec.get_ids())
+r = mec.execute('import os; print(open("/proc/self/net/dev").read().count("veth-a"))')
+print("OUT", r[0]["stdout"].strip())
+print("PULL", mec.pull("x") if mec.push(dict(x=41)) is None else None)
+mec.close()
+"""
+
+
+def sh(*argv, timeout=30, check=True):
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stdout))
+    return r
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    if shutil.which("ip") is None:
+        raise RuntimeError("iproute2's `ip` is missing: apt-get install iproute2")
+    tag = str(os.getpid())
+    a, b = "ipmpi-a-" + tag, "ipmpi-b-" + tag
+    try:
+        sh("ip", "netns", "add", a)
+        sh("ip", "netns", "add", b)
+        sh("ip", "link", "add", "veth-a", "netns", a, "type", "veth", "peer", "name", "veth-b", "netns", b)
+        for ns, dev, addr in ((a, "veth-a", ADDR_A), (b, "veth-b", ADDR_B)):
+            sh("ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield a, b
+    finally:
+        sh("ip", "netns", "del", a, check=False)
+        sh("ip", "netns", "del", b, check=False)
+
+
+def in_ns(ns, argv, timeout):
+    return subprocess.run(["ip", "netns", "exec", ns] + argv, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, env=child_env())
+
+
+def run_cluster(ns, extra):
+    d = new_dir()
+    r = in_ns(ns, [IPCLUSTER, "mpirun", "-n", "2", "--ipmpi-dir", d, "--timeout", "120"] + extra, 180)
+    assert r.returncode == 0, "ipcluster in namespace %s failed:\n%s" % (ns, r.stdout)
+    return d, r.stdout
+
+
+def stop_cluster(ns, d):
+    try:
+        in_ns(ns, [IPCLUSTER, "stop", "--ipmpi-dir", d], 60)
+    finally:
+        kill_dir_jobs(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def furl_of(d):
+    with open(os.path.join(d, "security", "ipcontroller-mec.furl")) as f:
+        return f.read().strip()
+
+
+def test_client_on_another_host_uses_the_default_furl(hosts):
+    a, b = hosts
+    d, out = run_cluster(a, [])
+    try:
+        # Inside A the host name resolves to loopback only, so the controller
+        # must have written A's routable address into the furl.
+        assert "@%s:" % ADDR_A in furl_of(d), furl_of(d)
+        assert "loopback" not in out
+        r = in_ns(b, [PYTHON, "-c", CLIENT, os.path.join(d, "security", "ipcontroller-mec.furl")], 120)
+        assert r.returncode == 0, r.stdout
+        assert "IDS [0, 1]" in r.stdout, r.stdout
+        assert "OUT 1" in r.stdout, r.stdout  # the engine runs in A, beside veth-a
+        assert "PULL [41, 41]" in r.stdout, r.stdout
+    finally:
+        stop_cluster(a, d)
+
+
+def test_loopback_furl_is_flagged_and_refused_from_another_host(hosts):
+    a, b = hosts
+    d, out = run_cluster(a, ["--client-ip", "127.0.0.1"])
+    try:
+        assert "@127.0.0.1:" in furl_of(d)
+        assert "loopback" in out, out  # ipcluster says remote clients cannot connect
+        log = "".join(open(os.path.join(d, "log", f)).read()
+                      for f in os.listdir(os.path.join(d, "log")) if f.startswith("ipcontroller-"))
+        assert "loopback" in log, log
+        r = in_ns(b, [PYTHON, "-c", CLIENT, os.path.join(d, "security", "ipcontroller-mec.furl")], 60)
+        assert r.returncode == 3 and "CONNECT-FAILED" in r.stdout, r.stdout
+    finally:
+        stop_cluster(a, d)
