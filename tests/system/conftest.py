@@ -126,10 +126,9 @@ def stop_cluster(c):
         kill_dir_jobs(c.ipmpi_dir)
 
 
-@pytest.fixture(scope="module")
-def cluster4():
-    """One 4-engine cluster shared by the tests of a module."""
-    c = start_cluster(4)
+def running_cluster(n):
+    """Generator for fixtures: a started n-engine cluster, always stopped and removed."""
+    c = start_cluster(n)
     try:
         yield c
     finally:
@@ -137,13 +136,24 @@ def cluster4():
         shutil.rmtree(c.ipmpi_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def mec(cluster4):
-    m = cluster4.client(timeout=120)
+def connected_client(c):
+    """Generator for fixtures: a MultiEngineClient of cluster c, always closed."""
+    m = c.client(timeout=120)
     try:
         yield m
     finally:
         m.close()
+
+
+@pytest.fixture(scope="module")
+def cluster4():
+    """One 4-engine cluster shared by the tests of a module."""
+    yield from running_cluster(4)
+
+
+@pytest.fixture(scope="module")
+def mec(cluster4):
+    yield from connected_client(cluster4)
 
 
 # ---- raw protocol, for the refusal tests ---------------------------------

@@ -7,32 +7,22 @@ fails within 5 s with an error naming the engine, requests queued behind it
 on that engine fail too, the other engines keep working, and get_ids no
 longer lists it.
 """
-import shutil
 import time
 
 import pytest
 
-from conftest import start_cluster, stop_cluster
+from conftest import connected_client, running_cluster
 from ipmpi import client
 
 
 @pytest.fixture(scope="module")
 def cluster5():
-    c = start_cluster(5)
-    try:
-        yield c
-    finally:
-        stop_cluster(c)
-        shutil.rmtree(c.ipmpi_dir, ignore_errors=True)
+    yield from running_cluster(5)
 
 
 @pytest.fixture(scope="module")
 def mec5(cluster5):
-    m = cluster5.client(timeout=120)
-    try:
-        yield m
-    finally:
-        m.close()
+    yield from connected_client(cluster5)
 
 
 def pid_gone(pid):
