@@ -61,6 +61,13 @@ typedef struct ipmpi_req {
     uint32_t total;       /* target engines: replies the client expects */
     uint32_t pending;     /* engines that still hold this request */
     ipmpi_parts_t *payload; /* owned reference */
+    /* While its payload is still being forwarded as it arrives from the
+     * client (cut-through, requests.c); NULL otherwise. Borrowed: whoever
+     * settles the request first unlinks the two. */
+    struct ipmpi_ctl_stream *stream;
+    /* Withdrawn cut-through: no client waits for this request (its frame
+     * is submitted again once complete); the engine's answer is dropped. */
+    int quiet;
 } ipmpi_req_t;
 
 /* Allocates a request owning payload (taken on success). NULL on ENOMEM. */

@@ -19,6 +19,14 @@ struct ipmpi_sendop {
     ipmpi_parts_t *parts;
     uint32_t left; /* requests not yet complete */
     int bulk;      /* counted in nbulk */
+    /* Cut-through (stream_*): open while the caller still feeds bytes;
+     * the next byte to post is at offset off of part `part`. An open op
+     * outlives its requests; a stream counts as bulk only while some of
+     * its messages are outstanding, so a client that pauses mid-frame
+     * does not keep the loop polling. */
+    int open;
+    uint32_t part;
+    uint64_t off;
 };
 
 struct ipmpi_recvop {
@@ -169,11 +177,120 @@ static int progress_sends(ipmpi_mpilink_t *l)
         return 0;
     for (int k = 0; k < outcount; k++) {
         ipmpi_sendop_t *op = l->sop[l->sidx[k]];
-        if (--op->left == 0)
+        if (--op->left > 0)
+            continue;
+        if (!op->open) {
             sendop_done(l, op);
+        } else if (op->bulk) {
+            op->bulk = 0;
+            l->nbulk--;
+        }
     }
     compact_sends(l);
     return outcount;
+}
+
+/* ---- cut-through sends ---- */
+
+/* Posts n bytes at buf as one message of op's frame. */
+static int stream_post(ipmpi_mpilink_t *l, ipmpi_sendop_t *op, const void *buf, uint64_t n)
+{
+    int rc = grow_sends(l, 1);
+    if (rc)
+        return rc;
+    if (MPI_Isend((void *)buf, (int)n, MPI_BYTE, op->rank, IPMPI_TAG_PART, l->comm, &l->sreq[l->ns]) !=
+        MPI_SUCCESS)
+        return IPMPI_EMPI;
+    l->sop[l->ns++] = op;
+    op->left++;
+    if (!op->bulk && n > EAGER_MAX) {
+        op->bulk = 1;
+        l->nbulk++;
+    }
+    return 0;
+}
+
+int ipmpi_mpilink_stream_start(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts,
+                               ipmpi_sendop_t **out)
+{
+    ipmpi_hdr_t hh = *h;
+    hh.nparts = parts->n;
+    int rc = grow_sends(l, 1);
+    if (rc)
+        return rc;
+    ipmpi_sendop_t *op = calloc(1, sizeof *op);
+    if (!op)
+        return IPMPI_ENOMEM;
+    size_t hl = ipmpi_hdr_wire_size(hh.nparts);
+    op->hdr = malloc(hl);
+    if (!op->hdr) {
+        free(op);
+        return IPMPI_ENOMEM;
+    }
+    ipmpi_hdr_encode(&hh, parts->lens, op->hdr, hl);
+    if (MPI_Isend(op->hdr, (int)hl, MPI_BYTE, rank, IPMPI_TAG_HDR, l->comm, &l->sreq[l->ns]) != MPI_SUCCESS) {
+        free(op->hdr);
+        free(op);
+        return IPMPI_EMPI;
+    }
+    l->sop[l->ns++] = op;
+    op->rank = rank;
+    op->parts = ipmpi_parts_ref(parts);
+    op->left = 1;
+    op->open = 1;
+    *out = op;
+    return 0;
+}
+
+int ipmpi_mpilink_stream_feed(ipmpi_mpilink_t *l, ipmpi_sendop_t *op, uint32_t part, uint64_t filled)
+{
+    const ipmpi_parts_t *p = op->parts;
+    while (op->part < p->n) {
+        uint64_t len = p->lens[op->part];
+        /* An empty part is complete as soon as the parts before it are:
+         * posting it at once keeps `part` on a part with bytes still to
+         * send, which is where an abort's empty message must land. */
+        if (len == 0) {
+            int rc = stream_post(l, op, p->bufs[op->part], 0);
+            if (rc)
+                return rc;
+            op->part++;
+            continue;
+        }
+        if (op->part > part)
+            break;
+        uint64_t avail = op->part < part ? len : filled;
+        /* Whole chunks as they fill, then the tail once the part is
+         * complete; bytes that came in a burst go as one message. */
+        while (op->off < avail && (avail - op->off >= IPMPI_STREAM_CHUNK || avail == len)) {
+            uint64_t n = avail - op->off < IPMPI_MPI_CHUNK ? avail - op->off : IPMPI_MPI_CHUNK;
+            int rc = stream_post(l, op, p->bufs[op->part] + op->off, n);
+            if (rc)
+                return rc;
+            op->off += n;
+        }
+        if (op->off < len)
+            break;
+        op->part++;
+        op->off = 0;
+    }
+    if (op->part < p->n)
+        return 0;
+    op->open = 0;
+    if (op->left == 0)
+        sendop_done(l, op);
+    return 1;
+}
+
+int ipmpi_mpilink_stream_abort(ipmpi_mpilink_t *l, ipmpi_sendop_t *op)
+{
+    /* feed leaves `part` on a part with bytes unsent, so the engine reads
+     * this empty message as an abort, never as an empty part. */
+    int rc = op->part < op->parts->n ? stream_post(l, op, op->parts->bufs[op->part], 0) : 0;
+    op->open = 0;
+    if (op->left == 0)
+        sendop_done(l, op);
+    return rc;
 }
 
 /* A header arrived: take it and post receives for all its parts. */

@@ -62,6 +62,37 @@ int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi
  */
 int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg);
 
+/*
+ * Cut-through sends (doc/protocol.md section 3): a frame whose parts are
+ * still arriving from a client. stream_start posts the header at once;
+ * stream_feed posts the bytes that arrived since, in messages of
+ * IPMPI_STREAM_CHUNK bytes (the tail of a part as soon as the part is
+ * complete); stream_abort ends an unfinished frame with one empty message,
+ * which the engine reads as "no request". parts must stay allocated until
+ * the op completes: a reference is taken. The op belongs to the link; the
+ * caller's handle is valid until stream_feed reported the frame complete
+ * or stream_abort was called, and must be forgotten when the rank is
+ * abandoned (the op is leaked with the rank's other sends then).
+ */
+#define IPMPI_STREAM_CHUNK ((uint64_t)4 << 20)
+
+/* Posts the header of h + parts to rank. Returns 0 and *op, or
+ * IPMPI_ENOMEM / IPMPI_EMPI (nothing posted). */
+int ipmpi_mpilink_stream_start(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts,
+                               ipmpi_sendop_t **op);
+/*
+ * Bytes [0, filled) of part `part` have arrived, and every earlier part is
+ * complete (part == parts->n: the whole frame). Returns 1 when the frame is
+ * now completely posted (op is then no longer the caller's), 0 when more is
+ * to come, or IPMPI_ENOMEM / IPMPI_EMPI (the link to that rank is then out
+ * of step: the caller must treat the engine as lost).
+ */
+int ipmpi_mpilink_stream_feed(ipmpi_mpilink_t *l, ipmpi_sendop_t *op, uint32_t part, uint64_t filled);
+/* The rest of the frame will never arrive: posts the empty message that
+ * aborts it. op is no longer the caller's. Returns 0, IPMPI_ENOMEM or
+ * IPMPI_EMPI (as for feed). */
+int ipmpi_mpilink_stream_abort(ipmpi_mpilink_t *l, ipmpi_sendop_t *op);
+
 /* Forgets every send and receive involving rank (it died): its requests
  * and buffers are leaked on purpose, since MPI may still own them. */
 void ipmpi_mpilink_abandon(ipmpi_mpilink_t *l, int rank);

@@ -159,17 +159,122 @@ static void dead_msg(const ipmpi_engine_slot_t *e, char *buf, size_t cap)
     snprintf(buf, cap, "engine %d died (rank %d): %s", e->id, e->rank, e->why);
 }
 
+/* ---- cut-through ----
+ *
+ * A large frame for one idle engine is forwarded while it arrives from the
+ * client instead of after (doc/protocol.md section 3): TLS decryption,
+ * the MPI copy and the engine's wake-up then overlap instead of adding up.
+ * The request is created and made the engine's running request as soon as
+ * the header and lengths are in; the session feeds the stream as bytes
+ * arrive. Smaller frames gain nothing and are stored then forwarded, as is
+ * everything for several engines (the payload must be held once) or for a
+ * busy engine (FIFO order).
+ *
+ * A stream holds its engine until the client has sent the whole frame. So
+ * that a slow or stalled client never makes others wait, a stream is
+ * withdrawn when another request is queued for its engine meanwhile: the
+ * engine gets the abort and answers it (that answer is dropped), the
+ * other request runs, and the frame, once complete, is submitted like any
+ * other, behind it, which is the order store-and-forward would give.
+ */
+#define STREAM_MIN ((uint64_t)1 << 20)
+
+struct ipmpi_ctl_stream {
+    ipmpi_session_stream_t base; /* first: the session's handle is ours */
+    ipmpi_ctl_t *c;
+    ipmpi_engine_slot_t *e;
+    ipmpi_req_t *r;        /* NULL once the request was settled or fully posted */
+    ipmpi_sendop_t *op;    /* NULL once fully posted, aborted or abandoned */
+    int withdrawn;         /* the complete frame goes to the frame callback */
+};
+
+static void stream_unlink(struct ipmpi_ctl_stream *st)
+{
+    if (st->r)
+        st->r->stream = NULL;
+    st->r = NULL;
+}
+
+/* Posts the abort of an unfinished stream; the engine then answers the
+ * request with an error of its own. If even that cannot be posted, the
+ * link to the engine is out of step and the engine is lost. */
+static void stream_abort(struct ipmpi_ctl_stream *st, const char *why)
+{
+    ipmpi_sendop_t *op = st->op;
+    st->op = NULL;
+    stream_unlink(st);
+    ipmpi_log(IPMPI_LOG_INFO, "engine %d: request aborted mid-frame: %s", st->e->id, why);
+    int rc = ipmpi_mpilink_stream_abort(&st->c->link, op);
+    if (rc != 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "the controller lost step with it (%s)", ipmpi_strerror(rc));
+        ipmpi_ctl_engine_died(st->c, st->e, msg);
+    }
+}
+
+static void stream_feed(ipmpi_session_stream_t *base, uint32_t part, uint64_t filled)
+{
+    struct ipmpi_ctl_stream *st = (struct ipmpi_ctl_stream *)base;
+    if (!st->op)
+        return;
+    int rc = ipmpi_mpilink_stream_feed(&st->c->link, st->op, part, filled);
+    if (rc == 1) {
+        st->op = NULL;
+        stream_unlink(st);
+    } else if (rc < 0) {
+        stream_abort(st, ipmpi_strerror(rc));
+    }
+}
+
+static int stream_end(ipmpi_session_stream_t *base, int aborted)
+{
+    struct ipmpi_ctl_stream *st = (struct ipmpi_ctl_stream *)base;
+    int taken = !st->withdrawn;
+    if (st->op && aborted)
+        stream_abort(st, "the client's frame ended early");
+    stream_unlink(st);
+    free(st);
+    return taken;
+}
+
+/* Another request is queued for the stream's engine: see above. */
+static void stream_withdraw(struct ipmpi_ctl_stream *st)
+{
+    st->withdrawn = 1;
+    if (st->r)
+        st->r->quiet = 1;
+    stream_abort(st, "another request was queued for the engine while the frame still arrived; "
+                     "it is submitted again once complete");
+}
+
+/* Engine e is gone or the request is settled without it: the stream's
+ * sends were abandoned with the rank, or the request must not hold it. */
+static void stream_detach(ipmpi_req_t *r, int drop_op)
+{
+    struct ipmpi_ctl_stream *st = r->stream;
+    if (!st)
+        return;
+    if (drop_op)
+        st->op = NULL;
+    stream_unlink(st);
+}
+
+static void req_release(ipmpi_ctl_t *c, ipmpi_req_t *r)
+{
+    stream_detach(r, 0);
+    ipmpi_reqtab_del(&c->reqs, r->id);
+    ipmpi_req_free(r);
+}
+
 /* One target of r is settled without a reply from the engine: send the
  * client an error reply for that engine and drop the engine's reference. */
 static void req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int status, const char *msg)
 {
     ipmpi_session_t *s = ipmpi_ctl_session(c, r->session);
-    if (s)
+    if (s && !r->quiet)
         ipmpi_session_send_error(s, r->kind, r->client_req, engine, r->total, status, msg);
-    if (--r->pending == 0) {
-        ipmpi_reqtab_del(&c->reqs, r->id);
-        ipmpi_req_free(r);
-    }
+    if (--r->pending == 0)
+        req_release(c, r);
 }
 
 /* Sends the next queued request to e if it is idle. */
@@ -201,6 +306,9 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
     c->any_died = 1;
     snprintf(e->why, sizeof e->why, "%s", why);
     ipmpi_log(IPMPI_LOG_ERROR, "engine %d (rank %d) died: %s", e->id, e->rank, why);
+    /* A stream still feeding this engine must stop: its sends go now. */
+    if (e->running)
+        stream_detach(e->running, 1);
     ipmpi_mpilink_abandon(&c->link, e->rank);
     char msg[256];
     dead_msg(e, msg, sizeof msg);
@@ -228,6 +336,10 @@ void ipmpi_ctl_fail_all(ipmpi_ctl_t *c)
     const char *msg = "controller is shutting down: the request did not run";
     for (int i = 0; i < c->nengines; i++) {
         ipmpi_engine_slot_t *e = &c->eng[i];
+        /* The engine must be back in step to read its EXIT (if even the
+         * abort cannot be posted, the engine is marked dead instead). */
+        if (e->running && e->running->stream && e->running->stream->op)
+            stream_abort(e->running->stream, "the controller is shutting down");
         if (e->running) {
             ipmpi_req_t *r = e->running;
             e->running = NULL;
@@ -283,7 +395,7 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
     }
     e->running = NULL;
     c->nbusy--;
-    ipmpi_session_t *s = ipmpi_ctl_session(c, r->session);
+    ipmpi_session_t *s = r->quiet ? NULL : ipmpi_ctl_session(c, r->session);
     if (s) {
         ipmpi_hdr_t out = {.kind = r->kind, .flags = IPMPI_F_REPLY, .req_id = r->client_req,
                            .target = e->id, .status = h->status, .total = r->total};
@@ -291,11 +403,10 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
             ipmpi_session_send_error(s, r->kind, r->client_req, e->id, r->total, IPMPI_ENOMEM,
                                      "controller out of memory for the reply");
     }
-    int killed = r->kind == IPMPI_K_KILL;
-    if (--r->pending == 0) {
-        ipmpi_reqtab_del(&c->reqs, r->id);
-        ipmpi_req_free(r);
-    }
+    /* A KILL whose frame was aborted did not run. */
+    int killed = r->kind == IPMPI_K_KILL && h->status != IPMPI_EABORTED;
+    if (--r->pending == 0)
+        req_release(c, r);
     /* The engine _exits right after answering KILL. */
     if (killed)
         ipmpi_ctl_engine_died(c, e, "killed by request");
@@ -368,6 +479,59 @@ static int resolve(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, con
     return n;
 }
 
+/*
+ * The session's offer of a frame whose parts are about to be read: takes
+ * it over when it is a large engine request for one idle engine, with
+ * exactly the checks ipmpi_ctl_client_frame and submit would pass, so the
+ * outcome is the one store-and-forward would have.
+ */
+static ipmpi_session_stream_t *stream_begin(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
+                                            ipmpi_parts_t *parts)
+{
+    ipmpi_ctl_t *c = arg;
+    if (c->stopping || s->cap != IPMPI_CAP_MEC || (h->flags & IPMPI_F_REPLY) || !is_engine_kind(h->kind) ||
+        h->target < 0 || h->target >= c->nengines || ipmpi_parts_bytes(parts) < STREAM_MIN)
+        return NULL;
+    ipmpi_engine_slot_t *e = &c->eng[h->target];
+    if (e->dead || !e->ready || e->running || ipmpi_equeue_len(&e->q) > 0)
+        return NULL;
+    struct ipmpi_ctl_stream *st = calloc(1, sizeof *st);
+    if (!st)
+        return NULL;
+    ipmpi_req_t *r = ipmpi_req_new(++c->next_req, h->req_id, s->id, h->kind, 1, ipmpi_parts_ref(parts));
+    if (!r) {
+        ipmpi_parts_unref(parts);
+        goto free_st;
+    }
+    if (ipmpi_reqtab_put(&c->reqs, r) != 0)
+        goto free_r;
+    ipmpi_hdr_t eh = {.kind = r->kind, .req_id = r->id, .target = e->id};
+    if (ipmpi_mpilink_stream_start(&c->link, e->rank, &eh, parts, &st->op) != 0)
+        goto del_r;
+    r->pending = 1;
+    e->running = r;
+    c->nbusy++;
+    st->base.feed = stream_feed;
+    st->base.end = stream_end;
+    st->c = c;
+    st->e = e;
+    st->r = r;
+    r->stream = st;
+    ipmpi_log(IPMPI_LOG_DEBUG, "client %s: %s of %llu bytes cut through to engine %d", s->peer,
+              kind_name(h->kind), (unsigned long long)ipmpi_parts_bytes(parts), e->id);
+    /* Leading empty parts are complete already. */
+    stream_feed(&st->base, 0, 0);
+    return &st->base;
+
+del_r:
+    ipmpi_reqtab_del(&c->reqs, r->id);
+free_r:
+    ipmpi_req_free(r);
+free_st:
+    free(st);
+    return NULL;
+}
+
 static void do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
 {
     int cap = IPMPI_CAP_NONE;
@@ -387,6 +551,7 @@ static void do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
         ipmpi_log(IPMPI_LOG_INFO, "client %s connected with capability %s", s->peer,
                   cap == IPMPI_CAP_MEC ? "mec" : "tc");
     s->cap = cap;
+    s->stream_begin = cap == IPMPI_CAP_MEC ? stream_begin : NULL;
     jbuf_t b = {0};
     jb_printf(&b, "{\"capability\": \"%s\", \"engines\": %d, \"ids\": [", cap == IPMPI_CAP_MEC ? "mec" : "tc",
               c->nlive);
@@ -510,6 +675,8 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     /* r may be freed by the last req_fail_one; nothing reads it after that. */
     for (int i = 0; i < n; i++) {
         ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        if (e->running && e->running->stream && e->running->stream->op)
+            stream_withdraw(e->running->stream);
         if (e->dead) {
             dead_msg(e, msg, sizeof msg);
             req_fail_one(c, r, e->id, IPMPI_EDEAD, msg);

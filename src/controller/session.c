@@ -24,6 +24,8 @@
 /* Bytes read from one session per call, so one busy client cannot starve
  * the others or the MPI side. */
 #define READ_BUDGET (16u << 20)
+/* OpenSSL's read buffer per session with read-ahead: a few TLS records. */
+#define READ_AHEAD_BUF (128u << 10)
 /* Largest single SSL_read/SSL_write (their length is an int). */
 #define IO_MAX (1u << 30)
 
@@ -65,6 +67,13 @@ ipmpi_session_t *ipmpi_session_new(int fd, SSL_CTX *ctx, const char *peer, uint6
     /* A client that just closes its socket is a normal disconnect, not a
      * TLS error worth a warning. */
     SSL_set_options(s->ssl, SSL_OP_IGNORE_UNEXPECTED_EOF);
+    /* Without read-ahead OpenSSL makes two read() calls per 16 KiB record
+     * (header, then body): measured, 32 784 reads for one 256 MiB push.
+     * Reading ahead into a larger buffer takes several records per call.
+     * Safe with poll(): do_input reads until SSL_read wants more (which
+     * drains what was read ahead) or marks read_more. */
+    SSL_set_read_ahead(s->ssl, 1);
+    SSL_set_default_read_buffer_len(s->ssl, READ_AHEAD_BUF);
     s->fd = fd;
     s->id = id;
     snprintf(s->peer, sizeof s->peer, "%s", peer);
@@ -98,6 +107,13 @@ static void free_frame(ipmpi_outframe_t *f)
 
 static void reset_input(ipmpi_session_t *s)
 {
+    /* A streamed frame that stops here never completes: its receiver
+     * must learn that it will get no more bytes. */
+    if (s->in_stream) {
+        ipmpi_session_stream_t *st = s->in_stream;
+        s->in_stream = NULL;
+        st->end(st, 1);
+    }
     free(s->in_lenbuf);
     free(s->in_lens);
     ipmpi_parts_unref(s->in_parts);
@@ -250,7 +266,7 @@ static int got_header(ipmpi_session_t *s, const ipmpi_limits_t *lim)
 }
 
 /* Length table complete: check it and allocate every part. */
-static int got_lens(ipmpi_session_t *s, const ipmpi_limits_t *lim)
+static int got_lens(ipmpi_session_t *s, const ipmpi_limits_t *lim, void *arg)
 {
     uint64_t total = 0;
     uint32_t n = s->in_h.nparts;
@@ -280,11 +296,22 @@ static int got_lens(ipmpi_session_t *s, const ipmpi_limits_t *lim)
     s->in_stage = 2;
     s->in_part = 0;
     s->in_off = 0;
+    if (s->stream_begin && n > 0)
+        s->in_stream = s->stream_begin(arg, s, &s->in_h, s->in_parts);
     return 0;
 }
 
 static void deliver(ipmpi_session_t *s, ipmpi_session_frame_cb cb, void *arg)
 {
+    if (s->in_stream) {
+        /* Its last bytes were fed when its last part completed. */
+        ipmpi_session_stream_t *st = s->in_stream;
+        s->in_stream = NULL;
+        if (st->end(st, 0)) {
+            reset_input(s);
+            return;
+        }
+    }
     ipmpi_hdr_t h = s->in_h;
     ipmpi_parts_t *p = s->in_parts;
     s->in_parts = NULL;
@@ -333,19 +360,24 @@ static int do_input(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_session
                 return 0;
             s->in_off += (size_t)r;
             budget -= (uint64_t)r;
-            if ((size_t)r < want)
+            if ((size_t)r < want) {
+                if (s->in_stream && s->in_stage == 2)
+                    s->in_stream->feed(s->in_stream, s->in_part, s->in_off);
                 continue;
+            }
         }
         /* The current piece is complete. */
         if (s->in_stage == 0) {
             if (got_header(s, lim) != 0)
                 return 0;
         } else if (s->in_stage == 1) {
-            if (got_lens(s, lim) != 0)
+            if (got_lens(s, lim, arg) != 0)
                 return 0;
         } else {
             s->in_part++;
             s->in_off = 0;
+            if (s->in_stream)
+                s->in_stream->feed(s->in_stream, s->in_part, 0);
         }
     }
     return 0;

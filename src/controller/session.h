@@ -36,8 +36,35 @@ enum ipmpi_sess_state {
 enum ipmpi_cap { IPMPI_CAP_NONE = 0, IPMPI_CAP_MEC = 1, IPMPI_CAP_TC = 2 };
 
 typedef struct ipmpi_outframe ipmpi_outframe_t;
+typedef struct ipmpi_session ipmpi_session_t;
 
-typedef struct ipmpi_session {
+/*
+ * Cut-through of a frame that is still arriving (doc/protocol.md section
+ * 3): the session's owner may take a frame over once its header and
+ * length table are checked and its parts allocated, and then forwards the
+ * bytes while they are read. The session owns the stream object until it
+ * calls end, exactly once.
+ */
+typedef struct ipmpi_session_stream ipmpi_session_stream_t;
+struct ipmpi_session_stream {
+    /* Bytes [0, filled) of part `part` are in the parts buffers and every
+     * earlier part is complete (part == nparts: the whole frame). */
+    void (*feed)(ipmpi_session_stream_t *st, uint32_t part, uint64_t filled);
+    /* The frame is complete (aborted = 0, after the feed for the whole
+     * frame) or will never be (aborted = 1: the session closes mid-frame).
+     * st is the callee's to free. For a complete frame, returns 1 if the
+     * stream delivered it, or 0 if the stream was withdrawn on the way and
+     * the frame goes to the frame callback like any other. */
+    int (*end)(ipmpi_session_stream_t *st, int aborted);
+};
+
+/* Offered each frame before its parts are read; h and parts are borrowed
+ * (take a reference to keep parts). Returns a stream, which then gets the
+ * frame in place of the frame callback, or NULL to receive it whole. */
+typedef ipmpi_session_stream_t *(*ipmpi_session_stream_cb)(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
+                                                            ipmpi_parts_t *parts);
+
+struct ipmpi_session {
     uint64_t id;        /* unique for the controller's life; requests keep it */
     int fd;
     SSL *ssl;
@@ -57,6 +84,10 @@ typedef struct ipmpi_session {
     uint64_t *in_lens;
     ipmpi_parts_t *in_parts;
     uint32_t in_part;
+    /* Set by the owner when frames of this session may be cut through
+     * (with the same arg as ipmpi_session_io's); NULL: never. */
+    ipmpi_session_stream_cb stream_begin;
+    ipmpi_session_stream_t *in_stream; /* the frame being read is streamed */
 
     /* per-direction wants: POLLIN or POLLOUT */
     short rd_want, wr_want, hs_want;
@@ -64,7 +95,7 @@ typedef struct ipmpi_session {
     /* output */
     ipmpi_outframe_t *out_head, *out_tail;
     uint64_t out_bytes; /* bytes queued and not yet written */
-} ipmpi_session_t;
+};
 
 /* Called for each complete frame; takes ownership of parts. */
 typedef void (*ipmpi_session_frame_cb)(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,

@@ -35,6 +35,16 @@
 /* An idle engine asks whether its controller still lives this often. */
 #define WATCH_INTERVAL_NS (2000000000ull)
 
+/* Waiting for the rest of a part that the controller forwards while it
+ * arrives from the client (a chunk every few ms at TLS speed): spin this
+ * briefly after each chunk, then sleep in growing steps up to
+ * PART_SLEEP_MAX_US, so the engine takes no core from the client and the
+ * controller that produce the bytes. A client that stalls mid-frame for
+ * PART_PATIENCE_NS lets the sleeps grow to --wait-max-us, as when idle. */
+#define PART_SPIN_US 50u
+#define PART_SLEEP_MAX_US 1000u
+#define PART_PATIENCE_NS (1000000000ull)
+
 typedef struct engine {
     const ipmpi_opts_t *o;
     const ipmpi_job_t *job;
@@ -42,7 +52,46 @@ typedef struct engine {
     int eid;
     PyObject *handle;       /* bound method Engine.handle (owned) */
     PyObject *failure;      /* bound method Engine.failure (owned) */
+    ipmpi_eng_watch_t *watch; /* serve_loop's controller watch (borrowed) */
+    ipmpi_backoff_t part_bo;  /* waiting inside a part (part_wait) */
 } engine_t;
+
+/* ipmpi_eng_link_wait_cb for parts; runs without the GIL. */
+static int part_wait(void *arg, int first)
+{
+    engine_t *e = arg;
+    uint64_t now = ipmpi_now_ns();
+    if (first) {
+        uint64_t cap = e->o->wait_max_us < PART_SLEEP_MAX_US ? e->o->wait_max_us : PART_SLEEP_MAX_US;
+        ipmpi_backoff_init(&e->part_bo, PART_SPIN_US, cap, now);
+    }
+    if (now - e->part_bo.last_busy >= PART_PATIENCE_NS)
+        e->part_bo.max_ns = e->o->wait_max_us * 1000u;
+    uint64_t d = ipmpi_backoff_next(&e->part_bo, now);
+    if (d == 0) {
+        sched_yield();
+        return 0;
+    }
+    if (now - e->part_bo.last_busy >= WATCH_INTERVAL_NS && now - e->watch->last_check >= WATCH_INTERVAL_NS &&
+        ipmpi_eng_watch_controller_gone(e->watch, now)) {
+        ipmpi_log(IPMPI_LOG_ERROR, "engine %d: its controller is gone in the middle of a frame", e->eid);
+        return IPMPI_EDEAD;
+    }
+    struct timespec tsl = {(time_t)(d / 1000000000u), (long)(d % 1000000000u)};
+    nanosleep(&tsl, NULL);
+    return 0;
+}
+
+/* Receives the parts of a request into dst (NULL entries, or dst NULL:
+ * dropped). No GIL. Returns as ipmpi_eng_link_recv_part; after
+ * IPMPI_EABORTED nothing more of the frame follows. */
+static int recv_parts(engine_t *e, uint32_t nparts, const uint64_t *lens, char **dst)
+{
+    int rc = 0;
+    for (uint32_t i = 0; i < nparts && rc == 0; i++)
+        rc = ipmpi_eng_link_recv_part(e->comm, 0, dst ? dst[i] : NULL, lens[i], part_wait, e);
+    return rc;
+}
 
 /* A reply ready to go: the Python objects it came from stay referenced and
  * their buffers exported until the frame is sent. */
@@ -156,6 +205,26 @@ static int reply_send_plain(engine_t *e, const ipmpi_hdr_t *req, const char *msg
     return ipmpi_eng_link_send(e->comm, 0, &h, &len, &buf);
 }
 
+/* The controller ended the request's frame early (its client went away
+ * mid-frame, or the controller is stopping): answer without running it. */
+static int reply_aborted(engine_t *e, const ipmpi_hdr_t *req)
+{
+    ipmpi_log(IPMPI_LOG_INFO, "request %llu aborted by the controller before it was complete",
+              (unsigned long long)req->req_id);
+    ipmpi_hdr_t h = {0};
+    h.kind = req->kind;
+    h.flags = IPMPI_F_REPLY;
+    h.req_id = req->req_id;
+    h.target = e->eid;
+    h.status = IPMPI_EABORTED;
+    h.total = 1;
+    h.nparts = 1;
+    const char *msg = "request aborted: the controller stopped forwarding it before it was complete";
+    uint64_t len = strlen(msg);
+    const void *buf = msg;
+    return ipmpi_eng_link_send(e->comm, 0, &h, &len, &buf);
+}
+
 /* Turns the pending Python exception into Engine.failure's reply.
  * Returns a new reference or NULL (error logged). GIL held. */
 static PyObject *failure_result(engine_t *e, int kind)
@@ -207,11 +276,11 @@ static int serve(engine_t *e, const ipmpi_hdr_t *h, const uint64_t *lens, int *e
     }
     /* The bytearrays are referenced only by us, so their memory stays put
      * while other Python threads run during the transfer. */
-    rc = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (uint32_t i = 0; i < h->nparts && rc == 0; i++)
-        rc = ipmpi_eng_link_recv_part(e->comm, 0, dst[i], lens[i]);
+    rc = recv_parts(e, h->nparts, lens, dst);
     Py_END_ALLOW_THREADS
+    if (rc == IPMPI_EABORTED)
+        goto aborted;
     if (rc != 0)
         goto free_all;
     result = PyObject_CallFunction(e->handle, "iO", (int)h->kind, parts);
@@ -225,15 +294,15 @@ drain:
     /* Allocation failed: the rest of the frame is still on the wire and
      * must be taken off it to keep the link in step. */
     PyErr_Fetch(&alloc_err_type, &alloc_err, &alloc_tb);
-    rc = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (uint32_t i = 0; i < h->nparts && rc == 0; i++)
-        rc = ipmpi_eng_link_recv_part(e->comm, 0, dst ? dst[i] : NULL, lens[i]);
+    rc = recv_parts(e, h->nparts, lens, dst);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         Py_XDECREF(alloc_err_type);
         Py_XDECREF(alloc_err);
         Py_XDECREF(alloc_tb);
+        if (rc == IPMPI_EABORTED)
+            goto aborted;
         goto free_all;
     }
     Py_CLEAR(parts);
@@ -262,6 +331,13 @@ reply:
     } else {
         rc = reply_send_plain(e, h, "the engine's Python layer failed; see the engine's log");
     }
+    if (rc != 0)
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot send the reply to request %llu: %s",
+                  (unsigned long long)h->req_id, ipmpi_strerror(rc));
+    goto free_all;
+
+aborted:
+    rc = reply_aborted(e, h);
     if (rc != 0)
         ipmpi_log(IPMPI_LOG_ERROR, "cannot send the reply to request %llu: %s",
                   (unsigned long long)h->req_id, ipmpi_strerror(rc));
@@ -417,6 +493,7 @@ static int serve_loop(engine_t *e)
 
     ipmpi_backoff_init(&b, e->o->wait_spin_us, e->o->wait_max_us, ipmpi_now_ns());
     ipmpi_eng_watch_init(&w, e->job, ipmpi_now_ns());
+    e->watch = &w;
     lens = malloc(sizeof *lens * ((size_t)e->o->limits.max_parts + 1));
     if (!lens)
         return IPMPI_ENOMEM;
@@ -450,8 +527,7 @@ static int serve_loop(engine_t *e)
         buf = NULL;
 
         if (h.kind == IPMPI_K_EXIT) {
-            for (uint32_t i = 0; i < h.nparts && rc == 0; i++)
-                rc = ipmpi_eng_link_recv_part(e->comm, 0, NULL, lens[i]);
+            rc = recv_parts(e, h.nparts, lens, NULL);
             ipmpi_log(IPMPI_LOG_INFO, "EXIT from the controller%s",
                       h.aux == 1 ? " (a rank died: ending without MPI_Finalize)" : "");
             if (h.aux == 1)

@@ -61,12 +61,26 @@ int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uin
                     const void *const *bufs);
 
 /*
- * Receives one part of len bytes from rank src, chunk by chunk, straight
- * into buf (len bytes, borrowed). With buf NULL the part is received into a
- * scratch buffer and dropped, to keep the stream in step when memory for
- * the part could not be had. Returns 0, IPMPI_ENOMEM or IPMPI_EMPI.
+ * Called while the next message of a part has not arrived (the controller
+ * may be forwarding it as it comes from the client). first is 1 on the
+ * first call since a message arrived. Spins or sleeps as the engine's
+ * policy says; returns 0 to go on waiting, or a negative code to give up.
  */
-int ipmpi_eng_link_recv_part(MPI_Comm comm, int src, void *buf, uint64_t len);
+typedef int (*ipmpi_eng_link_wait_cb)(void *arg, int first);
+
+/*
+ * Receives one part of len bytes from rank src straight into buf (len
+ * bytes, borrowed), as messages of any size up to IPMPI_MPI_CHUNK, counting
+ * bytes (one empty message for an empty part). With buf NULL the part is
+ * received into a scratch buffer and dropped, to keep the stream in step
+ * when memory for the part could not be had. Returns 0; IPMPI_EABORTED when
+ * an empty message came inside a non-empty part (the controller ended the
+ * frame early: no more of it follows); the wait callback's code;
+ * IPMPI_EPROTO (a message larger than the rest of the part), IPMPI_ENOMEM
+ * or IPMPI_EMPI.
+ */
+int ipmpi_eng_link_recv_part(MPI_Comm comm, int src, void *buf, uint64_t len, ipmpi_eng_link_wait_cb wait,
+                             void *warg);
 
 /* ---- watch.c ---- */
 

@@ -1,7 +1,9 @@
 /*
  * The engine's side of the MPI link (doc/protocol.md section 3): a frame
  * is one IPMPI_TAG_HDR message with the header and length table, then each
- * part as IPMPI_TAG_PART messages of at most IPMPI_MPI_CHUNK bytes. Parts
+ * part as IPMPI_TAG_PART messages of at most IPMPI_MPI_CHUNK bytes (a
+ * received part may come in messages of any size, as the controller
+ * forwards it while it arrives; an empty one inside aborts the frame). Parts
  * go straight from and into the caller's buffers; nothing is joined or
  * copied. No Python here, so the engine calls these with the GIL released.
  * Main thread only (MPI_THREAD_FUNNELED).
@@ -48,30 +50,55 @@ free_hbuf:
     return rc;
 }
 
-int ipmpi_eng_link_recv_part(MPI_Comm comm, int src, void *buf, uint64_t len)
+int ipmpi_eng_link_recv_part(MPI_Comm comm, int src, void *buf, uint64_t len, ipmpi_eng_link_wait_cb wait,
+                             void *warg)
 {
     char *scratch = NULL;
-    char *p = buf;
+    size_t scap = 0;
     if (!buf) {
-        size_t n = len < IPMPI_MPI_CHUNK ? (size_t)len : IPMPI_MPI_CHUNK;
-        scratch = malloc(n ? n : 1);
+        scap = len < IPMPI_MPI_CHUNK ? (size_t)len : IPMPI_MPI_CHUNK;
+        scratch = malloc(scap ? scap : 1);
         if (!scratch)
             return IPMPI_ENOMEM;
-        p = scratch;
     }
-    int rc = IPMPI_EMPI;
-    uint64_t left = len;
+    int rc = 0, first = 1;
+    uint64_t got = 0;
     do {
-        int n = (int)(left < IPMPI_MPI_CHUNK ? left : IPMPI_MPI_CHUNK);
-        if (MPI_Recv(p, n, MPI_BYTE, src, IPMPI_TAG_PART, comm, MPI_STATUS_IGNORE) != MPI_SUCCESS)
-            goto free_scratch;
-        if (!scratch)
-            p += n;
-        left -= (uint64_t)n;
-    } while (left > 0);
-    rc = 0;
-
-free_scratch:
+        int flag = 0, n = 0;
+        MPI_Message msg;
+        MPI_Status st;
+        /* Probe, not a blocking receive: a blocked MPI_Recv spins a core
+         * for as long as the client takes to send the rest, and on a
+         * shared node that core is the client's or the controller's. */
+        if (MPI_Improbe(src, IPMPI_TAG_PART, comm, &flag, &msg, &st) != MPI_SUCCESS) {
+            rc = IPMPI_EMPI;
+            break;
+        }
+        if (!flag) {
+            rc = wait(warg, first);
+            first = 0;
+            if (rc != 0)
+                break;
+            continue;
+        }
+        first = 1;
+        MPI_Get_count(&st, MPI_BYTE, &n);
+        if (n < 0 || (uint64_t)n > len - got || (scratch && (size_t)n > scap)) {
+            /* Cannot be taken off the wire whole: the link is out of step. */
+            rc = IPMPI_EPROTO;
+            break;
+        }
+        char *dst = scratch ? scratch : (char *)buf + got;
+        if (MPI_Mrecv(dst, n, MPI_BYTE, &msg, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+            rc = IPMPI_EMPI;
+            break;
+        }
+        if (n == 0 && len > 0) {
+            rc = IPMPI_EABORTED;
+            break;
+        }
+        got += (uint64_t)n;
+    } while (got < len);
     free(scratch);
     return rc;
 }

@@ -131,6 +131,19 @@ static void test_req_owns_its_payload(void **state)
     ipmpi_parts_unref(p);
 }
 
+/* requests.c relies on a fresh request being neither streamed nor quiet:
+ * only a cut-through sets them. */
+static void test_req_new_starts_without_stream_and_answers_its_client(void **state)
+{
+    (void)state;
+    ipmpi_req_t *r = ipmpi_req_new(1, 2, 3, 4, 1, ipmpi_parts_new(0, NULL));
+    assert_non_null(r);
+    assert_null(r->stream);
+    assert_int_equal(r->quiet, 0);
+    assert_int_equal(r->pending, 0);
+    ipmpi_req_free(r);
+}
+
 static void test_reqtab_finds_what_was_put(void **state)
 {
     (void)state;
@@ -228,6 +241,7 @@ int main(void)
         cmocka_unit_test(test_parts_new_with_no_parts),
         cmocka_unit_test(test_equeue_is_fifo_across_growth_and_wrap),
         cmocka_unit_test(test_req_owns_its_payload),
+        cmocka_unit_test(test_req_new_starts_without_stream_and_answers_its_client),
         cmocka_unit_test(test_reqtab_finds_what_was_put),
         cmocka_unit_test(test_reqtab_delete_keeps_probe_chains),
         cmocka_unit_test(test_reqtab_random_ops_match_a_model),
