@@ -116,6 +116,28 @@ static void drop_session(ipmpi_ctl_t *c, uint32_t slot)
     c->nsess--;
 }
 
+/*
+ * The session table is full: makes room by closing the oldest connection
+ * that has not yet said HELLO. Anyone who can reach the port can open
+ * connections, but only key holders get past HELLO; without this, a flood
+ * of silent connections would lock every key holder out for as long as it
+ * lasts. Returns 1 if a slot was freed.
+ */
+static int evict_unauthenticated(ipmpi_ctl_t *c)
+{
+    uint32_t victim = UINT32_MAX;
+    for (uint32_t i = 0; i < c->scap; i++) {
+        ipmpi_session_t *s = c->sess[i];
+        if (s && s->cap == IPMPI_CAP_NONE && (victim == UINT32_MAX || s->t_open < c->sess[victim]->t_open))
+            victim = i;
+    }
+    if (victim == UINT32_MAX)
+        return 0;
+    ipmpi_log(IPMPI_LOG_WARN, "session table full: closing %s, which has not said HELLO", c->sess[victim]->peer);
+    drop_session(c, victim);
+    return 1;
+}
+
 static void accept_clients(ipmpi_ctl_t *c, uint64_t now)
 {
     for (;;) {
@@ -140,6 +162,8 @@ static void accept_clients(ipmpi_ctl_t *c, uint64_t now)
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         int rc = add_session(c, fd, peer, now);
+        if (rc == IPMPI_EAGAIN && evict_unauthenticated(c))
+            rc = add_session(c, fd, peer, now);
         if (rc != 0) {
             ipmpi_log(IPMPI_LOG_WARN, "connection from %s refused: %s", peer,
                       rc == IPMPI_EAGAIN ? "too many sessions" : ipmpi_strerror(rc));
@@ -358,6 +382,12 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         if (c->stopping)
             break;
         uint64_t next_deadline = session_deadlines(c, now);
+        /* Engines held back for a client that does not read its replies:
+         * resume them once it catches up, and look again each second for
+         * one that stalled for good. */
+        ipmpi_ctl_release_held(c, now);
+        if (c->nheld && now + 1000000000ull < next_deadline)
+            next_deadline = now + 1000000000ull;
         /* Cached payload buffers go back to the system after a while
          * unused: wake up for that too. */
         uint64_t trim_in = ipmpi_parts_cache_trim();

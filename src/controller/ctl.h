@@ -27,6 +27,7 @@ typedef struct ipmpi_engine_slot {
     char *props;          /* READY JSON, NUL-terminated */
     ipmpi_equeue_t q;     /* requests waiting for this engine */
     ipmpi_req_t *running; /* sent, reply not yet in */
+    int held;             /* head request waits: its client is not reading (requests.c) */
 } ipmpi_engine_slot_t;
 
 typedef struct ipmpi_ctl {
@@ -38,6 +39,7 @@ typedef struct ipmpi_ctl {
     ipmpi_engine_slot_t *eng;
     int nlive;     /* engines not dead */
     int nbusy;     /* engines with a request running */
+    int nheld;     /* engines whose next request is held back (ipmpi_ctl_release_held) */
     int any_died;  /* some rank died or was killed: no MPI_Finalize */
     uint32_t *mark; /* per engine, for duplicate checks in target lists */
     uint32_t markgen;
@@ -75,6 +77,18 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
 void ipmpi_ctl_rank_dead(void *arg, int rank, const char *state);
 /* Marks engine e dead: fails its running and queued requests with EDEAD. */
 void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *why);
+/*
+ * Dispatch holds an engine's next request while that request's client has
+ * more than IPMPI_OUT_HOLD_BYTES of replies it has not read, so a client
+ * that never reads cannot make the controller buffer without bound. This
+ * resumes held engines whose client caught up or went away, and closes a
+ * client that has made no read progress for IPMPI_OUT_STALL_NS while over
+ * the limit (other clients' requests queue behind its held ones). Loop
+ * thread; cheap when nothing is held.
+ */
+#define IPMPI_OUT_HOLD_BYTES ((uint64_t)128 << 20)
+#define IPMPI_OUT_STALL_NS (30ull * 1000000000ull)
+void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now);
 /* Fails every running and queued request with ESHUTDOWN. */
 void ipmpi_ctl_fail_all(ipmpi_ctl_t *c);
 /* The session with this id, or NULL when it is gone. */

@@ -27,7 +27,6 @@
  */
 #define BIG_MIN ((uint64_t)1 << 20)      /* parts this large use big buffers */
 #define BIG_ALIGN ((size_t)2 << 20)      /* huge page size on x86-64 */
-#define BIG_HDR ((size_t)64)             /* cache-line sized header: the capacity */
 #define BIG_SLOTS 4                      /* cached buffers at most */
 #define BIG_CACHE_MAX ((size_t)1 << 30)  /* cached bytes at most */
 #define BIG_IDLE_NS (10ull * 1000000000ull)
@@ -72,12 +71,22 @@ static uint8_t *big_map(size_t cap)
     return a;
 }
 
-/* Memory for a part of len bytes (plus the spare byte every buffer has). */
+/* The mapping length for a part of len bytes (plus the spare byte every
+ * buffer has). A buffer's capacity is always exactly this, so nothing about
+ * it needs storing: a header inside the mapping would fault in a whole huge
+ * page per part as soon as a length table announced the part, before any
+ * byte of it arrived. */
+static size_t big_need(uint64_t len)
+{
+    return ((size_t)len + 1 + BIG_ALIGN - 1) & ~(BIG_ALIGN - 1);
+}
+
+/* Memory for a part of len bytes, untouched (no page is faulted in). */
 static uint8_t *big_alloc(uint64_t len)
 {
-    if (len > SIZE_MAX - BIG_HDR - 2 * BIG_ALIGN)
+    if (len > SIZE_MAX - 2 * BIG_ALIGN)
         return NULL;
-    size_t need = ((size_t)len + 1 + BIG_HDR + BIG_ALIGN - 1) & ~(BIG_ALIGN - 1);
+    size_t need = big_need(len);
     /* Reuse the smallest cached buffer that fits without wasting more
      * than a quarter of it. */
     int best = -1;
@@ -94,14 +103,15 @@ static uint8_t *big_alloc(uint64_t len)
         cap = big_cache[best].cap;
         big_cache[best].base = NULL;
         big_cached -= cap;
+        if (cap > need) /* both multiples of BIG_ALIGN: the capacity stays big_need(len) */
+            munmap(base + need, cap - need);
     } else {
         cap = need;
         base = big_map(cap);
         if (!base)
             return NULL;
     }
-    memcpy(base, &cap, sizeof cap);
-    return base + BIG_HDR;
+    return base;
 }
 
 static void big_unmap_slot(int i)
@@ -114,11 +124,9 @@ static void big_unmap_slot(int i)
 /* Gives a buffer from big_alloc back: to the cache (evicting the oldest
  * entries to stay within its bounds), or to the system when it is larger
  * than the whole cache may hold. */
-static void big_free(uint8_t *buf)
+static void big_free(uint8_t *base, uint64_t len)
 {
-    uint8_t *base = buf - BIG_HDR;
-    size_t cap;
-    memcpy(&cap, base, sizeof cap);
+    size_t cap = big_need(len);
     if (cap > BIG_CACHE_MAX) {
         munmap(base, cap);
         return;
@@ -166,7 +174,7 @@ static uint8_t *part_alloc(uint64_t len)
 static void part_free(uint8_t *buf, uint64_t len)
 {
     if (is_big(len))
-        big_free(buf);
+        big_free(buf, len);
     else
         free(buf);
 }

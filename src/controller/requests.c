@@ -278,9 +278,27 @@ static void req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int status,
 }
 
 /* Sends the next queued request to e if it is idle. */
+/* 1 when r's client has too many unread replies for r to run now. */
+static int must_hold(const ipmpi_ctl_t *c, const ipmpi_req_t *r)
+{
+    const ipmpi_session_t *s = ipmpi_ctl_session(c, r->session);
+    return s && s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES;
+}
+
 static void dispatch(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e)
 {
     while (!e->dead && !e->running && ipmpi_equeue_len(&e->q) > 0) {
+        if (must_hold(c, ipmpi_equeue_at(&e->q, 0))) {
+            if (!e->held) {
+                e->held = 1;
+                c->nheld++;
+            }
+            return;
+        }
+        if (e->held) {
+            e->held = 0;
+            c->nheld--;
+        }
         ipmpi_req_t *r = ipmpi_equeue_pop(&e->q);
         ipmpi_hdr_t h = {.kind = r->kind, .req_id = r->id, .target = e->id};
         int rc = ipmpi_mpilink_send(&c->link, e->rank, &h, r->payload);
@@ -294,6 +312,32 @@ static void dispatch(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e)
         }
         e->running = r;
         c->nbusy++;
+    }
+}
+
+void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now)
+{
+    if (c->nheld == 0)
+        return;
+    for (int i = 0; i < c->nengines; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[i];
+        if (!e->held)
+            continue;
+        ipmpi_req_t *head = ipmpi_equeue_len(&e->q) ? ipmpi_equeue_at(&e->q, 0) : NULL;
+        ipmpi_session_t *s = head ? ipmpi_ctl_session(c, head->session) : NULL;
+        if (s && s->out_bytes > IPMPI_OUT_HOLD_BYTES && s->state == IPMPI_SESS_OPEN &&
+            now - s->t_out_progress > IPMPI_OUT_STALL_NS) {
+            ipmpi_log(IPMPI_LOG_WARN,
+                      "client %s has read none of its %llu MiB of replies for %llu s; closing it",
+                      s->peer, (unsigned long long)(s->out_bytes >> 20),
+                      (unsigned long long)(IPMPI_OUT_STALL_NS / 1000000000ull));
+            ipmpi_session_close_after_flush(s, now);
+        }
+        if (!head || !must_hold(c, head)) {
+            e->held = 0;
+            c->nheld--;
+            dispatch(c, e);
+        }
     }
 }
 
@@ -547,9 +591,8 @@ static void do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
         ipmpi_session_close_after_flush(s, ipmpi_now_ns());
         return;
     }
-    if (s->cap == IPMPI_CAP_NONE)
-        ipmpi_log(IPMPI_LOG_INFO, "client %s connected with capability %s", s->peer,
-                  cap == IPMPI_CAP_MEC ? "mec" : "tc");
+    ipmpi_log(IPMPI_LOG_INFO, "client %s connected with capability %s", s->peer,
+              cap == IPMPI_CAP_MEC ? "mec" : "tc");
     s->cap = cap;
     s->stream_begin = cap == IPMPI_CAP_MEC ? stream_begin : NULL;
     jbuf_t b = {0};
@@ -705,13 +748,20 @@ void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
 {
     ipmpi_ctl_t *c = arg;
     int n;
-    if (h->kind == IPMPI_K_HELLO) {
-        do_hello(c, s, h, p);
-        goto done;
-    }
+    /* The reply flag is checked first: a reply-flagged HELLO is no request. */
     if (h->kind == IPMPI_K_READY || h->kind == IPMPI_K_EXIT || (h->flags & IPMPI_F_REPLY)) {
         reply_err(s, h, IPMPI_EKIND, "kind %u (%s)%s is not a request a client may send", h->kind,
                   kind_name(h->kind), (h->flags & IPMPI_F_REPLY) ? " with the reply flag" : "");
+        goto done;
+    }
+    if (h->kind == IPMPI_K_HELLO) {
+        if (s->cap != IPMPI_CAP_NONE) {
+            /* A session keeps the capability it opened with: a second key
+             * must not silently turn a MultiEngine session into a task one. */
+            reply_err(s, h, IPMPI_EINVAL, "this connection already said HELLO; open a new one for another capability");
+            goto done;
+        }
+        do_hello(c, s, h, p);
         goto done;
     }
     if (!allowed(s->cap, h->kind)) {

@@ -156,6 +156,8 @@ int ipmpi_session_send(ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *
     else
         s->out_head = f;
     s->out_tail = f;
+    if (s->out_bytes == 0)
+        s->t_out_progress = ipmpi_now_ns();
     s->out_bytes += hl + body;
     return 0;
 }
@@ -245,7 +247,8 @@ static int got_header(ipmpi_session_t *s, const ipmpi_limits_t *lim)
         bad_frame(s, IPMPI_E2BIG, why);
         return -1;
     }
-    if (s->cap == IPMPI_CAP_NONE && (s->in_h.kind != IPMPI_K_HELLO || s->in_h.nparts != 1)) {
+    if (s->cap == IPMPI_CAP_NONE &&
+        (s->in_h.kind != IPMPI_K_HELLO || s->in_h.nparts != 1 || (s->in_h.flags & IPMPI_F_REPLY))) {
         ipmpi_log(IPMPI_LOG_WARN, "client %s: refused: frame of kind %u before HELLO", s->peer, s->in_h.kind);
         ipmpi_session_send_error(s, s->in_h.kind, s->in_h.req_id, IPMPI_TARGET_CONTROLLER, 1, IPMPI_EACCES,
                                  "access denied: the first frame must be HELLO with the key from the furl");
@@ -418,6 +421,7 @@ static int do_output(ipmpi_session_t *s)
             }
             f->off += (uint64_t)r;
             s->out_bytes -= (uint64_t)r;
+            s->t_out_progress = ipmpi_now_ns();
             if (f->off < len)
                 continue;
         }

@@ -95,6 +95,7 @@ struct ipmpi_session {
     /* output */
     ipmpi_outframe_t *out_head, *out_tail;
     uint64_t out_bytes; /* bytes queued and not yet written */
+    uint64_t t_out_progress; /* last time output was written, or queued onto an empty queue (ns) */
 };
 
 /* Called for each complete frame; takes ownership of parts. */
