@@ -44,12 +44,13 @@ sed -n '/^# TOTAL:/,/^# ERROR:/p' check-asan.out | sed 's/^/asan /'
 cd ../build
 
 # The controller and engines built with ASan/UBSan against the bad-input,
+# adversarial (chaos),
 # dead-engine and MultiEngine system tests (the client stays the normal
 # build: an ASan extension module would need libasan preloaded into every
 # process the tests start). A sanitizer report aborts the controller, and
 # the tests then fail.
 if ! ASAN_OPTIONS=detect_leaks=0 IPMPI_TEST_BIN="$(cd ../build-asan && pwd)/ipmpi" \
-     make check TESTS="tests/system/test_refusals.py tests/system/test_dead_engines.py tests/system/test_mec.py" \
+     make check TESTS="tests/system/test_refusals.py tests/system/test_dead_engines.py tests/system/test_mec.py tests/system/test_chaos.py" \
      > check-asan-system.out 2>&1; then
     cat check-asan-system.out
     for log in tests/system/*.log; do echo "==== $log"; cat "$log"; done
