@@ -49,7 +49,10 @@ cd ../build
 # build: an ASan extension module would need libasan preloaded into every
 # process the tests start). A sanitizer report aborts the controller, and
 # the tests then fail.
-if ! ASAN_OPTIONS=detect_leaks=0 IPMPI_TEST_BIN="$(cd ../build-asan && pwd)/ipmpi" \
+# The session-table flood test is left to the main run below: it needs the
+# controller to accept 4150 connections within 60 s, and the sanitizer build
+# accepts too slowly (it held 2000), so here it is deselected by name.
+if ! PYTEST_ADDOPTS="-k 'not lock_out'" ASAN_OPTIONS=detect_leaks=0 IPMPI_TEST_BIN="$(cd ../build-asan && pwd)/ipmpi" \
      make check TESTS="tests/system/test_refusals.py tests/system/test_dead_engines.py tests/system/test_mec.py tests/system/test_chaos.py" \
      > check-asan-system.out 2>&1; then
     cat check-asan-system.out
