@@ -15,6 +15,9 @@ Exit status 1 if any measurement failed or a pulled array was wrong.
 """
 import argparse
 import os
+import socket
+import ssl
+import subprocess
 import sys
 import time
 
@@ -125,6 +128,57 @@ def bench_mpi(nbytes, repeat):
         return nbytes / MIB / best
 
 
+SINK_SERVER = r"""
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+n = int(sys.argv[3])
+buf = bytearray(n)
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+s = ctx.wrap_socket(ls.accept()[0], server_side=True)
+view = memoryview(buf)
+while True:
+    got = 0
+    while got < n:
+        k = s.recv_into(view[got:], n - got)
+        if not k:
+            sys.exit(0)
+        got += k
+    s.sendall(b"k")
+"""
+
+
+def bench_tls_bulk(nbytes, repeat):
+    """The bare-TLS floor for a large transfer: nbytes one way over TLS 1.3
+    on loopback (OpenSSL through Python's ssl, each end its own process,
+    received into one preallocated buffer), best of repeat. ipmpi's client
+    link is one such stream, so push and pull cannot beat it."""
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    cctx.check_hostname = False
+    cctx.verify_mode = ssl.CERT_NONE
+    payload = memoryview(bytearray(b"\x01") * nbytes)
+    with benchlib.tmpdir("bench-tlsbulk-") as d:
+        key, cert = benchlib.self_signed_cert(d)
+        server = subprocess.Popen([sys.executable, "-c", SINK_SERVER, cert, key, str(nbytes)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(server.stdout.readline())
+            with cctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=60)) as s:
+                def once():
+                    s.sendall(payload)
+                    if s.recv(1) != b"k":
+                        raise RuntimeError("TLS sink closed early")
+                return best_rate(nbytes, once, repeat)
+        finally:
+            server.kill()
+            server.wait()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=256, help="array size in MiB")
@@ -135,6 +189,7 @@ def main():
     arr = np.arange(a.mib * MIB // 8, dtype=np.float64)
     memcpy = benchlib.measure("memcpy floor", bench_memcpy, arr, a.repeat)
     mpi = None if a.no_mpi else benchlib.measure("MPI shared-memory floor", bench_mpi, arr.nbytes, a.repeat)
+    tls = benchlib.measure("TLS bulk floor", bench_tls_bulk, arr.nbytes, a.repeat)
     ipmpi = benchlib.measure("ipmpi push/pull", bench_ipmpi, arr, a.repeat)
     peer = benchlib.measure("ipyparallel push/pull", bench_ipyparallel, arr, a.repeat)
 
@@ -152,6 +207,10 @@ def main():
         print("  floor: memcpy (np.copyto)       %8.0f MiB/s" % memcpy)
     if mpi:
         print("  floor: MPI shared memory, 2 ranks %6.0f MiB/s (one way)" % mpi)
+    if tls:
+        print("  floor: TLS 1.3 stream, one way %7.0f MiB/s (Python ssl, loopback)" % tls)
+    if ipmpi and tls:
+        print("  ipmpi/TLS      push %.2f   pull %.2f" % (ipmpi[0] / tls, ipmpi[1] / tls))
     if ipmpi and memcpy:
         print("  ipmpi/memcpy   push %.2f   pull %.2f" % (ipmpi[0] / memcpy, ipmpi[1] / memcpy))
     if ipmpi and mpi:

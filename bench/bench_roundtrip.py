@@ -63,11 +63,7 @@ def bench_tls_floor(calls, workdir, spin):
     both ends poll non-blocking sockets, the lower bound for a runtime
     that polls while it waits, as ipmpi's ranks do.
     """
-    key, cert = os.path.join(workdir, "key.pem"), os.path.join(workdir, "cert.pem")
-    if not os.path.exists(cert):
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                        "-nodes", "-subj", "/CN=x", "-days", "1", "-keyout", key, "-out", cert],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    key, cert = benchlib.self_signed_cert(workdir)
     cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     cctx.minimum_version = ssl.TLSVersion.TLSv1_3
     cctx.check_hostname = False

@@ -72,6 +72,17 @@ def tmpdir(prefix):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def self_signed_cert(workdir):
+    """(key, cert) PEM paths of a throw-away P-256 certificate in workdir,
+    made once with the openssl CLI, for the bare-TLS floors."""
+    key, cert = os.path.join(workdir, "key.pem"), os.path.join(workdir, "cert.pem")
+    if not os.path.exists(cert):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-subj", "/CN=x", "-days", "1", "-keyout", key, "-out", cert],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    return key, cert
+
+
 @contextlib.contextmanager
 def ipmpi_cluster(n, start_timeout=120):
     """Yields (cluster, seconds start() took) for a started ipmpi cluster
