@@ -94,14 +94,18 @@ static int grow_sends(ipmpi_mpilink_t *l, uint32_t more)
     return 0;
 }
 
-int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts)
+/*
+ * Posts the header of a frame of parts to rank, with room reserved for
+ * `more` further sends. Returns 0 and the new operation (registered in the
+ * link, holding a reference to parts, left = 1), or an error with nothing
+ * posted or held.
+ */
+static int post_header(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts, uint32_t more,
+                       ipmpi_sendop_t **out)
 {
     ipmpi_hdr_t hh = *h;
     hh.nparts = parts ? parts->n : 0;
-    uint32_t nreq = 1;
-    for (uint32_t i = 0; parts && i < parts->n; i++)
-        nreq += nchunks(parts->lens[i]);
-    int rc = grow_sends(l, nreq);
+    int rc = grow_sends(l, 1 + more);
     if (rc)
         return rc;
     ipmpi_sendop_t *op = calloc(1, sizeof *op);
@@ -114,19 +118,31 @@ int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi
         return IPMPI_ENOMEM;
     }
     ipmpi_hdr_encode(&hh, parts ? parts->lens : NULL, op->hdr, hl);
-    op->rank = rank;
-    op->parts = parts ? ipmpi_parts_ref(parts) : NULL;
-    /* Once the header is posted the frame must go out whole, or the engine
-     * would read a later frame's parts as this one's: from here on a failed
-     * post is fatal for the link (reported as IPMPI_EMPI). */
     if (MPI_Isend(op->hdr, (int)hl, MPI_BYTE, rank, IPMPI_TAG_HDR, l->comm, &l->sreq[l->ns]) != MPI_SUCCESS) {
-        ipmpi_parts_unref(op->parts);
         free(op->hdr);
         free(op);
         return IPMPI_EMPI;
     }
     l->sop[l->ns++] = op;
+    op->rank = rank;
+    op->parts = parts ? ipmpi_parts_ref(parts) : NULL;
     op->left = 1;
+    *out = op;
+    return 0;
+}
+
+int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts)
+{
+    uint32_t more = 0;
+    for (uint32_t i = 0; parts && i < parts->n; i++)
+        more += nchunks(parts->lens[i]);
+    /* Once the header is posted the frame must go out whole, or the engine
+     * would read a later frame's parts as this one's: from here on a failed
+     * post is fatal for the link (reported as IPMPI_EMPI). */
+    ipmpi_sendop_t *op;
+    int rc = post_header(l, rank, h, parts, more, &op);
+    if (rc)
+        return rc;
     op->bulk = parts && has_bulk(parts->n, parts->lens);
     l->nbulk += (uint32_t)op->bulk;
     for (uint32_t i = 0; parts && i < parts->n; i++) {
@@ -213,30 +229,10 @@ static int stream_post(ipmpi_mpilink_t *l, ipmpi_sendop_t *op, const void *buf, 
 int ipmpi_mpilink_stream_start(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts,
                                ipmpi_sendop_t **out)
 {
-    ipmpi_hdr_t hh = *h;
-    hh.nparts = parts->n;
-    int rc = grow_sends(l, 1);
+    ipmpi_sendop_t *op;
+    int rc = post_header(l, rank, h, parts, 0, &op);
     if (rc)
         return rc;
-    ipmpi_sendop_t *op = calloc(1, sizeof *op);
-    if (!op)
-        return IPMPI_ENOMEM;
-    size_t hl = ipmpi_hdr_wire_size(hh.nparts);
-    op->hdr = malloc(hl);
-    if (!op->hdr) {
-        free(op);
-        return IPMPI_ENOMEM;
-    }
-    ipmpi_hdr_encode(&hh, parts->lens, op->hdr, hl);
-    if (MPI_Isend(op->hdr, (int)hl, MPI_BYTE, rank, IPMPI_TAG_HDR, l->comm, &l->sreq[l->ns]) != MPI_SUCCESS) {
-        free(op->hdr);
-        free(op);
-        return IPMPI_EMPI;
-    }
-    l->sop[l->ns++] = op;
-    op->rank = rank;
-    op->parts = ipmpi_parts_ref(parts);
-    op->left = 1;
     op->open = 1;
     *out = op;
     return 0;

@@ -168,18 +168,19 @@ fail:
     return IPMPI_EPYTHON;
 }
 
+/* The header of this engine's reply to req. */
+static ipmpi_hdr_t reply_hdr(const engine_t *e, const ipmpi_hdr_t *req, int status, uint32_t nparts)
+{
+    ipmpi_hdr_t h = {.kind = req->kind, .flags = IPMPI_F_REPLY, .req_id = req->req_id, .target = e->eid,
+                     .status = status, .total = 1, .nparts = nparts};
+    return h;
+}
+
 /* Sends r as the reply to req. GIL held on entry and return; released
  * for the transfer (r's buffers stay exported meanwhile). */
 static int reply_send(engine_t *e, const ipmpi_hdr_t *req, const reply_t *r)
 {
-    ipmpi_hdr_t h = {0};
-    h.kind = req->kind;
-    h.flags = IPMPI_F_REPLY;
-    h.req_id = req->req_id;
-    h.target = e->eid;
-    h.status = r->status;
-    h.total = 1;
-    h.nparts = r->nviews;
+    ipmpi_hdr_t h = reply_hdr(e, req, r->status, r->nviews);
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = ipmpi_eng_link_send(e->comm, 0, &h, r->lens, r->bufs);
@@ -187,19 +188,11 @@ static int reply_send(engine_t *e, const ipmpi_hdr_t *req, const reply_t *r)
     return rc;
 }
 
-/* Last resort when Python cannot even build an error reply: status
- * IPMPI_EPYTHON with a UTF-8 message, in the form the controller uses for
- * its own errors, so the request is still answered. */
-static int reply_send_plain(engine_t *e, const ipmpi_hdr_t *req, const char *msg)
+/* A reply of one UTF-8 message with status, in the form the controller
+ * uses for its own errors. */
+static int reply_send_text(engine_t *e, const ipmpi_hdr_t *req, int status, const char *msg)
 {
-    ipmpi_hdr_t h = {0};
-    h.kind = req->kind;
-    h.flags = IPMPI_F_REPLY;
-    h.req_id = req->req_id;
-    h.target = e->eid;
-    h.status = IPMPI_EPYTHON;
-    h.total = 1;
-    h.nparts = 1;
+    ipmpi_hdr_t h = reply_hdr(e, req, status, 1);
     uint64_t len = strlen(msg);
     const void *buf = msg;
     return ipmpi_eng_link_send(e->comm, 0, &h, &len, &buf);
@@ -211,18 +204,8 @@ static int reply_aborted(engine_t *e, const ipmpi_hdr_t *req)
 {
     ipmpi_log(IPMPI_LOG_INFO, "request %llu aborted by the controller before it was complete",
               (unsigned long long)req->req_id);
-    ipmpi_hdr_t h = {0};
-    h.kind = req->kind;
-    h.flags = IPMPI_F_REPLY;
-    h.req_id = req->req_id;
-    h.target = e->eid;
-    h.status = IPMPI_EABORTED;
-    h.total = 1;
-    h.nparts = 1;
-    const char *msg = "request aborted: the controller stopped forwarding it before it was complete";
-    uint64_t len = strlen(msg);
-    const void *buf = msg;
-    return ipmpi_eng_link_send(e->comm, 0, &h, &len, &buf);
+    return reply_send_text(e, req, IPMPI_EABORTED,
+                           "request aborted: the controller stopped forwarding it before it was complete");
 }
 
 /* Turns the pending Python exception into Engine.failure's reply.
@@ -329,7 +312,9 @@ reply:
         *exit_after = r.exit_after;
         reply_release(&r);
     } else {
-        rc = reply_send_plain(e, h, "the engine's Python layer failed; see the engine's log");
+        /* Last resort when Python cannot even build an error reply: the
+         * request is still answered. */
+        rc = reply_send_text(e, h, IPMPI_EPYTHON, "the engine's Python layer failed; see the engine's log");
     }
     if (rc != 0)
         ipmpi_log(IPMPI_LOG_ERROR, "cannot send the reply to request %llu: %s",

@@ -33,7 +33,6 @@ import operator
 import os
 import random
 import re
-import shutil
 import socket
 import ssl
 import struct
@@ -44,7 +43,7 @@ import time
 import pytest
 
 from conftest import (HDR, MAGIC, PYTHON, VERSION, child_env, frame, job_processes, parse_furl, read_frame,
-                      start_cluster, stop_cluster, tls_connect, wait_for)
+                      running_cluster, tls_connect, wait_for)
 from ipmpi import _ipmpi as C
 from ipmpi import _serialize, client
 
@@ -784,12 +783,7 @@ def ipcluster_stop(ipmpi_dir):
 
 @pytest.fixture
 def chaos_cluster():
-    c = start_cluster(NENGINES)
-    try:
-        yield c
-    finally:
-        stop_cluster(c)
-        shutil.rmtree(c.ipmpi_dir, ignore_errors=True)
+    yield from running_cluster(NENGINES)
 
 
 def test_adversarial_clients_do_not_hurt_the_controller_or_a_good_client(chaos_cluster):
