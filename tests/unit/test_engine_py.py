@@ -100,6 +100,37 @@ def test_user_exception_is_a_remote_error_with_the_users_traceback(eng):
     assert tb.startswith("Traceback (most recent call last):")
 
 
+def test_repeated_input_names_its_own_execution_in_the_traceback(eng):
+    """Compiled inputs are cached by source; a repeat must still be labelled
+    with its own execution number, nested functions included."""
+    code = "def f():\n    return undefined_name\n\nf()"
+    execute(eng, "pass")
+    first = execute(eng, code)[1]["traceback"]
+    again = execute(eng, code)[1]["traceback"]
+    assert "<ipmpi-input-2>" in first and "<ipmpi-input-3>" not in first
+    assert again.count("<ipmpi-input-3>") == 2, again  # the module and f's frame
+    assert "<ipmpi-input-2>" not in again
+    assert "return undefined_name" in again
+
+
+def test_syntax_warning_lands_in_stderr_on_every_execution():
+    """Code whose compilation warns is never cached, so the warning is in the
+    request's stderr every time. Run in a fresh interpreter: pytest's own
+    warnings capture would swallow it here."""
+    import subprocess
+    script = (
+        "import pickle\n"
+        "from ipmpi._engine import Engine, K_EXECUTE\n"
+        "e = Engine(0, 1, {'id': 0})\n"
+        "for _ in range(2):\n"
+        "    st, rep, _ = e.handle(K_EXECUTE, [bytearray(b'x = 5\\ny = x is 5')])\n"
+        "    m = pickle.loads(rep[0])\n"
+        "    print(st, 'SyntaxWarning' in m['stderr'])\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["0 True", "0 True"], (r.stdout, r.stderr)
+
+
 def test_syntax_error_reports_the_line(eng):
     status, meta, _, _ = execute(eng, "x = = 2")
     assert status == EREMOTE and meta["etype"] == "SyntaxError"
