@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 
 PACKAGES="libopenmpi-dev openmpi-bin libpmix-dev libhwloc-dev hwloc libcmocka-dev libssl-dev
 python3-dev python3-numpy python3-cloudpickle python3-mpi4py python3-pytest
-autoconf automake libtool pkg-config make gcc procps iproute2"
+autoconf automake libtool pkg-config make gcc procps iproute2 openssl"
 
 apt-get update
 DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $PACKAGES

@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 
 PACKAGES="libopenmpi-dev openmpi-bin libpmix-dev libhwloc-dev hwloc libcmocka-dev libssl-dev
 python3-dev python3-numpy python3-cloudpickle python3-mpi4py python3-pytest
-autoconf automake libtool pkg-config make gcc procps iproute2"
+autoconf automake libtool pkg-config make gcc procps iproute2 openssl"
 
 if [ "$(id -u)" = 0 ]; then
     apt-get update
