@@ -42,8 +42,8 @@ import time
 
 import pytest
 
-from conftest import (HDR, MAGIC, PYTHON, VERSION, child_env, frame, job_processes, parse_furl, read_frame,
-                      running_cluster, tls_connect, wait_for)
+from conftest import (HDR, MAGIC, PYTHON, VERSION, child_env, closed_by_peer, frame, job_processes,
+                      parse_furl, read_frame, running_cluster, tls_connect, wait_for)
 from ipmpi import _ipmpi as C
 from ipmpi import _serialize, client
 
@@ -144,18 +144,7 @@ class Raw:
 
 def closed_soon(raw, timeout=10.0):
     """True if the controller closes raw within timeout (frames before the close are skipped)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        raw.s.settimeout(max(0.05, deadline - time.monotonic()))
-        try:
-            data = raw.s.recv(65536)
-        except socket.timeout:
-            return False
-        except (ssl.SSLError, ConnectionError, OSError):
-            return True
-        if not data:
-            return True
-    return False
+    return closed_by_peer(raw.s, timeout)
 
 
 def tlist(ids):
