@@ -27,9 +27,16 @@ void ipmpi_backoff_busy(ipmpi_backoff_t *b, uint64_t now)
 
 uint64_t ipmpi_backoff_next(ipmpi_backoff_t *b, uint64_t now)
 {
-    if (b->max_ns == 0 || now - b->last_busy < b->spin_ns)
+    uint64_t idle = now - b->last_busy;
+    if (b->max_ns == 0 || idle < b->spin_ns)
         return 0;
-    uint64_t d = b->cur_ns;
+    /* Doubling, but never past a quarter of the idle time so far: work that
+     * arrives after an idle spell T waits at most ~T/4 longer (measured: a
+     * push whose controller copies 256 MiB for 30 ms found its engine in
+     * 16-25 ms sleeps; plain doubling added ~25 ms to an 85 ms push). */
+    uint64_t d = b->cur_ns, quarter = idle / 4 > b->min_ns ? idle / 4 : b->min_ns;
+    if (d > quarter)
+        d = quarter;
     if (d > b->max_ns)
         d = b->max_ns;
     b->cur_ns = d * 2 > b->max_ns ? b->max_ns : d * 2;

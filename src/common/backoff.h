@@ -1,7 +1,9 @@
 /*
  * Wait policy for ranks that poll (MPI has no blocking wait that does not
  * spin): after the last activity a rank spins for spin_ns, then sleeps for
- * a time that doubles from min_ns up to max_ns. ipmpi_backoff_next() is a
+ * a time that doubles from min_ns up to max_ns but never exceeds a quarter
+ * of the time idle since the last activity (so waking late costs at most
+ * ~25% of the idle spell). ipmpi_backoff_next() is a
  * pure function of the state and the clock, so it is unit-tested without
  * sleeping. One backoff per polling loop; not thread-safe.
  */

@@ -30,12 +30,13 @@ static void test_spins_within_the_spin_window(void **state)
     assert_true(ipmpi_backoff_next(&b, T0 + 200 * US) == 1 * US);
 }
 
-static void test_sleeps_start_at_min_and_double_up_to_cap_and_stay(void **state)
+static void test_sleeps_start_at_min_and_double_while_idle_allows(void **state)
 {
     (void)state;
     ipmpi_backoff_t b;
     ipmpi_backoff_init(&b, 200, 1000, T0);
-    uint64_t t = T0 + 200 * US;
+    /* Long idle already (4 ms): plain doubling from min up to the cap. */
+    uint64_t t = T0 + 4 * MS;
     uint64_t want = b.min_ns;
     assert_true(want == 1 * US);
     for (int i = 0; i < 10; i++) {
@@ -52,13 +53,33 @@ static void test_sleeps_start_at_min_and_double_up_to_cap_and_stay(void **state)
     }
 }
 
+static void test_sleep_never_exceeds_a_quarter_of_the_idle_time(void **state)
+{
+    (void)state;
+    ipmpi_backoff_t b;
+    ipmpi_backoff_init(&b, 200, 25 * 1000, T0);
+    uint64_t t = T0 + 200 * US, grew = 0;
+    while (t - T0 < 400 * MS) {
+        uint64_t d = ipmpi_backoff_next(&b, t);
+        uint64_t quarter = (t - T0) / 4;
+        assert_true(d >= 1 * US);
+        assert_true(d <= (quarter > 1 * US ? quarter : 1 * US));
+        assert_true(d <= 25 * MS);
+        grew = d > grew ? d : grew;
+        t += d;
+    }
+    /* After 100 ms idle (4x the cap) the cap is reached. */
+    assert_true(grew == 25 * MS);
+    assert_true(ipmpi_backoff_next(&b, t) == 25 * MS);
+}
+
 static void test_cap_that_is_not_a_power_of_two_is_reached_exactly(void **state)
 {
     (void)state;
     ipmpi_backoff_t b;
     ipmpi_backoff_init(&b, 0, 50 * 1000, T0); /* 50 ms, the cap for many idle ranks */
     uint64_t last = 0, t = T0;
-    for (int i = 0; i < 64; i++) {
+    while (t - T0 < 1000 * MS) {
         uint64_t d = ipmpi_backoff_next(&b, t);
         assert_true(d >= last);
         assert_true(d <= 50 * MS);
@@ -86,7 +107,7 @@ static void test_busy_resets_to_spinning_then_min_sleep(void **state)
     ipmpi_backoff_t b;
     ipmpi_backoff_init(&b, 100, 1000, T0);
     uint64_t t = T0 + 100 * US;
-    for (int i = 0; i < 20; i++)
+    while (t - T0 < 10 * MS)
         t += ipmpi_backoff_next(&b, t);
     assert_true(ipmpi_backoff_next(&b, t) == 1000 * US);
 
@@ -95,6 +116,11 @@ static void test_busy_resets_to_spinning_then_min_sleep(void **state)
     assert_true(ipmpi_backoff_next(&b, t + 99 * US) == 0);
     assert_true(ipmpi_backoff_next(&b, t + 100 * US) == 1 * US);
     assert_true(ipmpi_backoff_next(&b, t + 101 * US) == 2 * US);
+    /* 120 µs idle: a quarter is 30 µs, so 4, 8, 16, then 30 and not 32. */
+    assert_true(ipmpi_backoff_next(&b, t + 120 * US) == 4 * US);
+    assert_true(ipmpi_backoff_next(&b, t + 120 * US) == 8 * US);
+    assert_true(ipmpi_backoff_next(&b, t + 120 * US) == 16 * US);
+    assert_true(ipmpi_backoff_next(&b, t + 120 * US) == 30 * US);
 }
 
 static void test_zero_cap_always_spins(void **state)
@@ -144,7 +170,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_spins_within_the_spin_window),
-        cmocka_unit_test(test_sleeps_start_at_min_and_double_up_to_cap_and_stay),
+        cmocka_unit_test(test_sleeps_start_at_min_and_double_while_idle_allows),
+        cmocka_unit_test(test_sleep_never_exceeds_a_quarter_of_the_idle_time),
         cmocka_unit_test(test_cap_that_is_not_a_power_of_two_is_reached_exactly),
         cmocka_unit_test(test_never_sleeps_longer_than_cap),
         cmocka_unit_test(test_busy_resets_to_spinning_then_min_sleep),
