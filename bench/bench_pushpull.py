@@ -5,9 +5,14 @@ ipmpi (`mec.push(dict(a=arr), targets=0)`, `mec.pull('a', targets=0)`) vs
 ipyparallel 7.1 (`rc[0].push(dict(a=arr), block=True)`,
 `rc[0].pull('a', block=True)`): MiB/s each way, best of --repeat runs, the
 values checked after every pull, and the ratio (target: ipmpi >= 5x each
-way). Floors measured in the same run: a memcpy of the same array in numpy
-(np.copyto), and, unless --no-mpi, an MPI ping of the same size between two
-ranks of one node through mpi4py (shared memory).
+way). ipmpi is measured twice, each on its own cluster: the default
+client, which co-located with the controller uses same-host shared memory
+(doc/protocol.md section 5), and a client with shm=False ("ipmpi over
+TLS"); each row says which path its client used (mec.shm). The 5x target
+is for the default client. Floors measured in the same run: a memcpy of the
+same array in numpy (np.copyto), and, unless --no-mpi, an MPI ping of the
+same size between two ranks of one node through mpi4py (shared memory), and
+one TLS 1.3 stream (the bound of the TLS path, not of shared memory).
 
 Usage: bench_pushpull.py [--mib 256] [--repeat 3] [--no-mpi]
 Environment: the build tree first on PYTHONPATH and PATH (make bench).
@@ -48,34 +53,46 @@ def check_same(got, arr):
 
 
 def push_pull(push, pull, arr, repeat):
-    """(push MiB/s, pull MiB/s); every pull is checked against arr."""
-    def pull_checked():
-        check_same(pull(), arr)
+    """(push MiB/s, pull MiB/s); every pull is checked against arr.
 
+    Each pull is timed alone, checked after its clock stopped and dropped
+    before the next one, as a user pulls, uses and drops a result; the
+    same for every peer. (Keeping every result alive would make each pull
+    land in memory the process never used: on this VM that costs ~600 ms
+    per 256 MiB from the host, for any peer, and measures the VM instead.)
+    """
     push()  # warm-up: first touch of the engine's memory, connection set-up
-    pull_checked()
+    check_same(pull(), arr)
     up = best_rate(arr.nbytes, push, repeat)
-    # Timed pulls are checked after the clock stops; the check is not part
-    # of the figure, so time the bare pull and check each result after.
-    results = []
-
-    def pull_keep():
-        results.append(pull())
-
-    down = best_rate(arr.nbytes, pull_keep, repeat)
-    for r in results:
-        check_same(r, arr)
-    return up, down
+    best = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        got = pull()
+        dt = time.perf_counter() - t0
+        check_same(got, arr)
+        del got
+        best = dt if best is None or dt < best else best
+    return up, arr.nbytes / MIB / best
 
 
-def bench_ipmpi(arr, repeat):
+def bench_ipmpi(arr, repeat, **client_kw):
+    """(push MiB/s, pull MiB/s, mec.shm) of a client made with client_kw
+    (none: the default client; shm=False: TLS only)."""
     with benchlib.ipmpi_cluster(1) as (c, _):
-        mec = c.client()
+        mec = c.client(**client_kw)
         try:
-            return push_pull(lambda: mec.push(dict(a=arr), targets=0),
-                             lambda: mec.pull("a", targets=0), arr, repeat)
+            up, down = push_pull(lambda: mec.push(dict(a=arr), targets=0),
+                                 lambda: mec.pull("a", targets=0), arr, repeat)
+            return up, down, getattr(mec, "shm_path", None) or (False if mec.shm is False else None)
         finally:
             mec.close()
+
+
+def path_name(path):
+    """Which path a client used, from its mec.shm_path."""
+    if not path:
+        return "path: TLS (mec.shm_path=None)"
+    return "path: same-host %s (mec.shm_path=%r)" % (path, path)
 
 
 def bench_ipyparallel(arr, repeat):
@@ -190,19 +207,32 @@ def main():
     memcpy = benchlib.measure("memcpy floor", bench_memcpy, arr, a.repeat)
     mpi = None if a.no_mpi else benchlib.measure("MPI shared-memory floor", bench_mpi, arr.nbytes, a.repeat)
     tls = benchlib.measure("TLS bulk floor", bench_tls_bulk, arr.nbytes, a.repeat)
-    ipmpi = benchlib.measure("ipmpi push/pull", bench_ipmpi, arr, a.repeat)
+    ipmpi_run = benchlib.measure("ipmpi push/pull", bench_ipmpi, arr, a.repeat)
+    ipmpi_tls_run = benchlib.measure("ipmpi over TLS push/pull", bench_ipmpi, arr, a.repeat, shm=False)
+    ipmpi = ipmpi_run[:2] if ipmpi_run else None
+    ipmpi_tls = ipmpi_tls_run[:2] if ipmpi_tls_run else None
     peer = benchlib.measure("ipyparallel push/pull", bench_ipyparallel, arr, a.repeat)
 
     print("push / pull of a %d MiB float64 array to one engine, best of %d, loopback"
           % (a.mib, a.repeat))
     if ipmpi:
-        print("  ipmpi            push %8.0f MiB/s   pull %8.0f MiB/s" % ipmpi)
+        print("  ipmpi            push %8.0f MiB/s   pull %8.0f MiB/s   %s"
+              % (ipmpi + (path_name(ipmpi_run[2]),)))
+    if ipmpi_tls:
+        print("  ipmpi over TLS   push %8.0f MiB/s   pull %8.0f MiB/s   %s"
+              % (ipmpi_tls + (path_name(ipmpi_tls_run[2]),)))
     if peer:
         print("  ipyparallel 7.1  push %8.0f MiB/s   pull %8.0f MiB/s" % peer)
     if ipmpi and peer:
         rp, rl = ipmpi[0] / peer[0], ipmpi[1] / peer[1]
         print("  ratio ipmpi/ipyparallel   push %.1fx   pull %.1fx   target >= 5x each way: %s"
               % (rp, rl, "met" if min(rp, rl) >= 5 else "NOT met"))
+    if ipmpi_tls and peer:
+        print("  ratio ipmpi over TLS/ipyparallel   push %.1fx   pull %.1fx   (no target)"
+              % (ipmpi_tls[0] / peer[0], ipmpi_tls[1] / peer[1]))
+    if ipmpi and ipmpi_tls:
+        print("  ratio ipmpi/ipmpi over TLS   push %.1fx   pull %.1fx"
+              % (ipmpi[0] / ipmpi_tls[0], ipmpi[1] / ipmpi_tls[1]))
     if memcpy:
         print("  floor: memcpy (np.copyto)       %8.0f MiB/s" % memcpy)
     if mpi:
@@ -211,6 +241,10 @@ def main():
         print("  floor: TLS 1.3 stream, one way %7.0f MiB/s (Python ssl, loopback)" % tls)
     if ipmpi and tls:
         print("  ipmpi/TLS      push %.2f   pull %.2f" % (ipmpi[0] / tls, ipmpi[1] / tls))
+    if ipmpi_tls and tls:
+        print("  ipmpi over TLS/TLS   push %.2f   pull %.2f" % (ipmpi_tls[0] / tls, ipmpi_tls[1] / tls))
+    if ipmpi_tls and memcpy:
+        print("  ipmpi over TLS/memcpy   push %.2f   pull %.2f" % (ipmpi_tls[0] / memcpy, ipmpi_tls[1] / memcpy))
     if ipmpi and memcpy:
         print("  ipmpi/memcpy   push %.2f   pull %.2f" % (ipmpi[0] / memcpy, ipmpi[1] / memcpy))
     if ipmpi and mpi:

@@ -23,7 +23,7 @@
  *   24  u32 total      reply: how many replies this request produces in all
  *                      (one per target engine); 0 in requests
  *   28  u32 nparts     number of parts that follow
- *   32  u64 aux        kind-specific (unused: 0)
+ *   32  u64 aux        with IPMPI_F_SHM: the sender's pid; otherwise 0
  *   40  u64 len[nparts]
  *
  * Thread safety: everything here is constants; see codec.h for the codec.
@@ -52,7 +52,27 @@
 #define IPMPI_MPI_CHUNK (1u << 30)
 
 /* Flags. */
-#define IPMPI_F_REPLY 0x0001u /* this frame is a reply */
+#define IPMPI_F_REPLY 0x0001u  /* this frame is a reply */
+/* Same-host shared memory (doc/protocol.md section 5): the last part is a
+ * table of IPMPI_SHMREF_SIZE-byte entries naming parts whose bytes are in
+ * a memfd of the sender (pid in aux) instead of on the wire. */
+#define IPMPI_F_SHM 0x0002u
+/* On a request: the replies may carry shared-memory parts (IPMPI_F_SHM);
+ * the client releases each memfd they name with IPMPI_K_RELEASE. */
+#define IPMPI_F_SHM_OK 0x0004u
+/* On a request: shm table entries of the replies may name process memory
+ * (IPMPI_SHM_VM), which the client reads with process_vm_readv. */
+#define IPMPI_F_VM_OK 0x0008u
+/* An shm table entry whose fd has this bit set names process memory, not
+ * a memfd: its bytes are at address `offset` of the sender (read with
+ * process_vm_readv); the whole u32 is the handle the client releases. */
+#define IPMPI_SHM_VM 0x80000000u
+
+/* One shm table entry: u32 part index, u32 fd, u64 offset, u64 length,
+ * u64 reserved (0). */
+#define IPMPI_SHMREF_SIZE 32u
+/* Parts this large travel through shared memory when both ends allow it. */
+#define IPMPI_SHM_MIN ((uint64_t)1 << 20)
 
 /*
  * Kinds. Part layouts (requests -> replies). "meta" is a pickled dict built
@@ -78,6 +98,8 @@ enum ipmpi_kind {
     IPMPI_K_TASK_ABORT = 15,
     IPMPI_K_TASK_BARRIER = 16,
     IPMPI_K_PROPERTIES = 17,  /* controller: [] -> [json list of engine properties] */
+    IPMPI_K_SHM_PROBE = 18,   /* controller: [nonce by shm] -> [the same bytes by shm] */
+    IPMPI_K_RELEASE = 19,     /* controller: [u32 fds...]; no reply (see F_SHM_OK) */
     IPMPI_K_READY = 32,       /* engine -> controller once at start: [json properties] */
     IPMPI_K_EXIT = 33,        /* controller -> engine: leave the loop and exit */
     IPMPI_K_MAX_

@@ -10,6 +10,7 @@
  */
 #include "hugemem.h"
 #include "conn.h"
+#include "shm.h"
 
 #include <errno.h>
 #include <netdb.h>
@@ -21,11 +22,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
+#include <openssl/rand.h>
 #include <openssl/ssl.h>
 
 #include "backoff.h"
@@ -42,6 +45,20 @@
 
 enum { RX_HDR, RX_LENS, RX_PARTS };
 
+/* Own memfds for large request parts, reused while the controller keeps
+ * them mapped (a fresh memfd costs ~7x the copy into one in use). */
+#define SHM_SLOTS 8
+#define SHM_IDLE_NS (10ull * 1000000000ull)
+#define SHM_ALIGN ((uint64_t)2 << 20)
+#define SHM_CLAIMED UINT64_MAX /* busy for a request that has no id yet */
+typedef struct shm_slot {
+    int fd;        /* -1: empty */
+    uint8_t *base;
+    uint64_t cap;
+    uint64_t busy; /* request id that uses it, 0: free */
+    uint64_t t;    /* when it was last freed */
+} shm_slot_t;
+
 /* The frame being read. rep.parts/lens/data are allocated per frame and
  * handed to the store when the frame is complete. */
 typedef struct rx_state {
@@ -55,6 +72,7 @@ typedef struct rx_state {
     char **data;  /* memory of rep.parts[i], or NULL when discarding */
     int keep;     /* someone waits for this req_id */
     int nomem;    /* alloc failed: the parts are discarded, status ENOMEM */
+    uint8_t *tab; /* IPMPI_F_SHM: the table, kept even when discarding */
     uint32_t cur;
     uint64_t off;
 } rx_state_t;
@@ -80,6 +98,14 @@ struct ipmpi_cl {
     uint8_t *wbuf; /* gather buffer for small writes; under send_mu */
     size_t wlen;
     uint8_t scratch[SCRATCH_SIZE];
+
+    /* Same-host shared memory (doc/protocol.md section 5). */
+    int shm;          /* the probe passed: big parts go by memfd both ways */
+    int vm;           /* ... and by process memory (process_vm_readv) */
+    pthread_mutex_t shm_mu; /* pool; a leaf lock (taken last) */
+    shm_slot_t pool[SHM_SLOTS];
+    uint32_t *relfds; /* the controller's memfds read and not yet released; under mu */
+    uint32_t nrel, relcap;
 };
 
 /* ---- errors ---- */
@@ -183,6 +209,90 @@ static int insert(ipmpi_cl_t *c, uint64_t id)
     return 0;
 }
 
+/* ---- own memfds for request parts ---- */
+
+static void shm_slot_close(shm_slot_t *sl)
+{
+    munmap(sl->base, (size_t)sl->cap);
+    close(sl->fd);
+    sl->fd = -1;
+    sl->base = NULL;
+    sl->busy = 0;
+}
+
+/* A memfd of at least len bytes, marked busy (SHM_CLAIMED), or NULL when
+ * every slot is busy or memory runs out (the part then goes inline). Free
+ * slots idle for SHM_IDLE_NS are closed on the way. */
+static shm_slot_t *shm_claim(ipmpi_cl_t *c, uint64_t len)
+{
+    uint64_t now = ipmpi_now_ns();
+    uint64_t need = (len + SHM_ALIGN - 1) & ~(SHM_ALIGN - 1);
+    shm_slot_t *best = NULL, *spare = NULL;
+    pthread_mutex_lock(&c->shm_mu);
+    for (int i = 0; i < SHM_SLOTS; i++) {
+        shm_slot_t *sl = &c->pool[i];
+        if (sl->fd >= 0 && !sl->busy && now - sl->t >= SHM_IDLE_NS)
+            shm_slot_close(sl);
+        if (sl->fd < 0) {
+            spare = spare ? spare : sl;
+            continue;
+        }
+        if (sl->busy)
+            continue;
+        if (sl->cap >= need && sl->cap - need <= sl->cap / 4 && (!best || sl->cap < best->cap))
+            best = sl;
+        else if (!spare || (spare->fd >= 0 && sl->t < spare->t))
+            spare = sl; /* the oldest free one that does not fit */
+    }
+    if (!best && spare) {
+        if (spare->fd >= 0)
+            shm_slot_close(spare);
+        int fd = ipmpi_shm_create("part", need);
+        uint8_t *base = fd >= 0 ? ipmpi_shm_map(fd, need, 1, 0) : NULL;
+        if (base) {
+            ipmpi_advise_huge(base, need);
+            *spare = (shm_slot_t){.fd = fd, .base = base, .cap = need};
+            best = spare;
+        } else if (fd >= 0) {
+            close(fd);
+        }
+    }
+    if (best)
+        best->busy = SHM_CLAIMED;
+    pthread_mutex_unlock(&c->shm_mu);
+    return best;
+}
+
+/* The memfds of request id (SHM_CLAIMED: of the request being sent) are
+ * free again (reuse) or, when the request was given up while the
+ * controller may still read them, closed so nothing ever overwrites them. */
+static void shm_unclaim(ipmpi_cl_t *c, uint64_t id, int reuse)
+{
+    uint64_t now = ipmpi_now_ns();
+    pthread_mutex_lock(&c->shm_mu);
+    for (int i = 0; i < SHM_SLOTS; i++) {
+        shm_slot_t *sl = &c->pool[i];
+        if (sl->fd < 0 || sl->busy != id)
+            continue;
+        if (reuse) {
+            sl->busy = 0;
+            sl->t = now;
+        } else {
+            shm_slot_close(sl);
+        }
+    }
+    pthread_mutex_unlock(&c->shm_mu);
+}
+
+static void shm_mark(ipmpi_cl_t *c, uint64_t id)
+{
+    pthread_mutex_lock(&c->shm_mu);
+    for (int i = 0; i < SHM_SLOTS; i++)
+        if (c->pool[i].fd >= 0 && c->pool[i].busy == SHM_CLAIMED)
+            c->pool[i].busy = id;
+    pthread_mutex_unlock(&c->shm_mu);
+}
+
 static ipmpi_cl_entry_t *unlink_entry(ipmpi_cl_t *c, uint64_t id)
 {
     ipmpi_cl_entry_t **pp = slot(c, id);
@@ -224,6 +334,8 @@ static void rx_reset(rx_state_t *rx)
 {
     free(rx->data);
     rx->data = NULL;
+    free(rx->tab);
+    rx->tab = NULL;
     memset(&rx->rep, 0, sizeof rx->rep);
     rx->stage = RX_HDR;
     rx->have = 0;
@@ -233,14 +345,147 @@ static void rx_reset(rx_state_t *rx)
     rx->off = 0;
 }
 
+/* Turns a reply with an error status that the client made up: one part,
+ * the message. mu held. */
+static void rx_fail(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks, int status, const char *msg)
+{
+    rx_state_t *rx = &c->rx;
+    reply_release(&rx->rep, hooks);
+    rx->rep.status = status;
+    rx->rep.lens = calloc(1, sizeof(uint64_t));
+    rx->rep.parts = calloc(1, sizeof(void *));
+    char *d = NULL;
+    if (rx->rep.lens && rx->rep.parts) {
+        rx->rep.nparts = 1;
+        rx->rep.lens[0] = strlen(msg);
+        rx->rep.parts[0] = hooks->alloc(hooks->ctx, rx->rep.lens[0], &d);
+        if (rx->rep.parts[0])
+            memcpy(d, msg, rx->rep.lens[0]);
+    }
+    rx->h.status = status;
+}
+
+/* Remembers a memfd of the controller to release with the next frame. */
+static void rx_release_later(ipmpi_cl_t *c, uint32_t fd)
+{
+    if (c->nrel == c->relcap) {
+        uint32_t ncap = c->relcap ? c->relcap * 2 : 16;
+        uint32_t *n = realloc(c->relfds, ncap * sizeof *n);
+        if (!n)
+            return; /* the controller frees it when we disconnect */
+        c->relfds = n;
+        c->relcap = ncap;
+    }
+    c->relfds[c->nrel++] = fd;
+}
+
+/* A reply with IPMPI_F_SHM: copies every part it names out of the
+ * controller's memfd (pid in aux) into memory of our own, drops the table
+ * and queues the memfds for RELEASE. On failure the reply becomes an error
+ * saying why (nothing is silently lost). mu held. */
+static void rx_shm_resolve(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
+{
+    rx_state_t *rx = &c->rx;
+    uint32_t n = rx->rep.nparts;
+    char why[256] = "";
+    ipmpi_shmref_t *refs = n > 1 ? malloc((size_t)(n - 1) * sizeof *refs) : NULL;
+    uint64_t wire = 0;
+    for (uint32_t i = 0; i + 1 < n; i++)
+        wire += rx->rep.lens[i];
+    long k = refs && rx->tab ? ipmpi_shmref_decode(rx->tab, rx->rep.lens[n - 1], n - 1,
+                                        rx->rep.lens, wire, &c->lim, refs, n - 1)
+                  : IPMPI_EPROTO;
+    if (k < 0) {
+        free(refs);
+        if (rx->keep && !rx->nomem)
+            rx_fail(c, hooks, IPMPI_EPROTO, "malformed shared-memory table in a reply from the controller");
+        return;
+    }
+    for (long i = 0; i < k; i++)
+        rx_release_later(c, refs[i].fd);
+    if (!rx->keep || rx->nomem) {
+        free(refs);
+        return;
+    }
+    hooks->release(hooks->ctx, rx->rep.parts[n - 1]);
+    rx->rep.parts[n - 1] = NULL;
+    rx->rep.nparts = n - 1;
+    for (long i = 0; i < k; i++) {
+        uint32_t part = refs[i].part;
+        if (refs[i].fd & IPMPI_SHM_VM) {
+            char *dst = NULL;
+            void *obj = hooks->alloc(hooks->ctx, refs[i].len, &dst);
+            if (!obj) {
+                snprintf(why, sizeof why, "out of memory for a %llu-byte part", (unsigned long long)refs[i].len);
+                break;
+            }
+            ipmpi_advise_huge(dst, refs[i].len);
+            if (ipmpi_vm_read((int)rx->h.aux, refs[i].off, dst, refs[i].len) != 0) {
+                snprintf(why, sizeof why, "cannot read the controller's memory: %s", strerror(errno));
+                hooks->release(hooks->ctx, obj);
+                break;
+            }
+            if (rx->rep.parts[part])
+                hooks->release(hooks->ctx, rx->rep.parts[part]);
+            rx->rep.parts[part] = obj;
+            rx->rep.lens[part] = refs[i].len;
+            continue;
+        }
+        uint64_t size = 0, ino = 0;
+        int g = ipmpi_shm_open_peer((int)rx->h.aux, refs[i].fd, refs[i].off + refs[i].len, &size, &ino, why,
+                                    sizeof why);
+        if (g < 0)
+            break;
+        uint8_t *m = ipmpi_shm_map(g, size, 0, 0);
+        close(g);
+        char *dst = NULL;
+        void *obj = m ? hooks->alloc(hooks->ctx, refs[i].len, &dst) : NULL;
+        if (!obj) {
+            if (m)
+                munmap(m, (size_t)size);
+            snprintf(why, sizeof why, m ? "out of memory for a %llu-byte part" : "cannot map the controller's memfd",
+                     (unsigned long long)refs[i].len);
+            break;
+        }
+        ipmpi_advise_huge(dst, refs[i].len);
+        memcpy(dst, m + refs[i].off, (size_t)refs[i].len);
+        munmap(m, (size_t)size);
+        if (rx->rep.parts[part])
+            hooks->release(hooks->ctx, rx->rep.parts[part]);
+        rx->rep.parts[part] = obj;
+        rx->rep.lens[part] = refs[i].len;
+        why[0] = '\0';
+    }
+    free(refs);
+    if (why[0]) {
+        char msg[320];
+        snprintf(msg, sizeof msg, "reply through shared memory lost: %s", why);
+        rx_fail(c, hooks, IPMPI_EIO, msg);
+    }
+}
+
 /* The frame is complete: hand it to its entry, or drop it. mu held. */
 static void rx_deliver(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
 {
     rx_state_t *rx = &c->rx;
+    if (rx->h.kind == IPMPI_K_RELEASE) {
+        /* An ack: the controller copied this request's process memory. */
+        ipmpi_cl_entry_t *a = lookup(c, rx->h.req_id);
+        if (a)
+            a->acked = 1;
+        pthread_cond_broadcast(&c->cond);
+        reply_release(&rx->rep, hooks);
+        rx_reset(rx);
+        return;
+    }
+    if ((rx->h.flags & IPMPI_F_SHM) && rx->rep.nparts > 0)
+        rx_shm_resolve(c, hooks);
     ipmpi_cl_entry_t *e = lookup(c, rx->h.req_id);
     ipmpi_cl_reply_t rep = rx->rep;
     rep.target = rx->h.target;
     rep.status = rx->h.status;
+    /* Taken over by rep; rx_reset must not release them again. */
+    memset(&rx->rep, 0, sizeof rx->rep);
     if (!e || !rx->keep) {
         reply_release(&rep, hooks);
         goto done;
@@ -287,6 +532,16 @@ static int rx_start_parts(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
         set_broken(c, (int)r, "reply %llu from the controller is too large",
                    (unsigned long long)rx->h.req_id);
         return (int)r;
+    }
+    if ((rx->h.flags & IPMPI_F_SHM) && n > 0) {
+        /* The table names memfds to release even if nobody wants the reply. */
+        uint64_t tl = rx->rep.lens[n - 1];
+        rx->tab = tl <= (uint64_t)n * IPMPI_SHMREF_SIZE ? malloc((size_t)tl + 1) : NULL;
+        if (!rx->tab) {
+            set_broken(c, IPMPI_EPROTO, "bad shared-memory table in reply %llu from the controller",
+                       (unsigned long long)rx->h.req_id);
+            return IPMPI_EPROTO;
+        }
     }
     rx->keep = lookup(c, rx->h.req_id) != NULL;
     for (uint32_t i = 0; rx->keep && i < n; i++) {
@@ -370,7 +625,10 @@ static int pump(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
                 rx->off = 0;
                 continue;
             }
-            if (rx->data[rx->cur]) {
+            if (rx->tab && rx->cur == rx->rep.nparts - 1) {
+                dest = rx->tab + rx->off;
+                want = (size_t)left;
+            } else if (rx->data[rx->cur]) {
                 dest = (uint8_t *)rx->data[rx->cur] + rx->off;
                 want = left > (1u << 30) ? (1u << 30) : (size_t)left;
             } else {
@@ -470,6 +728,11 @@ void ipmpi_cl_free(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
     free(c->rx.data);
     free(c->rx.lensbuf);
     free(c->wbuf);
+    for (int i = 0; i < SHM_SLOTS; i++)
+        if (c->pool[i].fd >= 0)
+            shm_slot_close(&c->pool[i]);
+    free(c->relfds);
+    pthread_mutex_destroy(&c->shm_mu);
     SSL_CTX_free(c->ctx);
     pthread_cond_destroy(&c->cond);
     pthread_mutex_destroy(&c->mu);
@@ -614,6 +877,9 @@ int ipmpi_cl_connect(const ipmpi_furl_t *f, double timeout_s, const ipmpi_cl_hoo
         goto free_c;
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->send_mu, NULL);
+    pthread_mutex_init(&c->shm_mu, NULL);
+    for (int i = 0; i < SHM_SLOTS; i++)
+        c->pool[i].fd = -1;
     rx_reset(&c->rx);
 
     c->ctx = ipmpi_tls_client_ctx();
@@ -718,30 +984,89 @@ static int write_piece(ipmpi_cl_t *c, const void *p, size_t len, const ipmpi_cl_
     return write_raw(c, p, len, hooks);
 }
 
-int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, const struct iovec *parts,
-                  const ipmpi_cl_hooks_t *hooks, uint64_t *req_id)
+static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
+                      ipmpi_cl_entry_t **out);
+
+/* Writes a RELEASE frame for the controller's memfds copied out so far.
+ * send_mu and mu held. */
+static int write_release(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
+{
+    if (c->nrel == 0)
+        return 0;
+    uint64_t len = (uint64_t)c->nrel * 4u;
+    uint8_t hb[IPMPI_HDR_SIZE + 8];
+    ipmpi_hdr_t h = {.kind = IPMPI_K_RELEASE, .target = IPMPI_TARGET_CONTROLLER, .nparts = 1};
+    ipmpi_hdr_encode(&h, &len, hb, sizeof hb);
+    for (uint32_t i = 0; i < c->nrel; i++) /* in place: u32 LE over u32 */
+        ipmpi_put_u32((uint8_t *)&c->relfds[i], c->relfds[i]);
+    c->nrel = 0;
+    int rc = write_piece(c, hb, sizeof hb, hooks);
+    return rc ? rc : write_piece(c, c->relfds, (size_t)len, hooks);
+}
+
+/*
+ * Sends one frame. With c->shm (or shm_all, for the probe) parts of
+ * IPMPI_SHM_MIN bytes or more (shm_all: every part) are copied into own
+ * memfds and named in a table instead of going over TLS, and the request
+ * allows shared memory in its replies.
+ */
+static int send_frame(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, const struct iovec *parts,
+                      const ipmpi_cl_hooks_t *hooks, uint64_t *req_id, int shm_all)
 {
     int rc;
+    /* shm_all 2: the process-memory probe. */
+    int vm = c->vm || shm_all == 2;
+    uint32_t nvm = 0;
     if (nparts > c->lim.max_parts)
         return IPMPI_E2BIG;
-    size_t hsize = ipmpi_hdr_wire_size(nparts);
+    /* The table takes a part of its own. */
+    int shm = (c->shm || shm_all) && nparts < c->lim.max_parts;
+    uint32_t nwire = nparts + 1, k = 0;
+    size_t hsize = ipmpi_hdr_wire_size(nwire);
     uint8_t *hbuf = malloc(hsize);
-    uint64_t *lens = malloc((nparts ? nparts : 1) * sizeof *lens);
-    if (!hbuf || !lens) {
+    uint64_t *lens = malloc(nwire * sizeof *lens);
+    uint8_t *tab = shm ? malloc((size_t)nwire * IPMPI_SHMREF_SIZE) : NULL;
+    if (!hbuf || !lens || (shm && !tab)) {
         rc = IPMPI_ENOMEM;
         goto free_bufs;
     }
-    for (uint32_t i = 0; i < nparts; i++)
-        lens[i] = parts[i].iov_len;
-
     pthread_mutex_lock(&c->send_mu);
+    /* Copies into memfds happen before mu is taken: replies keep flowing. */
+    for (uint32_t i = 0; i < nparts; i++) {
+        lens[i] = parts[i].iov_len;
+        if (!shm || (!shm_all && parts[i].iov_len < IPMPI_SHM_MIN) || parts[i].iov_len == 0)
+            continue;
+        if (vm) {
+            /* Read by the controller from where it is; we wait for its ack. */
+            ipmpi_shmref_t r = {.part = i, .fd = IPMPI_SHM_VM, .off = (uint64_t)(uintptr_t)parts[i].iov_base,
+                                .len = parts[i].iov_len};
+            ipmpi_shmref_encode(&r, tab + (size_t)k++ * IPMPI_SHMREF_SIZE);
+            nvm++;
+            lens[i] = 0;
+            continue;
+        }
+        shm_slot_t *sl = shm_claim(c, parts[i].iov_len);
+        if (!sl)
+            continue;
+        memcpy(sl->base, parts[i].iov_base, parts[i].iov_len);
+        ipmpi_shmref_t r = {.part = i, .fd = (uint32_t)sl->fd, .off = 0, .len = parts[i].iov_len};
+        ipmpi_shmref_encode(&r, tab + (size_t)k++ * IPMPI_SHMREF_SIZE);
+        lens[i] = 0;
+    }
+    if (k > 0)
+        lens[nparts] = (uint64_t)k * IPMPI_SHMREF_SIZE;
+    else
+        nwire = nparts;
     enter(c);
     if (c->err) {
         rc = c->err;
         goto unlock;
     }
     uint64_t id = ++c->next_id;
-    ipmpi_hdr_t h = {.kind = (uint8_t)kind, .req_id = id, .target = target, .nparts = nparts};
+    ipmpi_hdr_t h = {.kind = (uint8_t)kind, .req_id = id, .target = target, .nparts = nwire,
+                     .flags = (uint16_t)((k ? IPMPI_F_SHM : 0) | (shm ? IPMPI_F_SHM_OK : 0) |
+                                         (vm ? IPMPI_F_VM_OK : 0)),
+                     .aux = k ? (uint64_t)getpid() : 0};
     long hl = ipmpi_hdr_encode(&h, lens, hbuf, hsize);
     if (hl < 0) {
         rc = (int)hl;
@@ -750,30 +1075,132 @@ int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, cons
     rc = insert(c, id);
     if (rc != 0)
         goto unlock;
+    shm_mark(c, id);
     c->wlen = 0;
-    rc = write_piece(c, hbuf, (size_t)hl, hooks);
+    rc = write_release(c, hooks);
+    if (rc == 0)
+        rc = write_piece(c, hbuf, (size_t)hl, hooks);
     for (uint32_t i = 0; rc == 0 && i < nparts; i++)
-        rc = write_piece(c, parts[i].iov_base, parts[i].iov_len, hooks);
+        if (lens[i] || parts[i].iov_len == 0)
+            rc = write_piece(c, parts[i].iov_base, parts[i].iov_len, hooks);
+    if (rc == 0 && k > 0)
+        rc = write_piece(c, tab, (size_t)k * IPMPI_SHMREF_SIZE, hooks);
     if (rc == 0)
         rc = flush_wbuf(c, hooks);
     if (rc != 0) {
         ipmpi_cl_entry_free(unlink_entry(c, id), hooks);
+        shm_unclaim(c, id, 0);
         goto unlock;
     }
     *req_id = id;
 unlock:
     leave(c);
+    shm_unclaim(c, SHM_CLAIMED, 0); /* claimed but never sent */
     pthread_mutex_unlock(&c->send_mu);
+    if (rc == 0 && nvm > 0) {
+        /* The caller's memory must stay as it is until the controller
+         * copied it: its ack (or a reply, or the end of the link). */
+        int w = wait_entry(c, *req_id, 0, hooks, NULL);
+        if (w != 0 && w != IPMPI_ENOENT)
+            rc = w;
+    }
 free_bufs:
+    free(tab);
     free(lens);
     free(hbuf);
     return rc;
 }
 
+int ipmpi_cl_shm_on(ipmpi_cl_t *c)
+{
+    return c->vm ? 2 : c->shm;
+}
+
+int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, const struct iovec *parts,
+                  const ipmpi_cl_hooks_t *hooks, uint64_t *req_id)
+{
+    return send_frame(c, kind, target, nparts, parts, hooks, req_id, 0);
+}
+
+/* Sends what is waiting for RELEASE, if anything (no lock held). */
+static void flush_release(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
+{
+    pthread_mutex_lock(&c->send_mu);
+    enter(c);
+    if (c->nrel && !c->err) {
+        c->wlen = 0;
+        if (write_release(c, hooks) == 0)
+            flush_wbuf(c, hooks);
+    }
+    leave(c);
+    pthread_mutex_unlock(&c->send_mu);
+}
+
+/* One SHM_PROBE: a random nonce out through shared memory (mode 1: an
+ * own memfd, 2: our process memory) and back through the controller's
+ * (mode 2: a part of IPMPI_SHM_MIN bytes that starts with the nonce). */
+static int probe_once(ipmpi_cl_t *c, int mode, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks, char *msg,
+                      size_t msgcap)
+{
+    uint8_t nonce[32];
+    ipmpi_cl_entry_t *e = NULL;
+    uint64_t id = 0;
+    if (RAND_bytes(nonce, sizeof nonce) != 1) {
+        snprintf(msg, msgcap, "no random bytes for the probe");
+        return IPMPI_EIO;
+    }
+    struct iovec part = {.iov_base = nonce, .iov_len = sizeof nonce};
+    int rc = send_frame(c, IPMPI_K_SHM_PROBE, IPMPI_TARGET_CONTROLLER, 1, &part, hooks, &id, mode);
+    if (rc == 0)
+        rc = ipmpi_cl_wait(c, id, deadline_ns, hooks, &e);
+    if (rc != 0) {
+        if (rc == IPMPI_ETIMEDOUT)
+            ipmpi_cl_forget(c, id, hooks);
+        snprintf(msg, msgcap, "probe not answered: %s", ipmpi_strerror(rc));
+        return rc;
+    }
+    ipmpi_cl_reply_t *r = &e->reps[0];
+    uint64_t want = mode == 2 ? IPMPI_SHM_MIN : sizeof nonce;
+    const char *got = r->nparts == 1 && r->parts[0] ? hooks->data(hooks->ctx, r->parts[0]) : NULL;
+    if (r->status != 0) {
+        const char *text = r->nparts >= 1 && r->parts[0] ? hooks->data(hooks->ctx, r->parts[0]) : "";
+        snprintf(msg, msgcap, "%s: %.*s", ipmpi_errname(r->status), (int)(r->nparts >= 1 ? r->lens[0] : 0), text);
+        rc = r->status;
+    } else if (!got || r->lens[0] != want || memcmp(got, nonce, sizeof nonce) != 0) {
+        snprintf(msg, msgcap, "the probe came back wrong");
+        rc = IPMPI_EPROTO;
+    }
+    ipmpi_cl_entry_free(e, hooks);
+    return rc;
+}
+
+int ipmpi_cl_shm_probe(ipmpi_cl_t *c, int allow_vm, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
+                       char *msg, size_t msgcap)
+{
+    int rc = probe_once(c, 1, deadline_ns, hooks, msg, msgcap);
+    if (rc != 0)
+        return rc;
+    c->shm = 1;
+    if (!allow_vm) {
+        snprintf(msg, msgcap, "process memory turned off by the caller (IPMPI_SHM=memfd): memfds in use");
+        return 0;
+    }
+    /* Process memory needs ptrace rights both ways (Yama may forbid it):
+     * without them the memfds serve. */
+    char vmsg[256];
+    if (probe_once(c, 2, deadline_ns, hooks, vmsg, sizeof vmsg) == 0)
+        c->vm = 1;
+    else
+        snprintf(msg, msgcap, "process memory refused, memfds in use: %s", vmsg);
+    return 0;
+}
+
 /* ---- waiting ---- */
 
-int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
-                  ipmpi_cl_entry_t **out)
+/* Waits until every reply of req_id is in (out != NULL: then takes the
+ * entry) or, with out NULL, until the request is acked or has a reply. */
+static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
+                      ipmpi_cl_entry_t **out)
 {
     int rc;
     uint64_t last_check = ipmpi_now_ns();
@@ -784,8 +1211,13 @@ int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ip
             rc = IPMPI_ENOENT;
             break;
         }
-        if (complete(e)) {
+        if (!out && (e->acked || e->nrep > 0)) {
+            rc = 0;
+            break;
+        }
+        if (out && complete(e)) {
             *out = unlink_entry(c, req_id);
+            shm_unclaim(c, req_id, 1);
             rc = 0;
             break;
         }
@@ -816,7 +1248,7 @@ int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ip
             c->reading = 1;
             pump(c, hooks);
             e = lookup(c, req_id);
-            if (!c->err && e && !complete(e)) {
+            if (!c->err && e && !(out ? complete(e) : e->acked || e->nrep > 0)) {
                 struct pollfd pf = {.fd = c->fd, .events = POLLIN};
                 pthread_mutex_unlock(&c->mu);
                 poll(&pf, 1, ms);
@@ -833,8 +1265,17 @@ int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ip
             pthread_cond_timedwait(&c->cond, &c->mu, &ts);
         }
     }
+    int rel = rc == 0 && out && c->nrel > 0;
     leave(c);
+    if (rel)
+        flush_release(c, hooks);
     return rc;
+}
+
+int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
+                  ipmpi_cl_entry_t **out)
+{
+    return wait_entry(c, req_id, deadline_ns, hooks, out);
 }
 
 int ipmpi_cl_ready(ipmpi_cl_t *c, uint64_t req_id, const ipmpi_cl_hooks_t *hooks)
@@ -865,5 +1306,7 @@ int ipmpi_cl_forget(ipmpi_cl_t *c, uint64_t req_id, const ipmpi_cl_hooks_t *hook
     ipmpi_cl_entry_t *e = unlink_entry(c, req_id);
     ipmpi_cl_entry_free(e, hooks);
     leave(c);
+    /* The controller may still read them for the request given up. */
+    shm_unclaim(c, req_id, 0);
     return e ? 0 : IPMPI_ENOENT;
 }

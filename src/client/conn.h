@@ -41,6 +41,7 @@ typedef struct ipmpi_cl_hooks {
     void *(*alloc)(void *ctx, uint64_t len, char **data);
     void (*release)(void *ctx, void *obj);
     int (*interrupted)(void *ctx);
+    const char *(*data)(void *ctx, void *obj); /* the memory of a handle from alloc */
     void *ctx;
 } ipmpi_cl_hooks_t;
 
@@ -57,6 +58,7 @@ typedef struct ipmpi_cl_entry {
     uint64_t req_id;
     uint32_t total;  /* from the first reply; 0 until then */
     uint32_t nrep, cap;
+    int acked;       /* the controller copied the request's process memory */
     ipmpi_cl_reply_t *reps;
     struct ipmpi_cl_entry *next; /* hash chain */
 } ipmpi_cl_entry_t;
@@ -96,6 +98,26 @@ int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, cons
  */
 int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
                   ipmpi_cl_entry_t **out);
+
+/*
+ * Same-host shared memory (doc/protocol.md section 5): sends SHM_PROBE
+ * with a random nonce through an own memfd and checks that it comes back
+ * through one of the controller's, then the same through process memory
+ * (process_vm_readv, which needs ptrace rights over each other). On
+ * success every later request moves
+ * its parts of IPMPI_SHM_MIN bytes or more through memfds and lets the
+ * controller do the same for its replies. Call only after HELLO said the
+ * controller runs on this host under our uid; allow_vm 0 skips process
+ * memory (memfds only). Returns 0 (msg says why process memory is not
+ * used, if it is not), or a code with a
+ * sentence in msg (the connection stays usable, over TLS alone).
+ */
+int ipmpi_cl_shm_probe(ipmpi_cl_t *c, int allow_vm, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
+                       char *msg, size_t msgcap);
+
+/* 0: TLS only; 1: memfds; 2: process memory (process_vm_readv both
+ * ways, no copy on the client's side for requests). */
+int ipmpi_cl_shm_on(ipmpi_cl_t *c);
 
 /* Reads what is readable now without blocking; returns 1 if every reply of
  * req_id is in, 0 if not, IPMPI_ENOENT, or the connection's error. */

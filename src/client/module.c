@@ -15,12 +15,16 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backoff.h"
 #include "codec.h"
+#include "bigbuf.h"
 #include "conn.h"
 #include "furl.h"
+#include "shm.h"
 #include "ipmpi/errors.h"
 #include "ipmpi/protocol.h"
 
@@ -35,6 +39,7 @@ typedef struct {
     PyObject *hello;      /* the controller's HELLO JSON text */
     PyObject *host;
     int port;
+    PyObject *shm_note;   /* why shared memory is off, or None */
 } ConnObject;
 
 /* ---- hooks: how the transport reaches Python ---- */
@@ -64,11 +69,15 @@ static void *hook_alloc(void *ctx, uint64_t len, char **data)
     gil_ctx *g = ctx;
     PyObject *b = NULL;
     gil_take(g);
-    if (len <= (uint64_t)PY_SSIZE_T_MAX)
+    if (len >= IPMPI_BIGBUF_MIN) {
+        /* Warm memory for large parts (bigbuf.h). */
+        b = ipmpi_bigbuf_new(len, data);
+    } else if (len <= (uint64_t)PY_SSIZE_T_MAX) {
         b = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)len);
-    if (b)
-        *data = PyByteArray_AS_STRING(b);
-    else
+        if (b)
+            *data = PyByteArray_AS_STRING(b);
+    }
+    if (!b)
         PyErr_Clear();
     gil_drop(g);
     return b;
@@ -93,7 +102,17 @@ static int hook_interrupted(void *ctx)
     return r < 0;
 }
 
-#define HOOKS(g) {.alloc = hook_alloc, .release = hook_release, .interrupted = hook_interrupted, .ctx = &(g)}
+/* The memory of a part object (only the probe's small bytearray is ever
+ * asked); its owner holds a reference, so no GIL is needed. */
+static const char *hook_data(void *ctx, void *obj)
+{
+    (void)ctx;
+    return PyByteArray_Check((PyObject *)obj) ? PyByteArray_AS_STRING((PyObject *)obj) : NULL;
+}
+
+#define HOOKS(g)                                                                                      \
+    {.alloc = hook_alloc, .release = hook_release, .interrupted = hook_interrupted, .data = hook_data, \
+     .ctx = &(g)}
 
 /* ---- errors ---- */
 
@@ -154,11 +173,30 @@ static const char *furl_problem(const char *s, Py_ssize_t n)
 
 /* ---- Connection ---- */
 
+/* 1 if HELLO's JSON d names our own host id and uid (shared memory may
+ * work), 0 if not, -1 with no exception when it cannot tell. */
+static int same_host(PyObject *d)
+{
+    char mine[IPMPI_HOST_ID_MAX];
+    PyObject *host = PyDict_Check(d) ? PyDict_GetItemString(d, "host") : NULL;
+    PyObject *uid = PyDict_Check(d) ? PyDict_GetItemString(d, "uid") : NULL;
+    if (!host || !uid || !PyUnicode_Check(host) || !PyLong_Check(uid) || ipmpi_host_id(mine, sizeof mine) != 0)
+        return -1;
+    const char *theirs = PyUnicode_AsUTF8(host);
+    long u = PyLong_AsLong(uid);
+    if (!theirs || (u == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return -1;
+    }
+    return strcmp(theirs, mine) == 0 && u == (long)geteuid();
+}
+
 static PyObject *conn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"furl", "timeout", NULL};
+    static char *kwlist[] = {"furl", "timeout", "shm", NULL};
     const char *text;
     Py_ssize_t len;
+    int want_shm = 1;
     PyObject *timeout_obj = Py_None;
     double timeout = 30.0;
     ipmpi_furl_t f;
@@ -166,7 +204,7 @@ static PyObject *conn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     ipmpi_cl_entry_t *e = NULL;
     uint64_t id = 0;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s#|O:Connection", kwlist, &text, &len, &timeout_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s#|Op:Connection", kwlist, &text, &len, &timeout_obj, &want_shm))
         return NULL;
     if (timeout_obj != Py_None) {
         timeout = PyFloat_AsDouble(timeout_obj);
@@ -248,7 +286,27 @@ static PyObject *conn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     Py_INCREF(cap);
     self->capability = cap;
+    const char *env = getenv("IPMPI_SHM");
+    if (!want_shm || (env && strcmp(env, "0") == 0))
+        self->shm_note = PyUnicode_FromString("turned off by the caller (shm=False or IPMPI_SHM=0)");
+    else if (same_host(d) != 1)
+        self->shm_note = PyUnicode_FromString("the controller runs on another host, or under another uid");
+    else {
+        char pmsg[256] = "";
+        g.ts = PyEval_SaveThread();
+        int prc = ipmpi_cl_shm_probe(self->cl, !(env && strcmp(env, "memfd") == 0), deadline, &hk, pmsg,
+                                     sizeof pmsg);
+        PyEval_RestoreThread(g.ts);
+        g.ts = NULL;
+        if (prc == IPMPI_CL_EINTR) {
+            Py_DECREF(d);
+            goto fail;
+        }
+        self->shm_note = prc == 0 && !pmsg[0] ? Py_NewRef(Py_None) : PyUnicode_FromString(pmsg);
+    }
     Py_DECREF(d);
+    if (!self->shm_note)
+        goto fail;
     ipmpi_cl_hooks_t held = HOOKS(g);
     ipmpi_cl_entry_free(e, &held);
     return (PyObject *)self;
@@ -267,6 +325,7 @@ static int conn_traverse(ConnObject *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->capability);
     Py_VISIT(self->hello);
+    Py_VISIT(self->shm_note);
     Py_VISIT(self->host);
     return 0;
 }
@@ -275,6 +334,7 @@ static int conn_clear(ConnObject *self)
 {
     Py_CLEAR(self->capability);
     Py_CLEAR(self->hello);
+    Py_CLEAR(self->shm_note);
     Py_CLEAR(self->host);
     return 0;
 }
@@ -461,6 +521,7 @@ static PyObject *conn_recv(ConnObject *self, PyObject *args, PyObject *kwds)
     ipmpi_cl_hooks_t hk = HOOKS(g);
     ipmpi_cl_entry_t *e = NULL;
     g.ts = PyEval_SaveThread();
+    ipmpi_bigbuf_trim();
     int rc = ipmpi_cl_wait(self->cl, id, deadline, &hk, &e);
     PyEval_RestoreThread(g.ts);
     g.ts = NULL;
@@ -540,18 +601,41 @@ static PyMemberDef conn_members[] = {
     {"hello", T_OBJECT_EX, offsetof(ConnObject, hello), READONLY, "the controller's HELLO reply (JSON text)"},
     {"host", T_OBJECT_EX, offsetof(ConnObject, host), READONLY, "controller host from the furl"},
     {"port", T_INT, offsetof(ConnObject, port), READONLY, "controller port from the furl"},
+    {"shm_note", T_OBJECT, offsetof(ConnObject, shm_note), READONLY,
+     "None while the fastest shared-memory path is in use, else why not"},
     {NULL, 0, 0, 0, NULL},
 };
 
+static PyObject *conn_get_shm(ConnObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->cl && ipmpi_cl_shm_on(self->cl));
+}
+
+static PyObject *conn_get_shm_path(ConnObject *self, void *Py_UNUSED(closure))
+{
+    int m = self->cl ? ipmpi_cl_shm_on(self->cl) : 0;
+    if (m == 2)
+        return PyUnicode_FromString("process memory");
+    if (m == 1)
+        return PyUnicode_FromString("memfd");
+    Py_RETURN_NONE;
+}
+
 static PyGetSetDef conn_getset[] = {
+    {"shm_path", (getter)conn_get_shm_path, NULL,
+     "'process memory' (process_vm_readv), 'memfd', or None (TLS only)", NULL},
     {"closed", (getter)conn_get_closed, NULL, "True once the connection is closed or broken", NULL},
+    {"shm", (getter)conn_get_shm, NULL,
+     "True when large parts travel through shared memory (client on the controller's host)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyType_Slot conn_slots[] = {
-    {Py_tp_doc, "Connection(furl, timeout=30.0): a TLS 1.3 link to an ipmpi controller.\n\n"
+    {Py_tp_doc, "Connection(furl, timeout=30.0, shm=True): a TLS 1.3 link to an ipmpi controller.\n\n"
                 "Connects, pins the certificate to the furl's fingerprint and presents\n"
-                "the furl's key (HELLO). Thread-safe."},
+                "the furl's key (HELLO). On the controller's own host (and unless shm\n"
+                "is False or IPMPI_SHM=0) large parts then travel through shared\n"
+                "memory (see .shm). Thread-safe."},
     {Py_tp_new, conn_new},
     {Py_tp_dealloc, conn_dealloc},
     {Py_tp_traverse, conn_traverse},
@@ -596,6 +680,8 @@ static PyMethodDef mod_methods[] = {
 static int mod_exec(PyObject *m)
 {
     module_state *st = PyModule_GetState(m);
+    if (ipmpi_bigbuf_init() != 0)
+        return -1;
     st->connection_type = PyType_FromModuleAndSpec(m, &conn_spec, NULL);
     if (!st->connection_type || PyModule_AddObjectRef(m, "Connection", st->connection_type) < 0)
         return -1;

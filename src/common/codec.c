@@ -71,3 +71,36 @@ long ipmpi_lens_decode(const uint8_t *buf, size_t len, uint32_t nparts, const ip
     *total = sum;
     return (long)nparts * 8;
 }
+
+void ipmpi_shmref_encode(const ipmpi_shmref_t *r, uint8_t *out)
+{
+    ipmpi_put_u32(out, r->part);
+    ipmpi_put_u32(out + 4, r->fd);
+    ipmpi_put_u64(out + 8, r->off);
+    ipmpi_put_u64(out + 16, r->len);
+    ipmpi_put_u64(out + 24, 0);
+}
+
+long ipmpi_shmref_decode(const uint8_t *tab, uint64_t tlen, uint32_t nparts, const uint64_t *lens,
+                         uint64_t wire_total, const ipmpi_limits_t *lim, ipmpi_shmref_t *out, uint32_t cap)
+{
+    if (tlen == 0 || tlen % IPMPI_SHMREF_SIZE != 0 || tlen / IPMPI_SHMREF_SIZE > nparts)
+        return IPMPI_EPROTO;
+    uint64_t k = tlen / IPMPI_SHMREF_SIZE;
+    if (k > cap)
+        return IPMPI_EINVAL;
+    uint64_t sum = wire_total;
+    for (uint64_t i = 0; i < k; i++) {
+        const uint8_t *e = tab + i * IPMPI_SHMREF_SIZE;
+        ipmpi_shmref_t r = {.part = ipmpi_get_u32(e), .fd = ipmpi_get_u32(e + 4), .off = ipmpi_get_u64(e + 8),
+                            .len = ipmpi_get_u64(e + 16)};
+        if (r.part >= nparts || (i > 0 && r.part <= out[i - 1].part) || lens[r.part] != 0 ||
+            ipmpi_get_u64(e + 24) != 0 || r.len == 0 || r.off > UINT64_MAX - r.len)
+            return IPMPI_EPROTO;
+        if (r.len > lim->max_part || r.len > lim->max_frame || sum > lim->max_frame - r.len)
+            return IPMPI_E2BIG;
+        sum += r.len;
+        out[i] = r;
+    }
+    return (long)k;
+}

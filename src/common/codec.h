@@ -67,6 +67,33 @@ long ipmpi_hdr_decode(const uint8_t *buf, size_t len, const ipmpi_limits_t *lim,
 long ipmpi_lens_decode(const uint8_t *buf, size_t len, uint32_t nparts, const ipmpi_limits_t *lim,
                        uint64_t *lens, uint64_t *total);
 
+/*
+ * One entry of a shared-memory table (doc/protocol.md section 5): part
+ * `part` of the frame is `len` bytes at `off` in the sender's memfd `fd`.
+ */
+typedef struct ipmpi_shmref {
+    uint32_t part;
+    uint32_t fd;
+    uint64_t off;
+    uint64_t len;
+} ipmpi_shmref_t;
+
+/* Writes the IPMPI_SHMREF_SIZE bytes of entry r to out. */
+void ipmpi_shmref_encode(const ipmpi_shmref_t *r, uint8_t *out);
+
+/*
+ * Decodes the shm table tab (tlen bytes), the last part of a frame whose
+ * other nparts parts have wire lengths lens. Checks: tlen is a non-zero
+ * multiple of IPMPI_SHMREF_SIZE with at most nparts entries; indices
+ * strictly ascending and below nparts; every part named has wire length 0;
+ * reserved fields 0; len > 0; off + len does not overflow; each len within
+ * lim->max_part and all named lens plus wire bytes (wire_total) within
+ * lim->max_frame. Returns the number of entries (written to out, room for
+ * cap) or IPMPI_EPROTO / IPMPI_E2BIG (IPMPI_EINVAL if cap is too small).
+ */
+long ipmpi_shmref_decode(const uint8_t *tab, uint64_t tlen, uint32_t nparts, const uint64_t *lens,
+                         uint64_t wire_total, const ipmpi_limits_t *lim, ipmpi_shmref_t *out, uint32_t cap);
+
 /* Little-endian helpers, also used for target lists (i32 arrays). */
 static inline void ipmpi_put_u32(uint8_t *p, uint32_t v)
 {

@@ -14,3 +14,23 @@ void ipmpi_advise_huge(void *p, uint64_t len)
     if (end > a)
         madvise((void *)a, end - a, MADV_HUGEPAGE);
 }
+
+void *ipmpi_huge_map(size_t cap)
+{
+    /* Map one alignment more, then unmap the unaligned head and tail. */
+    size_t len = cap + IPMPI_HUGE_ALIGN;
+    if (len < cap)
+        return NULL;
+    uint8_t *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+        return NULL;
+    uint8_t *a = (uint8_t *)(((uintptr_t)m + IPMPI_HUGE_ALIGN - 1) & ~(uintptr_t)(IPMPI_HUGE_ALIGN - 1));
+    if (a > m)
+        munmap(m, (size_t)(a - m));
+    size_t tail = (size_t)(m + len - (a + cap));
+    if (tail)
+        munmap(a + cap, tail);
+    /* Advice only: without THP the buffer still works, in small pages. */
+    madvise(a, cap, MADV_HUGEPAGE);
+    return a;
+}

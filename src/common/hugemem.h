@@ -8,6 +8,7 @@
 #ifndef IPMPI_HUGEMEM_H
 #define IPMPI_HUGEMEM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* Buffers shorter than this are left alone. */
@@ -18,5 +19,15 @@
  * belongs to this buffer alone. A hint: failure changes nothing.
  */
 void ipmpi_advise_huge(void *p, uint64_t len);
+
+/* Huge page size on x86-64: mappings from ipmpi_huge_map are aligned to it. */
+#define IPMPI_HUGE_ALIGN ((size_t)2 << 20)
+
+/*
+ * A fresh private anonymous mapping of cap bytes (a multiple of
+ * IPMPI_HUGE_ALIGN), 2 MiB-aligned and advised MADV_HUGEPAGE, untouched.
+ * NULL on failure. Free with munmap(p, cap).
+ */
+void *ipmpi_huge_map(size_t cap);
 
 #endif

@@ -33,6 +33,8 @@
 
 #include "backoff.h"
 #include "ctl.h"
+#include "shm.h"
+#include "shmbuf.h"
 #include "ipmpi/errors.h"
 #include "log.h"
 #include "tls.h"
@@ -347,6 +349,10 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     /* A send to a dead rank must come back as an error, not abort rank 0. */
     MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
     ipmpi_mpilink_init(&c->link, comm);
+    c->link.alloc = ipmpi_ctl_engine_alloc;
+    c->link.alloc_arg = c;
+    if (ipmpi_host_id(c->host_id, sizeof c->host_id) != 0)
+        c->host_id[0] = '\0'; /* no /proc: clients use TLS only */
     ipmpi_ctl_watch_init(&c->watch, job->have_pmix, job->jobid);
     c->watch.next_ns = ipmpi_now_ns() + WATCH_IDLE_NS;
 
@@ -391,6 +397,8 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         /* Cached payload buffers go back to the system after a while
          * unused: wake up for that too. */
         uint64_t trim_in = ipmpi_parts_cache_trim();
+        uint64_t shm_in = ipmpi_shmbuf_trim();
+        trim_in = shm_in < trim_in ? shm_in : trim_in;
         if (trim_in != UINT64_MAX && now + trim_in < next_deadline)
             next_deadline = now + trim_in;
 

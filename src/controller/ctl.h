@@ -17,6 +17,7 @@
 #include "mpilink.h"
 #include "runtime.h"
 #include "session.h"
+#include "shm.h"
 #include "watch.h"
 
 typedef struct ipmpi_engine_slot {
@@ -65,12 +66,16 @@ typedef struct ipmpi_ctl {
     uint32_t nsess;
 
     int stopping; /* SHUTDOWN received or shutdown under way */
+    char host_id[IPMPI_HOST_ID_MAX]; /* ipmpi_host_id(), "" if unknown: HELLO tells clients */
 } ipmpi_ctl_t;
 
 /* requests.c */
 
 /* A complete frame from a client session; takes ownership of parts. */
 void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *parts);
+/* mpilink's alloc hook: the payload an engine's frame is received into
+ * (own memfds for the large parts of a reply whose client allows them). */
+ipmpi_parts_t *ipmpi_ctl_engine_alloc(void *arg, int rank, const ipmpi_hdr_t *h, const uint64_t *lens);
 /* A complete frame from an engine rank; takes ownership of parts. */
 void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts);
 /* The death watch found rank dead (state: its PMIx state). */

@@ -9,6 +9,8 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include "hugemem.h"
+#include "mcache.h"
 #include "ipmpi/errors.h"
 
 /* ---- large payload buffers ----
@@ -26,19 +28,15 @@
  * (ipmpi_parts_cache_trim), so an idle controller holds nothing extra.
  */
 #define BIG_MIN ((uint64_t)1 << 20)      /* parts this large use big buffers */
-#define BIG_ALIGN ((size_t)2 << 20)      /* huge page size on x86-64 */
-#define BIG_SLOTS 4                      /* cached buffers at most */
-#define BIG_CACHE_MAX ((size_t)1 << 30)  /* cached bytes at most */
-#define BIG_IDLE_NS (10ull * 1000000000ull)
+#define BIG_ALIGN IPMPI_HUGE_ALIGN
 
-typedef struct big_slot {
-    uint8_t *base; /* mapping start (header), NULL when free */
-    size_t cap;    /* mapping length */
-    uint64_t t;    /* when it was cached */
-} big_slot_t;
+static void big_unmap(void *p, size_t cap)
+{
+    munmap(p, cap);
+}
 
-static big_slot_t big_cache[BIG_SLOTS];
-static size_t big_cached;
+static ipmpi_mcache_t big_cache = {.max = (size_t)1 << 30, .idle_ns = 10ull * 1000000000ull,
+                                   .destroy = big_unmap};
 
 static uint64_t mono_ns(void)
 {
@@ -52,25 +50,6 @@ static int is_big(uint64_t len)
     return len >= BIG_MIN;
 }
 
-/* A fresh 2 MiB-aligned mapping of cap bytes (a multiple of BIG_ALIGN):
- * map BIG_ALIGN more, then unmap the unaligned head and tail. */
-static uint8_t *big_map(size_t cap)
-{
-    size_t len = cap + BIG_ALIGN;
-    uint8_t *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED)
-        return NULL;
-    uint8_t *a = (uint8_t *)(((uintptr_t)m + BIG_ALIGN - 1) & ~(uintptr_t)(BIG_ALIGN - 1));
-    if (a > m)
-        munmap(m, (size_t)(a - m));
-    size_t tail = (size_t)(m + len - (a + cap));
-    if (tail)
-        munmap(a + cap, tail);
-    /* Advice only: without THP the buffer still works, in small pages. */
-    madvise(a, cap, MADV_HUGEPAGE);
-    return a;
-}
-
 /* The mapping length for a part of len bytes (plus the spare byte every
  * buffer has). A buffer's capacity is always exactly this, so nothing about
  * it needs storing: a header inside the mapping would fault in a whole huge
@@ -81,86 +60,29 @@ static size_t big_need(uint64_t len)
     return ((size_t)len + 1 + BIG_ALIGN - 1) & ~(BIG_ALIGN - 1);
 }
 
-/* Memory for a part of len bytes, untouched (no page is faulted in). */
+/* Memory for a part of len bytes, untouched (no page is faulted in):
+ * a cached buffer that fits, trimmed to size, or a fresh mapping. */
 static uint8_t *big_alloc(uint64_t len)
 {
     if (len > SIZE_MAX - 2 * BIG_ALIGN)
         return NULL;
-    size_t need = big_need(len);
-    /* Reuse the smallest cached buffer that fits without wasting more
-     * than a quarter of it. */
-    int best = -1;
-    for (int i = 0; i < BIG_SLOTS; i++) {
-        size_t cap = big_cache[i].cap;
-        if (big_cache[i].base && cap >= need && cap - need <= cap / 4 &&
-            (best < 0 || cap < big_cache[best].cap))
-            best = i;
-    }
-    uint8_t *base;
-    size_t cap;
-    if (best >= 0) {
-        base = big_cache[best].base;
-        cap = big_cache[best].cap;
-        big_cache[best].base = NULL;
-        big_cached -= cap;
-        if (cap > need) /* both multiples of BIG_ALIGN: the capacity stays big_need(len) */
-            munmap(base + need, cap - need);
-    } else {
-        cap = need;
-        base = big_map(cap);
-        if (!base)
-            return NULL;
-    }
+    size_t need = big_need(len), cap = 0;
+    uint8_t *base = ipmpi_mcache_take(&big_cache, need, &cap);
+    if (!base)
+        return ipmpi_huge_map(need);
+    if (cap > need) /* both multiples of BIG_ALIGN: the capacity stays big_need(len) */
+        munmap(base + need, cap - need);
     return base;
 }
 
-static void big_unmap_slot(int i)
-{
-    munmap(big_cache[i].base, big_cache[i].cap);
-    big_cached -= big_cache[i].cap;
-    big_cache[i].base = NULL;
-}
-
-/* Gives a buffer from big_alloc back: to the cache (evicting the oldest
- * entries to stay within its bounds), or to the system when it is larger
- * than the whole cache may hold. */
 static void big_free(uint8_t *base, uint64_t len)
 {
-    size_t cap = big_need(len);
-    if (cap > BIG_CACHE_MAX) {
-        munmap(base, cap);
-        return;
-    }
-    for (;;) {
-        int free_slot = -1, oldest = -1;
-        for (int i = 0; i < BIG_SLOTS; i++) {
-            if (!big_cache[i].base)
-                free_slot = free_slot < 0 ? i : free_slot;
-            else if (oldest < 0 || big_cache[i].t < big_cache[oldest].t)
-                oldest = i;
-        }
-        if (free_slot >= 0 && big_cached + cap <= BIG_CACHE_MAX) {
-            big_cache[free_slot] = (big_slot_t){.base = base, .cap = cap, .t = mono_ns()};
-            big_cached += cap;
-            return;
-        }
-        big_unmap_slot(oldest); /* oldest >= 0: the cache is not empty here */
-    }
+    ipmpi_mcache_give(&big_cache, base, big_need(len), mono_ns());
 }
 
 uint64_t ipmpi_parts_cache_trim(void)
 {
-    uint64_t next = UINT64_MAX;
-    uint64_t t = mono_ns();
-    for (int i = 0; i < BIG_SLOTS; i++) {
-        if (!big_cache[i].base)
-            continue;
-        if (t - big_cache[i].t >= BIG_IDLE_NS)
-            big_unmap_slot(i);
-        else if (big_cache[i].t + BIG_IDLE_NS - t < next)
-            next = big_cache[i].t + BIG_IDLE_NS - t;
-    }
-    return next;
+    return ipmpi_mcache_trim(&big_cache, mono_ns());
 }
 
 static uint8_t *part_alloc(uint64_t len)
@@ -230,16 +152,69 @@ void ipmpi_parts_unref(ipmpi_parts_t *p)
 {
     if (!p || --p->refs > 0)
         return;
-    for (uint32_t i = 0; i < p->n; i++)
-        part_free(p->bufs[i], p->lens[i]);
+    for (uint32_t i = 0; i < p->n; i++) {
+        if (p->back && p->back[i])
+            ipmpi_backing_unref(p->back[i]);
+        else
+            part_free(p->bufs[i], p->lens[i]);
+    }
+    free(p->back);
     free(p->bufs);
     free(p->lens);
     free(p);
 }
 
+int ipmpi_parts_set_backing(ipmpi_parts_t *p, uint32_t i, ipmpi_backing_t *b, uint8_t *buf, uint64_t len)
+{
+    if (!p->back) {
+        p->back = calloc(p->n, sizeof *p->back);
+        if (!p->back)
+            return IPMPI_ENOMEM;
+    }
+    if (p->back[i])
+        ipmpi_backing_unref(p->back[i]);
+    else
+        part_free(p->bufs[i], p->lens[i]);
+    p->back[i] = ipmpi_backing_ref(b);
+    p->bufs[i] = buf;
+    p->lens[i] = len;
+    return 0;
+}
+
+int ipmpi_parts_resize(ipmpi_parts_t *p, uint32_t i, uint64_t len)
+{
+    uint8_t *buf = len <= SIZE_MAX - 1 ? part_alloc(len) : NULL;
+    if (!buf)
+        return IPMPI_ENOMEM;
+    if (p->back && p->back[i]) {
+        ipmpi_backing_unref(p->back[i]);
+        p->back[i] = NULL;
+    } else {
+        part_free(p->bufs[i], p->lens[i]);
+    }
+    p->bufs[i] = buf;
+    p->lens[i] = len;
+    return 0;
+}
+
+void ipmpi_parts_drop_last(ipmpi_parts_t *p)
+{
+    uint32_t i = p->n - 1;
+    if (p->back && p->back[i])
+        ipmpi_backing_unref(p->back[i]);
+    else
+        part_free(p->bufs[i], p->lens[i]);
+    p->n--;
+}
+
 void ipmpi_parts_drop_first(ipmpi_parts_t *p)
 {
-    part_free(p->bufs[0], p->lens[0]);
+    if (p->back && p->back[0])
+        ipmpi_backing_unref(p->back[0]);
+    else
+        part_free(p->bufs[0], p->lens[0]);
+    if (p->back)
+        memmove(p->back, p->back + 1, (size_t)(p->n - 1) * sizeof *p->back);
     memmove(p->bufs, p->bufs + 1, (size_t)(p->n - 1) * sizeof *p->bufs);
     memmove(p->lens, p->lens + 1, (size_t)(p->n - 1) * sizeof *p->lens);
     p->n--;

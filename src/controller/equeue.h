@@ -18,11 +18,35 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/*
+ * Memory that some parts live in instead of a buffer of their own (a
+ * shared-memory mapping, shmbuf.h): reference-counted, release() frees it
+ * when the last reference goes.
+ */
+typedef struct ipmpi_backing {
+    unsigned refs;
+    void (*release)(struct ipmpi_backing *b);
+} ipmpi_backing_t;
+
+static inline ipmpi_backing_t *ipmpi_backing_ref(ipmpi_backing_t *b)
+{
+    b->refs++;
+    return b;
+}
+static inline void ipmpi_backing_unref(ipmpi_backing_t *b)
+{
+    if (b && --b->refs == 0)
+        b->release(b);
+}
+
 typedef struct ipmpi_parts {
     unsigned refs;
     uint32_t n;
     uint64_t *lens;  /* n lengths */
     uint8_t **bufs;  /* n buffers, each owned by this object (never NULL) */
+    /* NULL, or n entries: back[i] != NULL means bufs[i] points into that
+     * backing (one reference held) instead of an own buffer. */
+    ipmpi_backing_t **back;
 } ipmpi_parts_t;
 
 /*
@@ -40,6 +64,19 @@ void ipmpi_parts_unref(ipmpi_parts_t *p);
 /* Frees part 0 and shifts the others down (the target list of a request).
  * Only valid while the caller holds the only reference and n > 0. */
 void ipmpi_parts_drop_first(ipmpi_parts_t *p);
+/*
+ * Makes part i live in backing b at buf (len bytes) instead of its own
+ * buffer, which is freed; takes a reference on b. Only while the caller
+ * holds the only reference. Returns 0 or IPMPI_ENOMEM (nothing changed).
+ */
+int ipmpi_parts_set_backing(ipmpi_parts_t *p, uint32_t i, ipmpi_backing_t *b, uint8_t *buf, uint64_t len);
+/* Gives part i a fresh own buffer of len bytes (uninitialised) in place of
+ * its buffer or backing. Only while the caller holds the only reference.
+ * Returns 0 or IPMPI_ENOMEM (nothing changed). */
+int ipmpi_parts_resize(ipmpi_parts_t *p, uint32_t i, uint64_t len);
+/* Frees the last part (the shm table of a frame). Only valid while the
+ * caller holds the only reference and n > 0. */
+void ipmpi_parts_drop_last(ipmpi_parts_t *p);
 /* Sum of the part lengths. */
 uint64_t ipmpi_parts_bytes(const ipmpi_parts_t *p);
 /*
@@ -68,6 +105,11 @@ typedef struct ipmpi_req {
     /* Withdrawn cut-through: no client waits for this request (its frame
      * is submitted again once complete); the engine's answer is dropped. */
     int quiet;
+    /* The client allows shared-memory parts in the replies (IPMPI_F_SHM_OK). */
+    int shm_ok;
+    /* ... and process memory (IPMPI_F_VM_OK): big parts are read straight
+     * from the controller's buffers. */
+    int vm_ok;
 } ipmpi_req_t;
 
 /* Allocates a request owning payload (taken on success). NULL on ENOMEM. */

@@ -320,7 +320,7 @@ static int start_recv(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st)
     op = calloc(1, sizeof *op);
     if (!op)
         goto bad;
-    op->parts = ipmpi_parts_new(h.nparts, lens);
+    op->parts = l->alloc ? l->alloc(l->alloc_arg, src, &h, lens) : ipmpi_parts_new(h.nparts, lens);
     if (!op->parts)
         goto bad;
     uint32_t nreq = 0;

@@ -37,6 +37,10 @@ typedef struct ipmpi_mpilink {
     ipmpi_recvop_t *recv_head; /* frames being received */
     uint32_t nbulk;            /* frames in flight with a part over the eager size */
     ipmpi_limits_t lim;        /* bounds on frames from engines */
+    /* Makes the payload a frame from an engine is received into (refs =
+     * 1, NULL on failure); NULL: ipmpi_parts_new. Set by the owner. */
+    ipmpi_parts_t *(*alloc)(void *arg, int rank, const ipmpi_hdr_t *h, const uint64_t *lens);
+    void *alloc_arg;
 } ipmpi_mpilink_t;
 
 /* Called with each complete frame from an engine; takes ownership of parts. */

@@ -6,15 +6,19 @@
  * Controller JSON replies are built with snprintf into a growing buffer.
  * Loop thread only.
  */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backoff.h"
 #include "ctl.h"
 #include "ipmpi/errors.h"
 #include "log.h"
+#include "shm.h"
+#include "shmbuf.h"
 #include "tls.h"
 
 /* ---- small JSON text builder ---- */
@@ -91,6 +95,7 @@ static const char *kind_name(unsigned k)
         [IPMPI_K_GET_RESULT] = "get_result", [IPMPI_K_GET_IDS] = "get_ids",
         [IPMPI_K_SHUTDOWN] = "shutdown",     [IPMPI_K_TASK_SUBMIT] = "task_submit",
         [IPMPI_K_TASK_ABORT] = "task_abort", [IPMPI_K_TASK_BARRIER] = "task_barrier",
+        [IPMPI_K_SHM_PROBE] = "shm_probe",   [IPMPI_K_RELEASE] = "release",
         [IPMPI_K_PROPERTIES] = "properties", [IPMPI_K_READY] = "ready",
         [IPMPI_K_EXIT] = "exit",
     };
@@ -416,6 +421,51 @@ static void store_ready(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_parts_t *p
     (void)c;
 }
 
+ipmpi_parts_t *ipmpi_ctl_engine_alloc(void *arg, int rank, const ipmpi_hdr_t *h, const uint64_t *lens)
+{
+    ipmpi_ctl_t *c = arg;
+    const ipmpi_req_t *r = rank >= 1 && rank <= c->nengines ? c->eng[rank - 1].running : NULL;
+    if (r && r->shm_ok && !r->vm_ok && !r->quiet && (h->flags & IPMPI_F_REPLY) && h->req_id == r->id)
+        for (uint32_t i = 0; i < h->nparts; i++)
+            if (lens[i] >= IPMPI_SHM_MIN)
+                return ipmpi_shm_alloc_parts(h->nparts, lens);
+    return ipmpi_parts_new(h->nparts, lens);
+}
+
+/*
+ * Sends a reply; parts that are in own memfds go by shared memory (the
+ * client maps them and releases them) while the session's lent bytes stay
+ * within IPMPI_SHM_LEND_MAX, otherwise everything goes inline.
+ */
+static int send_reply(ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *parts, int vm)
+{
+    struct ipmpi_lent lent[parts && parts->n ? parts->n : 1];
+    uint32_t k = 0;
+    ipmpi_backing_t *hold = NULL;
+    ipmpi_parts_t *w = parts && (parts->back || vm) ? ipmpi_shm_wire(parts, vm, &s->next_vm, lent, &k, &hold) : NULL;
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < k; i++)
+        bytes += lent[i].bytes;
+    uint32_t j = 0;
+    if (w && s->lent_bytes + bytes <= IPMPI_SHM_LEND_MAX)
+        while (j < k && ipmpi_session_lend(s, lent[j].handle, lent[j].b, lent[j].bytes) == 0)
+            j++;
+    int rc;
+    if (!w || j < k) {
+        while (j-- > 0)
+            ipmpi_session_release_fd(s, lent[j].handle);
+        rc = ipmpi_session_send(s, h, parts);
+    } else {
+        ipmpi_hdr_t hh = *h;
+        hh.flags |= IPMPI_F_SHM;
+        hh.aux = (uint64_t)getpid();
+        rc = ipmpi_session_send(s, &hh, w);
+    }
+    ipmpi_backing_unref(hold);
+    ipmpi_parts_unref(w);
+    return rc;
+}
+
 void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts)
 {
     ipmpi_ctl_t *c = arg;
@@ -443,7 +493,7 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
     if (s) {
         ipmpi_hdr_t out = {.kind = r->kind, .flags = IPMPI_F_REPLY, .req_id = r->client_req,
                            .target = e->id, .status = h->status, .total = r->total};
-        if (ipmpi_session_send(s, &out, parts) != 0)
+        if (send_reply(s, &out, parts, r->vm_ok) != 0)
             ipmpi_session_send_error(s, r->kind, r->client_req, e->id, r->total, IPMPI_ENOMEM,
                                      "controller out of memory for the reply");
     }
@@ -529,10 +579,9 @@ static int resolve(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, con
  * exactly the checks ipmpi_ctl_client_frame and submit would pass, so the
  * outcome is the one store-and-forward would have.
  */
-static ipmpi_session_stream_t *stream_begin(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
-                                            ipmpi_parts_t *parts)
+static ipmpi_session_stream_t *stream_try(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h,
+                                          ipmpi_parts_t *parts)
 {
-    ipmpi_ctl_t *c = arg;
     if (c->stopping || s->cap != IPMPI_CAP_MEC || (h->flags & IPMPI_F_REPLY) || !is_engine_kind(h->kind) ||
         h->target < 0 || h->target >= c->nengines || ipmpi_parts_bytes(parts) < STREAM_MIN)
         return NULL;
@@ -547,6 +596,8 @@ static ipmpi_session_stream_t *stream_begin(void *arg, ipmpi_session_t *s, const
         ipmpi_parts_unref(parts);
         goto free_st;
     }
+    r->shm_ok = (h->flags & IPMPI_F_SHM_OK) != 0;
+    r->vm_ok = (h->flags & IPMPI_F_VM_OK) != 0;
     if (ipmpi_reqtab_put(&c->reqs, r) != 0)
         goto free_r;
     ipmpi_hdr_t eh = {.kind = r->kind, .req_id = r->id, .target = e->id};
@@ -574,6 +625,62 @@ free_r:
 free_st:
     free(st);
     return NULL;
+}
+
+/* The session's offer: frames with a shm table are complete on the wire
+ * before their bulk is in; copy_vm streams those. */
+static ipmpi_session_stream_t *stream_begin(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
+                                            ipmpi_parts_t *parts)
+{
+    return (h->flags & IPMPI_F_SHM) ? NULL : stream_try(arg, s, h, parts);
+}
+
+/*
+ * Copies the parts of p that are in the client's memory (vm, in part
+ * order) out of it, in 8 MiB steps; when the request can be cut through
+ * to one idle engine, each step is forwarded at once, so the engine reads
+ * while we copy the next. Then acknowledges, so the client may touch its
+ * memory again. Returns 1 if the stream delivered the request, 0 if p is
+ * to be submitted as usual, -1 if the copy failed (answered here, or
+ * through the aborted stream's own reply).
+ */
+#define VM_STEP ((uint64_t)8 << 20)
+static int copy_vm(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p,
+                   const ipmpi_shmref_t *vm, uint32_t nvm)
+{
+    ipmpi_session_stream_t *st = NULL;
+    int pid = (int)h->aux;
+    for (uint32_t i = 0; i < nvm; i++) {
+        uint8_t *dst = p->bufs[vm[i].part];
+        for (uint64_t off = 0; off < vm[i].len; off += VM_STEP) {
+            uint64_t n = vm[i].len - off < VM_STEP ? vm[i].len - off : VM_STEP;
+            int bad = ipmpi_vm_read(pid, vm[i].off + off, dst + off, n) != 0;
+            /* The stream starts once the client's memory proved readable,
+             * so a bad address gets a plain refusal. */
+            if (!bad && i == 0 && off == 0)
+                st = stream_try(c, s, h, p);
+            if (bad) {
+                char why[200];
+                snprintf(why, sizeof why, "cannot read %llu bytes at 0x%llx of pid %d: %s",
+                         (unsigned long long)n, (unsigned long long)(vm[i].off + off), pid, strerror(errno));
+                ipmpi_log(IPMPI_LOG_WARN, "client %s: shared memory of %s refused: %s", s->peer,
+                          kind_name(h->kind), why);
+                if (st) /* the engine answers the aborted frame (EABORTED) */
+                    st->end(st, 1);
+                else
+                    reply_err(s, h, IPMPI_EACCES, "shared memory refused: %s", why);
+                return -1;
+            }
+            if (st)
+                st->feed(st, vm[i].part, off + n);
+        }
+        if (st)
+            st->feed(st, i + 1 < nvm ? vm[i + 1].part : p->n, 0);
+    }
+    ipmpi_hdr_t ack = {.kind = IPMPI_K_RELEASE, .flags = IPMPI_F_REPLY, .req_id = h->req_id,
+                       .target = IPMPI_TARGET_CONTROLLER};
+    ipmpi_session_send(s, &ack, NULL);
+    return st ? st->end(st, 0) : 0;
 }
 
 static void do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
@@ -604,7 +711,13 @@ static void do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
             jb_printf(&b, first ? "%d" : ", %d", i);
             first = 0;
         }
-    jb_printf(&b, "], \"version\": %d}", IPMPI_PROTO_VERSION);
+    jb_printf(&b, "], \"version\": %d", IPMPI_PROTO_VERSION);
+    if (c->host_id[0]) {
+        jb_printf(&b, ", \"host\": ");
+        jb_str(&b, c->host_id);
+        jb_printf(&b, ", \"pid\": %ld, \"uid\": %lu", (long)getpid(), (unsigned long)geteuid());
+    }
+    jb_printf(&b, "}");
     send_json(s, h, &b);
 }
 
@@ -714,6 +827,8 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
         return;
     }
     r->pending = (uint32_t)n;
+    r->shm_ok = (h->flags & IPMPI_F_SHM_OK) != 0;
+    r->vm_ok = (h->flags & IPMPI_F_VM_OK) != 0;
     char msg[256];
     /* r may be freed by the last req_fail_one; nothing reads it after that. */
     for (int i = 0; i < n; i++) {
@@ -734,10 +849,61 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     }
 }
 
+/* RELEASE: part 0 lists u32 fds of own memfds the client is done with. */
+static void do_release(ipmpi_session_t *s, const ipmpi_parts_t *p)
+{
+    if (p->n != 1 || p->lens[0] % 4 != 0) {
+        ipmpi_log(IPMPI_LOG_WARN, "client %s: malformed RELEASE ignored", s->peer);
+        return;
+    }
+    for (uint64_t i = 0; i < p->lens[0] / 4; i++)
+        ipmpi_session_release_fd(s, ipmpi_get_u32(p->bufs[0] + 4 * i));
+}
+
+/* SHM_PROBE: the nonce came through the client's memfd; it goes back
+ * through one of ours, so the client knows both directions work. */
+static void do_shm_probe(ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    if (!(h->flags & IPMPI_F_SHM) || p->n != 1 || p->lens[0] > 4096) {
+        reply_err(s, h, IPMPI_EINVAL, "SHM_PROBE needs one part of at most 4096 bytes in shared memory");
+        return;
+    }
+    ipmpi_hdr_t rh = {.kind = h->kind, .flags = IPMPI_F_REPLY, .req_id = h->req_id,
+                      .target = IPMPI_TARGET_CONTROLLER, .total = 1};
+    if (h->flags & IPMPI_F_VM_OK) {
+        /* Process memory both ways: the nonce goes back from our memory,
+         * as a part large enough to go that way. */
+        uint64_t big = IPMPI_SHM_MIN;
+        ipmpi_parts_t *out = ipmpi_parts_new(1, &big);
+        if (out) {
+            memset(out->bufs[0], 0, (size_t)big);
+            memcpy(out->bufs[0], p->bufs[0], (size_t)p->lens[0]);
+        }
+        if (!out || send_reply(s, &rh, out, 1) != 0)
+            reply_err(s, h, IPMPI_ENOMEM, "controller out of memory for the probe");
+        ipmpi_parts_unref(out);
+        return;
+    }
+    uint64_t zero = 0;
+    ipmpi_parts_t *out = ipmpi_parts_new(1, &zero);
+    ipmpi_shmbuf_t *sb = out ? ipmpi_shmbuf_get(p->lens[0]) : NULL;
+    if (sb) {
+        memcpy(sb->base, p->bufs[0], (size_t)p->lens[0]);
+        if (ipmpi_parts_set_backing(out, 0, &sb->b, sb->base, p->lens[0]) != 0) {
+            ipmpi_parts_unref(out);
+            out = NULL;
+        }
+        ipmpi_backing_unref(&sb->b);
+    }
+    if (!sb || !out || send_reply(s, &rh, out, 0) != 0)
+        reply_err(s, h, IPMPI_ENOMEM, "controller out of memory for shared memory");
+    ipmpi_parts_unref(out);
+}
+
 static int allowed(int cap, unsigned kind)
 {
     if (kind == IPMPI_K_HELLO || kind == IPMPI_K_GET_IDS || kind == IPMPI_K_PROPERTIES ||
-        kind == IPMPI_K_QUEUE_STATUS)
+        kind == IPMPI_K_QUEUE_STATUS || kind == IPMPI_K_SHM_PROBE || kind == IPMPI_K_RELEASE)
         return 1;
     if (cap == IPMPI_CAP_TC)
         return is_task_kind(kind);
@@ -771,6 +937,30 @@ void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
                   kind_name(h->kind), s->cap == IPMPI_CAP_MEC ? "mec" : "tc");
         goto done;
     }
+    if (h->kind == IPMPI_K_RELEASE) {
+        do_release(s, p);
+        goto done;
+    }
+    if (h->flags & IPMPI_F_SHM) {
+        char why[256];
+        uint32_t nvm = 0;
+        ipmpi_shmref_t vm[p->n ? p->n : 1];
+        int rc = ipmpi_shm_attach(&s->shm_peer, h->aux <= INT32_MAX ? (int)h->aux : -1, p, &c->o->limits, why,
+                                  sizeof why, vm, &nvm);
+        if (rc != 0) {
+            ipmpi_log(IPMPI_LOG_WARN, "client %s: shared memory of %s refused: %s", s->peer, kind_name(h->kind),
+                      why);
+            reply_err(s, h, rc, "shared memory refused: %s", why);
+            if (rc != IPMPI_EACCES)
+                ipmpi_session_close_after_flush(s, ipmpi_now_ns());
+            goto done;
+        }
+        if (nvm > 0) {
+            int taken = copy_vm(c, s, h, p, vm, nvm);
+            if (taken != 0)
+                goto done; /* streamed (the request holds its reference), or failed */
+        }
+    }
     if (c->stopping) {
         reply_err(s, h, IPMPI_ESHUTDOWN, "controller is shutting down");
         goto done;
@@ -783,6 +973,9 @@ void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
     switch (h->kind) {
     case IPMPI_K_GET_IDS:
         do_get_ids(c, s, h);
+        break;
+    case IPMPI_K_SHM_PROBE:
+        do_shm_probe(s, h, p);
         break;
     case IPMPI_K_SHUTDOWN: {
         ipmpi_log(IPMPI_LOG_INFO, "SHUTDOWN requested by client %s", s->peer);

@@ -175,6 +175,35 @@ int ipmpi_session_send_error(ipmpi_session_t *s, uint8_t kind, uint64_t req_id, 
     return rc;
 }
 
+int ipmpi_session_lend(ipmpi_session_t *s, uint32_t handle, ipmpi_backing_t *b, uint64_t bytes)
+{
+    if (s->nlent == s->lentcap) {
+        uint32_t ncap = s->lentcap ? s->lentcap * 2 : 8;
+        struct ipmpi_lent *n = realloc(s->lent, ncap * sizeof *n);
+        if (!n)
+            return IPMPI_ENOMEM;
+        s->lent = n;
+        s->lentcap = ncap;
+    }
+    s->lent[s->nlent++] = (struct ipmpi_lent){.handle = handle, .b = ipmpi_backing_ref(b), .bytes = bytes};
+    s->lent_bytes += bytes;
+    return 0;
+}
+
+int ipmpi_session_release_fd(ipmpi_session_t *s, uint32_t handle)
+{
+    for (uint32_t i = 0; i < s->nlent; i++) {
+        if (s->lent[i].handle == handle) {
+            struct ipmpi_lent l = s->lent[i];
+            s->lent[i] = s->lent[--s->nlent];
+            s->lent_bytes -= l.bytes;
+            ipmpi_backing_unref(l.b);
+            return 0;
+        }
+    }
+    return IPMPI_ENOENT;
+}
+
 void ipmpi_session_close_after_flush(ipmpi_session_t *s, uint64_t now)
 {
     if (s->state == IPMPI_SESS_CLOSING)
@@ -490,5 +519,9 @@ void ipmpi_session_free(ipmpi_session_t *s)
         s->out_head = f->next;
         free_frame(f);
     }
+    for (uint32_t i = 0; i < s->nlent; i++)
+        ipmpi_backing_unref(s->lent[i].b);
+    free(s->lent);
+    ipmpi_shmcache_clear(&s->shm_peer);
     free(s);
 }

@@ -26,6 +26,7 @@
 
 #include "codec.h"
 #include "equeue.h"
+#include "shmbuf.h"
 
 enum ipmpi_sess_state {
     IPMPI_SESS_HANDSHAKE, /* TLS handshake running */
@@ -96,7 +97,18 @@ struct ipmpi_session {
     ipmpi_outframe_t *out_head, *out_tail;
     uint64_t out_bytes; /* bytes queued and not yet written */
     uint64_t t_out_progress; /* last time output was written, or queued onto an empty queue (ns) */
+
+    /* same-host shared memory (doc/protocol.md section 5) */
+    ipmpi_shmcache_t shm_peer;  /* the client's memfds mapped lately */
+    struct ipmpi_lent *lent;    /* memory named in replies, not yet released */
+    uint32_t nlent, lentcap;
+    uint64_t lent_bytes;
+    uint32_t next_vm;           /* for handles of process memory (IPMPI_SHM_VM) */
 };
+
+/* Most bytes of own memfds a session may hold unreleased; replies beyond
+ * that go inline over TLS. */
+#define IPMPI_SHM_LEND_MAX ((uint64_t)2 << 30)
 
 /* Called for each complete frame; takes ownership of parts. */
 typedef void (*ipmpi_session_frame_cb)(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
@@ -131,6 +143,13 @@ int ipmpi_session_send(ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *
 /* Queues an error reply (status < 0) whose part 0 is msg. Returns 0 or IPMPI_ENOMEM. */
 int ipmpi_session_send_error(ipmpi_session_t *s, uint8_t kind, uint64_t req_id, int32_t target,
                              uint32_t total, int status, const char *msg);
+
+/* Records that a reply names memory under handle, kept by b (a reference
+ * is taken), until the client releases it. Returns 0 or IPMPI_ENOMEM. */
+int ipmpi_session_lend(ipmpi_session_t *s, uint32_t handle, ipmpi_backing_t *b, uint64_t bytes);
+/* The client released handle: drops the session's reference. Returns 0,
+ * or IPMPI_ENOENT when the session never lent it (ignored). */
+int ipmpi_session_release_fd(ipmpi_session_t *s, uint32_t handle);
 
 /* Stops input; the session closes once its output is flushed. */
 void ipmpi_session_close_after_flush(ipmpi_session_t *s, uint64_t now);

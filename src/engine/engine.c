@@ -26,7 +26,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "hugemem.h"
+#include "bigbuf.h"
 #include "backoff.h"
 #include "engine.h"
 #include "ipmpi/errors.h"
@@ -250,12 +250,19 @@ static int serve(engine_t *e, const ipmpi_hdr_t *h, const uint64_t *lens, int *e
         goto drain;
     }
     for (uint32_t i = 0; i < h->nparts; i++) {
-        PyObject *ba = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)lens[i]);
+        /* Large parts land in cached huge-page buffers (bigbuf.h): a
+         * repeated push of similar arrays reuses warm memory. */
+        PyObject *ba;
+        if (lens[i] >= IPMPI_BIGBUF_MIN) {
+            ba = ipmpi_bigbuf_new(lens[i], &dst[i]);
+        } else {
+            ba = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)lens[i]);
+            if (ba)
+                dst[i] = PyByteArray_AS_STRING(ba);
+        }
         if (!ba)
             goto drain; /* MemoryError: keep it, drain the rest, report it */
         PyList_SET_ITEM(parts, i, ba);
-        dst[i] = PyByteArray_AS_STRING(ba);
-        ipmpi_advise_huge(dst[i], lens[i]);
     }
     /* The bytearrays are referenced only by us, so their memory stays put
      * while other Python threads run during the transfer. */
@@ -463,6 +470,9 @@ static int wait_header(engine_t *e, ipmpi_backoff_t *b, ipmpi_eng_watch_t *w, Py
             ipmpi_log(IPMPI_LOG_ERROR, "engine %d exits: its controller is gone", e->eid);
             die_now(1, ts);
         }
+        /* Idle: cached receive buffers go back after a while unused. */
+        if (now - b->last_busy >= WATCH_INTERVAL_NS)
+            ipmpi_bigbuf_trim();
         struct timespec tsl = {(time_t)(d / 1000000000u), (long)(d % 1000000000u)};
         nanosleep(&tsl, NULL);
     }

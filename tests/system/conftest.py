@@ -170,11 +170,11 @@ def parse_furl(path):
 
 
 def frame(kind, req_id, target=TARGET_CONTROLLER, parts=(), status=0, flags=0, version=VERSION,
-          magic=MAGIC, lens=None, total=0):
+          magic=MAGIC, lens=None, total=0, aux=0):
     parts = [bytes(p) for p in parts]
     if lens is None:
         lens = [len(p) for p in parts]
-    head = HDR.pack(magic, version, kind, flags, req_id, target, status, total, len(lens), 0)
+    head = HDR.pack(magic, version, kind, flags, req_id, target, status, total, len(lens), aux)
     return head + b"".join(struct.pack("<Q", n) for n in lens) + b"".join(parts)
 
 

@@ -434,11 +434,15 @@ def test_signal_handler_interrupts_a_blocking_recv_and_nothing_is_lost(fake):
     c.close()
 
 
-def test_large_numpy_parts_round_trip_into_bytearrays(fake):
+def test_large_numpy_parts_round_trip_into_reused_big_buffers(fake):
+    """Parts of 4 MiB or more arrive in writable huge-page buffers that a
+    later part of a similar size reuses once the first is gone; small parts
+    stay bytearrays."""
     def h(peer):
         peer.hello()
-        f = peer.read_frame()
-        peer.write_frame(f["kind"], f["req"], target=0, parts=f["parts"])
+        for _ in range(2):
+            f = peer.read_frame()
+            peer.write_frame(f["kind"], f["req"], target=0, parts=f["parts"])
         peer.read_frame()
 
     fc = fake(h)
@@ -446,11 +450,18 @@ def test_large_numpy_parts_round_trip_into_bytearrays(fake):
     a = numpy.random.default_rng(0).random(3_000_000)
     parts = _serialize.dumps({"a": a})
     assert len(parts) == 2 and parts[1].nbytes == a.nbytes
-    rid = c.send(_ipmpi.K_PUSH, 0, parts)
-    (target, status, back), = c.recv(rid, timeout=30)
-    assert all(isinstance(p, bytearray) for p in back)
-    b = _serialize.loads(back)["a"]
-    assert numpy.array_equal(a, b) and b.flags.writeable
+    addrs = []
+    for _ in range(2):
+        rid = c.send(_ipmpi.K_PUSH, 0, parts)
+        (target, status, back), = c.recv(rid, timeout=30)
+        assert isinstance(back[0], bytearray)
+        assert type(back[1]).__name__ == "BigBuffer" and len(back[1]) == a.nbytes
+        assert not memoryview(back[1]).readonly
+        b = _serialize.loads(back)["a"]
+        assert numpy.array_equal(a, b) and b.flags.writeable
+        addrs.append(b.ctypes.data)
+        del b, back
+    assert addrs[0] == addrs[1], "the second large part did not reuse the first one's buffer"
     c.close()
 
 

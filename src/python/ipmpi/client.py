@@ -299,9 +299,9 @@ def _read_furl(furl_file, capability):
             % furl_file) from None
 
 
-def _connect(furl_file, capability, connect_timeout):
+def _connect(furl_file, capability, connect_timeout, shm=True):
     furl = _read_furl(furl_file, capability)
-    conn = _c.Connection(furl, connect_timeout)
+    conn = _c.Connection(furl, connect_timeout, bool(shm))
     if conn.capability != capability:
         got = conn.capability
         conn.close()
@@ -394,10 +394,30 @@ def _chunk_apply(f):
 class _Base:
     _capability = "mec"
 
-    def __init__(self, furl_file=None, timeout=None, connect_timeout=30):
+    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True):
         self._timeout = timeout
         self.block = True
-        self._conn = _connect(furl_file, self._capability, connect_timeout)
+        self._conn = _connect(furl_file, self._capability, connect_timeout, shm)
+
+    @property
+    def shm(self):
+        """True when large values travel through shared memory: the client
+        runs on the controller's host (same kernel, same uid) and neither
+        shm=False nor IPMPI_SHM=0 turned it off. The TLS link still carries
+        every request and the key check; see shm_note for why it is off."""
+        return self._conn is not None and self._conn.shm
+
+    @property
+    def shm_path(self):
+        """How large values move: 'process memory' (the controller and
+        this client read each other's buffers with process_vm_readv: no
+        copy here), 'memfd' (through shared memory files), or None (TLS)."""
+        return None if self._conn is None else self._conn.shm_path
+
+    @property
+    def shm_note(self):
+        """None while shared memory is in use, else the reason it is not."""
+        return None if self._conn is None else self._conn.shm_note
 
     @property
     def timeout(self):
