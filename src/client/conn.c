@@ -28,7 +28,6 @@
 #include <unistd.h>
 
 #include <openssl/err.h>
-#include <openssl/rand.h>
 #include <openssl/ssl.h>
 
 #include "backoff.h"
@@ -1139,17 +1138,12 @@ static void flush_release(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
 /* One SHM_PROBE: a random nonce out through shared memory (mode 1: an
  * own memfd, 2: our process memory) and back through the controller's
  * (mode 2: a part of IPMPI_SHM_MIN bytes that starts with the nonce). */
-static int probe_once(ipmpi_cl_t *c, int mode, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks, char *msg,
-                      size_t msgcap)
+static int probe_once(ipmpi_cl_t *c, int mode, const uint8_t nonce[32], uint64_t deadline_ns,
+                      const ipmpi_cl_hooks_t *hooks, char *msg, size_t msgcap)
 {
-    uint8_t nonce[32];
     ipmpi_cl_entry_t *e = NULL;
     uint64_t id = 0;
-    if (RAND_bytes(nonce, sizeof nonce) != 1) {
-        snprintf(msg, msgcap, "no random bytes for the probe");
-        return IPMPI_EIO;
-    }
-    struct iovec part = {.iov_base = nonce, .iov_len = sizeof nonce};
+    struct iovec part = {.iov_base = (void *)nonce, .iov_len = 32};
     int rc = send_frame(c, IPMPI_K_SHM_PROBE, IPMPI_TARGET_CONTROLLER, 1, &part, hooks, &id, mode);
     if (rc == 0)
         rc = ipmpi_cl_wait(c, id, deadline_ns, hooks, &e);
@@ -1160,13 +1154,13 @@ static int probe_once(ipmpi_cl_t *c, int mode, uint64_t deadline_ns, const ipmpi
         return rc;
     }
     ipmpi_cl_reply_t *r = &e->reps[0];
-    uint64_t want = mode == 2 ? IPMPI_SHM_MIN : sizeof nonce;
+    uint64_t want = mode == 2 ? IPMPI_SHM_MIN : 32;
     const char *got = r->nparts == 1 && r->parts[0] ? hooks->data(hooks->ctx, r->parts[0]) : NULL;
     if (r->status != 0) {
         const char *text = r->nparts >= 1 && r->parts[0] ? hooks->data(hooks->ctx, r->parts[0]) : "";
         snprintf(msg, msgcap, "%s: %.*s", ipmpi_errname(r->status), (int)(r->nparts >= 1 ? r->lens[0] : 0), text);
         rc = r->status;
-    } else if (!got || r->lens[0] != want || memcmp(got, nonce, sizeof nonce) != 0) {
+    } else if (!got || r->lens[0] != want || memcmp(got, nonce, 32) != 0) {
         snprintf(msg, msgcap, "the probe came back wrong");
         rc = IPMPI_EPROTO;
     }
@@ -1174,10 +1168,10 @@ static int probe_once(ipmpi_cl_t *c, int mode, uint64_t deadline_ns, const ipmpi
     return rc;
 }
 
-int ipmpi_cl_shm_probe(ipmpi_cl_t *c, int allow_vm, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
-                       char *msg, size_t msgcap)
+int ipmpi_cl_shm_probe(ipmpi_cl_t *c, const uint8_t nonce[32], int allow_vm, uint64_t deadline_ns,
+                       const ipmpi_cl_hooks_t *hooks, char *msg, size_t msgcap)
 {
-    int rc = probe_once(c, 1, deadline_ns, hooks, msg, msgcap);
+    int rc = probe_once(c, 1, nonce, deadline_ns, hooks, msg, msgcap);
     if (rc != 0)
         return rc;
     c->shm = 1;
@@ -1188,7 +1182,7 @@ int ipmpi_cl_shm_probe(ipmpi_cl_t *c, int allow_vm, uint64_t deadline_ns, const 
     /* Process memory needs ptrace rights both ways (Yama may forbid it):
      * without them the memfds serve. */
     char vmsg[256];
-    if (probe_once(c, 2, deadline_ns, hooks, vmsg, sizeof vmsg) == 0)
+    if (probe_once(c, 2, nonce, deadline_ns, hooks, vmsg, sizeof vmsg) == 0)
         c->vm = 1;
     else
         snprintf(msg, msgcap, "process memory refused, memfds in use: %s", vmsg);

@@ -101,7 +101,8 @@ int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ip
 
 /*
  * Same-host shared memory (doc/protocol.md section 5): sends SHM_PROBE
- * with a random nonce through an own memfd and checks that it comes back
+ * with the session's nonce (HELLO's shm_nonce, which proves to the
+ * controller that the memory is ours) through an own memfd and checks that it comes back
  * through one of the controller's, then the same through process memory
  * (process_vm_readv, which needs ptrace rights over each other). On
  * success every later request moves
@@ -112,8 +113,8 @@ int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ip
  * used, if it is not), or a code with a
  * sentence in msg (the connection stays usable, over TLS alone).
  */
-int ipmpi_cl_shm_probe(ipmpi_cl_t *c, int allow_vm, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
-                       char *msg, size_t msgcap);
+int ipmpi_cl_shm_probe(ipmpi_cl_t *c, const uint8_t nonce[32], int allow_vm, uint64_t deadline_ns,
+                       const ipmpi_cl_hooks_t *hooks, char *msg, size_t msgcap);
 
 /* 0: TLS only; 1: memfds; 2: process memory (process_vm_readv both
  * ways, no copy on the client's side for requests). */

@@ -173,6 +173,25 @@ static const char *furl_problem(const char *s, Py_ssize_t n)
 
 /* ---- Connection ---- */
 
+/* The 32-byte shm_nonce of HELLO's JSON d (64 hex digits): 0, or -1 with
+ * no exception. */
+static int hello_nonce(PyObject *d, uint8_t out[32])
+{
+    PyObject *hx = PyDict_Check(d) ? PyDict_GetItemString(d, "shm_nonce") : NULL;
+    const char *t = hx && PyUnicode_Check(hx) ? PyUnicode_AsUTF8(hx) : NULL;
+    if (!t || strlen(t) != 64) {
+        PyErr_Clear();
+        return -1;
+    }
+    for (int i = 0; i < 32; i++) {
+        unsigned v;
+        if (sscanf(t + 2 * i, "%2x", &v) != 1)
+            return -1;
+        out[i] = (uint8_t)v;
+    }
+    return 0;
+}
+
 /* 1 if HELLO's JSON d names our own host id and uid (shared memory may
  * work), 0 if not, -1 with no exception when it cannot tell. */
 static int same_host(PyObject *d)
@@ -293,9 +312,14 @@ static PyObject *conn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->shm_note = PyUnicode_FromString("the controller runs on another host, or under another uid");
     else {
         char pmsg[256] = "";
+        uint8_t nonce[32];
+        int prc = hello_nonce(d, nonce);
         g.ts = PyEval_SaveThread();
-        int prc = ipmpi_cl_shm_probe(self->cl, !(env && strcmp(env, "memfd") == 0), deadline, &hk, pmsg,
+        if (prc == 0)
+            prc = ipmpi_cl_shm_probe(self->cl, nonce, !(env && strcmp(env, "memfd") == 0), deadline, &hk, pmsg,
                                      sizeof pmsg);
+        else
+            snprintf(pmsg, sizeof pmsg, "the controller's HELLO has no shm_nonce");
         PyEval_RestoreThread(g.ts);
         g.ts = NULL;
         if (prc == IPMPI_CL_EINTR) {

@@ -171,11 +171,12 @@ int ipmpi_parts_set_backing(ipmpi_parts_t *p, uint32_t i, ipmpi_backing_t *b, ui
         if (!p->back)
             return IPMPI_ENOMEM;
     }
+    ipmpi_backing_ref(b); /* first: b may be the backing the part has now */
     if (p->back[i])
         ipmpi_backing_unref(p->back[i]);
     else
         part_free(p->bufs[i], p->lens[i]);
-    p->back[i] = ipmpi_backing_ref(b);
+    p->back[i] = b;
     p->bufs[i] = buf;
     p->lens[i] = len;
     return 0;

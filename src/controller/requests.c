@@ -21,6 +21,8 @@
 #include "shmbuf.h"
 #include "tls.h"
 
+#include <openssl/rand.h>
+
 /* ---- small JSON text builder ---- */
 
 typedef struct jbuf {
@@ -702,6 +704,8 @@ static void do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
               cap == IPMPI_CAP_MEC ? "mec" : "tc");
     s->cap = cap;
     s->stream_begin = cap == IPMPI_CAP_MEC ? stream_begin : NULL;
+    if (RAND_bytes(s->shm_nonce, sizeof s->shm_nonce) != 1)
+        c->host_id[0] = '\0'; /* no randomness, no shared memory: never offered again */
     jbuf_t b = {0};
     jb_printf(&b, "{\"capability\": \"%s\", \"engines\": %d, \"ids\": [", cap == IPMPI_CAP_MEC ? "mec" : "tc",
               c->nlive);
@@ -715,7 +719,11 @@ static void do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
     if (c->host_id[0]) {
         jb_printf(&b, ", \"host\": ");
         jb_str(&b, c->host_id);
-        jb_printf(&b, ", \"pid\": %ld, \"uid\": %lu", (long)getpid(), (unsigned long)geteuid());
+        jb_printf(&b, ", \"pid\": %ld, \"uid\": %lu, \"shm_nonce\": \"", (long)getpid(),
+                  (unsigned long)geteuid());
+        for (size_t i = 0; i < sizeof s->shm_nonce; i++)
+            jb_printf(&b, "%02x", s->shm_nonce[i]);
+        jb_printf(&b, "\"");
     }
     jb_printf(&b, "}");
     send_json(s, h, &b);
@@ -864,10 +872,16 @@ static void do_release(ipmpi_session_t *s, const ipmpi_parts_t *p)
  * through one of ours, so the client knows both directions work. */
 static void do_shm_probe(ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
 {
-    if (!(h->flags & IPMPI_F_SHM) || p->n != 1 || p->lens[0] > 4096) {
-        reply_err(s, h, IPMPI_EINVAL, "SHM_PROBE needs one part of at most 4096 bytes in shared memory");
+    /* client_frame checked that part 0 came by shared memory. */
+    if (!(h->flags & IPMPI_F_SHM) || p->n != 1 || p->lens[0] != sizeof s->shm_nonce ||
+        ipmpi_consttime_eq(p->bufs[0], s->shm_nonce, sizeof s->shm_nonce) != 1) {
+        reply_err(s, h, IPMPI_EACCES, "SHM_PROBE: part 0, in the shared memory of pid %llu, must be the "
+                  "32-byte shm_nonce of this session's HELLO", (unsigned long long)h->aux);
         return;
     }
+    /* Only the process that holds our random nonce is this client: from
+     * now on the session's shared memory must be that pid's. */
+    s->shm_pid = (int)h->aux;
     ipmpi_hdr_t rh = {.kind = h->kind, .flags = IPMPI_F_REPLY, .req_id = h->req_id,
                       .target = IPMPI_TARGET_CONTROLLER, .total = 1};
     if (h->flags & IPMPI_F_VM_OK) {
@@ -939,6 +953,21 @@ void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
     }
     if (h->kind == IPMPI_K_RELEASE) {
         do_release(s, p);
+        goto done;
+    }
+    if ((h->flags & IPMPI_F_SHM) && h->kind != IPMPI_K_SHM_PROBE &&
+        (s->shm_pid == 0 || h->aux != (uint64_t)s->shm_pid)) {
+        /* Only the process that proved it is this client may name its
+         * memory: a key holder must not make the controller read another
+         * process of the same user (or any process, for a root controller). */
+        ipmpi_log(IPMPI_LOG_WARN, "client %s: shared memory of pid %llu refused (probed pid: %d)", s->peer,
+                  (unsigned long long)h->aux, s->shm_pid);
+        reply_err(s, h, IPMPI_EACCES, "shared memory refused: pid %llu is not the one this session's SHM_PROBE "
+                  "proved (%d)", (unsigned long long)h->aux, s->shm_pid);
+        goto done;
+    }
+    if (h->kind == IPMPI_K_SHM_PROBE && (!(h->flags & IPMPI_F_SHM) || p->n != 2 || p->lens[0] != 0)) {
+        reply_err(s, h, IPMPI_EACCES, "SHM_PROBE: part 0 must come by shared memory");
         goto done;
     }
     if (h->flags & IPMPI_F_SHM) {

@@ -104,6 +104,8 @@ struct ipmpi_session {
     uint32_t nlent, lentcap;
     uint64_t lent_bytes;
     uint32_t next_vm;           /* for handles of process memory (IPMPI_SHM_VM) */
+    int shm_pid;                /* the pid SHM_PROBE proved is the client's; 0: none yet */
+    uint8_t shm_nonce[32];      /* random, from HELLO; SHM_PROBE must show it from the client's memory */
 };
 
 /* Most bytes of own memfds a session may hold unreleased; replies beyond

@@ -285,9 +285,9 @@ class RawSession:
     def release(self, fds):
         self.send(K_RELEASE, TARGET_CONTROLLER, [struct.pack("<%dI" % len(fds), *fds)])
 
-    def probe(self):
-        """SHM_PROBE as section 5 says: a 32-byte nonce by shm each way."""
-        nonce = os.urandom(32)
+    def probe(self, nonce=None):
+        """SHM_PROBE as section 5 says: HELLO's 32-byte shm_nonce by shm each way."""
+        nonce = bytes.fromhex(self.info["shm_nonce"]) if nonce is None else nonce
         fd = memfd_with(nonce)
         try:
             rid = self.send_shm(K_SHM_PROBE, TARGET_CONTROLLER, [b""], table((0, fd, 0, 32)),
@@ -328,6 +328,50 @@ def test_hello_names_host_pid_and_uid(cluster2, controller_pid):
     assert info["host"] == own_host_id()
     assert int(info["uid"]) == os.geteuid()
     assert int(info["pid"]) == controller_pid
+
+
+def test_shm_before_a_probe_is_refused(cluster2, mec_tls):
+    """Shared memory is bound to the pid that showed HELLO's nonce: none
+    before a probe, and only that pid's after it."""
+    a = floats(2 * MIB, 31)
+    head, buf = push_parts("unprobed", a)
+    fd = memfd_with(buf)
+    r = RawSession(cluster2, probe=False)
+    try:
+        for attempt in ("before", "other-pid"):
+            if attempt == "other-pid":
+                r.probe()
+            pid = os.getpid() if attempt == "before" else os.getppid()
+            rid = r.send_shm(K_PUSH, 0, [head, b""], table((1, fd, 0, a.nbytes)), pid=pid)
+            kind, flags, req_id, target, status, total, parts = r.read()
+            assert (kind, req_id, status) == (K_PUSH, rid, EACCES), (attempt, status, parts[:1])
+            assert b"SHM_PROBE" in parts[0], parts[0]
+            assert r.get_ids() == ENGINES
+        with pytest.raises(Exception):
+            mec_tls.pull("unprobed", targets=0)
+    finally:
+        os.close(fd)
+        r.close()
+
+
+@pytest.mark.parametrize("nonce", ["random", "inline"])
+def test_probe_without_the_session_nonce_in_shared_memory_is_refused(cluster2, nonce):
+    """A probe must show HELLO's nonce from shared memory: another value, or
+    the right one inline, proves nothing and is refused."""
+    r = RawSession(cluster2, probe=False)
+    try:
+        if nonce == "random":
+            with pytest.raises(AssertionError):
+                r.probe(nonce=os.urandom(32))
+        else:
+            rid = r.send(K_SHM_PROBE, TARGET_CONTROLLER, [bytes.fromhex(r.info["shm_nonce"])],
+                         flags=F_SHM_OK)
+            kind, flags, req_id, target, status, total, parts = r.read()
+            assert (kind, req_id, status) == (K_SHM_PROBE, rid, EACCES), (status, parts)
+        assert r.get_ids() == ENGINES
+        r.probe()  # the right nonce still works afterwards
+    finally:
+        r.close()
 
 
 def test_shm_probe_with_the_tc_capability(cluster2):

@@ -467,6 +467,340 @@ static void test_random_bytes_never_crash_or_decode_without_magic(void **state)
     }
 }
 
+/* ---- shared-memory table (doc/protocol.md section 5) ---- */
+
+/* Writes n entries with ipmpi_shmref_encode into a heap block of exactly
+ * n * IPMPI_SHMREF_SIZE bytes (ASan bounds). */
+static uint8_t *shm_table(const ipmpi_shmref_t *refs, size_t n)
+{
+    uint8_t *p = malloc(n ? n * IPMPI_SHMREF_SIZE : 1);
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++)
+        ipmpi_shmref_encode(&refs[i], p + i * IPMPI_SHMREF_SIZE);
+    return p;
+}
+
+/* Decodes refs (encoded) against nparts parts with wire lengths lens and
+ * default limits, room for 8 entries. */
+static long shm_decode(const ipmpi_shmref_t *refs, size_t n, uint32_t nparts, const uint64_t *lens)
+{
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    ipmpi_shmref_t out[8];
+    uint8_t *tab = shm_table(refs, n);
+    long r = ipmpi_shmref_decode(tab, (uint64_t)n * IPMPI_SHMREF_SIZE, nparts, lens, 0, &lim, out, 8);
+    free(tab);
+    return r;
+}
+
+static void test_shmref_encoder_writes_little_endian_layout(void **state)
+{
+    (void)state;
+    ipmpi_shmref_t r = {.part = 0x04030201u,
+                        .fd = 0x88776655u,
+                        .off = UINT64_C(0x100f0e0d0c0b0a09),
+                        .len = UINT64_C(0x1817161514131211)};
+    uint8_t buf[IPMPI_SHMREF_SIZE + 1];
+    memset(buf, 0xee, sizeof buf);
+    ipmpi_shmref_encode(&r, buf);
+    const uint8_t want[IPMPI_SHMREF_SIZE] = {
+        0x01, 0x02, 0x03, 0x04,                         /* u32 part */
+        0x55, 0x66, 0x77, 0x88,                         /* u32 fd */
+        0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x10, /* u64 offset */
+        0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, /* u64 length */
+        0, 0, 0, 0, 0, 0, 0, 0,                         /* u64 reserved */
+    };
+    assert_int_equal(IPMPI_SHMREF_SIZE, 32);
+    assert_memory_equal(buf, want, sizeof want);
+    /* Exactly 32 bytes: the byte after the entry is untouched. */
+    assert_int_equal(buf[IPMPI_SHMREF_SIZE], 0xee);
+}
+
+static void test_shmref_round_trip_of_several_entries(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    /* Parts 1, 3 and 4 of 5 by shared memory; 0 and 2 on the wire. */
+    uint64_t lens[5] = {10, 0, 20, 0, 0};
+    const ipmpi_shmref_t refs[3] = {
+        {.part = 1, .fd = 7, .off = 0, .len = 1},
+        {.part = 3, .fd = IPMPI_SHM_VM | 12, .off = UINT64_C(0x7fff12345000), .len = (uint64_t)1 << 20},
+        {.part = 4, .fd = 0, .off = UINT64_MAX - 5, .len = 5},
+    };
+    uint8_t *tab = shm_table(refs, 3);
+    ipmpi_shmref_t out[4];
+    memset(out, 0x5a, sizeof out);
+    assert_int_equal(ipmpi_shmref_decode(tab, 3 * IPMPI_SHMREF_SIZE, 5, lens, 30, &lim, out, 4), 3);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(out[i].part, refs[i].part);
+        assert_int_equal(out[i].fd, refs[i].fd);
+        assert_true(out[i].off == refs[i].off);
+        assert_true(out[i].len == refs[i].len);
+    }
+    /* Room for 4, only 3 entries: the fourth slot is not written. */
+    assert_int_equal(out[3].part, 0x5a5a5a5au);
+    free(tab);
+}
+
+static void test_shmref_decoder_accepts_process_memory_fd(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint64_t lens[1] = {0};
+    const uint32_t fds[] = {IPMPI_SHM_VM, IPMPI_SHM_VM | 3, UINT32_MAX};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
+        ipmpi_shmref_t r = {.part = 0, .fd = fds[i], .off = 4096, .len = 64}, out;
+        uint8_t *tab = shm_table(&r, 1);
+        assert_int_equal(ipmpi_shmref_decode(tab, IPMPI_SHMREF_SIZE, 1, lens, 0, &lim, &out, 1), 1);
+        assert_int_equal(out.fd, fds[i]);
+        assert_true((out.fd & IPMPI_SHM_VM) != 0);
+        free(tab);
+    }
+}
+
+static void test_shmref_decoder_rejects_bad_table_size(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint64_t lens[4] = {0, 0, 0, 0};
+    const ipmpi_shmref_t refs[2] = {{.part = 0, .fd = 1, .off = 0, .len = 8},
+                                    {.part = 1, .fd = 1, .off = 8, .len = 8}};
+    uint8_t *tab = shm_table(refs, 2);
+    ipmpi_shmref_t out[4];
+    const uint64_t bad[] = {0, 1, 31, 33, 63, 32 + 16};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_int_equal(ipmpi_shmref_decode(tab, bad[i], 4, lens, 0, &lim, out, 4), IPMPI_EPROTO);
+    /* The well-sized prefixes of the same bytes pass. */
+    assert_int_equal(ipmpi_shmref_decode(tab, 32, 4, lens, 0, &lim, out, 4), 1);
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 4, lens, 0, &lim, out, 4), 2);
+    free(tab);
+}
+
+static void test_shmref_decoder_rejects_more_entries_than_parts(void **state)
+{
+    (void)state;
+    uint64_t lens[2] = {0, 0};
+    const ipmpi_shmref_t refs[3] = {{.part = 0, .fd = 1, .off = 0, .len = 8},
+                                    {.part = 1, .fd = 1, .off = 8, .len = 8},
+                                    {.part = 2, .fd = 1, .off = 16, .len = 8}};
+    assert_int_equal(shm_decode(refs, 2, 2, lens), 2);
+    assert_int_equal(shm_decode(refs, 3, 2, lens), IPMPI_EPROTO);
+    /* nparts 0: no entry at all may name a part. */
+    assert_int_equal(shm_decode(refs, 1, 0, lens), IPMPI_EPROTO);
+    /* A caller sizes out for nparts entries: a table with more is a bad
+     * frame (EPROTO), not the caller's too-small buffer (EINVAL). */
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    ipmpi_shmref_t out[2];
+    uint8_t *tab = shm_table(refs, 3);
+    assert_int_equal(ipmpi_shmref_decode(tab, 3 * IPMPI_SHMREF_SIZE, 2, lens, 0, &lim, out, 2), IPMPI_EPROTO);
+    free(tab);
+}
+
+static void test_shmref_decoder_rejects_index_out_of_range(void **state)
+{
+    (void)state;
+    /* One length more than nparts, also 0: only the range check can
+     * reject part 3 (and no read past the lengths is needed to do so). */
+    uint64_t lens[4] = {0, 0, 0, 0};
+    ipmpi_shmref_t refs[2] = {{.part = 0, .fd = 1, .off = 0, .len = 8},
+                              {.part = 2, .fd = 1, .off = 8, .len = 8}};
+    assert_int_equal(shm_decode(refs, 2, 3, lens), 2);
+    refs[1].part = 3; /* == nparts */
+    assert_int_equal(shm_decode(refs, 2, 3, lens), IPMPI_EPROTO);
+    refs[1].part = UINT32_MAX;
+    assert_int_equal(shm_decode(refs, 2, 3, lens), IPMPI_EPROTO);
+    refs[0].part = 3; /* the first entry too */
+    assert_int_equal(shm_decode(refs, 1, 3, lens), IPMPI_EPROTO);
+}
+
+static void test_shmref_decoder_rejects_unordered_and_duplicate_indices(void **state)
+{
+    (void)state;
+    uint64_t lens[4] = {0, 0, 0, 0};
+    ipmpi_shmref_t refs[3] = {{.part = 0, .fd = 1, .off = 0, .len = 8},
+                              {.part = 2, .fd = 1, .off = 8, .len = 8},
+                              {.part = 3, .fd = 1, .off = 16, .len = 8}};
+    assert_int_equal(shm_decode(refs, 3, 4, lens), 3);
+    /* descending */
+    refs[1].part = 3;
+    refs[2].part = 2;
+    assert_int_equal(shm_decode(refs, 3, 4, lens), IPMPI_EPROTO);
+    /* duplicate, adjacent */
+    refs[1].part = 2;
+    refs[2].part = 2;
+    assert_int_equal(shm_decode(refs, 3, 4, lens), IPMPI_EPROTO);
+    /* duplicate of the first */
+    refs[0].part = 1;
+    refs[1].part = 1;
+    assert_int_equal(shm_decode(refs, 2, 4, lens), IPMPI_EPROTO);
+}
+
+static void test_shmref_decoder_rejects_named_part_with_wire_bytes(void **state)
+{
+    (void)state;
+    uint64_t lens[3] = {0, 1, 0};
+    ipmpi_shmref_t refs[2] = {{.part = 0, .fd = 1, .off = 0, .len = 8},
+                              {.part = 2, .fd = 1, .off = 8, .len = 8}};
+    assert_int_equal(shm_decode(refs, 2, 3, lens), 2);
+    refs[1].part = 1; /* 1 wire byte */
+    assert_int_equal(shm_decode(refs, 2, 3, lens), IPMPI_EPROTO);
+    lens[1] = 0;
+    assert_int_equal(shm_decode(refs, 2, 3, lens), 2);
+    lens[0] = UINT64_MAX;
+    assert_int_equal(shm_decode(refs, 2, 3, lens), IPMPI_EPROTO);
+}
+
+static void test_shmref_decoder_rejects_nonzero_reserved(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint64_t lens[2] = {0, 0};
+    const ipmpi_shmref_t refs[2] = {{.part = 0, .fd = 1, .off = 0, .len = 8},
+                                    {.part = 1, .fd = 1, .off = 8, .len = 8}};
+    uint8_t *tab = shm_table(refs, 2);
+    ipmpi_shmref_t out[2];
+    /* Each byte of the reserved field of each entry, alone. */
+    for (size_t e = 0; e < 2; e++) {
+        for (size_t b = 24; b < 32; b++) {
+            uint8_t *p = tab + e * IPMPI_SHMREF_SIZE + b;
+            *p = 0x01;
+            assert_int_equal(ipmpi_shmref_decode(tab, 64, 2, lens, 0, &lim, out, 2), IPMPI_EPROTO);
+            *p = 0x80;
+            assert_int_equal(ipmpi_shmref_decode(tab, 64, 2, lens, 0, &lim, out, 2), IPMPI_EPROTO);
+            *p = 0;
+        }
+    }
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 2, lens, 0, &lim, out, 2), 2);
+    free(tab);
+}
+
+static void test_shmref_decoder_rejects_zero_length(void **state)
+{
+    (void)state;
+    uint64_t lens[2] = {0, 0};
+    ipmpi_shmref_t refs[2] = {{.part = 0, .fd = 1, .off = 0, .len = 1},
+                              {.part = 1, .fd = 1, .off = 8, .len = 1}};
+    assert_int_equal(shm_decode(refs, 2, 2, lens), 2);
+    refs[1].len = 0;
+    assert_int_equal(shm_decode(refs, 2, 2, lens), IPMPI_EPROTO);
+    refs[1].len = 1;
+    refs[0].len = 0;
+    assert_int_equal(shm_decode(refs, 2, 2, lens), IPMPI_EPROTO);
+}
+
+static void test_shmref_decoder_rejects_offset_plus_length_overflow(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim = {16, UINT64_MAX, UINT64_MAX};
+    uint64_t lens[1] = {0};
+    ipmpi_shmref_t out;
+    const struct {
+        uint64_t off, len;
+        long want;
+    } cases[] = {
+        {UINT64_MAX, 1, IPMPI_EPROTO},
+        {UINT64_MAX - 10, 10, 1}, /* off + len == UINT64_MAX: fits */
+        {UINT64_MAX - 10, 11, IPMPI_EPROTO},
+        {UINT64_MAX - 9, 10, IPMPI_EPROTO}, /* off + len == 2^64 */
+        {1, UINT64_MAX, IPMPI_EPROTO},
+        {0, UINT64_MAX, 1},
+        {UINT64_C(1) << 63, UINT64_C(1) << 63, IPMPI_EPROTO},
+        {(UINT64_C(1) << 63) - 1, UINT64_C(1) << 63, 1},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        ipmpi_shmref_t r = {.part = 0, .fd = 3, .off = cases[c].off, .len = cases[c].len};
+        uint8_t *tab = shm_table(&r, 1);
+        assert_int_equal(ipmpi_shmref_decode(tab, IPMPI_SHMREF_SIZE, 1, lens, 0, &lim, &out, 1), cases[c].want);
+        free(tab);
+    }
+}
+
+static void test_shmref_decoder_rejects_part_over_max_part(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim = {16, 1000, 1000000};
+    uint64_t lens[2] = {0, 0};
+    ipmpi_shmref_t refs[2] = {{.part = 0, .fd = 1, .off = 0, .len = 1000},
+                              {.part = 1, .fd = 1, .off = 0, .len = 1000}};
+    uint8_t *tab = shm_table(refs, 2);
+    ipmpi_shmref_t out[2];
+    /* Exactly max_part is allowed ... */
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 2, lens, 0, &lim, out, 2), 2);
+    free(tab);
+    /* ... one byte more is not, in either entry. */
+    for (int e = 0; e < 2; e++) {
+        refs[e].len = 1001;
+        tab = shm_table(refs, 2);
+        assert_int_equal(ipmpi_shmref_decode(tab, 64, 2, lens, 0, &lim, out, 2), IPMPI_E2BIG);
+        free(tab);
+        refs[e].len = 1000;
+    }
+    refs[1].len = UINT64_MAX;
+    tab = shm_table(refs, 2);
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 2, lens, 0, &lim, out, 2), IPMPI_E2BIG);
+    free(tab);
+}
+
+static void test_shmref_decoder_rejects_sum_over_max_frame(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim = {16, 1000, 2500};
+    /* Part 0 has 300 wire bytes; parts 1 and 2 by shared memory. */
+    uint64_t lens[3] = {300, 0, 0};
+    ipmpi_shmref_t refs[2] = {{.part = 1, .fd = 1, .off = 0, .len = 1000},
+                              {.part = 2, .fd = 1, .off = 0, .len = 1000}};
+    uint8_t *tab = shm_table(refs, 2);
+    ipmpi_shmref_t out[2];
+    /* 300 + 2000 = 2300 and 500 + 2000 = 2500 fit ... */
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 3, lens, 300, &lim, out, 2), 2);
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 3, lens, 500, &lim, out, 2), 2);
+    /* ... one wire byte more does not. */
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 3, lens, 501, &lim, out, 2), IPMPI_E2BIG);
+    /* The named lengths alone, over the frame limit with no wire bytes. */
+    lim.max_frame = 1999;
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 3, lens, 0, &lim, out, 2), IPMPI_E2BIG);
+    lim.max_frame = 2000;
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 3, lens, 0, &lim, out, 2), 2);
+    /* One part within max_part but over max_frame alone (max_frame - len
+     * must not wrap around). */
+    lim.max_frame = 999;
+    assert_int_equal(ipmpi_shmref_decode(tab, 32, 3, lens, 0, &lim, out, 2), IPMPI_E2BIG);
+    free(tab);
+    /* Sums that would wrap around u64 are caught too. */
+    ipmpi_limits_t nolim = {16, UINT64_MAX, UINT64_MAX};
+    refs[0].len = UINT64_MAX / 2 + 1;
+    refs[1].len = UINT64_MAX / 2 + 1;
+    tab = shm_table(refs, 2);
+    assert_int_equal(ipmpi_shmref_decode(tab, 64, 3, lens, 0, &nolim, out, 2), IPMPI_E2BIG);
+    assert_int_equal(ipmpi_shmref_decode(tab, 32, 3, lens, UINT64_MAX / 2, &nolim, out, 2), 1);
+    assert_int_equal(ipmpi_shmref_decode(tab, 32, 3, lens, UINT64_MAX / 2 + 1, &nolim, out, 2), IPMPI_E2BIG);
+    free(tab);
+}
+
+static void test_shmref_decoder_refuses_too_small_out(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint64_t lens[3] = {0, 0, 0};
+    const ipmpi_shmref_t refs[3] = {{.part = 0, .fd = 1, .off = 0, .len = 8},
+                                    {.part = 1, .fd = 1, .off = 8, .len = 8},
+                                    {.part = 2, .fd = 1, .off = 16, .len = 8}};
+    uint8_t *tab = shm_table(refs, 3);
+    ipmpi_shmref_t out[3];
+    for (uint32_t cap = 0; cap < 3; cap++)
+        assert_int_equal(ipmpi_shmref_decode(tab, 96, 3, lens, 0, &lim, out, cap), IPMPI_EINVAL);
+    assert_int_equal(ipmpi_shmref_decode(tab, 96, 3, lens, 0, &lim, out, 3), 3);
+    assert_int_equal(out[2].part, 2);
+    assert_true(out[2].off == 16);
+    free(tab);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -488,6 +822,20 @@ int main(void)
         cmocka_unit_test(test_lens_decoder_accepts_zero_parts),
         cmocka_unit_test(test_failed_decode_leaves_out_params_untouched),
         cmocka_unit_test(test_random_bytes_never_crash_or_decode_without_magic),
+        cmocka_unit_test(test_shmref_encoder_writes_little_endian_layout),
+        cmocka_unit_test(test_shmref_round_trip_of_several_entries),
+        cmocka_unit_test(test_shmref_decoder_accepts_process_memory_fd),
+        cmocka_unit_test(test_shmref_decoder_rejects_bad_table_size),
+        cmocka_unit_test(test_shmref_decoder_rejects_more_entries_than_parts),
+        cmocka_unit_test(test_shmref_decoder_rejects_index_out_of_range),
+        cmocka_unit_test(test_shmref_decoder_rejects_unordered_and_duplicate_indices),
+        cmocka_unit_test(test_shmref_decoder_rejects_named_part_with_wire_bytes),
+        cmocka_unit_test(test_shmref_decoder_rejects_nonzero_reserved),
+        cmocka_unit_test(test_shmref_decoder_rejects_zero_length),
+        cmocka_unit_test(test_shmref_decoder_rejects_offset_plus_length_overflow),
+        cmocka_unit_test(test_shmref_decoder_rejects_part_over_max_part),
+        cmocka_unit_test(test_shmref_decoder_rejects_sum_over_max_frame),
+        cmocka_unit_test(test_shmref_decoder_refuses_too_small_out),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
