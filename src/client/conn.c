@@ -986,6 +986,14 @@ static int write_piece(ipmpi_cl_t *c, const void *p, size_t len, const ipmpi_cl_
 static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
                       ipmpi_cl_entry_t **out);
 
+#define ACK_NS (60ull * 1000000000ull)
+
+static int never_interrupted(void *ctx)
+{
+    (void)ctx;
+    return 0;
+}
+
 /* Writes a RELEASE frame for the controller's memfds copied out so far.
  * send_mu and mu held. */
 static int write_release(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
@@ -1098,8 +1106,19 @@ unlock:
     pthread_mutex_unlock(&c->send_mu);
     if (rc == 0 && nvm > 0) {
         /* The caller's memory must stay as it is until the controller
-         * copied it: its ack (or a reply, or the end of the link). */
-        int w = wait_entry(c, *req_id, 0, hooks, NULL);
+         * copied it: its ack (or a reply, or the end of the link). Ctrl-C
+         * waits for that (the caller could free the memory otherwise);
+         * a controller that does not ack within ACK_NS loses the link. */
+        ipmpi_cl_hooks_t steady = *hooks;
+        steady.interrupted = never_interrupted;
+        int w = wait_entry(c, *req_id, ipmpi_now_ns() + ACK_NS, &steady, NULL);
+        if (w == IPMPI_ETIMEDOUT) {
+            pthread_mutex_lock(&c->mu);
+            set_broken(c, IPMPI_ETIMEDOUT, "the controller did not take a request's memory within %d s",
+                       (int)(ACK_NS / 1000000000ull));
+            pthread_mutex_unlock(&c->mu);
+            ipmpi_cl_close(c);
+        }
         if (w != 0 && w != IPMPI_ENOENT)
             rc = w;
     }

@@ -82,6 +82,45 @@ static void check_furl(const uint8_t *data, size_t size)
         __builtin_trap();
 }
 
+/* A shm table (doc/protocol.md section 5) from the input: byte 0 gives
+ * the part count, byte 1 a bit mask of parts with wire bytes, the rest is
+ * the table. Whatever decodes must satisfy every rule the decoder claims. */
+static ipmpi_shmref_t shm_out[16];
+
+static void check_shm_table(const uint8_t *data, size_t size, const ipmpi_limits_t *lim)
+{
+    if (size < 2)
+        return;
+    uint32_t n = data[0] % 16u + 1u;
+    uint64_t wl[16], wire = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        wl[i] = (data[1] >> (i % 8)) & 1u;
+        wire += wl[i];
+    }
+    long k = ipmpi_shmref_decode(data + 2, size - 2, n, wl, wire, lim, shm_out, 16);
+    if (k < 0) {
+        if (k != IPMPI_EPROTO && k != IPMPI_E2BIG)
+            __builtin_trap();
+        return;
+    }
+    if (k == 0 || (size_t)k * IPMPI_SHMREF_SIZE != size - 2 || (uint32_t)k > n)
+        __builtin_trap();
+    uint64_t sum = wire;
+    for (long i = 0; i < k; i++) {
+        const ipmpi_shmref_t *r = &shm_out[i];
+        if (r->part >= n || wl[r->part] != 0 || r->len == 0 || r->len > lim->max_part ||
+            r->off > UINT64_MAX - r->len || (i > 0 && r->part <= shm_out[i - 1].part))
+            __builtin_trap();
+        sum += r->len;
+        if (sum > lim->max_frame || sum < r->len)
+            __builtin_trap();
+        uint8_t e[IPMPI_SHMREF_SIZE];
+        ipmpi_shmref_encode(r, e);
+        if (memcmp(e, data + 2 + (size_t)i * IPMPI_SHMREF_SIZE, IPMPI_SHMREF_SIZE) != 0)
+            __builtin_trap();
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     ipmpi_limits_t def, tight = {8, 4096, 10000}, open = {IPMPI_MAX_PARTS, UINT64_MAX, UINT64_MAX};
@@ -100,6 +139,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             __builtin_trap();
     }
 
+    check_shm_table(data, size, &tight);
+    check_shm_table(data, size, &open);
     check_furl(data, size);
     return 0;
 }
