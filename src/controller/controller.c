@@ -219,6 +219,11 @@ static uint64_t session_deadlines(ipmpi_ctl_t *c, uint64_t now)
                 }
             }
         }
+        /* Mappings of the client's memfds are let go after a while unused,
+         * so the memory the client freed is not kept alive here. */
+        uint64_t e = ipmpi_shmcache_trim(&s->shm_peer, now);
+        if (e != UINT64_MAX && now + e < d)
+            d = now + e;
         if (d < next)
             next = d;
     }

@@ -95,6 +95,7 @@ ipmpi_shmbuf_t *ipmpi_shmbuf_peer(ipmpi_shmcache_t *cache, int pid, uint32_t fd,
         if (sb && cache->fd[i] == fd && sb->ino == ino && sb->cap == size) {
             close(g);
             cache->use[i] = ++cache->tick;
+            cache->t[i] = ipmpi_now_ns();
             return (ipmpi_shmbuf_t *)ipmpi_backing_ref(&sb->b);
         }
         /* The victim: an empty slot, else the least recently used. */
@@ -126,7 +127,26 @@ ipmpi_shmbuf_t *ipmpi_shmbuf_peer(ipmpi_shmcache_t *cache, int pid, uint32_t fd,
     cache->sb[victim] = (ipmpi_shmbuf_t *)ipmpi_backing_ref(&sb->b);
     cache->fd[victim] = fd;
     cache->use[victim] = ++cache->tick;
+    cache->t[victim] = ipmpi_now_ns();
     return sb;
+}
+
+#define PEER_IDLE_NS (10ull * 1000000000ull)
+
+uint64_t ipmpi_shmcache_trim(ipmpi_shmcache_t *cache, uint64_t now)
+{
+    uint64_t next = UINT64_MAX;
+    for (int i = 0; i < IPMPI_SHMCACHE_SLOTS; i++) {
+        if (!cache->sb[i])
+            continue;
+        if (now - cache->t[i] >= PEER_IDLE_NS) {
+            ipmpi_backing_unref(&cache->sb[i]->b);
+            cache->sb[i] = NULL;
+        } else if (cache->t[i] + PEER_IDLE_NS - now < next) {
+            next = cache->t[i] + PEER_IDLE_NS - now;
+        }
+    }
+    return next;
 }
 
 void ipmpi_shmcache_clear(ipmpi_shmcache_t *cache)

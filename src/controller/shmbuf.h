@@ -54,6 +54,7 @@ typedef struct ipmpi_shmcache {
     uint32_t fd[IPMPI_SHMCACHE_SLOTS];
     ipmpi_shmbuf_t *sb[IPMPI_SHMCACHE_SLOTS]; /* one reference each; NULL: empty */
     uint64_t use[IPMPI_SHMCACHE_SLOTS];
+    uint64_t t[IPMPI_SHMCACHE_SLOTS]; /* last use (ns) */
     uint64_t tick;
 } ipmpi_shmcache_t;
 
@@ -67,6 +68,9 @@ ipmpi_shmbuf_t *ipmpi_shmbuf_peer(ipmpi_shmcache_t *cache, int pid, uint32_t fd,
                                   size_t whycap);
 /* Drops every cached mapping. */
 void ipmpi_shmcache_clear(ipmpi_shmcache_t *cache);
+/* Drops mappings unused for 10 s; returns ns until the next one expires
+ * (UINT64_MAX: none held). */
+uint64_t ipmpi_shmcache_trim(ipmpi_shmcache_t *cache, uint64_t now);
 
 /*
  * Frames (codec and payload glue, no session state):

@@ -848,3 +848,29 @@ def test_client_leaving_without_release(cluster2, mec_shm, controller_pid):
     for g in mec_shm.pull("gone", targets="all"):
         assert_same_array(g, a)
     bounded_memfds(controller_pid)
+
+
+def client_memfd_mappings(pid):
+    """Mappings of client memfds ('/memfd:ipmpi-part') in process pid."""
+    with open("/proc/%d/maps" % pid) as f:
+        return [line for line in f if "/memfd:ipmpi-part" in line]
+
+
+def test_controller_lets_go_of_idle_client_memfds(cluster2, controller_pid):
+    """The controller maps a memfd client's memfds for reuse, but lets go of
+    them after 10 s unused, so memory the client freed is not kept alive."""
+    os.environ["IPMPI_SHM"] = "memfd"
+    try:
+        m = cluster2.client(timeout=TIMEOUT)
+    finally:
+        del os.environ["IPMPI_SHM"]
+    try:
+        assert m.shm_path == "memfd"
+        a = floats(8 * MIB, 41)
+        m.push(dict(idle_map=a), targets=0)
+        assert client_memfd_mappings(controller_pid), "the push did not go through a mapped memfd"
+        wait_for(lambda: not client_memfd_mappings(controller_pid), 25, interval=0.5,
+                 what="the controller unmapping the client's idle memfds")
+        assert_same_array(m.pull("idle_map", targets=0), a)
+    finally:
+        m.close()
