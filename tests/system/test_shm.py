@@ -98,15 +98,20 @@ def mec_shm(cluster2):
     yield from connected_client(cluster2)
 
 
+def memfd_client(cluster):
+    """A client made with IPMPI_SHM=memfd (the environment is restored)."""
+    os.environ["IPMPI_SHM"] = "memfd"
+    try:
+        return cluster.client(timeout=TIMEOUT)
+    finally:
+        del os.environ["IPMPI_SHM"]
+
+
 @pytest.fixture(scope="module")
 def mec_memfd(cluster2):
     """A client told to use memfds only (IPMPI_SHM=memfd), the path taken
     where ptrace between client and controller is forbidden."""
-    os.environ["IPMPI_SHM"] = "memfd"
-    try:
-        m = cluster2.client(timeout=TIMEOUT)
-    finally:
-        del os.environ["IPMPI_SHM"]
+    m = memfd_client(cluster2)
     try:
         yield m
     finally:
@@ -859,11 +864,7 @@ def client_memfd_mappings(pid):
 def test_controller_lets_go_of_idle_client_memfds(cluster2, controller_pid):
     """The controller maps a memfd client's memfds for reuse, but lets go of
     them after 10 s unused, so memory the client freed is not kept alive."""
-    os.environ["IPMPI_SHM"] = "memfd"
-    try:
-        m = cluster2.client(timeout=TIMEOUT)
-    finally:
-        del os.environ["IPMPI_SHM"]
+    m = memfd_client(cluster2)
     try:
         assert m.shm_path == "memfd"
         a = floats(8 * MIB, 41)
