@@ -48,7 +48,6 @@ enum { RX_HDR, RX_LENS, RX_PARTS };
  * them mapped (a fresh memfd costs ~7x the copy into one in use). */
 #define SHM_SLOTS 8
 #define SHM_IDLE_NS (10ull * 1000000000ull)
-#define SHM_ALIGN ((uint64_t)2 << 20)
 #define SHM_CLAIMED UINT64_MAX /* busy for a request that has no id yet */
 typedef struct shm_slot {
     int fd;        /* -1: empty */
@@ -225,7 +224,7 @@ static void shm_slot_close(shm_slot_t *sl)
 static shm_slot_t *shm_claim(ipmpi_cl_t *c, uint64_t len)
 {
     uint64_t now = ipmpi_now_ns();
-    uint64_t need = (len + SHM_ALIGN - 1) & ~(SHM_ALIGN - 1);
+    uint64_t need = ipmpi_huge_round(len);
     shm_slot_t *best = NULL, *spare = NULL;
     pthread_mutex_lock(&c->shm_mu);
     for (int i = 0; i < SHM_SLOTS; i++) {
@@ -344,6 +343,16 @@ static void rx_reset(rx_state_t *rx)
     rx->off = 0;
 }
 
+/* Memory for a received part of len bytes from the caller's hook, advised
+ * into huge pages when large. NULL on failure. */
+static void *rx_alloc(const ipmpi_cl_hooks_t *hooks, uint64_t len, char **data)
+{
+    void *obj = hooks->alloc(hooks->ctx, len, data);
+    if (obj)
+        ipmpi_advise_huge(*data, len);
+    return obj;
+}
+
 /* Turns a reply with an error status that the client made up: one part,
  * the message. mu held. */
 static void rx_fail(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks, int status, const char *msg)
@@ -410,50 +419,37 @@ static void rx_shm_resolve(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
     rx->rep.parts[n - 1] = NULL;
     rx->rep.nparts = n - 1;
     for (long i = 0; i < k; i++) {
-        uint32_t part = refs[i].part;
-        if (refs[i].fd & IPMPI_SHM_VM) {
-            char *dst = NULL;
-            void *obj = hooks->alloc(hooks->ctx, refs[i].len, &dst);
-            if (!obj) {
-                snprintf(why, sizeof why, "out of memory for a %llu-byte part", (unsigned long long)refs[i].len);
-                break;
-            }
-            ipmpi_advise_huge(dst, refs[i].len);
-            if (ipmpi_vm_read((int)rx->h.aux, refs[i].off, dst, refs[i].len) != 0) {
-                snprintf(why, sizeof why, "cannot read the controller's memory: %s", strerror(errno));
-                hooks->release(hooks->ctx, obj);
-                break;
-            }
-            if (rx->rep.parts[part])
-                hooks->release(hooks->ctx, rx->rep.parts[part]);
-            rx->rep.parts[part] = obj;
-            rx->rep.lens[part] = refs[i].len;
-            continue;
-        }
-        uint64_t size = 0, ino = 0;
-        int g = ipmpi_shm_open_peer((int)rx->h.aux, refs[i].fd, refs[i].off + refs[i].len, &size, &ino, why,
-                                    sizeof why);
-        if (g < 0)
-            break;
-        uint8_t *m = ipmpi_shm_map(g, size, 0, 0);
-        close(g);
+        const ipmpi_shmref_t *r = &refs[i];
         char *dst = NULL;
-        void *obj = m ? hooks->alloc(hooks->ctx, refs[i].len, &dst) : NULL;
+        void *obj = rx_alloc(hooks, r->len, &dst);
         if (!obj) {
-            if (m)
-                munmap(m, (size_t)size);
-            snprintf(why, sizeof why, m ? "out of memory for a %llu-byte part" : "cannot map the controller's memfd",
-                     (unsigned long long)refs[i].len);
+            snprintf(why, sizeof why, "out of memory for a %llu-byte part", (unsigned long long)r->len);
             break;
         }
-        ipmpi_advise_huge(dst, refs[i].len);
-        memcpy(dst, m + refs[i].off, (size_t)refs[i].len);
-        munmap(m, (size_t)size);
-        if (rx->rep.parts[part])
-            hooks->release(hooks->ctx, rx->rep.parts[part]);
-        rx->rep.parts[part] = obj;
-        rx->rep.lens[part] = refs[i].len;
-        why[0] = '\0';
+        if (r->fd & IPMPI_SHM_VM) {
+            if (ipmpi_vm_read((int)rx->h.aux, r->off, dst, r->len) != 0)
+                snprintf(why, sizeof why, "cannot read the controller's memory: %s", strerror(errno));
+        } else {
+            uint64_t size = 0, ino = 0;
+            int g = ipmpi_shm_open_peer((int)rx->h.aux, r->fd, r->off + r->len, &size, &ino, why, sizeof why);
+            uint8_t *m = g >= 0 ? ipmpi_shm_map(g, size, 0, 0) : NULL;
+            if (g >= 0)
+                close(g);
+            if (m) {
+                memcpy(dst, m + r->off, (size_t)r->len);
+                munmap(m, (size_t)size);
+            } else if (g >= 0) {
+                snprintf(why, sizeof why, "cannot map the controller's memfd");
+            }
+        }
+        if (why[0]) {
+            hooks->release(hooks->ctx, obj);
+            break;
+        }
+        if (rx->rep.parts[r->part])
+            hooks->release(hooks->ctx, rx->rep.parts[r->part]);
+        rx->rep.parts[r->part] = obj;
+        rx->rep.lens[r->part] = r->len;
     }
     free(refs);
     if (why[0]) {
@@ -544,12 +540,11 @@ static int rx_start_parts(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
     }
     rx->keep = lookup(c, rx->h.req_id) != NULL;
     for (uint32_t i = 0; rx->keep && i < n; i++) {
-        rx->rep.parts[i] = hooks->alloc(hooks->ctx, rx->rep.lens[i], &rx->data[i]);
+        rx->rep.parts[i] = rx_alloc(hooks, rx->rep.lens[i], &rx->data[i]);
         if (!rx->rep.parts[i]) {
             rx->nomem = 1;
             break;
         }
-        ipmpi_advise_huge(rx->data[i], rx->rep.lens[i]);
     }
     if (rx->nomem) {
         for (uint32_t i = 0; i < n; i++) {
@@ -1210,6 +1205,13 @@ int ipmpi_cl_shm_probe(ipmpi_cl_t *c, const uint8_t nonce[32], int allow_vm, uin
 
 /* ---- waiting ---- */
 
+/* What wait_entry waits for: every reply (out != NULL), or an ack or a
+ * first reply (out NULL). */
+static int waited_for(const ipmpi_cl_entry_t *e, ipmpi_cl_entry_t **out)
+{
+    return out ? complete(e) : e->acked || e->nrep > 0;
+}
+
 /* Waits until every reply of req_id is in (out != NULL: then takes the
  * entry) or, with out NULL, until the request is acked or has a reply. */
 static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
@@ -1224,13 +1226,11 @@ static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, cons
             rc = IPMPI_ENOENT;
             break;
         }
-        if (!out && (e->acked || e->nrep > 0)) {
-            rc = 0;
-            break;
-        }
-        if (out && complete(e)) {
-            *out = unlink_entry(c, req_id);
-            shm_unclaim(c, req_id, 1);
+        if (waited_for(e, out)) {
+            if (out) {
+                *out = unlink_entry(c, req_id);
+                shm_unclaim(c, req_id, 1);
+            }
             rc = 0;
             break;
         }
@@ -1261,7 +1261,7 @@ static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, cons
             c->reading = 1;
             pump(c, hooks);
             e = lookup(c, req_id);
-            if (!c->err && e && !(out ? complete(e) : e->acked || e->nrep > 0)) {
+            if (!c->err && e && !waited_for(e, out)) {
                 struct pollfd pf = {.fd = c->fd, .events = POLLIN};
                 pthread_mutex_unlock(&c->mu);
                 poll(&pf, 1, ms);

@@ -23,6 +23,14 @@ void ipmpi_advise_huge(void *p, uint64_t len);
 /* Huge page size on x86-64: mappings from ipmpi_huge_map are aligned to it. */
 #define IPMPI_HUGE_ALIGN ((size_t)2 << 20)
 
+/* len rounded up to whole huge pages, at least one. The caller keeps len
+ * at most SIZE_MAX - IPMPI_HUGE_ALIGN. */
+static inline size_t ipmpi_huge_round(uint64_t len)
+{
+    size_t n = ((size_t)len + IPMPI_HUGE_ALIGN - 1) & ~(IPMPI_HUGE_ALIGN - 1);
+    return n ? n : IPMPI_HUGE_ALIGN;
+}
+
 /*
  * A fresh private anonymous mapping of cap bytes (a multiple of
  * IPMPI_HUGE_ALIGN), 2 MiB-aligned and advised MADV_HUGEPAGE, untouched.

@@ -57,7 +57,7 @@ static int is_big(uint64_t len)
  * byte of it arrived. */
 static size_t big_need(uint64_t len)
 {
-    return ((size_t)len + 1 + BIG_ALIGN - 1) & ~(BIG_ALIGN - 1);
+    return ipmpi_huge_round(len + 1);
 }
 
 /* Memory for a part of len bytes, untouched (no page is faulted in):

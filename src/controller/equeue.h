@@ -105,11 +105,9 @@ typedef struct ipmpi_req {
     /* Withdrawn cut-through: no client waits for this request (its frame
      * is submitted again once complete); the engine's answer is dropped. */
     int quiet;
-    /* The client allows shared-memory parts in the replies (IPMPI_F_SHM_OK). */
-    int shm_ok;
-    /* ... and process memory (IPMPI_F_VM_OK): big parts are read straight
-     * from the controller's buffers. */
-    int vm_ok;
+    /* The request's IPMPI_F_SHM_OK and IPMPI_F_VM_OK: how the client allows
+     * its replies' large parts to come (memfds; process memory). */
+    uint16_t reply_flags;
 } ipmpi_req_t;
 
 /* Allocates a request owning payload (taken on success). NULL on ENOMEM. */

@@ -427,7 +427,7 @@ ipmpi_parts_t *ipmpi_ctl_engine_alloc(void *arg, int rank, const ipmpi_hdr_t *h,
 {
     ipmpi_ctl_t *c = arg;
     const ipmpi_req_t *r = rank >= 1 && rank <= c->nengines ? c->eng[rank - 1].running : NULL;
-    if (r && r->shm_ok && !r->vm_ok && !r->quiet && (h->flags & IPMPI_F_REPLY) && h->req_id == r->id)
+    if (r && r->reply_flags == IPMPI_F_SHM_OK && !r->quiet && (h->flags & IPMPI_F_REPLY) && h->req_id == r->id)
         for (uint32_t i = 0; i < h->nparts; i++)
             if (lens[i] >= IPMPI_SHM_MIN)
                 return ipmpi_shm_alloc_parts(h->nparts, lens);
@@ -455,7 +455,7 @@ static int send_reply(ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p
     int rc;
     if (!w || j < k) {
         while (j-- > 0)
-            ipmpi_session_release_fd(s, lent[j].handle);
+            ipmpi_session_release(s, lent[j].handle);
         rc = ipmpi_session_send(s, h, parts);
     } else {
         ipmpi_hdr_t hh = *h;
@@ -495,7 +495,7 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
     if (s) {
         ipmpi_hdr_t out = {.kind = r->kind, .flags = IPMPI_F_REPLY, .req_id = r->client_req,
                            .target = e->id, .status = h->status, .total = r->total};
-        if (send_reply(s, &out, parts, r->vm_ok) != 0)
+        if (send_reply(s, &out, parts, (r->reply_flags & IPMPI_F_VM_OK) != 0) != 0)
             ipmpi_session_send_error(s, r->kind, r->client_req, e->id, r->total, IPMPI_ENOMEM,
                                      "controller out of memory for the reply");
     }
@@ -598,8 +598,7 @@ static ipmpi_session_stream_t *stream_try(ipmpi_ctl_t *c, ipmpi_session_t *s, co
         ipmpi_parts_unref(parts);
         goto free_st;
     }
-    r->shm_ok = (h->flags & IPMPI_F_SHM_OK) != 0;
-    r->vm_ok = (h->flags & IPMPI_F_VM_OK) != 0;
+    r->reply_flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK);
     if (ipmpi_reqtab_put(&c->reqs, r) != 0)
         goto free_r;
     ipmpi_hdr_t eh = {.kind = r->kind, .req_id = r->id, .target = e->id};
@@ -835,8 +834,7 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
         return;
     }
     r->pending = (uint32_t)n;
-    r->shm_ok = (h->flags & IPMPI_F_SHM_OK) != 0;
-    r->vm_ok = (h->flags & IPMPI_F_VM_OK) != 0;
+    r->reply_flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK);
     char msg[256];
     /* r may be freed by the last req_fail_one; nothing reads it after that. */
     for (int i = 0; i < n; i++) {
@@ -857,7 +855,8 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     }
 }
 
-/* RELEASE: part 0 lists u32 fds of own memfds the client is done with. */
+/* RELEASE: part 0 lists the u32 handles (memfd fds, or IPMPI_SHM_VM
+ * handles) of lent memory the client is done with. */
 static void do_release(ipmpi_session_t *s, const ipmpi_parts_t *p)
 {
     if (p->n != 1 || p->lens[0] % 4 != 0) {
@@ -865,7 +864,7 @@ static void do_release(ipmpi_session_t *s, const ipmpi_parts_t *p)
         return;
     }
     for (uint64_t i = 0; i < p->lens[0] / 4; i++)
-        ipmpi_session_release_fd(s, ipmpi_get_u32(p->bufs[0] + 4 * i));
+        ipmpi_session_release(s, ipmpi_get_u32(p->bufs[0] + 4 * i));
 }
 
 /* SHM_PROBE: the nonce came through the client's memfd; it goes back

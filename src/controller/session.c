@@ -190,7 +190,7 @@ int ipmpi_session_lend(ipmpi_session_t *s, uint32_t handle, ipmpi_backing_t *b, 
     return 0;
 }
 
-int ipmpi_session_release_fd(ipmpi_session_t *s, uint32_t handle)
+int ipmpi_session_release(ipmpi_session_t *s, uint32_t handle)
 {
     for (uint32_t i = 0; i < s->nlent; i++) {
         if (s->lent[i].handle == handle) {

@@ -151,7 +151,7 @@ int ipmpi_session_send_error(ipmpi_session_t *s, uint8_t kind, uint64_t req_id, 
 int ipmpi_session_lend(ipmpi_session_t *s, uint32_t handle, ipmpi_backing_t *b, uint64_t bytes);
 /* The client released handle: drops the session's reference. Returns 0,
  * or IPMPI_ENOENT when the session never lent it (ignored). */
-int ipmpi_session_release_fd(ipmpi_session_t *s, uint32_t handle);
+int ipmpi_session_release(ipmpi_session_t *s, uint32_t handle);
 
 /* Stops input; the session closes once its output is flushed. */
 void ipmpi_session_close_after_flush(ipmpi_session_t *s, uint64_t now);

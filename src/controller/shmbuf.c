@@ -10,10 +10,9 @@
 #include "ipmpi/errors.h"
 #include "backoff.h"
 #include "codec.h"
+#include "hugemem.h"
 #include "mcache.h"
 #include "shm.h"
-
-#define SHM_ALIGN ((uint64_t)2 << 20)
 
 static void destroy(ipmpi_shmbuf_t *sb)
 {
@@ -46,12 +45,9 @@ static void peer_release(ipmpi_backing_t *b)
 
 ipmpi_shmbuf_t *ipmpi_shmbuf_get(uint64_t len)
 {
-    if (len > UINT64_MAX - SHM_ALIGN)
+    if (len > SIZE_MAX - IPMPI_HUGE_ALIGN)
         return NULL;
-    uint64_t need = (len + SHM_ALIGN - 1) & ~(SHM_ALIGN - 1);
-    if (need == 0)
-        need = SHM_ALIGN;
-    size_t cap = 0;
+    size_t need = ipmpi_huge_round(len), cap = 0;
     ipmpi_shmbuf_t *sb = ipmpi_mcache_take(&pool, (size_t)need, &cap);
     if (sb) {
         sb->b.refs = 1;

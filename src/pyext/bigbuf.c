@@ -110,9 +110,7 @@ PyObject *ipmpi_bigbuf_new(uint64_t len, char **data)
         return NULL;
     if (len > (uint64_t)PY_SSIZE_T_MAX - IPMPI_HUGE_ALIGN)
         return PyErr_NoMemory();
-    size_t need = ((size_t)len + IPMPI_HUGE_ALIGN - 1) & ~(IPMPI_HUGE_ALIGN - 1);
-    if (need == 0)
-        need = IPMPI_HUGE_ALIGN;
+    size_t need = ipmpi_huge_round(len);
     bigbuf_t *b = PyObject_New(bigbuf_t, bigbuf_type);
     if (!b)
         return NULL;
