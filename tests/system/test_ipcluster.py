@@ -230,6 +230,16 @@ def test_engine_args_mpi4py_gives_an_engines_only_communicator(ipdir):
         stop_cluster(c)
 
 
+def kill_mpmd_job(p):
+    """Ends an MPMD job started by hand (Popen p in its own session): SIGKILL
+    to every process of the session, then p itself."""
+    for q in job_processes(p.pid):
+        os.kill(q, signal.SIGKILL)
+    if p.poll() is None:
+        p.kill()
+        p.wait(timeout=10)
+
+
 def test_mpmd_form_controller_and_engines_as_two_programs(ipdir):
     ctl = os.path.join(BUILD_DIR, "ipcontroller")
     eng = os.path.join(BUILD_DIR, "ipengine")
@@ -260,11 +270,7 @@ def test_mpmd_form_controller_and_engines_as_two_programs(ipdir):
         assert p.wait(timeout=30) == 0
         assert job_processes(p.pid) == []
     finally:
-        for q in job_processes(p.pid):
-            os.kill(q, signal.SIGKILL)
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=10)
+        kill_mpmd_job(p)
 
 
 def test_mpmd_form_with_the_controller_not_on_rank_0_is_refused(ipdir):
@@ -279,11 +285,7 @@ def test_mpmd_form_with_the_controller_not_on_rank_0_is_refused(ipdir):
         assert p.returncode != 0
         assert "controller must be rank 0" in out, out
     finally:
-        for q in job_processes(p.pid):
-            os.kill(q, signal.SIGKILL)
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=10)
+        kill_mpmd_job(p)
 
 
 def test_a_job_that_died_does_not_block_the_next_start(ipdir):
