@@ -44,7 +44,9 @@ static void usage(FILE *f, const char *prog)
             "  --bind MODE          auto | core | none: pin engines to cores with hwloc (default auto)\n"
             "  --max-message BYTES  largest frame a client may send (default 8 GiB)\n"
             "  --ready-timeout SEC  how long the controller waits for engines (default 300)\n"
-            "  --log-level N        0 error .. 3 debug (default 2)\n"
+            "  --task-memory BYTES  memory for queued tasks and kept task results (default 1 GiB)\n"
+            "  --task-depth N       tasks that may wait ahead on a busy engine (default 4)\n"
+            "  --log-level N        0 error .. 3 debug (default 4)\n"
             "  --log-to-stderr      log to stderr instead of DIR/log/\n",
             prog);
 }
@@ -69,6 +71,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         {"bind", required_argument, 0, 'b'},        {"max-message", required_argument, 0, 'M'},
         {"ready-timeout", required_argument, 0, 'r'}, {"log-level", required_argument, 0, 'l'},
         {"log-to-stderr", no_argument, 0, 'e'},     {"help", no_argument, 0, 'h'},
+        {"task-memory", required_argument, 0, 'T'}, {"task-depth", required_argument, 0, 'D'},
         {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
     const char *env = getenv("IPMPI_DIR"), *home = getenv("HOME");
@@ -83,6 +86,8 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
     snprintf(o->bind, sizeof o->bind, "auto");
     ipmpi_limits_default(&o->limits);
     o->ready_timeout = 300;
+    o->task_memory = (uint64_t)1 << 30;
+    o->task_depth = 4;
 
     int c;
     uint64_t v;
@@ -128,6 +133,16 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
             if (parse_u64(optarg, &v) || v == 0)
                 return fprintf(stderr, "ipmpi: --ready-timeout must be a positive number\n"), -1;
             o->ready_timeout = (double)v;
+            break;
+        case 'T':
+            if (parse_u64(optarg, &v) || v < (1u << 20))
+                return fprintf(stderr, "ipmpi: --task-memory must be at least 1048576 bytes\n"), -1;
+            o->task_memory = v;
+            break;
+        case 'D':
+            if (parse_u64(optarg, &v) || v > 64)
+                return fprintf(stderr, "ipmpi: --task-depth must be 0..64\n"), -1;
+            o->task_depth = (uint32_t)v;
             break;
         case 'l':
             if (parse_u64(optarg, &v) || v > 3)

@@ -25,6 +25,8 @@ typedef struct ipmpi_opts {
     char bind[16];            /* --bind: "auto", "core" or "none" */
     ipmpi_limits_t limits;    /* --max-message bytes per frame */
     double ready_timeout;     /* --ready-timeout: seconds the controller waits for engines */
+    uint64_t task_memory;     /* --task-memory: bytes of queued tasks and kept results */
+    uint32_t task_depth;      /* --task-depth: tasks waiting ahead on a busy engine */
 } ipmpi_opts_t;
 
 typedef struct ipmpi_job {

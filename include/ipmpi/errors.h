@@ -27,7 +27,9 @@
     XX(EKIND, -16, "unknown request kind")                                         \
     XX(EMPI, -17, "MPI error")                                                     \
     XX(EPMIX, -18, "PMIx error")                                                   \
-    XX(EPYTHON, -19, "Python error")
+    XX(EPYTHON, -19, "Python error")                                               \
+    XX(EEVICTED, -20, "result evicted: the controller's task memory budget made room") \
+    XX(EREJECT, -21, "the task's depend refused this engine")
 
 enum ipmpi_errno {
     IPMPI_OK = 0,

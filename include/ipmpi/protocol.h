@@ -74,35 +74,72 @@
 /* Parts this large travel through shared memory when both ends allow it. */
 #define IPMPI_SHM_MIN ((uint64_t)1 << 20)
 
+/* On an engine's reply: its properties changed while it ran the request
+ * (doc/protocol.md section 6); the scheduler reconsiders refused tasks. */
+#define IPMPI_F_PROPS 0x0020u
+
 /*
- * Kinds. Part layouts (requests -> replies). "meta" is a pickled dict built
- * by the engine (keys: id, number, input, stdout, stderr, and on error
- * etype, evalue, traceback); controller replies carry JSON or, on error, a
- * UTF-8 message in part 0 and never a pickle.
+ * Kinds: one table makes the enum, the names, who may send each kind and
+ * the constants the Python layers read (the client module and the engine
+ * get them from this table at start-up). Part layouts are in
+ * doc/protocol.md; "meta" is a pickled dict built by the engine;
+ * controller replies carry JSON or, on error, a UTF-8 message in part 0,
+ * never a pickle.
+ *
+ * XX(NAME, value, "name", who): who is a mask of
+ *   IPMPI_KW_MEC     the mec capability may send it
+ *   IPMPI_KW_TC      the tc capability may send it
+ *   IPMPI_KW_ENGINE  it goes to engines' queues and an engine runs it
+ *                    (otherwise the controller answers it)
+ *   IPMPI_KW_INTERNAL between controller and engines only
+ * Values are part of the wire protocol and never change.
  */
+#define IPMPI_KW_MEC 0x1u
+#define IPMPI_KW_TC 0x2u
+#define IPMPI_KW_ENGINE 0x4u
+#define IPMPI_KW_INTERNAL 0x8u
+#define IPMPI_KW_BOTH (IPMPI_KW_MEC | IPMPI_KW_TC)
+#define IPMPI_KW_MEC_ENGINE (IPMPI_KW_MEC | IPMPI_KW_ENGINE)
+
+#define IPMPI_KIND_MAP(XX)                                           \
+    XX(HELLO, 1, "hello", IPMPI_KW_BOTH)                             \
+    XX(EXECUTE, 2, "execute", IPMPI_KW_MEC_ENGINE)                   \
+    XX(PUSH, 3, "push", IPMPI_KW_MEC_ENGINE)                         \
+    XX(PULL, 4, "pull", IPMPI_KW_MEC_ENGINE)                         \
+    XX(APPLY, 5, "apply", IPMPI_KW_MEC_ENGINE)                       \
+    XX(RESET, 6, "reset", IPMPI_KW_MEC_ENGINE)                       \
+    XX(KEYS, 7, "keys", IPMPI_KW_MEC_ENGINE)                         \
+    XX(KILL, 8, "kill", IPMPI_KW_MEC_ENGINE)                         \
+    XX(QUEUE_STATUS, 9, "queue_status", IPMPI_KW_BOTH)               \
+    XX(CLEAR_QUEUE, 10, "clear_queue", IPMPI_KW_MEC)                 \
+    XX(GET_RESULT, 11, "get_result", IPMPI_KW_MEC_ENGINE)            \
+    XX(GET_IDS, 12, "get_ids", IPMPI_KW_BOTH)                        \
+    XX(SHUTDOWN, 13, "shutdown", IPMPI_KW_MEC)                       \
+    XX(TASK_SUBMIT, 14, "task_submit", IPMPI_KW_TC)                  \
+    XX(TASK_ABORT, 15, "task_abort", IPMPI_KW_TC)                    \
+    XX(TASK_BARRIER, 16, "task_barrier", IPMPI_KW_TC)                \
+    XX(PROPERTIES, 17, "properties", IPMPI_KW_BOTH)                  \
+    XX(SHM_PROBE, 18, "shm_probe", IPMPI_KW_BOTH)                    \
+    XX(RELEASE, 19, "release", IPMPI_KW_BOTH)                        \
+    XX(TASK_RESULT, 20, "task_result", IPMPI_KW_TC)                  \
+    XX(TASK_STATUS, 21, "task_status", IPMPI_KW_TC)                  \
+    XX(TASK_CLEAR, 22, "task_clear", IPMPI_KW_TC)                    \
+    XX(TASK_SPIN, 23, "task_spin", IPMPI_KW_TC)                      \
+    XX(TASK_RESERVE, 24, "task_reserve", IPMPI_KW_TC)                \
+    XX(PROPS, 25, "props", IPMPI_KW_MEC_ENGINE)                      \
+    XX(READY, 32, "ready", IPMPI_KW_INTERNAL)                        \
+    XX(EXIT, 33, "exit", IPMPI_KW_INTERNAL)
+
 enum ipmpi_kind {
-    IPMPI_K_HELLO = 1,        /* [key hex] -> [json {"capability","engines","version"}] */
-    IPMPI_K_EXECUTE = 2,      /* [code utf-8] -> [meta] */
-    IPMPI_K_PUSH = 3,         /* [pickle dict, oob bufs...] -> [meta] */
-    IPMPI_K_PULL = 4,         /* [pickle list of names] -> [meta, pickle values, oob bufs...] */
-    IPMPI_K_APPLY = 5,        /* [cloudpickle (f,args,kwargs), bufs...] -> [meta, pickle result, bufs...] */
-    IPMPI_K_RESET = 6,        /* [] -> [meta] */
-    IPMPI_K_KEYS = 7,         /* [] -> [meta, pickle list] */
-    IPMPI_K_KILL = 8,         /* [] -> [meta]; the engine exits after replying */
-    IPMPI_K_QUEUE_STATUS = 9, /* controller: [] -> [json] */
-    IPMPI_K_CLEAR_QUEUE = 10, /* controller: [] -> [json] */
-    IPMPI_K_GET_RESULT = 11,  /* [pickle int or None] -> [meta of that earlier command] */
-    IPMPI_K_GET_IDS = 12,     /* controller: [] -> [json list of ids] */
-    IPMPI_K_SHUTDOWN = 13,    /* controller: [] -> [json]; then the whole job stops */
-    IPMPI_K_TASK_SUBMIT = 14, /* tc: reserved for the task interface */
-    IPMPI_K_TASK_ABORT = 15,
-    IPMPI_K_TASK_BARRIER = 16,
-    IPMPI_K_PROPERTIES = 17,  /* controller: [] -> [json list of engine properties] */
-    IPMPI_K_SHM_PROBE = 18,   /* controller: [nonce by shm] -> [the same bytes by shm] */
-    IPMPI_K_RELEASE = 19,     /* controller: [u32 fds...]; no reply (see F_SHM_OK) */
-    IPMPI_K_READY = 32,       /* engine -> controller once at start: [json properties] */
-    IPMPI_K_EXIT = 33,        /* controller -> engine: leave the loop and exit */
-    IPMPI_K_MAX_
+#define IPMPI_XX_(name, val, str, who) IPMPI_K_##name = (val),
+    IPMPI_KIND_MAP(IPMPI_XX_)
+#undef IPMPI_XX_
+    IPMPI_K_MAX_ = 34
 };
+
+/* The name of kind k ("execute"; "unknown" for none), never NULL. */
+const char *ipmpi_kind_name(unsigned k);
+/* The IPMPI_KW_* mask of kind k; 0 for an unknown kind. */
+unsigned ipmpi_kind_who(unsigned k);
 
 #endif

@@ -713,29 +713,14 @@ static int mod_exec(PyObject *m)
         const char *name;
         long value;
     } consts[] = {
-        {"K_HELLO", IPMPI_K_HELLO},
-        {"K_EXECUTE", IPMPI_K_EXECUTE},
-        {"K_PUSH", IPMPI_K_PUSH},
-        {"K_PULL", IPMPI_K_PULL},
-        {"K_APPLY", IPMPI_K_APPLY},
-        {"K_RESET", IPMPI_K_RESET},
-        {"K_KEYS", IPMPI_K_KEYS},
-        {"K_KILL", IPMPI_K_KILL},
-        {"K_QUEUE_STATUS", IPMPI_K_QUEUE_STATUS},
-        {"K_CLEAR_QUEUE", IPMPI_K_CLEAR_QUEUE},
-        {"K_GET_RESULT", IPMPI_K_GET_RESULT},
-        {"K_GET_IDS", IPMPI_K_GET_IDS},
-        {"K_SHUTDOWN", IPMPI_K_SHUTDOWN},
-        {"K_TASK_SUBMIT", IPMPI_K_TASK_SUBMIT},
-        {"K_TASK_ABORT", IPMPI_K_TASK_ABORT},
-        {"K_TASK_BARRIER", IPMPI_K_TASK_BARRIER},
-        {"K_PROPERTIES", IPMPI_K_PROPERTIES},
-        {"K_READY", IPMPI_K_READY},
-        {"K_EXIT", IPMPI_K_EXIT},
+#define XX(name, val, str, who) {"K_" #name, val},
+        IPMPI_KIND_MAP(XX)
+#undef XX
         {"TARGET_ALL", IPMPI_TARGET_ALL},
         {"TARGET_CONTROLLER", IPMPI_TARGET_CONTROLLER},
         {"TARGET_LIST", IPMPI_TARGET_LIST},
         {"F_REPLY", IPMPI_F_REPLY},
+        {"F_PROPS", IPMPI_F_PROPS},
         {"PROTO_VERSION", IPMPI_PROTO_VERSION},
         {"MAGIC", (long)IPMPI_MAGIC},
         {"HDR_SIZE", IPMPI_HDR_SIZE},

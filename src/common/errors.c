@@ -1,5 +1,7 @@
-/* Error code table: messages and names made from IPMPI_ERRNO_MAP. */
+/* Error code table (IPMPI_ERRNO_MAP) and request kind table
+ * (IPMPI_KIND_MAP): messages, names and masks made from them. */
 #include "ipmpi/errors.h"
+#include "ipmpi/protocol.h"
 
 const char *ipmpi_strerror(int code)
 {
@@ -28,5 +30,31 @@ const char *ipmpi_errname(int code)
 #undef XX
     default:
         return "IPMPI_EUNKNOWN";
+    }
+}
+
+const char *ipmpi_kind_name(unsigned k)
+{
+    switch (k) {
+#define XX(name, val, str, who)                                                            \
+    case val:                                                                              \
+        return str;
+        IPMPI_KIND_MAP(XX)
+#undef XX
+    default:
+        return "unknown";
+    }
+}
+
+unsigned ipmpi_kind_who(unsigned k)
+{
+    switch (k) {
+#define XX(name, val, str, who)                                                            \
+    case val:                                                                              \
+        return who;
+        IPMPI_KIND_MAP(XX)
+#undef XX
+    default:
+        return 0;
     }
 }

@@ -112,6 +112,7 @@ static int add_session(ipmpi_ctl_t *c, int fd, const char *peer, uint64_t now)
 
 static void drop_session(ipmpi_ctl_t *c, uint32_t slot)
 {
+    ipmpi_ctl_tasks_session_closed(c, c->sess[slot]);
     ipmpi_session_free(c->sess[slot]);
     c->sess[slot] = NULL;
     c->sgen[slot]++; /* replies still on their way for it find nothing */
@@ -348,8 +349,9 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     for (int i = 0; i < c->nengines; i++) {
         c->eng[i].id = i;
         c->eng[i].rank = i + 1;
-        ipmpi_equeue_init(&c->eng[i].q);
     }
+    if (ipmpi_sched_init(&c->sched, c->nengines, o->task_depth) != 0 || ipmpi_ctl_tasks_init(c) != 0)
+        return IPMPI_ENOMEM;
     ipmpi_reqtab_init(&c->reqs);
     /* A send to a dead rank must come back as an error, not abort rank 0. */
     MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
@@ -539,10 +541,10 @@ static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
 
 static void teardown(ipmpi_ctl_t *c)
 {
-    for (int i = 0; c->eng && i < c->nengines; i++) {
-        ipmpi_equeue_fini(&c->eng[i].q);
+    ipmpi_ctl_tasks_fini(c);
+    ipmpi_sched_fini(&c->sched);
+    for (int i = 0; c->eng && i < c->nengines; i++)
         free(c->eng[i].props);
-    }
     free(c->eng);
     free(c->mark);
     free(c->targets);

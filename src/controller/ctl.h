@@ -14,10 +14,13 @@
 
 #include "equeue.h"
 #include "furlfile.h"
+#include "json.h"
 #include "mpilink.h"
 #include "runtime.h"
 #include "session.h"
+#include "sched.h"
 #include "shm.h"
+#include "tasks.h"
 #include "watch.h"
 
 typedef struct ipmpi_engine_slot {
@@ -26,9 +29,7 @@ typedef struct ipmpi_engine_slot {
     int dead;
     char why[128];        /* PMIx state (or reason) of its death */
     char *props;          /* READY JSON, NUL-terminated */
-    ipmpi_equeue_t q;     /* requests waiting for this engine */
-    ipmpi_req_t *running; /* sent, reply not yet in */
-    int held;             /* head request waits: its client is not reading (requests.c) */
+    int held;             /* head request waits: its client is not reading (dispatch.c) */
 } ipmpi_engine_slot_t;
 
 typedef struct ipmpi_ctl {
@@ -47,7 +48,9 @@ typedef struct ipmpi_ctl {
     int *targets;   /* scratch: resolved target ids (nengines) */
 
     ipmpi_reqtab_t reqs;
-    uint64_t next_req;
+    uint64_t next_req;     /* dispatch ids of requests and task attempts */
+    ipmpi_sched_t sched;   /* what each engine runs next: queues, in flight */
+    ipmpi_tasks_t tasks;   /* the task store (tasks.c) */
 
     ipmpi_mpilink_t link;
     ipmpi_ctl_watch_t watch;
@@ -69,7 +72,14 @@ typedef struct ipmpi_ctl {
     char host_id[IPMPI_HOST_ID_MAX]; /* ipmpi_host_id(), "" if unknown: HELLO tells clients */
 } ipmpi_ctl_t;
 
-/* requests.c */
+/* ---- the controller's files: requests.c (routing), admin.c (kinds the
+ * controller answers), dispatch.c (engines), stream.c (cut-through),
+ * tasks.c (the task store) ---- */
+
+static inline int ipmpi_ctl_is_engine_kind(unsigned k)
+{
+    return (ipmpi_kind_who(k) & IPMPI_KW_ENGINE) != 0;
+}
 
 /* A complete frame from a client session; takes ownership of parts. */
 void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *parts);
@@ -94,6 +104,71 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
 #define IPMPI_OUT_HOLD_BYTES ((uint64_t)128 << 20)
 #define IPMPI_OUT_STALL_NS (30ull * 1000000000ull)
 void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now);
+/* requests.c: replies. send_json sends b (and frees its text) as the
+ * JSON reply to req, or an ENOMEM error if building it ran out of
+ * memory; reply_err sends an error reply with a formatted message. */
+void ipmpi_ctl_send_json(ipmpi_session_t *s, const ipmpi_hdr_t *req, jbuf_t *b);
+void ipmpi_ctl_reply_err(ipmpi_session_t *s, const ipmpi_hdr_t *req, int status, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* "engine 2 died (rank 3): why" into buf. */
+void ipmpi_ctl_dead_msg(const ipmpi_engine_slot_t *e, char *buf, size_t cap);
+
+/* admin.c: the kinds the controller answers. n targets are in c->targets. */
+void ipmpi_ctl_do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p);
+void ipmpi_ctl_do_get_ids(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h);
+void ipmpi_ctl_do_queue_status(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
+void ipmpi_ctl_do_clear_queue(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
+void ipmpi_ctl_do_properties(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
+void ipmpi_ctl_do_release(ipmpi_session_t *s, const ipmpi_parts_t *p);
+void ipmpi_ctl_do_shm_probe(ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p);
+
+/* dispatch.c */
+/* Sends a reply to s; parts in own memfds or (vm) large parts go by
+ * shared memory when the session may borrow more. Returns 0 or a code. */
+int ipmpi_ctl_send_reply(ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *parts, int vm);
+/* Hands engine e what the scheduler picks for it, as long as it picks. */
+void ipmpi_ctl_dispatch(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e);
+/* Hands queued tasks to engines with room, one per engine per round. */
+void ipmpi_ctl_kick(ipmpi_ctl_t *c);
+/* One target of r is settled without the engine: error reply, reference dropped. */
+void ipmpi_ctl_req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int status, const char *msg);
+
+/* stream.c */
+/* The session's offer of a frame to cut through (set as s->stream_begin). */
+ipmpi_session_stream_t *ipmpi_ctl_stream_begin(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
+                                               ipmpi_parts_t *parts);
+/* Copies a request's parts out of the client's memory (doc/protocol.md
+ * section 5), cutting through when it can. Returns 1 if a stream
+ * delivered the request, 0 if p is to be submitted as usual, -1 if the
+ * copy failed (answered already). */
+int ipmpi_ctl_copy_vm(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p,
+                      const ipmpi_shmref_t *vm, uint32_t nvm);
+/* 1 while r's payload is still being forwarded as it arrives. */
+int ipmpi_ctl_stream_active(const ipmpi_req_t *r);
+/* Aborts r's unfinished stream (the engine answers EABORTED). */
+void ipmpi_ctl_stream_abort(ipmpi_req_t *r, const char *why);
+/* Another request was queued for r's engine: r's stream is withdrawn. */
+void ipmpi_ctl_stream_withdraw(ipmpi_req_t *r);
+/* r is settled without its stream's engine; drop_op: its sends are gone. */
+void ipmpi_ctl_stream_detach(ipmpi_req_t *r, int drop_op);
+
+/* tasks.c */
+int ipmpi_ctl_tasks_init(ipmpi_ctl_t *c);
+void ipmpi_ctl_tasks_fini(ipmpi_ctl_t *c);
+/* A TASK_* frame from a tc session; takes p. */
+void ipmpi_ctl_task_frame(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p);
+/* Sends task t's current stage to e (t is in flight there). Returns 0 or a code. */
+int ipmpi_ctl_task_send(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_task_t *t);
+/* e answered t (taken out of flight); takes parts. */
+void ipmpi_ctl_task_reply(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_task_t *t, const ipmpi_hdr_t *h,
+                          ipmpi_parts_t *parts);
+/* t's attempt on engine was lost (death, send failure, shutdown). */
+void ipmpi_ctl_task_lost(ipmpi_ctl_t *c, ipmpi_task_t *t, int32_t engine, int status, const char *msg);
+/* Finishes every scheduled task with status and msg (shutdown, no engines left). */
+void ipmpi_ctl_tasks_fail_all(ipmpi_ctl_t *c, int status, const char *msg);
+/* s goes away: its scheduler record loses the session's reference. */
+void ipmpi_ctl_tasks_session_closed(ipmpi_ctl_t *c, ipmpi_session_t *s);
+
 /* Fails every running and queued request with ESHUTDOWN. */
 void ipmpi_ctl_fail_all(ipmpi_ctl_t *c);
 /* The session with this id, or NULL when it is gone. */

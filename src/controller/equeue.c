@@ -221,6 +221,49 @@ void ipmpi_parts_drop_first(ipmpi_parts_t *p)
     p->n--;
 }
 
+ipmpi_parts_t *ipmpi_parts_take(ipmpi_parts_t *p, uint32_t first, uint32_t n)
+{
+    if (first > p->n || n > p->n - first)
+        return NULL;
+    ipmpi_parts_t *q = calloc(1, sizeof *q);
+    if (!q)
+        return NULL;
+    q->refs = 1;
+    if (n == 0)
+        return q;
+    q->lens = malloc((size_t)n * sizeof *q->lens);
+    q->bufs = malloc((size_t)n * sizeof *q->bufs);
+    q->back = p->back ? calloc(n, sizeof *q->back) : NULL;
+    uint8_t **empty = calloc(n, sizeof *empty);
+    int ok = q->lens && q->bufs && (!p->back || q->back) && empty;
+    for (uint32_t i = 0; ok && i < n; i++)
+        ok = (empty[i] = malloc(1)) != NULL;
+    if (!ok) {
+        for (uint32_t i = 0; empty && i < n; i++)
+            free(empty[i]);
+        free(empty);
+        free(q->back);
+        free(q->bufs);
+        free(q->lens);
+        free(q);
+        return NULL;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t k = first + i;
+        q->lens[i] = p->lens[k];
+        q->bufs[i] = p->bufs[k];
+        if (p->back) {
+            q->back[i] = p->back[k];
+            p->back[k] = NULL;
+        }
+        p->bufs[k] = empty[i];
+        p->lens[k] = 0;
+    }
+    q->n = n;
+    free(empty);
+    return q;
+}
+
 uint64_t ipmpi_parts_bytes(const ipmpi_parts_t *p)
 {
     uint64_t s = 0;

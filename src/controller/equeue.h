@@ -77,6 +77,13 @@ int ipmpi_parts_resize(ipmpi_parts_t *p, uint32_t i, uint64_t len);
 /* Frees the last part (the shm table of a frame). Only valid while the
  * caller holds the only reference and n > 0. */
 void ipmpi_parts_drop_last(ipmpi_parts_t *p);
+/*
+ * Moves parts first..first+n-1 of p (buffers and backings) into a new
+ * payload (refs = 1, caller owns); p keeps its part count, those parts
+ * left empty. Only while the caller holds p's only reference. NULL on
+ * ENOMEM or a bad range (p unchanged).
+ */
+ipmpi_parts_t *ipmpi_parts_take(ipmpi_parts_t *p, uint32_t first, uint32_t n);
 /* Sum of the part lengths. */
 uint64_t ipmpi_parts_bytes(const ipmpi_parts_t *p);
 /*

@@ -65,6 +65,9 @@ struct ipmpi_session_stream {
 typedef ipmpi_session_stream_t *(*ipmpi_session_stream_cb)(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
                                                             ipmpi_parts_t *parts);
 
+/* Task id blocks a session may submit from at once (the newest ones). */
+#define IPMPI_TASK_RES_SLOTS 4
+
 struct ipmpi_session {
     uint64_t id;        /* unique for the controller's life; requests keep it */
     int fd;
@@ -106,6 +109,13 @@ struct ipmpi_session {
     uint32_t next_vm;           /* for handles of process memory (IPMPI_SHM_VM) */
     int shm_pid;                /* the pid SHM_PROBE proved is the client's; 0: none yet */
     uint8_t shm_nonce[32];      /* random, from HELLO; SHM_PROBE must show it from the client's memory */
+
+    /* tasks (tasks.c): the scheduler's record of this client (one
+     * reference, dropped when the session goes; its tasks keep their
+     * own), and the blocks of task ids it reserved lately */
+    struct ipmpi_sched_client *tclient;
+    uint64_t tres_first[IPMPI_TASK_RES_SLOTS], tres_count[IPMPI_TASK_RES_SLOTS];
+    uint32_t tres_next;
 };
 
 /* Most bytes of own memfds a session may hold unreleased; replies beyond

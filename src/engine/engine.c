@@ -45,6 +45,10 @@
 #define PART_SLEEP_MAX_US 1000u
 #define PART_PATIENCE_NS (1000000000ull)
 
+/* The header flags Engine.handle may ask for on its reply (the 4th item
+ * of its result); the others (framing, shared memory) are this side's. */
+#define ENGINE_REPLY_FLAGS (IPMPI_F_PROPS)
+
 typedef struct engine {
     const ipmpi_opts_t *o;
     const ipmpi_job_t *job;
@@ -96,7 +100,7 @@ static int recv_parts(engine_t *e, uint32_t nparts, const uint64_t *lens, char *
 /* A reply ready to go: the Python objects it came from stay referenced and
  * their buffers exported until the frame is sent. */
 typedef struct reply {
-    PyObject *result;       /* the (status, parts, exit_after) tuple (owned) */
+    PyObject *result;       /* the (status, parts, exit_after[, flags]) tuple (owned) */
     PyObject *seq;          /* parts as a fast sequence (owned) */
     Py_buffer *views;       /* nparts exported buffers */
     uint32_t nviews;        /* how many of views are held */
@@ -104,6 +108,7 @@ typedef struct reply {
     const void **bufs;
     int status;
     int exit_after;
+    uint16_t flags;         /* ENGINE_REPLY_FLAGS bits for the header */
 } reply_t;
 
 static void reply_release(reply_t *r)
@@ -125,13 +130,24 @@ static int reply_prepare(reply_t *r, PyObject *result)
 {
     memset(r, 0, sizeof *r);
     r->result = result;
-    if (!PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 3) {
-        PyErr_SetString(PyExc_TypeError, "Engine.handle must return (status, parts, exit_after)");
+    if (!PyTuple_Check(result) || (PyTuple_GET_SIZE(result) != 3 && PyTuple_GET_SIZE(result) != 4)) {
+        PyErr_SetString(PyExc_TypeError, "Engine.handle must return (status, parts, exit_after[, flags])");
         goto fail;
     }
     long status = PyLong_AsLong(PyTuple_GET_ITEM(result, 0));
     if (status == -1 && PyErr_Occurred())
         goto fail;
+    unsigned long flags = 0;
+    if (PyTuple_GET_SIZE(result) == 4) {
+        flags = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(result, 3));
+        if (flags == (unsigned long)-1 && PyErr_Occurred())
+            goto fail;
+        if (flags & ~(unsigned long)ENGINE_REPLY_FLAGS) {
+            PyErr_Format(PyExc_ValueError, "reply flags 0x%lx: an engine may set only 0x%x", flags,
+                         (unsigned)ENGINE_REPLY_FLAGS);
+            goto fail;
+        }
+    }
     int exit_after = PyObject_IsTrue(PyTuple_GET_ITEM(result, 2));
     if (exit_after < 0)
         goto fail;
@@ -161,6 +177,7 @@ static int reply_prepare(reply_t *r, PyObject *result)
     }
     r->status = (int)status;
     r->exit_after = exit_after;
+    r->flags = (uint16_t)flags;
     return 0;
 
 fail:
@@ -169,10 +186,11 @@ fail:
 }
 
 /* The header of this engine's reply to req. */
-static ipmpi_hdr_t reply_hdr(const engine_t *e, const ipmpi_hdr_t *req, int status, uint32_t nparts)
+static ipmpi_hdr_t reply_hdr(const engine_t *e, const ipmpi_hdr_t *req, int status, uint32_t nparts,
+                             uint16_t flags)
 {
-    ipmpi_hdr_t h = {.kind = req->kind, .flags = IPMPI_F_REPLY, .req_id = req->req_id, .target = e->eid,
-                     .status = status, .total = 1, .nparts = nparts};
+    ipmpi_hdr_t h = {.kind = req->kind, .flags = (uint16_t)(IPMPI_F_REPLY | flags), .req_id = req->req_id,
+                     .target = e->eid, .status = status, .total = 1, .nparts = nparts};
     return h;
 }
 
@@ -180,7 +198,7 @@ static ipmpi_hdr_t reply_hdr(const engine_t *e, const ipmpi_hdr_t *req, int stat
  * for the transfer (r's buffers stay exported meanwhile). */
 static int reply_send(engine_t *e, const ipmpi_hdr_t *req, const reply_t *r)
 {
-    ipmpi_hdr_t h = reply_hdr(e, req, r->status, r->nviews);
+    ipmpi_hdr_t h = reply_hdr(e, req, r->status, r->nviews, r->flags);
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = ipmpi_eng_link_send(e->comm, 0, &h, r->lens, r->bufs);
@@ -192,7 +210,7 @@ static int reply_send(engine_t *e, const ipmpi_hdr_t *req, const reply_t *r)
  * uses for its own errors. */
 static int reply_send_text(engine_t *e, const ipmpi_hdr_t *req, int status, const char *msg)
 {
-    ipmpi_hdr_t h = reply_hdr(e, req, status, 1);
+    ipmpi_hdr_t h = reply_hdr(e, req, status, 1, 0);
     uint64_t len = strlen(msg);
     const void *buf = msg;
     return ipmpi_eng_link_send(e->comm, 0, &h, &len, &buf);

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ipmpi import _engine, _serialize
-from ipmpi._engine import (EREMOTE, K_APPLY, K_EXECUTE, K_GET_RESULT, K_KEYS, K_KILL,
-                           K_PULL, K_PUSH, K_RESET, OK, Engine)
+from ipmpi._engine import (EREJECT, EREMOTE, F_PROPS, K_APPLY, K_EXECUTE, K_GET_RESULT, K_KEYS,
+                           K_KILL, K_PROPS, K_PULL, K_PUSH, K_RESET, K_TASK_SUBMIT, OK, Engine)
 
 
 @pytest.fixture
@@ -26,9 +26,15 @@ def as_received(parts):
 
 
 def call(eng, kind, parts=()):
-    status, reply, exit_after = eng.handle(kind, as_received(parts))
+    status, meta, rest, exit_after, _ = call_flags(eng, kind, parts)
+    return status, meta, rest, exit_after
+
+
+def call_flags(eng, kind, parts=()):
+    """call, plus the reply's header flags."""
+    status, reply, exit_after, flags = eng.handle(kind, as_received(parts))
     meta = pickle.loads(reply[0])
-    return status, meta, reply[1:], exit_after
+    return status, meta, reply[1:], exit_after, flags
 
 
 def execute(eng, code):
@@ -123,7 +129,7 @@ def test_syntax_warning_lands_in_stderr_on_every_execution():
         "from ipmpi._engine import Engine, K_EXECUTE\n"
         "e = Engine(0, 1, {'id': 0})\n"
         "for _ in range(2):\n"
-        "    st, rep, _ = e.handle(K_EXECUTE, [bytearray(b'x = 5\\ny = x is 5')])\n"
+        "    st, rep, _, _ = e.handle(K_EXECUTE, [bytearray(b'x = 5\\ny = x is 5')])\n"
         "    m = pickle.loads(rep[0])\n"
         "    print(st, 'SyntaxWarning' in m['stderr'])\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -192,13 +198,13 @@ def test_large_array_push_is_used_in_place_and_pulled_out_of_band(eng):
     arr = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: out of band
     parts = as_received(_serialize.dumps(dict(arr=arr)))
     assert len(parts) == 2
-    status, reply, _ = eng.handle(K_PUSH, parts)
+    status, reply, _, _ = eng.handle(K_PUSH, parts)
     assert status == OK
     got = eng.ns["arr"]
     # The received bytearray is the array's memory: no copy was made.
     assert np.shares_memory(got, np.frombuffer(parts[1], dtype=np.uint8))
     assert got.sum() == arr.sum()
-    status, reply, _ = eng.handle(K_PULL, as_received(_serialize.dumps(["arr"])))
+    status, reply, _, _ = eng.handle(K_PULL, as_received(_serialize.dumps(["arr"])))
     assert status == OK and len(reply) == 3  # meta, pickle, the array's buffer
     assert reply[2].nbytes == arr.nbytes
     (back,) = _serialize.loads(as_received(reply[1:]))
@@ -208,7 +214,7 @@ def test_large_array_push_is_used_in_place_and_pulled_out_of_band(eng):
 def test_reply_with_too_many_buffers_falls_back_to_in_band(eng):
     eng.max_parts = 3
     execute(eng, "import numpy as np\nbig = [np.ones(1 << 14) for _ in range(5)]")
-    status, reply, _ = eng.handle(K_PULL, as_received(_serialize.dumps(["big"])))
+    status, reply, _, _ = eng.handle(K_PULL, as_received(_serialize.dumps(["big"])))
     assert status == OK and len(reply) == 2
     (big,) = _serialize.loads(as_received(reply[1:]))
     assert len(big) == 5 and all(a.sum() == 1 << 14 for a in big)
@@ -317,3 +323,300 @@ def test_failure_builds_a_remote_error_reply(eng):
     meta = pickle.loads(reply[0])
     assert status == EREMOTE and not exit_after
     assert meta["etype"] == "MemoryError" and meta["evalue"] == "no room" and meta["kind"] == "push"
+
+
+# ---- constants generated from the C headers ----
+
+def test_constants_come_from_the_c_tables():
+    """ipmpi._consts is what gen_consts.py makes of the headers now (a stale
+    copy fails here), and the engine uses those values, not its own."""
+    import os
+    import subprocess
+    from ipmpi import _consts
+    src = os.environ.get("IPMPI_SRCDIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                         os.pardir, os.pardir)
+    gen = subprocess.run([sys.executable, os.path.join(src, "src/python/gen_consts.py"),
+                          os.path.join(src, "include/ipmpi/protocol.h"),
+                          os.path.join(src, "include/ipmpi/errors.h")],
+                         capture_output=True, text=True, check=True)
+    with open(_consts.__file__) as f:
+        assert f.read() == gen.stdout
+    assert (_consts.K_EXECUTE, _consts.K_TASK_SUBMIT, _consts.K_PROPS) == (2, 14, 25)
+    assert (_consts.EREMOTE, _consts.EEVICTED, _consts.EREJECT) == (-6, -20, -21)
+    assert _consts.F_PROPS == 0x0020 and _consts.KIND_NAMES[14] == "task_submit"
+    assert _engine.K_PUSH is _consts.K_PUSH and _engine.KIND_NAMES is _consts.KIND_NAMES
+    import re
+    with open(_engine.__file__) as f:
+        assert not re.search(r"^(K_\w+|E[A-Z0-9]+|OK)\s*=", f.read(), re.M)
+
+
+# ---- engine properties ----
+
+def props(eng, op, arg=None):
+    status, meta, rest, _, flags = call_flags(eng, K_PROPS, _serialize.dumps((op, arg)))
+    value = _serialize.loads(as_received(rest)) if status == OK else None
+    return status, meta, value, flags
+
+
+def test_properties_start_empty_and_set_get_has_del_clear(eng):
+    assert props(eng, "get") == (OK, props(eng, "get")[1], {}, 0)
+    status, meta, value, flags = props(eng, "set", {"a": 1, "b": [2, 3]})
+    assert status == OK and value is None and flags == F_PROPS and meta["kind"] == "props"
+    assert props(eng, "get")[2:] == ({"a": 1, "b": [2, 3]}, 0)
+    assert props(eng, "get", ["b"])[2] == {"b": [2, 3]}
+    assert props(eng, "has", ["a", "zz", "b"])[2] == [True, False, True]
+    assert props(eng, "del", ["a"])[2:] == (None, F_PROPS)
+    assert props(eng, "get")[2] == {"b": [2, 3]}
+    assert props(eng, "clear")[2:] == (None, F_PROPS)
+    assert props(eng, "get")[2] == {}
+    assert props(eng, "clear")[3] == 0  # nothing changed
+
+
+def test_properties_errors_are_remote_errors_and_change_nothing(eng):
+    props(eng, "set", {"a": 1})
+    status, meta, _, flags = props(eng, "get", ["nope"])
+    assert status == EREMOTE and meta["etype"] == "KeyError" and flags == 0
+    status, meta, _, _ = props(eng, "del", ["a", "nope"])
+    assert status == EREMOTE and meta["etype"] == "KeyError"
+    status, meta, _, _ = props(eng, "set", {1: "x"})
+    assert status == EREMOTE and meta["etype"] == "TypeError"
+    status, meta, _, _ = props(eng, "frobnicate")
+    assert status == EREMOTE and meta["etype"] == "ValueError"
+    assert props(eng, "get")[2] == {"a": 1}
+
+
+def test_property_values_must_pickle_and_a_bad_set_is_all_or_nothing(eng):
+    execute(eng, "import threading\n"
+                 "try:\n    properties.update(good=1, lock=threading.Lock())\n"
+                 "except TypeError as e:\n    print('refused', 'lock' in str(e))")
+    assert execute(eng, "print(dict(properties))")[1]["stdout"] == "{}\n"
+    st, meta, _, _ = execute(eng, "import threading\nproperties['l'] = threading.Lock()")
+    assert st == EREMOTE and meta["etype"] == "TypeError"
+
+
+def test_properties_copy_values_in_and_out(eng):
+    _, meta, _, _ = execute(eng, "L = [1, 2]\nproperties['L'] = L\nL.append(3)\n"
+                                 "properties['L'].append(4)\nprint(properties['L'])")
+    assert meta["stdout"] == "[1, 2]\n"
+
+
+def test_user_code_changing_properties_flags_the_reply(eng):
+    assert call_flags(eng, K_EXECUTE, [b"x = 1"])[4] == 0
+    assert call_flags(eng, K_EXECUTE, [b"properties['gpu'] = True"])[4] == F_PROPS
+    assert call_flags(eng, K_EXECUTE, [b"print(properties['gpu'], 'gpu' in properties)"])[4] == 0
+    assert call_flags(eng, K_EXECUTE, [b"del properties['gpu']"])[4] == F_PROPS
+    # A failed request that changed them first still says so.
+    st, meta, _, _, flags = call_flags(eng, K_EXECUTE, [b"properties['a'] = 1\n1/0"])
+    assert st == EREMOTE and flags == F_PROPS
+    assert props(eng, "get")[2] == {"a": 1}
+
+
+def test_properties_survive_reset_and_stay_out_of_keys(eng):
+    props(eng, "set", {"a": 1})
+    execute(eng, "properties = 'shadowed'\nz = 1")
+    assert pickle.loads(call(eng, K_KEYS)[2][0]) == ["properties", "z"]  # a user's own value shows
+    assert call(eng, K_RESET)[0] == OK
+    assert pickle.loads(call(eng, K_KEYS)[2][0]) == []
+    assert execute(eng, "print(properties['a'])")[1]["stdout"] == "1\n"
+
+
+# ---- tasks ----
+
+OPTS = {"clear_before": False, "clear_after": False, "depend": None}
+
+
+def task(eng, stage):
+    status, meta, rest, exit_after, flags = call_flags(eng, K_TASK_SUBMIT, _serialize.dumps(stage))
+    assert exit_after is False
+    value = _serialize.loads(as_received(rest)) if status == OK else None
+    return status, meta, value, flags
+
+
+def map_task(fn, *args, **opts):
+    return ("map", fn, args, {}, dict(OPTS, **opts))
+
+
+def fn_ref(f, digest=None):
+    import cloudpickle
+    data = cloudpickle.dumps(f, protocol=5)
+    return ("fn", digest or "sha-%d" % hash(data), data)
+
+
+def test_map_task_returns_the_value_with_task_meta(eng):
+    import time
+    before = time.time()
+    status, meta, value, flags = task(eng, map_task(divmod, 17, 5))
+    assert status == OK and value == (3, 2) and flags == 0
+    assert meta["kind"] == "task" and meta["id"] == 3 and meta["number"] is None
+    assert before <= meta["started"] <= meta["completed"] <= time.time()
+    assert "etype" not in meta and "exc" not in meta
+
+
+def test_map_task_kwargs_and_main_function_in_the_engine_namespace(eng):
+    push(eng, dict(scale=10))
+    f = main_function("def h(v, add=0):\n    print('in h')\n    return v * scale + add", "h")
+    status, meta, value, _ = task(eng, ("map", fn_ref(f), (4,), {"add": 2}, OPTS))
+    assert status == OK and value == 42 and meta["stdout"] == "in h\n"
+
+
+def test_function_by_digest_is_unpickled_once(eng, monkeypatch):
+    loads = []
+    real = pickle.loads
+
+    def counting_loads(data, *a, **kw):
+        loads.append(len(data))
+        return real(data, *a, **kw)
+
+    import types
+    monkeypatch.setattr(_engine, "pickle", types.SimpleNamespace(loads=counting_loads, dumps=pickle.dumps))
+    f = main_function("def sq(v):\n    return v * v", "sq")
+    ref = fn_ref(f, b"digest-1")
+    assert [task(eng, map_task(ref, i))[2] for i in range(5)] == [0, 1, 4, 9, 16]
+    assert len(loads) == 1
+    # Another digest is another function.
+    g = main_function("def neg(v):\n    return -v", "neg")
+    assert task(eng, map_task(fn_ref(g, b"digest-2"), 3))[2] == -3
+    assert len(loads) == 2
+
+
+def test_function_cache_is_bounded(eng, monkeypatch):
+    monkeypatch.setattr(_engine, "FN_CACHE_LEN", 3)
+    for i in range(5):
+        f = main_function("def k():\n    return %d" % i, "k")
+        assert task(eng, map_task(fn_ref(f, i)))[2] == i
+    assert list(eng._fn_cache) == [2, 3, 4]
+
+
+def test_cached_function_finds_its_helpers_after_a_reset(eng):
+    f = main_function("def helper(v):\n    return v + 1\ndef outer(v):\n    return helper(v) * 2", "outer")
+    ref = fn_ref(f, b"outer")
+    assert task(eng, map_task(ref, 1, clear_before=True))[2] == 4
+    assert task(eng, map_task(ref, 2, clear_before=True, clear_after=True))[2] == 6
+    assert "helper" not in eng.ns
+    assert task(eng, map_task(ref, 3))[2] == 8
+
+
+def test_string_task_pushes_runs_and_pulls_a_dict(eng):
+    stage = ("string", "print('hello')\ny = x * 2\nz = y + 1", {"x": 20}, ("y", "z"), OPTS)
+    status, meta, value, _ = task(eng, stage)
+    assert status == OK and value == {"y": 40, "z": 41}
+    assert meta["stdout"] == "hello\n" and meta["kind"] == "task" and meta["input"].startswith("print")
+    assert eng.execution_count == 0  # tasks are not numbered executions
+
+
+def test_string_task_pull_of_missing_name_fails(eng):
+    status, meta, value, _ = task(eng, ("string", "a = 1", {}, ("b",), OPTS))
+    assert status == EREMOTE and meta["etype"] == "NameError" and value is None
+
+
+def test_failing_task_is_remote_error_with_traceback_and_exc(eng):
+    stage = ("string", "def f():\n    return 1 / 0\nf()", {}, (), OPTS)
+    status, meta, value, _ = task(eng, stage)
+    assert status == EREMOTE and meta["etype"] == "ZeroDivisionError"
+    assert "<ipmpi-task>" in meta["traceback"] and "return 1 / 0" in meta["traceback"]
+    assert "_engine.py" not in meta["traceback"]
+    assert isinstance(pickle.loads(meta["exc"]), ZeroDivisionError)
+    assert meta["started"] <= meta["completed"]
+
+
+def test_depend_true_false_and_raising(eng):
+    props(eng, "set", {"gpu": True})
+    status, _, value, _ = task(eng, map_task(abs, -4, depend=lambda p: p.get("gpu")))
+    assert status == OK and value == 4
+    execute(eng, "keep = 1")
+    for depend in (lambda p: p.get("cpu"), lambda p: p["missing"], lambda p: 1 / 0):
+        status, reply, exit_after, flags = eng.handle(
+            K_TASK_SUBMIT, as_received(_serialize.dumps(map_task(abs, -4, depend=depend, clear_before=True))))
+        assert (status, reply, exit_after, flags) == (EREJECT, [], False, 0)
+        assert eng.ns["keep"] == 1  # nothing ran, not even clear_before
+
+
+def test_depend_gets_a_copy_of_the_properties_and_may_be_sent_by_digest(eng):
+    props(eng, "set", {"n": [1]})
+
+    def depend(p):
+        p["n"].append(2)
+        p["new"] = 1
+        return len(p["n"]) == 2
+
+    status, _, value, flags = task(eng, map_task(len, "abc", depend=fn_ref(depend, b"dep")))
+    assert status == OK and value == 3 and flags == 0
+    assert props(eng, "get")[2] == {"n": [1]}
+
+
+def test_clear_before_and_clear_after(eng):
+    execute(eng, "old = 1")
+    f = main_function("def look():\n    global mark\n    mark = 1\n    return 'old' in globals()", "look")
+    assert task(eng, map_task(f, clear_before=True))[2] is False
+    assert "mark" in eng.ns and "old" not in eng.ns
+    assert task(eng, map_task(f, clear_after=True))[2] is False
+    assert "mark" not in eng.ns
+    # clear_after also after a failure, and properties survive both
+    props(eng, "set", {"p": 1})
+    stage = ("string", "junk = 1\nraise ValueError('v')", {}, (), dict(OPTS, clear_after=True))
+    status, meta, _, _ = task(eng, stage)
+    assert status == EREMOTE and meta["etype"] == "ValueError"
+    assert "junk" not in eng.ns and eng.ns["properties"] is eng.properties
+    assert props(eng, "get")[2] == {"p": 1}
+
+
+def test_task_changing_properties_flags_the_reply(eng):
+    f = main_function("def mark(v):\n    properties['seen'] = v\n    return v", "mark")
+    status, _, value, flags = task(eng, map_task(f, 7))
+    assert status == OK and value == 7 and flags == F_PROPS
+    assert task(eng, map_task(abs, -1))[3] == 0
+    assert props(eng, "get")[2] == {"seen": 7}
+
+
+def test_unpicklable_task_payload_is_a_clear_remote_error(eng):
+    missing = b"cno_such_module_xyz\nthing\n."  # a pickle naming a module the engine lacks
+    cases = [([missing], "cannot unpickle the task's payload: ModuleNotFoundError"),
+             ([b"not a pickle"], "cannot unpickle the task's payload: UnpicklingError"),
+             (_serialize.dumps(("map", ("fn", b"d", missing), (), {}, OPTS)),
+              "cannot unpickle the task's function: ModuleNotFoundError"),
+             (_serialize.dumps(("bogus", 1, 2, 3, OPTS)), "a task stage must be")]
+    for parts, message in cases:
+        status, meta, rest, exit_after, _ = call_flags(eng, K_TASK_SUBMIT, parts)
+        assert status == EREMOTE and rest == [] and not exit_after
+        assert meta["kind"] == "task" and meta["started"] is not None
+        assert message in meta["evalue"], meta
+    assert "d" not in eng._fn_cache and b"d" not in eng._fn_cache
+
+
+def test_task_value_that_cannot_be_pickled_still_replies(eng):
+    status, meta, _, _ = task(eng, ("string", "import threading\nlk = threading.Lock()", {}, ("lk",),
+                                    dict(OPTS, clear_after=True)))
+    assert status == EREMOTE and meta["etype"] == "TypeError" and "lk" not in eng.ns
+
+
+# ---- remote exceptions travel pickled ----
+
+def test_failed_requests_carry_the_pickled_exception(eng):
+    meta = execute(eng, "raise KeyError('k')")[1]
+    exc = pickle.loads(meta["exc"])
+    assert type(exc) is KeyError and exc.args == ("k",)
+    f = main_function("def bad():\n    raise OSError(2, 'gone')", "bad")
+    meta = call(eng, K_APPLY, _serialize.dumps((f, (), {})))[1]
+    assert isinstance(pickle.loads(meta["exc"]), FileNotFoundError)
+    meta = pickle.loads(eng.failure(K_PUSH, MemoryError("no room"))[1][0])
+    assert type(pickle.loads(meta["exc"])) is MemoryError
+    # An exception class defined on the engine travels by value.
+    meta = execute(eng, "class MyError(Exception):\n    pass\nraise MyError('mine')")[1]
+    exc = pickle.loads(meta["exc"])
+    assert type(exc).__name__ == "MyError" and exc.args == ("mine",)
+
+
+@pytest.mark.parametrize("code", [
+    # its __init__ does not take its args: it would not load on the client
+    "class E(Exception):\n    def __init__(self, a, b):\n        super().__init__(a)\nraise E(1, 2)",
+    # holds something that does not pickle
+    "import threading\nraise ValueError(threading.Lock())",
+    # too big
+    "raise ValueError('x' * 100000)",
+    # its pickling raises something odd
+    "class E(Exception):\n    def __reduce__(self):\n        raise SystemExit\nraise E()",
+])
+def test_exceptions_that_do_not_travel_leave_exc_out(eng, code):
+    status, meta, _, _ = execute(eng, code)
+    assert status == EREMOTE and "exc" not in meta and meta["etype"]
+    assert execute(eng, "print('ok')")[1]["stdout"] == "ok\n"

@@ -15,43 +15,35 @@ SystemExit, KeyboardInterrupt and MemoryError alike.
 Threads: ``handle`` is called by the engine's main thread only, with the
 GIL held; user code may start threads of its own, which run while the C
 side waits for the next request with the GIL released.
+
+Engine properties (doc/protocol.md section 6) are a per-engine dict that
+survives RESET, seen by user code as ``properties``; a reply to a request
+during which they changed carries IPMPI_F_PROPS in its flags.
 """
 import ast
 import builtins
 import collections
+import collections.abc
 import io
 import linecache
 import pickle
 import sys
+import time
 import traceback
 import types
 
+import cloudpickle
+
 from ipmpi import _serialize
+# Request kinds, status codes and flags: generated from the C headers
+# (include/ipmpi/protocol.h, errors.h), whose values are the wire protocol.
+from ipmpi._consts import (EREJECT, EREMOTE, F_PROPS, K_APPLY, K_EXECUTE, K_GET_RESULT,  # noqa: F401
+                           K_KEYS, K_KILL, K_PROPS, K_PULL, K_PUSH, K_RESET, K_TASK_SUBMIT,
+                           KIND_NAMES, OK)
 
-# Request kinds and status codes: the values of include/ipmpi/protocol.h and
-# include/ipmpi/errors.h, which are part of the wire protocol.
-K_EXECUTE = 2
-K_PUSH = 3
-K_PULL = 4
-K_APPLY = 5
-K_RESET = 6
-K_KEYS = 7
-K_KILL = 8
-K_GET_RESULT = 11
-
-OK = 0
-EREMOTE = -6
-
-KIND_NAMES = {
-    K_EXECUTE: "execute",
-    K_PUSH: "push",
-    K_PULL: "pull",
-    K_APPLY: "apply",
-    K_RESET: "reset",
-    K_KEYS: "keys",
-    K_KILL: "kill",
-    K_GET_RESULT: "get_result",
-}
+# The "kind" a reply's meta names: the table's names, but a task is a "task".
+_META_KINDS = dict(KIND_NAMES)
+_META_KINDS[K_TASK_SUBMIT] = "task"
 
 # How many executions GET_RESULT can still reach (and how many submitted
 # sources stay in linecache for tracebacks).
@@ -63,6 +55,14 @@ HISTORY_LEN = 1000
 CODE_CACHE_LEN = 256
 CODE_CACHE_MAX_SRC = 64 * 1024
 
+# Unpickled task functions kept by digest (a stream of MapTasks of one
+# function unpickles it once).
+FN_CACHE_LEN = 64
+
+# A failed request's meta carries the pickled exception ("exc") when its
+# pickle is at most this long.
+EXC_PICKLE_MAX = 64 * 1024
+
 # Largest number of parts a frame may have (codec default; the C side sets
 # Engine.max_parts from its limits). A value with more out-of-band buffers
 # than fit is pickled in band instead, so the reply still goes out.
@@ -70,9 +70,17 @@ MAX_PARTS = 4096
 
 _THIS_FILE = __file__
 
-# Names a RESET keeps: the module's own attributes and the communicator.
+# Names a RESET keeps: the module's own attributes, the communicator and
+# the engine's properties.
 _KEEP_ON_RESET = ("__name__", "__builtins__", "__doc__", "__package__", "__loader__",
-                  "__spec__", "comm")
+                  "__spec__", "comm", "properties")
+
+# Values a reply pickles with the plain pickler: the same bytes as
+# cloudpickle's, without building a CloudPickler (a few microseconds a task).
+_PLAIN_TYPES = frozenset((int, float, complex, bool, str, bytes, type(None)))
+
+# File name of a string task's source in tracebacks.
+_TASK_INPUT = "<ipmpi-task>"
 
 
 def _user_traceback(tb):
@@ -113,6 +121,116 @@ def _format_error(exc):
     return etype, evalue, text
 
 
+def _pickle_exc(exc):
+    """The exception pickled for the client to raise again (cloudpickle,
+    protocol 5), or None when it cannot be pickled, does not load back (an
+    __init__ that does not take its args, say) or is over EXC_PICKLE_MAX
+    bytes. Never raises."""
+    try:
+        data = cloudpickle.dumps(exc, protocol=5)
+        if len(data) > EXC_PICKLE_MAX:
+            return None
+        pickle.loads(data)
+        return data
+    except BaseException:
+        return None
+
+
+def _describe_error(meta, exc):
+    """Adds etype, evalue, traceback and (when it pickles) exc to meta."""
+    meta["etype"], meta["evalue"], meta["traceback"] = _format_error(exc)
+    data = _pickle_exc(exc)
+    if data is not None:
+        meta["exc"] = data
+
+
+def _task_payload_error(what, exc):
+    """The error for a task whose payload cannot be unpickled here."""
+    return RuntimeError("the engine cannot unpickle the task's %s: %s: %s"
+                        % (what, type(exc).__name__, _safe_str(exc)))
+
+
+def _names(arg, what):
+    """arg as a list of keys: a str is one key."""
+    if isinstance(arg, str):
+        return [arg]
+    if isinstance(arg, (list, tuple)):
+        return list(arg)
+    raise TypeError("properties %s expects a list of keys, got %s" % (what, type(arg).__name__))
+
+
+class Properties(collections.abc.MutableMapping):
+    """An engine's properties: a dict that copies values in and out (the
+    semantics of IPython 0.10's StrictDict). Keys are str; a value is
+    pickled when set (so it must pickle, and later changes to the object set
+    do not reach the properties) and unpickled on every read (changing what
+    was read does not either). ``version`` grows with every change; the
+    engine compares it around each request to flag changed properties."""
+
+    __slots__ = ("_data", "version")
+
+    def __init__(self):
+        self._data = {}  # key -> pickle of the value
+        self.version = 0
+
+    @staticmethod
+    def _pickled(key, value):
+        if not isinstance(key, str):
+            raise TypeError("property names must be str, got %r" % (key,))
+        try:
+            return cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            raise TypeError("property %r: the value cannot be pickled (%s: %s)"
+                            % (key, type(exc).__name__, _safe_str(exc))) from None
+
+    def __getitem__(self, key):
+        return pickle.loads(self._data[key])
+
+    def __setitem__(self, key, value):
+        self._data[key] = self._pickled(key, value)
+        self.version += 1
+
+    def __delitem__(self, key):
+        del self._data[key]
+        self.version += 1
+
+    def __iter__(self):
+        return iter(list(self._data))
+
+    def __len__(self):
+        return len(self._data)
+
+    def __contains__(self, key):
+        try:
+            return key in self._data
+        except TypeError:  # unhashable: never a property name
+            return False
+
+    def clear(self):
+        if self._data:
+            self._data.clear()
+            self.version += 1
+
+    def update(self, other=(), **kw):
+        """All values are checked before any is set: a value that does not
+        pickle leaves the properties as they were."""
+        items = dict(other, **kw)
+        new = {k: self._pickled(k, v) for k, v in items.items()}
+        if new:
+            self._data.update(new)
+            self.version += 1
+
+    def copy(self):
+        """A plain dict of copies of every value."""
+        return {k: pickle.loads(v) for k, v in self._data.items()}
+
+    def __repr__(self):
+        try:
+            return "Properties(%r)" % (self.copy(),)
+        except Exception:
+            return "Properties(<%d keys>)" % len(self._data)
+
+
 class Engine:
     """One engine's state: namespace, execution counter, result history."""
 
@@ -132,33 +250,47 @@ class Engine:
 
             self.comm = MPI.Intracomm.f2py(comm_fint)
             self.ns["comm"] = self.comm
+        self.properties = Properties()
+        self.ns["properties"] = self.properties
+        self._props_seen = self.properties.version
         self.execution_count = 0
         self.history = collections.OrderedDict()  # number -> (status, meta)
         self._input_names = collections.deque()
         self._code_cache = collections.OrderedDict()  # source -> (body, last) code objects
+        self._fn_cache = collections.OrderedDict()  # digest -> [function, rebound or None]
 
     # ---- the entry point called by the C side ----
 
     def handle(self, kind, parts):
-        """Runs one request. Returns (status, reply_parts, exit_after).
+        """Runs one request. Returns (status, reply_parts, exit_after, flags):
+        flags are header flags for the reply (F_PROPS when the properties
+        changed since the last reply: by this request, or by user threads
+        in between).
 
         Never raises: every exception, from user code or from decoding the
         request, becomes a remote error with status EREMOTE.
         """
         try:
-            return self._handle(kind, parts)
+            result = self._handle(kind, parts)
         except BaseException as exc:
-            return self.failure(kind, exc)
+            result = self.failure(kind, exc)
+        version = self.properties.version
+        if version != self._props_seen:
+            self._props_seen = version
+            return result + (F_PROPS,)
+        return result + (0,)
 
     def failure(self, kind, exc):
         """The reply for a request that failed before it could run (also used
         by the C side when it cannot even allocate the request's buffers)."""
         try:
             meta = self._meta(kind, None, "", "", "")
-            meta["etype"], meta["evalue"], meta["traceback"] = _format_error(exc)
+            if kind == K_TASK_SUBMIT:
+                meta["started"] = meta["completed"] = time.time()
+            _describe_error(meta, exc)
             return EREMOTE, [pickle.dumps(meta, protocol=5)], False
         except BaseException:
-            meta = {"id": self.id, "kind": KIND_NAMES.get(kind, str(kind)), "number": None,
+            meta = {"id": self.id, "kind": _META_KINDS.get(kind, str(kind)), "number": None,
                     "input": "", "stdout": "", "stderr": "", "etype": "MemoryError",
                     "evalue": "", "traceback": "MemoryError\n"}
             return EREMOTE, [pickle.dumps(meta, protocol=5)], False
@@ -166,10 +298,12 @@ class Engine:
     # ---- dispatch ----
 
     def _meta(self, kind, number, code, out, err):
-        return {"id": self.id, "kind": KIND_NAMES.get(kind, str(kind)), "number": number,
+        return {"id": self.id, "kind": _META_KINDS.get(kind, str(kind)), "number": number,
                 "input": code, "stdout": out, "stderr": err}
 
     def _handle(self, kind, parts):
+        if kind == K_TASK_SUBMIT:
+            return self._task(parts)
         if kind == K_KILL:
             meta = self._meta(kind, None, "", "", "")
             return OK, [pickle.dumps(meta, protocol=5)], True
@@ -199,8 +333,11 @@ class Engine:
             elif kind == K_RESET:
                 self._reset()
             elif kind == K_KEYS:
-                names = sorted(k for k in self.ns if not k.startswith("__"))
+                names = sorted(k for k, v in self.ns.items()
+                               if not k.startswith("__") and not (k == "properties" and v is self.properties))
                 extra = [pickle.dumps(names, protocol=5)]
+            elif kind == K_PROPS:
+                extra = self._props(parts)
             else:
                 raise ValueError("unknown request kind %d" % kind)
         except BaseException as e:  # user code: SystemExit, KeyboardInterrupt too
@@ -210,7 +347,7 @@ class Engine:
 
         meta = self._meta(kind, number, code, out.getvalue(), err.getvalue())
         if exc is not None:
-            meta["etype"], meta["evalue"], meta["traceback"] = _format_error(exc)
+            _describe_error(meta, exc)
             exc = None  # drop the frames (and the user objects they hold) now
         if kind == K_EXECUTE:
             self._remember(number, status, meta)
@@ -230,13 +367,19 @@ class Engine:
         self._input_names.append(name)
         while len(self._input_names) > HISTORY_LEN:
             linecache.cache.pop(self._input_names.popleft(), None)
+        self._run_source(code, name)
 
+    def _run_source(self, code, name):
+        """Runs code in the namespace as the interactive prompt would (a
+        final expression is displayed), compiled under file name name."""
         cached = self._code_cache.get(code)
         if cached is not None:
             self._code_cache.move_to_end(code)
             body, last = cached
-            body = body and _renamed(body, name)
-            last = last and _renamed(last, name)
+            if body is not None and body.co_filename != name:
+                body = _renamed(body, name)
+            if last is not None and last.co_filename != name:
+                last = _renamed(last, name)
         else:
             body, last = self._compile(code, name)
         if body is not None:
@@ -277,9 +420,7 @@ class Engine:
             return f
         if f.__globals__ is self.ns:
             return f
-        for k, v in f.__globals__.items():
-            if not k.startswith("__"):
-                self.ns.setdefault(k, v)
+        self._add_globals(f)
         g = types.FunctionType(f.__code__, self.ns, f.__name__, f.__defaults__, f.__closure__)
         g.__kwdefaults__ = f.__kwdefaults__
         g.__qualname__ = f.__qualname__
@@ -289,8 +430,17 @@ class Engine:
         g.__module__ = "__main__"
         return g
 
+    def _add_globals(self, f):
+        """The globals cloudpickle captured with f that the namespace lacks."""
+        ns = self.ns
+        for k, v in f.__globals__.items():
+            if k not in ns and not k.startswith("__"):
+                ns[k] = v
+
     def _push(self, parts):
-        values = _serialize.loads(parts)
+        self._push_values(_serialize.loads(parts))
+
+    def _push_values(self, values):
         if not isinstance(values, dict):
             raise TypeError("push expects a dict of name -> value, got %s" % type(values).__name__)
         for k, v in values.items():
@@ -301,6 +451,8 @@ class Engine:
 
     def _dump(self, obj):
         """Parts for a reply value; pickling errors propagate (remote error)."""
+        if type(obj) in _PLAIN_TYPES:
+            return [pickle.dumps(obj, protocol=5)]
         parts = _serialize.dumps(obj)
         if len(parts) + 1 > self.max_parts:
             # Too many out-of-band buffers for one frame: keep them in band.
@@ -332,6 +484,7 @@ class Engine:
                 del self.ns[k]
         if self.comm is not None:
             self.ns["comm"] = self.comm
+        self.ns["properties"] = self.properties
 
     def _get_result(self, kind, parts):
         number = _serialize.loads(parts) if parts else None
@@ -344,3 +497,148 @@ class Engine:
                              % (self.id, number, HISTORY_LEN))
         status, meta = self.history[number]
         return status, [pickle.dumps(meta, protocol=5)], False
+
+    # ---- engine properties (PROPS) ----
+
+    def _props(self, parts):
+        op, arg = _serialize.loads(parts)
+        p = self.properties
+        value = None
+        if op == "set":
+            if not isinstance(arg, dict):
+                raise TypeError("properties set expects a dict, got %s" % type(arg).__name__)
+            p.update(arg)
+        elif op == "get":
+            if arg is None:
+                value = p.copy()
+            else:
+                value = {k: p[k] for k in _names(arg, "get")}
+        elif op == "has":
+            value = [k in p for k in _names(arg, "has")]
+        elif op == "del":
+            keys = list(dict.fromkeys(_names(arg, "del")))
+            missing = [k for k in keys if k not in p]
+            if missing:
+                raise KeyError("no such properties: %s" % ", ".join(map(repr, missing)))
+            for k in keys:
+                del p[k]
+        elif op == "clear":
+            p.clear()
+        else:
+            raise ValueError("unknown properties operation %r (set, get, has, del, clear)" % (op,))
+        return [cloudpickle.dumps(value, protocol=5)]
+
+    # ---- tasks (TASK_SUBMIT) ----
+
+    def _function(self, fn):
+        """The [function, rebound] cache entry for a task's ("fn", digest,
+        pickle) or None for a function sent as such."""
+        if type(fn) is not tuple or len(fn) != 3 or fn[0] != "fn":
+            return None
+        digest = fn[1]
+        cache = self._fn_cache
+        entry = cache.get(digest)
+        if entry is not None:
+            cache.move_to_end(digest)
+            return entry
+        try:
+            f = pickle.loads(fn[2])
+        except BaseException as exc:
+            raise _task_payload_error("function", exc) from exc
+        entry = cache[digest] = [f, None]
+        while len(cache) > FN_CACHE_LEN:
+            cache.popitem(last=False)
+        return entry
+
+    def _task_callable(self, fn):
+        """fn (or the function its ("fn", ...) names), rebound to the
+        namespace like APPLY's."""
+        entry = self._function(fn)
+        if entry is None:
+            return self._rebind(fn)
+        f, g = entry
+        if g is None:
+            g = entry[1] = self._rebind(f)
+        elif g is not f:
+            self._add_globals(f)  # a reset may have removed them
+        return g
+
+    def _task(self, parts):
+        """Runs one task stage: [stage, bufs...] of ("string", expression,
+        push, pull, opts) or ("map", fn, args, kwargs, opts)."""
+        out, err = io.StringIO(), io.StringIO()
+        saved = sys.stdout, sys.stderr
+        status, extra, exc, code = OK, [], None, ""
+        started = completed = what = None
+        clear_after = False
+        sys.stdout, sys.stderr = out, err
+        try:
+            try:
+                try:
+                    task = _serialize.loads(parts)
+                except BaseException as e:
+                    raise _task_payload_error("payload", e) from e
+                if (type(task) is not tuple or len(task) != 5 or task[0] not in ("string", "map")
+                        or not isinstance(task[4], dict)):
+                    raise TypeError("a task stage must be (\"string\", expression, push, pull, opts) "
+                                    "or (\"map\", fn, args, kwargs, opts)")
+                what, a, b, c, opts = task
+                depend = opts.get("depend")
+                if depend is not None:
+                    entry = self._function(depend)
+                    if entry is not None:
+                        depend = entry[0]
+                    try:
+                        ok = bool(depend(self.properties.copy()))
+                    except BaseException:
+                        ok = False
+                    if not ok:
+                        return EREJECT, [], False
+                clear_after = opts.get("clear_after")
+                if opts.get("clear_before"):
+                    self._reset()
+                if what == "string":
+                    code = a
+                    if not isinstance(code, str):
+                        raise TypeError("a string task's expression must be str, got %s"
+                                        % type(code).__name__)
+                    if b:
+                        self._push_values(b)
+                    names = [c] if isinstance(c, str) else (c or ())
+                    linecache.cache[_TASK_INPUT] = (len(code), None, code.splitlines(True), _TASK_INPUT)
+                    started = time.time()
+                    self._run_source(code, _TASK_INPUT)
+                    completed = time.time()
+                    value = {}
+                    for name in names:
+                        if name not in self.ns:
+                            raise NameError("name %r is not defined" % (name,))
+                        value[name] = self.ns[name]
+                else:
+                    f = self._task_callable(a)
+                    started = time.time()
+                    value = f(*b, **(c or {}))
+                    completed = time.time()
+                extra = self._dump(value)
+                value = None
+            except BaseException as e:  # user code: SystemExit, KeyboardInterrupt too
+                status, extra, exc = EREMOTE, [], e
+                now = time.time()
+                if started is None:
+                    started = now
+                if completed is None:
+                    completed = now
+            finally:
+                if clear_after:
+                    self._reset()
+        finally:
+            sys.stdout, sys.stderr = saved
+
+        meta = self._meta(K_TASK_SUBMIT, None, code, out.getvalue(), err.getvalue())
+        meta["started"] = started
+        meta["completed"] = completed
+        meta["task"] = what  # "string" or "map" (None: the payload did not unpickle)
+        if exc is not None:
+            _describe_error(meta, exc)
+            exc = None
+        return status, [pickle.dumps(meta, protocol=5)] + extra, False

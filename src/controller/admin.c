@@ -1,0 +1,217 @@
+/*
+ * Requests the controller answers itself: HELLO, GET_IDS, QUEUE_STATUS,
+ * CLEAR_QUEUE, PROPERTIES, SHM_PROBE and RELEASE. Loop thread only.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backoff.h"
+#include "ctl.h"
+#include "ipmpi/errors.h"
+#include "json.h"
+#include "log.h"
+#include "shm.h"
+#include "shmbuf.h"
+#include "tls.h"
+
+#include <openssl/rand.h>
+
+void ipmpi_ctl_do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    int cap = IPMPI_CAP_NONE;
+    if (p->n >= 1 && p->lens[0] == IPMPI_KEY_HEX_LEN) {
+        /* Both comparisons always run: the time taken says nothing about the key. */
+        int mec = ipmpi_consttime_eq(p->bufs[0], c->sec.mec_key, IPMPI_KEY_HEX_LEN);
+        int tc = ipmpi_consttime_eq(p->bufs[0], c->sec.tc_key, IPMPI_KEY_HEX_LEN);
+        cap = mec ? IPMPI_CAP_MEC : tc ? IPMPI_CAP_TC : IPMPI_CAP_NONE;
+    }
+    if (cap == IPMPI_CAP_NONE) {
+        ipmpi_log(IPMPI_LOG_WARN, "client %s refused: wrong key", s->peer);
+        ipmpi_ctl_reply_err(s, h, IPMPI_EACCES, "access denied: wrong key");
+        ipmpi_session_close_after_flush(s, ipmpi_now_ns());
+        return;
+    }
+    ipmpi_log(IPMPI_LOG_INFO, "client %s connected with capability %s", s->peer,
+              cap == IPMPI_CAP_MEC ? "mec" : "tc");
+    s->cap = cap;
+    s->stream_begin = cap == IPMPI_CAP_MEC ? ipmpi_ctl_stream_begin : NULL;
+    if (RAND_bytes(s->shm_nonce, sizeof s->shm_nonce) != 1)
+        c->host_id[0] = '\0'; /* no randomness, no shared memory: never offered again */
+    jbuf_t b = {0};
+    jb_printf(&b, "{\"capability\": \"%s\", \"engines\": %d, \"ids\": [", cap == IPMPI_CAP_MEC ? "mec" : "tc",
+              c->nlive);
+    int first = 1;
+    for (int i = 0; i < c->nengines; i++)
+        if (!c->eng[i].dead && c->eng[i].ready) {
+            jb_printf(&b, first ? "%d" : ", %d", i);
+            first = 0;
+        }
+    jb_printf(&b, "], \"version\": %d", IPMPI_PROTO_VERSION);
+    if (c->host_id[0]) {
+        jb_printf(&b, ", \"host\": ");
+        jb_str(&b, c->host_id);
+        jb_printf(&b, ", \"pid\": %ld, \"uid\": %lu, \"shm_nonce\": \"", (long)getpid(),
+                  (unsigned long)geteuid());
+        for (size_t i = 0; i < sizeof s->shm_nonce; i++)
+            jb_printf(&b, "%02x", s->shm_nonce[i]);
+        jb_printf(&b, "\"");
+    }
+    jb_printf(&b, "}");
+    ipmpi_ctl_send_json(s, h, &b);
+}
+
+void ipmpi_ctl_do_get_ids(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h)
+{
+    jbuf_t b = {0};
+    jb_printf(&b, "[");
+    int first = 1;
+    for (int i = 0; i < c->nengines; i++)
+        if (!c->eng[i].dead && c->eng[i].ready) {
+            jb_printf(&b, first ? "%d" : ", %d", i);
+            first = 0;
+        }
+    jb_printf(&b, "]");
+    ipmpi_ctl_send_json(s, h, &b);
+}
+
+void ipmpi_ctl_do_queue_status(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n)
+{
+    jbuf_t b = {0};
+    jb_printf(&b, "[");
+    for (int i = 0; i < n; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        const ipmpi_sengine_t *se = &c->sched.eng[e->id];
+        const ipmpi_sitem_t *run = ipmpi_sched_inflight(&c->sched, e->id);
+        jb_printf(&b, "%s{\"id\": %d, \"running\": ", i ? ", " : "", e->id);
+        if (run)
+            jb_printf(&b, "\"%s\"", run->type == IPMPI_SITEM_REQ ? ipmpi_kind_name(run->u.req->kind) : "task");
+        else
+            jb_printf(&b, "null");
+        jb_printf(&b, ", \"tasks\": %u, \"queue\": [", se->fly_tasks);
+        for (uint32_t k = 0; k < ipmpi_equeue_len(&se->q); k++)
+            jb_printf(&b, "%s\"%s\"", k ? ", " : "", ipmpi_kind_name(ipmpi_equeue_at(&se->q, k)->kind));
+        jb_printf(&b, "]}");
+    }
+    jb_printf(&b, "]");
+    ipmpi_ctl_send_json(s, h, &b);
+}
+
+void ipmpi_ctl_do_clear_queue(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n)
+{
+    unsigned long cleared = 0;
+    for (int i = 0; i < n; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        char msg[128];
+        snprintf(msg, sizeof msg, "removed from the queue of engine %d by CLEAR_QUEUE before it ran", e->id);
+        ipmpi_req_t *r;
+        while ((r = ipmpi_equeue_pop(&c->sched.eng[e->id].q))) {
+            ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_EABORTED, msg);
+            cleared++;
+        }
+    }
+    jbuf_t b = {0};
+    jb_printf(&b, "{\"cleared\": %lu}", cleared);
+    ipmpi_ctl_send_json(s, h, &b);
+}
+
+void ipmpi_ctl_do_properties(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n)
+{
+    jbuf_t b = {0};
+    jb_printf(&b, "[");
+    for (int i = 0; i < n; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        jb_printf(&b, "%s{\"id\": %d", i ? ", " : "", e->id);
+        /* The READY JSON is an object built by our engine: splice its
+         * members in after our "id"; anything else goes in as a string. */
+        const char *p = e->props;
+        if (p) {
+            size_t len = strlen(p);
+            while (len && (p[len - 1] == ' ' || p[len - 1] == '\n' || p[len - 1] == '\r' || p[len - 1] == '\t'))
+                len--;
+            while (len && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
+                p++, len--;
+            if (len >= 2 && p[0] == '{' && p[len - 1] == '}') {
+                const char *in = p + 1;
+                size_t il = len - 2;
+                while (il && (*in == ' ' || *in == '\n' || *in == '\t' || *in == '\r'))
+                    in++, il--;
+                if (il)
+                    jb_printf(&b, ", %.*s", (int)il, in);
+            } else {
+                jb_printf(&b, ", \"ready\": ");
+                jb_str(&b, e->props);
+            }
+        }
+        if (e->dead) {
+            jb_printf(&b, ", \"dead\": ");
+            jb_str(&b, e->why);
+        }
+        jb_printf(&b, "}");
+    }
+    jb_printf(&b, "]");
+    ipmpi_ctl_send_json(s, h, &b);
+}
+
+
+/* RELEASE: part 0 lists the u32 handles (memfd fds, or IPMPI_SHM_VM
+ * handles) of lent memory the client is done with. */
+void ipmpi_ctl_do_release(ipmpi_session_t *s, const ipmpi_parts_t *p)
+{
+    if (p->n != 1 || p->lens[0] % 4 != 0) {
+        ipmpi_log(IPMPI_LOG_WARN, "client %s: malformed RELEASE ignored", s->peer);
+        return;
+    }
+    for (uint64_t i = 0; i < p->lens[0] / 4; i++)
+        ipmpi_session_release(s, ipmpi_get_u32(p->bufs[0] + 4 * i));
+}
+
+/* SHM_PROBE: the nonce came through the client's memfd; it goes back
+ * through one of ours, so the client knows both directions work. */
+void ipmpi_ctl_do_shm_probe(ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    /* client_frame checked that part 0 came by shared memory. */
+    if (!(h->flags & IPMPI_F_SHM) || p->n != 1 || p->lens[0] != sizeof s->shm_nonce ||
+        ipmpi_consttime_eq(p->bufs[0], s->shm_nonce, sizeof s->shm_nonce) != 1) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EACCES, "SHM_PROBE: part 0, in the shared memory of pid %llu, must be the "
+                  "32-byte shm_nonce of this session's HELLO", (unsigned long long)h->aux);
+        return;
+    }
+    /* Only the process that holds our random nonce is this client: from
+     * now on the session's shared memory must be that pid's. */
+    s->shm_pid = (int)h->aux;
+    ipmpi_hdr_t rh = {.kind = h->kind, .flags = IPMPI_F_REPLY, .req_id = h->req_id,
+                      .target = IPMPI_TARGET_CONTROLLER, .total = 1};
+    if (h->flags & IPMPI_F_VM_OK) {
+        /* Process memory both ways: the nonce goes back from our memory,
+         * as a part large enough to go that way. */
+        uint64_t big = IPMPI_SHM_MIN;
+        ipmpi_parts_t *out = ipmpi_parts_new(1, &big);
+        if (out) {
+            memset(out->bufs[0], 0, (size_t)big);
+            memcpy(out->bufs[0], p->bufs[0], (size_t)p->lens[0]);
+        }
+        if (!out || ipmpi_ctl_send_reply(s, &rh, out, 1) != 0)
+            ipmpi_ctl_reply_err(s, h, IPMPI_ENOMEM, "controller out of memory for the probe");
+        ipmpi_parts_unref(out);
+        return;
+    }
+    uint64_t zero = 0;
+    ipmpi_parts_t *out = ipmpi_parts_new(1, &zero);
+    ipmpi_shmbuf_t *sb = out ? ipmpi_shmbuf_get(p->lens[0]) : NULL;
+    if (sb) {
+        memcpy(sb->base, p->bufs[0], (size_t)p->lens[0]);
+        if (ipmpi_parts_set_backing(out, 0, &sb->b, sb->base, p->lens[0]) != 0) {
+            ipmpi_parts_unref(out);
+            out = NULL;
+        }
+        ipmpi_backing_unref(&sb->b);
+    }
+    if (!sb || !out || ipmpi_ctl_send_reply(s, &rh, out, 0) != 0)
+        ipmpi_ctl_reply_err(s, h, IPMPI_ENOMEM, "controller out of memory for shared memory");
+    ipmpi_parts_unref(out);
+}
+

@@ -1,0 +1,345 @@
+/*
+ * Engines' side of the controller: handing each engine what the scheduler
+ * (sched.h) picks, engine replies forwarded to their clients, held
+ * requests of clients that do not read, engine deaths and shutdown.
+ * Loop thread only.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backoff.h"
+#include "ctl.h"
+#include "ipmpi/errors.h"
+#include "json.h"
+#include "log.h"
+#include "shm.h"
+#include "shmbuf.h"
+#include "tls.h"
+
+static void req_release(ipmpi_ctl_t *c, ipmpi_req_t *r)
+{
+    ipmpi_ctl_stream_detach(r, 0);
+    ipmpi_reqtab_del(&c->reqs, r->id);
+    ipmpi_req_free(r);
+}
+
+/* One target of r is settled without a reply from the engine: send the
+ * client an error reply for that engine and drop the engine's reference. */
+void ipmpi_ctl_req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int status, const char *msg)
+{
+    ipmpi_session_t *s = ipmpi_ctl_session(c, r->session);
+    if (s && !r->quiet)
+        ipmpi_session_send_error(s, r->kind, r->client_req, engine, r->total, status, msg);
+    if (--r->pending == 0)
+        req_release(c, r);
+}
+
+/* The scheduler's hold test: 1 when the session has too many unread
+ * replies for its next request to run now. */
+static int must_hold(void *arg, uint64_t session)
+{
+    const ipmpi_session_t *s = ipmpi_ctl_session(arg, session);
+    return s && s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES;
+}
+
+static void set_held(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, int held)
+{
+    if (e->held == held)
+        return;
+    e->held = held;
+    c->nheld += held ? 1 : -1;
+}
+
+/* An in-flight item that could not be sent: settled as lost. */
+static void item_lost(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const ipmpi_sitem_t *it, int status, const char *msg)
+{
+    if (it->type == IPMPI_SITEM_REQ)
+        ipmpi_ctl_req_fail_one(c, it->u.req, e->id, status, msg);
+    else
+        ipmpi_ctl_task_lost(c, IPMPI_CONTAINER_OF(it->u.task, ipmpi_task_t, s), e->id, status, msg);
+}
+
+/*
+ * Hands engine e one item the scheduler picks. Returns 1 if something
+ * went out (or failed to and was settled), 0 if there was nothing.
+ */
+static int dispatch_one(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e)
+{
+    if (e->dead)
+        return 0;
+    ipmpi_sitem_t it;
+    int rc = ipmpi_sched_next(&c->sched, e->id, ipmpi_now_ns(), must_hold, c, &it);
+    set_held(c, e, rc == 2);
+    if (rc != 1)
+        return 0;
+    if (it.type == IPMPI_SITEM_REQ) {
+        ipmpi_hdr_t h = {.kind = it.u.req->kind, .req_id = it.u.req->id, .target = e->id};
+        rc = ipmpi_mpilink_send(&c->link, e->rank, &h, it.u.req->payload);
+    } else {
+        rc = ipmpi_ctl_task_send(c, e, IPMPI_CONTAINER_OF(it.u.task, ipmpi_task_t, s));
+    }
+    c->nbusy++;
+    if (rc != 0) {
+        /* The item is the newest in flight; nothing was posted for it. */
+        char msg[160];
+        snprintf(msg, sizeof msg, "controller could not send to engine %d: %s", e->id, ipmpi_strerror(rc));
+        ipmpi_log(IPMPI_LOG_ERROR, "%s", msg);
+        ipmpi_ctl_engine_died(c, e, msg);
+    }
+    return 1;
+}
+
+void ipmpi_ctl_dispatch(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e)
+{
+    while (dispatch_one(c, e))
+        ;
+}
+
+void ipmpi_ctl_kick(ipmpi_ctl_t *c)
+{
+    /* Engines with room come from the scheduler's open list, idle ones
+     * first; one that takes nothing (its queued tasks refuse or avoid it)
+     * is marked for this kick, so each engine is tried at most once
+     * without progress. */
+    if (++c->markgen == 0) {
+        memset(c->mark, 0, (size_t)c->nengines * sizeof *c->mark);
+        c->markgen = 1;
+    }
+    while (ipmpi_sched_has_tasks(&c->sched)) {
+        int id = -1;
+        for (ipmpi_qlink_t *q = c->sched.open.next; q != &c->sched.open; q = q->next) {
+            int k = (int)(IPMPI_CONTAINER_OF(q, ipmpi_sengine_t, open) - c->sched.eng);
+            if (c->mark[k] != c->markgen) {
+                id = k;
+                break;
+            }
+        }
+        if (id < 0)
+            return;
+        if (!dispatch_one(c, &c->eng[id]))
+            c->mark[id] = c->markgen;
+    }
+}
+
+void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now)
+{
+    if (c->nheld == 0)
+        return;
+    for (int i = 0; i < c->nengines; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[i];
+        if (!e->held)
+            continue;
+        ipmpi_equeue_t *q = &c->sched.eng[i].q;
+        ipmpi_req_t *head = ipmpi_equeue_len(q) ? ipmpi_equeue_at(q, 0) : NULL;
+        ipmpi_session_t *s = head ? ipmpi_ctl_session(c, head->session) : NULL;
+        if (s && s->out_bytes > IPMPI_OUT_HOLD_BYTES && s->state == IPMPI_SESS_OPEN &&
+            now - s->t_out_progress > IPMPI_OUT_STALL_NS) {
+            ipmpi_log(IPMPI_LOG_WARN,
+                      "client %s has read none of its %llu MiB of replies for %llu s; closing it",
+                      s->peer, (unsigned long long)(s->out_bytes >> 20),
+                      (unsigned long long)(IPMPI_OUT_STALL_NS / 1000000000ull));
+            ipmpi_session_close_after_flush(s, now);
+        }
+        if (!head || !must_hold(c, head->session)) {
+            set_held(c, e, 0);
+            ipmpi_ctl_dispatch(c, e);
+        }
+    }
+}
+
+/* Takes back everything of engine e: in flight and queued, settled with
+ * status and msg (tasks retry elsewhere when they may). */
+static void settle_engine(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, int status, const char *msg)
+{
+    ipmpi_sitem_t it;
+    while (ipmpi_sched_done(&c->sched, e->id, ipmpi_now_ns(), &it)) {
+        c->nbusy--;
+        item_lost(c, e, &it, status, msg);
+    }
+    ipmpi_req_t *r;
+    while ((r = ipmpi_equeue_pop(&c->sched.eng[e->id].q)))
+        ipmpi_ctl_req_fail_one(c, r, e->id, status, msg);
+    set_held(c, e, 0);
+}
+
+void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *why)
+{
+    if (e->dead)
+        return;
+    e->dead = 1;
+    c->nlive--;
+    c->any_died = 1;
+    snprintf(e->why, sizeof e->why, "%s", why);
+    ipmpi_log(IPMPI_LOG_ERROR, "engine %d (rank %d) died: %s", e->id, e->rank, why);
+    ipmpi_sched_engine_dead(&c->sched, e->id);
+    /* A stream still feeding this engine must stop: its sends go now. */
+    const ipmpi_sitem_t *head = ipmpi_sched_inflight(&c->sched, e->id);
+    if (head && head->type == IPMPI_SITEM_REQ)
+        ipmpi_ctl_stream_detach(head->u.req, 1);
+    ipmpi_mpilink_abandon(&c->link, e->rank);
+    char msg[256];
+    ipmpi_ctl_dead_msg(e, msg, sizeof msg);
+    settle_engine(c, e, IPMPI_EDEAD, msg);
+    if (c->sched.nlive == 0)
+        ipmpi_ctl_tasks_fail_all(c, IPMPI_EDEAD, "no engine is alive to run the task");
+    /* Tasks it ran go to the others. */
+    ipmpi_ctl_kick(c);
+}
+
+void ipmpi_ctl_rank_dead(void *arg, int rank, const char *state)
+{
+    ipmpi_ctl_t *c = arg;
+    if (rank < 1 || rank > c->nengines)
+        return;
+    ipmpi_ctl_engine_died(c, &c->eng[rank - 1], state);
+}
+
+void ipmpi_ctl_fail_all(ipmpi_ctl_t *c)
+{
+    const char *msg = "controller is shutting down: the request did not run";
+    ipmpi_ctl_tasks_fail_all(c, IPMPI_ESHUTDOWN, "controller is shutting down: the task did not run");
+    for (int i = 0; i < c->nengines; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[i];
+        /* The engine must be back in step to read its EXIT (if even the
+         * abort cannot be posted, the engine is marked dead instead). */
+        const ipmpi_sitem_t *head = ipmpi_sched_inflight(&c->sched, i);
+        if (head && head->type == IPMPI_SITEM_REQ)
+            ipmpi_ctl_stream_abort(head->u.req, "the controller is shutting down");
+        if (!e->dead)
+            settle_engine(c, e, IPMPI_ESHUTDOWN, msg);
+    }
+}
+
+/* ---- engine frames ---- */
+
+static void store_ready(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_parts_t *p)
+{
+    char *props = NULL;
+    if (p->n >= 1) {
+        props = malloc((size_t)p->lens[0] + 1);
+        if (props) {
+            memcpy(props, p->bufs[0], (size_t)p->lens[0]);
+            props[p->lens[0]] = '\0';
+        }
+    }
+    free(e->props);
+    e->props = props;
+    if (!e->ready)
+        ipmpi_log(IPMPI_LOG_DEBUG, "engine %d (rank %d) ready: %s", e->id, e->rank, props ? props : "");
+    if (!e->ready) {
+        e->ready = 1;
+        ipmpi_sched_engine_ready(&c->sched, e->id);
+        ipmpi_ctl_kick(c);
+    }
+}
+
+ipmpi_parts_t *ipmpi_ctl_engine_alloc(void *arg, int rank, const ipmpi_hdr_t *h, const uint64_t *lens)
+{
+    ipmpi_ctl_t *c = arg;
+    const ipmpi_sitem_t *it = rank >= 1 && rank <= c->nengines ? ipmpi_sched_inflight(&c->sched, rank - 1) : NULL;
+    const ipmpi_req_t *r = it && it->type == IPMPI_SITEM_REQ ? it->u.req : NULL;
+    if (r && r->reply_flags == IPMPI_F_SHM_OK && !r->quiet && (h->flags & IPMPI_F_REPLY) && h->req_id == r->id)
+        for (uint32_t i = 0; i < h->nparts; i++)
+            if (lens[i] >= IPMPI_SHM_MIN)
+                return ipmpi_shm_alloc_parts(h->nparts, lens);
+    return ipmpi_parts_new(h->nparts, lens);
+}
+
+/*
+ * Sends a reply; parts that are in own memfds go by shared memory (the
+ * client maps them and releases them) while the session's lent bytes stay
+ * within IPMPI_SHM_LEND_MAX, otherwise everything goes inline.
+ */
+int ipmpi_ctl_send_reply(ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *parts, int vm)
+{
+    struct ipmpi_lent lent[parts && parts->n ? parts->n : 1];
+    uint32_t k = 0;
+    ipmpi_backing_t *hold = NULL;
+    ipmpi_parts_t *w = parts && (parts->back || vm) ? ipmpi_shm_wire(parts, vm, &s->next_vm, lent, &k, &hold) : NULL;
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < k; i++)
+        bytes += lent[i].bytes;
+    uint32_t j = 0;
+    if (w && s->lent_bytes + bytes <= IPMPI_SHM_LEND_MAX)
+        while (j < k && ipmpi_session_lend(s, lent[j].handle, lent[j].b, lent[j].bytes) == 0)
+            j++;
+    int rc;
+    if (!w || j < k) {
+        while (j-- > 0)
+            ipmpi_session_release(s, lent[j].handle);
+        rc = ipmpi_session_send(s, h, parts);
+    } else {
+        ipmpi_hdr_t hh = *h;
+        hh.flags |= IPMPI_F_SHM;
+        hh.aux = (uint64_t)getpid();
+        rc = ipmpi_session_send(s, &hh, w);
+    }
+    ipmpi_backing_unref(hold);
+    ipmpi_parts_unref(w);
+    return rc;
+}
+
+void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts)
+{
+    ipmpi_ctl_t *c = arg;
+    if (rank < 1 || rank > c->nengines) {
+        ipmpi_log(IPMPI_LOG_ERROR, "frame from rank %d, which is not an engine; dropped", rank);
+        goto drop;
+    }
+    ipmpi_engine_slot_t *e = &c->eng[rank - 1];
+    if (e->dead)
+        goto drop;
+    if (h->kind == IPMPI_K_READY) {
+        store_ready(c, e, parts);
+        goto drop;
+    }
+    /* Engines answer in the order they were sent work. */
+    const ipmpi_sitem_t *head = ipmpi_sched_inflight(&c->sched, e->id);
+    uint64_t want = !head ? 0
+                    : head->type == IPMPI_SITEM_REQ ? head->u.req->id
+                                                    : IPMPI_CONTAINER_OF(head->u.task, ipmpi_task_t, s)->disp;
+    if (!head || !(h->flags & IPMPI_F_REPLY) || h->req_id != want) {
+        if (!c->stopping)
+            ipmpi_log(IPMPI_LOG_ERROR, "unexpected frame from engine %d (kind %u, req %llu); dropped", e->id,
+                      h->kind, (unsigned long long)h->req_id);
+        goto drop;
+    }
+    ipmpi_sitem_t it;
+    ipmpi_sched_done(&c->sched, e->id, ipmpi_now_ns(), &it);
+    c->nbusy--;
+    if (h->flags & IPMPI_F_PROPS)
+        ipmpi_sched_props_changed(&c->sched, e->id);
+    if (it.type == IPMPI_SITEM_TASK) {
+        ipmpi_ctl_task_reply(c, e, IPMPI_CONTAINER_OF(it.u.task, ipmpi_task_t, s), h, parts);
+        ipmpi_ctl_dispatch(c, e);
+        ipmpi_ctl_kick(c);
+        return;
+    }
+    ipmpi_req_t *r = it.u.req;
+    ipmpi_session_t *s = r->quiet ? NULL : ipmpi_ctl_session(c, r->session);
+    if (s) {
+        ipmpi_hdr_t out = {.kind = r->kind, .flags = IPMPI_F_REPLY, .req_id = r->client_req,
+                           .target = e->id, .status = h->status, .total = r->total};
+        if (ipmpi_ctl_send_reply(s, &out, parts, (r->reply_flags & IPMPI_F_VM_OK) != 0) != 0)
+            ipmpi_session_send_error(s, r->kind, r->client_req, e->id, r->total, IPMPI_ENOMEM,
+                                     "controller out of memory for the reply");
+    }
+    /* A KILL whose frame was aborted did not run. */
+    int killed = r->kind == IPMPI_K_KILL && h->status != IPMPI_EABORTED;
+    if (--r->pending == 0)
+        req_release(c, r);
+    /* The engine _exits right after answering KILL. */
+    if (killed) {
+        ipmpi_ctl_engine_died(c, e, "killed by request");
+    } else {
+        ipmpi_ctl_dispatch(c, e);
+        if (h->flags & IPMPI_F_PROPS)
+            ipmpi_ctl_kick(c);
+    }
+drop:
+    ipmpi_parts_unref(parts);
+}

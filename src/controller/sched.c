@@ -1,0 +1,478 @@
+/*
+ * The controller's scheduler (sched.h): per-engine FIFOs of MultiEngine
+ * requests, per-client FIFOs of tasks served round robin, in-flight rings,
+ * look-ahead, depend refusals. No I/O. Loop thread only.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "ipmpi/errors.h"
+#include "sched.h"
+
+/* The service-time average moves by 1/4 of each new sample: a few short
+ * tasks after long ones turn look-ahead back on quickly. */
+#define EWMA_SHIFT 2
+
+int ipmpi_sched_init(ipmpi_sched_t *s, int nengines, uint32_t depth)
+{
+    memset(s, 0, sizeof *s);
+    if (nengines < 0 || depth > IPMPI_SCHED_DEPTH_MAX)
+        return IPMPI_EINVAL;
+    ipmpi_ql_init(&s->ring);
+    ipmpi_ql_init(&s->parked);
+    ipmpi_ql_init(&s->open);
+    s->depth = depth;
+    s->nengines = nengines;
+    if (nengines == 0)
+        return 0;
+    s->eng = calloc((size_t)nengines, sizeof *s->eng);
+    if (!s->eng)
+        return IPMPI_ENOMEM;
+    /* One request, or 1 + depth tasks, are in flight at most. */
+    uint32_t cap = 1;
+    while (cap < depth + 1)
+        cap <<= 1;
+    for (int i = 0; i < nengines; i++) {
+        ipmpi_sengine_t *e = &s->eng[i];
+        ipmpi_equeue_init(&e->q);
+        ipmpi_ql_init(&e->open);
+        e->fly_cap = cap;
+        e->fly = calloc(cap, sizeof *e->fly);
+        if (!e->fly)
+            goto free_engines;
+    }
+    return 0;
+
+free_engines:
+    for (int i = 0; i < nengines; i++)
+        free(s->eng[i].fly);
+    free(s->eng);
+    s->eng = NULL;
+    return IPMPI_ENOMEM;
+}
+
+void ipmpi_sched_fini(ipmpi_sched_t *s)
+{
+    for (int i = 0; i < s->nengines; i++) {
+        ipmpi_equeue_fini(&s->eng[i].q);
+        free(s->eng[i].fly);
+    }
+    free(s->eng);
+    s->eng = NULL;
+    s->nengines = 0;
+}
+
+static void unpark_all(ipmpi_sched_t *s);
+
+/* ---- the list of engines with room for a task ---- */
+
+static uint32_t task_room(const ipmpi_sched_t *s, const ipmpi_sengine_t *e)
+{
+    if (!e->live)
+        return 0;
+    /* A request waits: let the tasks in flight drain so it can go. */
+    if (ipmpi_equeue_len(&e->q) > 0 && (e->last_task || e->fly_len > 0))
+        return 0;
+    if (e->fly_len > e->fly_tasks) /* a request in flight */
+        return 0;
+    uint32_t most = e->task_ns < IPMPI_SCHED_LOOKAHEAD_MAX_NS ? 1 + s->depth : 1;
+    return e->fly_tasks < most ? most - e->fly_tasks : 0;
+}
+
+/* Keeps e in s->open exactly while it has room for a task: engines with
+ * nothing in flight at the front, the others at the back. */
+static void update_open(ipmpi_sched_t *s, ipmpi_sengine_t *e)
+{
+    if (ipmpi_ql_linked(&e->open))
+        ipmpi_ql_remove(&e->open);
+    if (task_room(s, e) == 0)
+        return;
+    if (e->fly_len == 0)
+        ipmpi_ql_push_front(&s->open, &e->open);
+    else
+        ipmpi_ql_push_back(&s->open, &e->open);
+}
+
+int ipmpi_sched_open_engine(const ipmpi_sched_t *s)
+{
+    if (ipmpi_ql_empty(&s->open))
+        return -1;
+    const ipmpi_sengine_t *e = IPMPI_CONTAINER_OF(s->open.next, ipmpi_sengine_t, open);
+    return (int)(e - s->eng);
+}
+
+/* ---- engines ---- */
+
+void ipmpi_sched_engine_ready(ipmpi_sched_t *s, int e)
+{
+    if (e < 0 || e >= s->nengines || s->eng[e].live)
+        return;
+    s->eng[e].live = 1;
+    s->nlive++;
+    update_open(s, &s->eng[e]);
+    /* An engine that has refused nothing yet may take a parked task. */
+    unpark_all(s);
+}
+
+void ipmpi_sched_engine_dead(ipmpi_sched_t *s, int e)
+{
+    if (e < 0 || e >= s->nengines || !s->eng[e].live)
+        return;
+    s->eng[e].live = 0;
+    s->nlive--;
+    update_open(s, &s->eng[e]);
+    /* Parked tasks stay parked: every engine still live refused them. */
+}
+
+/* ---- clients and tasks ---- */
+
+ipmpi_sched_client_t *ipmpi_sched_client_new(uint64_t session)
+{
+    ipmpi_sched_client_t *cl = calloc(1, sizeof *cl);
+    if (!cl)
+        return NULL;
+    cl->session = session;
+    cl->refs = 1;
+    ipmpi_ql_init(&cl->tasks);
+    ipmpi_ql_init(&cl->ring);
+    return cl;
+}
+
+void ipmpi_sched_client_unref(ipmpi_sched_client_t *cl)
+{
+    if (cl && --cl->refs == 0)
+        free(cl);
+}
+
+void ipmpi_stask_init(ipmpi_stask_t *t, uint64_t id)
+{
+    memset(t, 0, sizeof *t);
+    t->id = id;
+    t->avoid = -1;
+    ipmpi_ql_init(&t->link);
+}
+
+void ipmpi_stask_fini(ipmpi_stask_t *t)
+{
+    free(t->refusals);
+    t->refusals = NULL;
+    t->nrefusals = t->refcap = 0;
+    ipmpi_sched_client_unref(t->client);
+    t->client = NULL;
+}
+
+int ipmpi_sched_queue_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r)
+{
+    if (e < 0 || e >= s->nengines)
+        return IPMPI_EINVAL;
+    int rc = ipmpi_equeue_push(&s->eng[e].q, r);
+    if (rc == 0)
+        update_open(s, &s->eng[e]);
+    return rc;
+}
+
+static void enqueue(ipmpi_sched_t *s, ipmpi_stask_t *t, int front)
+{
+    ipmpi_sched_client_t *cl = t->client;
+    if (front)
+        ipmpi_ql_push_front(&cl->tasks, &t->link);
+    else
+        ipmpi_ql_push_back(&cl->tasks, &t->link);
+    if (cl->nqueued++ == 0)
+        ipmpi_ql_push_back(&s->ring, &cl->ring);
+    t->queued = 1;
+    s->nqueued++;
+}
+
+/* Takes a queued (not parked) t out of its client's queue. */
+static void dequeue(ipmpi_sched_t *s, ipmpi_stask_t *t)
+{
+    ipmpi_ql_remove(&t->link);
+    if (--t->client->nqueued == 0)
+        ipmpi_ql_remove(&t->client->ring);
+    t->queued = 0;
+    s->nqueued--;
+}
+
+void ipmpi_sched_submit(ipmpi_sched_t *s, ipmpi_sched_client_t *cl, ipmpi_stask_t *t)
+{
+    if (!t->client) {
+        t->client = cl;
+        cl->refs++;
+    }
+    enqueue(s, t, 0);
+}
+
+int ipmpi_sched_cancel(ipmpi_sched_t *s, ipmpi_stask_t *t)
+{
+    if (!t->queued)
+        return IPMPI_ENOENT;
+    if (t->parked) {
+        ipmpi_ql_remove(&t->link);
+        t->parked = 0;
+        t->queued = 0;
+        s->nparked--;
+        return 0;
+    }
+    dequeue(s, t);
+    return 0;
+}
+
+/* ---- refusals ---- */
+
+int ipmpi_sched_refuses(const ipmpi_sched_t *s, int e, const ipmpi_stask_t *t)
+{
+    for (uint32_t i = 0; i < t->nrefusals; i++)
+        if (t->refusals[i].engine == e)
+            return t->refusals[i].gen == s->eng[e].gen;
+    return 0;
+}
+
+static int refused_by_all(const ipmpi_sched_t *s, const ipmpi_stask_t *t)
+{
+    int n = 0;
+    for (uint32_t i = 0; i < t->nrefusals; i++) {
+        const ipmpi_srefusal_t *r = &t->refusals[i];
+        if (s->eng[r->engine].live && s->eng[r->engine].gen == r->gen)
+            n++;
+    }
+    return n >= s->nlive;
+}
+
+static void park(ipmpi_sched_t *s, ipmpi_stask_t *t)
+{
+    ipmpi_ql_push_back(&s->parked, &t->link);
+    t->parked = 1;
+    t->queued = 1;
+    s->nparked++;
+}
+
+int ipmpi_sched_refused(ipmpi_sched_t *s, int e, ipmpi_stask_t *t)
+{
+    uint32_t i;
+    for (i = 0; i < t->nrefusals && t->refusals[i].engine != e; i++)
+        ;
+    if (i == t->nrefusals) {
+        if (t->nrefusals == t->refcap) {
+            uint32_t ncap = t->refcap ? 2 * t->refcap : 4;
+            ipmpi_srefusal_t *n = realloc(t->refusals, ncap * sizeof *n);
+            if (!n) {
+                /* Without the record the task would come straight back
+                 * here: park it until a change or a spin instead. */
+                park(s, t);
+                return IPMPI_ENOMEM;
+            }
+            t->refusals = n;
+            t->refcap = ncap;
+        }
+        t->refusals[t->nrefusals++].engine = e;
+    }
+    t->refusals[i].gen = s->eng[e].gen;
+    if (refused_by_all(s, t))
+        park(s, t);
+    else
+        enqueue(s, t, 1);
+    return 0;
+}
+
+/* Parked tasks go back to the front of their clients' queues, in the
+ * order they were parked. */
+static void unpark_all(ipmpi_sched_t *s)
+{
+    while (!ipmpi_ql_empty(&s->parked)) {
+        ipmpi_stask_t *t = IPMPI_CONTAINER_OF(s->parked.prev, ipmpi_stask_t, link);
+        ipmpi_ql_remove(&t->link);
+        t->parked = 0;
+        s->nparked--;
+        enqueue(s, t, 1);
+    }
+}
+
+void ipmpi_sched_props_changed(ipmpi_sched_t *s, int e)
+{
+    if (e < 0 || e >= s->nengines)
+        return;
+    s->eng[e].gen++;
+    unpark_all(s);
+}
+
+uint32_t ipmpi_sched_spin(ipmpi_sched_t *s)
+{
+    /* A new generation everywhere voids every refusal at once. */
+    for (int i = 0; i < s->nengines; i++)
+        s->eng[i].gen++;
+    unpark_all(s);
+    return s->nqueued;
+}
+
+/* ---- handing out ---- */
+
+static int fly_push(ipmpi_sengine_t *e, const ipmpi_sitem_t *it)
+{
+    if (e->fly_len == e->fly_cap)
+        return -1; /* cannot happen: room is checked first */
+    e->fly[(e->fly_head + e->fly_len) & (e->fly_cap - 1)] = *it;
+    e->fly_len++;
+    if (it->type == IPMPI_SITEM_TASK)
+        e->fly_tasks++;
+    return 0;
+}
+
+/* May engine e run t now? A retry avoids the engine it failed on while
+ * some other live engine may take it (one that has not refused it). */
+static int accepts(const ipmpi_sched_t *s, int e, const ipmpi_stask_t *t)
+{
+    if (t->nrefusals && ipmpi_sched_refuses(s, e, t))
+        return 0;
+    if (t->avoid != e || s->nlive <= 1)
+        return 1;
+    int others_refusing = 0;
+    for (uint32_t i = 0; i < t->nrefusals; i++) {
+        const ipmpi_srefusal_t *r = &t->refusals[i];
+        if (r->engine != e && s->eng[r->engine].live && s->eng[r->engine].gen == r->gen)
+            others_refusing++;
+    }
+    return others_refusing >= s->nlive - 1;
+}
+
+/* The next task for engine e, taken out of the queues, or NULL. Clients
+ * are served round robin: the one served moves to the back of the ring. */
+static ipmpi_stask_t *pick_task(ipmpi_sched_t *s, int e)
+{
+    ipmpi_qlink_t *c = s->ring.next;
+    while (c != &s->ring) {
+        ipmpi_sched_client_t *cl = IPMPI_CONTAINER_OF(c, ipmpi_sched_client_t, ring);
+        ipmpi_qlink_t *next = c->next;
+        if (!cl->held) {
+            uint32_t seen = 0;
+            for (ipmpi_qlink_t *q = cl->tasks.next; q != &cl->tasks && seen < IPMPI_SCHED_SCAN_MAX;
+                 q = q->next, seen++) {
+                ipmpi_stask_t *t = IPMPI_CONTAINER_OF(q, ipmpi_stask_t, link);
+                if (!accepts(s, e, t)) {
+                    /* Refused by every engine still live (one that had
+                     * not refused died): park it, nothing rescans it. */
+                    if (t->nrefusals && refused_by_all(s, t)) {
+                        q = q->prev;
+                        dequeue(s, t);
+                        park(s, t);
+                        if (cl->nqueued == 0)
+                            break;
+                    }
+                    continue;
+                }
+                dequeue(s, t);
+                if (cl->nqueued > 0) { /* to the back of the ring */
+                    ipmpi_ql_remove(&cl->ring);
+                    ipmpi_ql_push_back(&s->ring, &cl->ring);
+                }
+                return t;
+            }
+        }
+        c = next;
+    }
+    return NULL;
+}
+
+int ipmpi_sched_next(ipmpi_sched_t *s, int e, uint64_t now, int (*hold)(void *ctx, uint64_t session), void *ctx,
+                     ipmpi_sitem_t *out)
+{
+    if (e < 0 || e >= s->nengines || !s->eng[e].live)
+        return 0;
+    ipmpi_sengine_t *en = &s->eng[e];
+    int rc = 0;
+    ipmpi_sitem_t it = {.sent_ns = now};
+    /* A request goes when nothing is in flight and, if tasks wait too,
+     * when it is the requests' turn (a task went last). */
+    if (ipmpi_equeue_len(&en->q) > 0 && en->fly_len == 0 && (en->last_task || s->nqueued == 0)) {
+        ipmpi_req_t *r = ipmpi_equeue_at(&en->q, 0);
+        if (hold && hold(ctx, r->session)) {
+            rc = 2;
+        } else {
+            it.type = IPMPI_SITEM_REQ;
+            it.u.req = ipmpi_equeue_pop(&en->q);
+            en->last_task = 0;
+            fly_push(en, &it);
+            *out = it;
+            update_open(s, en);
+            return 1;
+        }
+    }
+    if (s->nqueued > 0 && task_room(s, en) > 0) {
+        ipmpi_stask_t *t = pick_task(s, e);
+        if (t) {
+            it.type = IPMPI_SITEM_TASK;
+            it.u.task = t;
+            en->last_task = 1;
+            fly_push(en, &it);
+            *out = it;
+            update_open(s, en);
+            return 1;
+        }
+    }
+    /* Tasks' turn but none fits this engine: the request need not wait. */
+    if (rc == 0 && ipmpi_equeue_len(&en->q) > 0 && en->fly_len == 0 && !en->last_task) {
+        ipmpi_req_t *r = ipmpi_equeue_at(&en->q, 0);
+        if (hold && hold(ctx, r->session))
+            return 2;
+        it.type = IPMPI_SITEM_REQ;
+        it.u.req = ipmpi_equeue_pop(&en->q);
+        fly_push(en, &it);
+        *out = it;
+        update_open(s, en);
+        return 1;
+    }
+    update_open(s, en);
+    return rc;
+}
+
+int ipmpi_sched_idle(const ipmpi_sched_t *s, int e)
+{
+    return e >= 0 && e < s->nengines && s->eng[e].live && s->eng[e].fly_len == 0 &&
+           ipmpi_equeue_len(&s->eng[e].q) == 0;
+}
+
+int ipmpi_sched_start_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r, uint64_t now)
+{
+    if (!ipmpi_sched_idle(s, e))
+        return IPMPI_EAGAIN;
+    ipmpi_sitem_t it = {.type = IPMPI_SITEM_REQ, .sent_ns = now};
+    it.u.req = r;
+    fly_push(&s->eng[e], &it);
+    s->eng[e].last_task = 0;
+    update_open(s, &s->eng[e]);
+    return 0;
+}
+
+const ipmpi_sitem_t *ipmpi_sched_inflight(const ipmpi_sched_t *s, int e)
+{
+    if (e < 0 || e >= s->nengines || s->eng[e].fly_len == 0)
+        return NULL;
+    return &s->eng[e].fly[s->eng[e].fly_head];
+}
+
+int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out)
+{
+    if (e < 0 || e >= s->nengines || s->eng[e].fly_len == 0)
+        return 0;
+    ipmpi_sengine_t *en = &s->eng[e];
+    *out = en->fly[en->fly_head];
+    en->fly_head = (en->fly_head + 1) & (en->fly_cap - 1);
+    en->fly_len--;
+    if (out->type == IPMPI_SITEM_TASK) {
+        en->fly_tasks--;
+        /* A task that waited ahead on the engine started when the one
+         * before it was answered, not when it was sent. */
+        uint64_t start = out->sent_ns > en->last_reply_ns ? out->sent_ns : en->last_reply_ns;
+        uint64_t took = now > start ? now - start : 0;
+        if (en->task_ns == 0)
+            en->task_ns = took;
+        else
+            en->task_ns = en->task_ns - (en->task_ns >> EWMA_SHIFT) + (took >> EWMA_SHIFT);
+    } else if (ipmpi_equeue_len(&en->q) == 0) {
+        /* No more requests wait: tasks may use the engine fully. */
+        en->last_task = 0;
+    }
+    en->last_reply_ns = now;
+    update_open(s, en);
+    return 1;
+}

@@ -1,0 +1,247 @@
+/*
+ * The controller's scheduler: what each engine runs next. No I/O, no
+ * clock of its own (callers pass `now`), CMocka-tested
+ * (tests/unit/test_sched.c).
+ *
+ * Two policies share the engines (doc/protocol.md sections 2 and 6):
+ *
+ * - MultiEngine requests (ipmpi_req_t) wait in a FIFO per target engine
+ *   and go to an engine only when it has nothing in flight, so requests
+ *   to one engine run in the order they were sent and clear_queue can
+ *   still take back all that waits.
+ * - Tasks (ipmpi_stask_t, embedded in the controller's task records) wait
+ *   in one FIFO per client; clients are served round robin, one task per
+ *   turn. A task goes to any engine that has room: an engine may hold
+ *   1 + depth tasks in flight (the rest wait ahead in its MPI queue, so it
+ *   never idles for a round trip), but only while its tasks are short
+ *   (LOOKAHEAD_MAX_NS): for long tasks look-ahead gains nothing and would
+ *   make a task wait behind a long one while another engine idles.
+ *
+ * When both kinds wait for one engine they alternate: after a task, the
+ * engine takes no new task while a MultiEngine request waits, so that
+ * request runs as soon as the tasks in flight are done; after the request
+ * one task goes again. Neither kind starves the other.
+ *
+ * depend: an engine may refuse a task (IPMPI_EREJECT). The refusal is
+ * remembered with the engine's properties generation; the task is not
+ * offered to that engine again until its properties change
+ * (ipmpi_sched_props_changed) or ipmpi_sched_spin. A task that every live
+ * engine refuses is parked: nothing looks at it until a change, so there
+ * is no busy loop.
+ *
+ * Ownership: the scheduler borrows requests and tasks; it owns the client
+ * records (reference-counted: one reference per task that names the
+ * client plus one held by the controller's session while it lives).
+ *
+ * Thread safety: none; the controller's loop thread only.
+ */
+#ifndef IPMPI_CTL_SCHED_H
+#define IPMPI_CTL_SCHED_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "equeue.h"
+
+/* Intrusive doubly linked list (libuv's queue.h in spirit): a list head
+ * is a link whose next and prev point to itself when empty. */
+typedef struct ipmpi_qlink {
+    struct ipmpi_qlink *next, *prev;
+} ipmpi_qlink_t;
+
+#define IPMPI_CONTAINER_OF(ptr, type, member) ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
+
+static inline void ipmpi_ql_init(ipmpi_qlink_t *h) { h->next = h->prev = h; }
+static inline int ipmpi_ql_empty(const ipmpi_qlink_t *h) { return h->next == h; }
+static inline void ipmpi_ql_insert_after(ipmpi_qlink_t *at, ipmpi_qlink_t *n)
+{
+    n->prev = at;
+    n->next = at->next;
+    at->next->prev = n;
+    at->next = n;
+}
+static inline void ipmpi_ql_push_back(ipmpi_qlink_t *h, ipmpi_qlink_t *n) { ipmpi_ql_insert_after(h->prev, n); }
+static inline void ipmpi_ql_push_front(ipmpi_qlink_t *h, ipmpi_qlink_t *n) { ipmpi_ql_insert_after(h, n); }
+static inline void ipmpi_ql_remove(ipmpi_qlink_t *n)
+{
+    n->prev->next = n->next;
+    n->next->prev = n->prev;
+    n->next = n->prev = n;
+}
+/* A link that is in no list points to itself (after init or remove). */
+static inline int ipmpi_ql_linked(const ipmpi_qlink_t *n) { return n->next != n; }
+
+/* Look-ahead only while an engine's recent tasks take less than this. */
+#define IPMPI_SCHED_LOOKAHEAD_MAX_NS 2000000ull
+/* Tasks of one client looked at per turn for one that the engine accepts
+ * (depend refusals, avoided engines); beyond, the turn passes on. */
+#define IPMPI_SCHED_SCAN_MAX 64u
+/* Largest look-ahead depth (--task-depth). */
+#define IPMPI_SCHED_DEPTH_MAX 64u
+
+/* One client that submits tasks. */
+typedef struct ipmpi_sched_client {
+    uint64_t session;    /* the controller's session id (the session may be gone) */
+    unsigned refs;
+    int held;            /* set by the controller: its tasks wait (client not reading) */
+    uint32_t nqueued;    /* tasks in .tasks */
+    ipmpi_qlink_t tasks; /* scheduled tasks, oldest first */
+    ipmpi_qlink_t ring;  /* in the scheduler's round-robin ring while nqueued > 0 */
+} ipmpi_sched_client_t;
+
+typedef struct ipmpi_srefusal {
+    int32_t engine;
+    uint32_t gen; /* that engine's properties generation when it refused */
+} ipmpi_srefusal_t;
+
+/* The scheduler's part of a task; the controller embeds it. */
+typedef struct ipmpi_stask {
+    uint64_t id;
+    ipmpi_sched_client_t *client; /* one reference held while set */
+    ipmpi_qlink_t link;           /* in its client's queue, or in the parked list */
+    int parked;
+    int queued;                   /* in a client's queue or parked */
+    int32_t avoid;                /* engine of the last failed attempt, or -1 */
+    uint32_t nrefusals, refcap;
+    ipmpi_srefusal_t *refusals;   /* owned; at most one entry per engine */
+} ipmpi_stask_t;
+
+enum { IPMPI_SITEM_REQ = 1, IPMPI_SITEM_TASK = 2 };
+
+/* Something sent to an engine, waiting for its reply. */
+typedef struct ipmpi_sitem {
+    int type;          /* IPMPI_SITEM_REQ or IPMPI_SITEM_TASK */
+    union {
+        ipmpi_req_t *req;
+        ipmpi_stask_t *task;
+    } u;
+    uint64_t sent_ns;  /* when it was handed out (the `now` of ipmpi_sched_next) */
+} ipmpi_sitem_t;
+
+typedef struct ipmpi_sengine {
+    ipmpi_equeue_t q;       /* MultiEngine requests waiting for this engine */
+    ipmpi_sitem_t *fly;     /* in flight, oldest first: power-of-two ring */
+    uint32_t fly_cap, fly_head, fly_len;
+    uint32_t fly_tasks;     /* tasks among them */
+    uint32_t gen;           /* properties generation */
+    int live;               /* ready and not dead */
+    int last_task;          /* the last item handed out was a task */
+    uint64_t task_ns;       /* moving average of its task service times */
+    uint64_t last_reply_ns; /* when it last answered (a queued-ahead task starts then) */
+    ipmpi_qlink_t open;     /* in the scheduler's list of engines with room for a task */
+} ipmpi_sengine_t;
+
+typedef struct ipmpi_sched {
+    int nengines;
+    ipmpi_sengine_t *eng;
+    int nlive;
+    uint32_t depth;         /* tasks that may wait ahead on a busy engine */
+    ipmpi_qlink_t ring;     /* clients with queued tasks, next to serve first */
+    ipmpi_qlink_t parked;   /* tasks every live engine refused */
+    ipmpi_qlink_t open;     /* live engines that could take a task now */
+    uint32_t nqueued;       /* tasks in clients' queues */
+    uint32_t nparked;
+} ipmpi_sched_t;
+
+/*
+ * Sets up a scheduler for nengines engines (none live yet) with look-ahead
+ * depth (0..IPMPI_SCHED_DEPTH_MAX). Returns 0, IPMPI_EINVAL or IPMPI_ENOMEM
+ * (nothing to free then).
+ */
+int ipmpi_sched_init(ipmpi_sched_t *s, int nengines, uint32_t depth);
+/* Frees what the scheduler owns. Requests and tasks still queued or in
+ * flight are the caller's to settle first (their links are not touched). */
+void ipmpi_sched_fini(ipmpi_sched_t *s);
+
+/* Engine e became ready: it may be given work; parked tasks are queued
+ * again (it has refused none of them). */
+void ipmpi_sched_engine_ready(ipmpi_sched_t *s, int e);
+/*
+ * Engine e died: it is given nothing more. Its queued requests and
+ * in-flight items stay where they are for the caller to take back with
+ * ipmpi_equeue_pop(&s->eng[e].q) and ipmpi_sched_done(). Parked tasks
+ * stay parked (every engine still live refused them).
+ */
+void ipmpi_sched_engine_dead(ipmpi_sched_t *s, int e);
+
+/* A new client record for session; refs = 1 (the session's). NULL on ENOMEM. */
+ipmpi_sched_client_t *ipmpi_sched_client_new(uint64_t session);
+/* Drops one reference; frees the record at zero. */
+void ipmpi_sched_client_unref(ipmpi_sched_client_t *cl);
+
+/* Sets up t (id, no client, not queued, avoid -1). */
+void ipmpi_stask_init(ipmpi_stask_t *t, uint64_t id);
+/* Frees what t owns and drops its client reference. t must not be queued. */
+void ipmpi_stask_fini(ipmpi_stask_t *t);
+
+/*
+ * Queues a request for engine e (behind the others for e). Returns 0 or
+ * IPMPI_ENOMEM (nothing queued).
+ */
+int ipmpi_sched_queue_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r);
+/*
+ * Queues task t at the back of cl's queue (cl gains a reference through
+ * t when t had no client). A retried task keeps its refusals and its
+ * avoided engine (set t->avoid before).
+ */
+void ipmpi_sched_submit(ipmpi_sched_t *s, ipmpi_sched_client_t *cl, ipmpi_stask_t *t);
+/*
+ * Takes task t out of the queues before it ran (abort). Returns 0, or
+ * IPMPI_ENOENT when t is not queued (in flight or finished).
+ */
+int ipmpi_sched_cancel(ipmpi_sched_t *s, ipmpi_stask_t *t);
+
+/*
+ * What engine e should run next, decided now: returns 1 and the item in
+ * *out (recorded as in flight, its sent_ns = now); 0 when it should get
+ * nothing now; 2 when the only candidate is a request whose client is
+ * over its unread-reply limit: hold(ctx, session) said so (the caller
+ * asks again later). hold may be NULL. Dead or not-ready engines get 0.
+ */
+int ipmpi_sched_next(ipmpi_sched_t *s, int e, uint64_t now, int (*hold)(void *ctx, uint64_t session), void *ctx,
+                     ipmpi_sitem_t *out);
+/*
+ * Puts request r in flight on engine e directly (cut-through), which
+ * must be live with nothing in flight and nothing queued. Returns 0, or
+ * IPMPI_EAGAIN (nothing changed).
+ */
+int ipmpi_sched_start_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r, uint64_t now);
+/* 1 when engine e is live, has nothing in flight and nothing queued. */
+int ipmpi_sched_idle(const ipmpi_sched_t *s, int e);
+/*
+ * A live engine with room for a task (nothing in flight preferred), or
+ * -1. Room is not acceptance: every queued task may refuse or avoid that
+ * engine, or belong to a held client, and ipmpi_sched_next then hands it
+ * nothing while it stays offered. A caller that dispatches to open
+ * engines must therefore bound its loop (the controller's kick tries each
+ * engine at most once without progress) and walk s->open for the others.
+ */
+int ipmpi_sched_open_engine(const ipmpi_sched_t *s);
+/* 1 when some task is queued (not parked), else 0. */
+static inline int ipmpi_sched_has_tasks(const ipmpi_sched_t *s) { return s->nqueued > 0; }
+
+/* The oldest in-flight item of e, or NULL (the reply matches it). */
+const ipmpi_sitem_t *ipmpi_sched_inflight(const ipmpi_sched_t *s, int e);
+/*
+ * Engine e answered its oldest in-flight item: removes it into *out and
+ * returns 1 (0 when nothing is in flight). now feeds e's task service
+ * time, which decides its look-ahead.
+ */
+int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out);
+
+/*
+ * Engine e refused task t (depend): t was in flight there and has been
+ * taken out with ipmpi_sched_done. t goes back to the front of its
+ * client's queue, or is parked when every live engine has refused it at
+ * its current properties generation. Returns 0 or IPMPI_ENOMEM (the
+ * refusal is then not remembered, and t is parked so as not to loop).
+ */
+int ipmpi_sched_refused(ipmpi_sched_t *s, int e, ipmpi_stask_t *t);
+/* Engine e's properties changed: its refusals no longer count; parked tasks are queued again. */
+void ipmpi_sched_props_changed(ipmpi_sched_t *s, int e);
+/* Forgets every refusal; parked tasks are queued again. Returns how many tasks are queued. */
+uint32_t ipmpi_sched_spin(ipmpi_sched_t *s);
+/* 1 when engine e has refused t at e's current properties generation. */
+int ipmpi_sched_refuses(const ipmpi_sched_t *s, int e, const ipmpi_stask_t *t);
+
+#endif

@@ -1,0 +1,248 @@
+/*
+ * Cut-through forwarding and process-memory copies of client requests
+ * (doc/protocol.md sections 3 and 5): a large request for one idle engine
+ * goes on to the engine while its bytes still arrive. Loop thread only.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backoff.h"
+#include "ctl.h"
+#include "ipmpi/errors.h"
+#include "json.h"
+#include "log.h"
+#include "shm.h"
+#include "shmbuf.h"
+#include "tls.h"
+
+/* ---- cut-through ----
+ *
+ * A large frame for one idle engine is forwarded while it arrives from the
+ * client instead of after (doc/protocol.md section 3): TLS decryption,
+ * the MPI copy and the engine's wake-up then overlap instead of adding up.
+ * The request is created and put in flight on the engine as soon as
+ * the header and lengths are in; the session feeds the stream as bytes
+ * arrive. Smaller frames gain nothing and are stored then forwarded, as is
+ * everything for several engines (the payload must be held once) or for a
+ * busy engine (FIFO order).
+ *
+ * A stream holds its engine until the client has sent the whole frame. So
+ * that a slow or stalled client never makes others wait, a stream is
+ * withdrawn when another request is queued for its engine meanwhile: the
+ * engine gets the abort and answers it (that answer is dropped), the
+ * other request runs, and the frame, once complete, is submitted like any
+ * other, behind it, which is the order store-and-forward would give.
+ */
+#define STREAM_MIN ((uint64_t)1 << 20)
+
+struct ipmpi_ctl_stream {
+    ipmpi_session_stream_t base; /* first: the session's handle is ours */
+    ipmpi_ctl_t *c;
+    ipmpi_engine_slot_t *e;
+    ipmpi_req_t *r;        /* NULL once the request was settled or fully posted */
+    ipmpi_sendop_t *op;    /* NULL once fully posted, aborted or abandoned */
+    int withdrawn;         /* the complete frame goes to the frame callback */
+};
+
+static void stream_unlink(struct ipmpi_ctl_stream *st)
+{
+    if (st->r)
+        st->r->stream = NULL;
+    st->r = NULL;
+}
+
+/* Posts the abort of an unfinished stream; the engine then answers the
+ * request with an error of its own. If even that cannot be posted, the
+ * link to the engine is out of step and the engine is lost. */
+static void stream_abort(struct ipmpi_ctl_stream *st, const char *why)
+{
+    ipmpi_sendop_t *op = st->op;
+    st->op = NULL;
+    stream_unlink(st);
+    ipmpi_log(IPMPI_LOG_INFO, "engine %d: request aborted mid-frame: %s", st->e->id, why);
+    int rc = ipmpi_mpilink_stream_abort(&st->c->link, op);
+    if (rc != 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "the controller lost step with it (%s)", ipmpi_strerror(rc));
+        ipmpi_ctl_engine_died(st->c, st->e, msg);
+    }
+}
+
+static void stream_feed(ipmpi_session_stream_t *base, uint32_t part, uint64_t filled)
+{
+    struct ipmpi_ctl_stream *st = (struct ipmpi_ctl_stream *)base;
+    if (!st->op)
+        return;
+    int rc = ipmpi_mpilink_stream_feed(&st->c->link, st->op, part, filled);
+    if (rc == 1) {
+        st->op = NULL;
+        stream_unlink(st);
+    } else if (rc < 0) {
+        stream_abort(st, ipmpi_strerror(rc));
+    }
+}
+
+static int stream_end(ipmpi_session_stream_t *base, int aborted)
+{
+    struct ipmpi_ctl_stream *st = (struct ipmpi_ctl_stream *)base;
+    int taken = !st->withdrawn;
+    if (st->op && aborted)
+        stream_abort(st, "the client's frame ended early");
+    stream_unlink(st);
+    free(st);
+    return taken;
+}
+
+/* Another request is queued for the stream's engine: see above. */
+static void stream_withdraw(struct ipmpi_ctl_stream *st)
+{
+    st->withdrawn = 1;
+    if (st->r)
+        st->r->quiet = 1;
+    stream_abort(st, "another request was queued for the engine while the frame still arrived; "
+                     "it is submitted again once complete");
+}
+
+int ipmpi_ctl_stream_active(const ipmpi_req_t *r)
+{
+    return r->stream && r->stream->op;
+}
+
+void ipmpi_ctl_stream_abort(ipmpi_req_t *r, const char *why)
+{
+    if (ipmpi_ctl_stream_active(r))
+        stream_abort(r->stream, why);
+}
+
+void ipmpi_ctl_stream_withdraw(ipmpi_req_t *r)
+{
+    if (ipmpi_ctl_stream_active(r))
+        stream_withdraw(r->stream);
+}
+
+/* Engine e is gone or the request is settled without it: the stream's
+ * sends were abandoned with the rank, or the request must not hold it. */
+void ipmpi_ctl_stream_detach(ipmpi_req_t *r, int drop_op)
+{
+    struct ipmpi_ctl_stream *st = r->stream;
+    if (!st)
+        return;
+    if (drop_op)
+        st->op = NULL;
+    stream_unlink(st);
+}
+
+
+/*
+ * The session's offer of a frame whose parts are about to be read: takes
+ * it over when it is a large engine request for one idle engine, with
+ * exactly the checks ipmpi_ctl_client_frame and submit would pass, so the
+ * outcome is the one store-and-forward would have.
+ */
+static ipmpi_session_stream_t *stream_try(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h,
+                                          ipmpi_parts_t *parts)
+{
+    if (c->stopping || s->cap != IPMPI_CAP_MEC || (h->flags & IPMPI_F_REPLY) || !ipmpi_ctl_is_engine_kind(h->kind) ||
+        h->target < 0 || h->target >= c->nengines || ipmpi_parts_bytes(parts) < STREAM_MIN)
+        return NULL;
+    ipmpi_engine_slot_t *e = &c->eng[h->target];
+    if (e->dead || !e->ready || !ipmpi_sched_idle(&c->sched, e->id))
+        return NULL;
+    struct ipmpi_ctl_stream *st = calloc(1, sizeof *st);
+    if (!st)
+        return NULL;
+    ipmpi_req_t *r = ipmpi_req_new(++c->next_req, h->req_id, s->id, h->kind, 1, ipmpi_parts_ref(parts));
+    if (!r) {
+        ipmpi_parts_unref(parts);
+        goto free_st;
+    }
+    r->reply_flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK);
+    if (ipmpi_reqtab_put(&c->reqs, r) != 0)
+        goto free_r;
+    ipmpi_hdr_t eh = {.kind = r->kind, .req_id = r->id, .target = e->id};
+    if (ipmpi_mpilink_stream_start(&c->link, e->rank, &eh, parts, &st->op) != 0)
+        goto del_r;
+    r->pending = 1;
+    ipmpi_sched_start_req(&c->sched, e->id, r, ipmpi_now_ns()); /* e is idle: checked above */
+    c->nbusy++;
+    st->base.feed = stream_feed;
+    st->base.end = stream_end;
+    st->c = c;
+    st->e = e;
+    st->r = r;
+    r->stream = st;
+    ipmpi_log(IPMPI_LOG_DEBUG, "client %s: %s of %llu bytes cut through to engine %d", s->peer,
+              ipmpi_kind_name(h->kind), (unsigned long long)ipmpi_parts_bytes(parts), e->id);
+    /* Leading empty parts are complete already. */
+    stream_feed(&st->base, 0, 0);
+    return &st->base;
+
+del_r:
+    ipmpi_reqtab_del(&c->reqs, r->id);
+free_r:
+    ipmpi_req_free(r);
+free_st:
+    free(st);
+    return NULL;
+}
+
+/* The session's offer: frames with a shm table are complete on the wire
+ * before their bulk is in; copy_vm streams those. */
+ipmpi_session_stream_t *ipmpi_ctl_stream_begin(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
+                                            ipmpi_parts_t *parts)
+{
+    return (h->flags & IPMPI_F_SHM) ? NULL : stream_try(arg, s, h, parts);
+}
+
+/*
+ * Copies the parts of p that are in the client's memory (vm, in part
+ * order) out of it, in 8 MiB steps; when the request can be cut through
+ * to one idle engine, each step is forwarded at once, so the engine reads
+ * while we copy the next. Then acknowledges, so the client may touch its
+ * memory again. Returns 1 if the stream delivered the request, 0 if p is
+ * to be submitted as usual, -1 if the copy failed (answered here, or
+ * through the aborted stream's own reply).
+ */
+#define VM_STEP ((uint64_t)8 << 20)
+int ipmpi_ctl_copy_vm(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p,
+                   const ipmpi_shmref_t *vm, uint32_t nvm)
+{
+    ipmpi_session_stream_t *st = NULL;
+    int pid = (int)h->aux;
+    for (uint32_t i = 0; i < nvm; i++) {
+        uint8_t *dst = p->bufs[vm[i].part];
+        for (uint64_t off = 0; off < vm[i].len; off += VM_STEP) {
+            uint64_t n = vm[i].len - off < VM_STEP ? vm[i].len - off : VM_STEP;
+            int bad = ipmpi_vm_read(pid, vm[i].off + off, dst + off, n) != 0;
+            /* The stream starts once the client's memory proved readable,
+             * so a bad address gets a plain refusal. */
+            if (!bad && i == 0 && off == 0)
+                st = stream_try(c, s, h, p);
+            if (bad) {
+                char why[200];
+                snprintf(why, sizeof why, "cannot read %llu bytes at 0x%llx of pid %d: %s",
+                         (unsigned long long)n, (unsigned long long)(vm[i].off + off), pid, strerror(errno));
+                ipmpi_log(IPMPI_LOG_WARN, "client %s: shared memory of %s refused: %s", s->peer,
+                          ipmpi_kind_name(h->kind), why);
+                if (st) /* the engine answers the aborted frame (EABORTED) */
+                    st->end(st, 1);
+                else
+                    ipmpi_ctl_reply_err(s, h, IPMPI_EACCES, "shared memory refused: %s", why);
+                return -1;
+            }
+            if (st)
+                st->feed(st, vm[i].part, off + n);
+        }
+        if (st)
+            st->feed(st, i + 1 < nvm ? vm[i + 1].part : p->n, 0);
+    }
+    ipmpi_hdr_t ack = {.kind = IPMPI_K_RELEASE, .flags = IPMPI_F_REPLY, .req_id = h->req_id,
+                       .target = IPMPI_TARGET_CONTROLLER};
+    ipmpi_session_send(s, &ack, NULL);
+    return st ? st->end(st, 0) : 0;
+}
+

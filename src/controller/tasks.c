@@ -1,0 +1,866 @@
+/*
+ * The task store and the TASK_* kinds (tasks.h, doc/protocol.md section
+ * 6): submission checks, results kept within the memory budget, blocked
+ * TASK_RESULT and TASK_BARRIER requests, retries, recovery stages, abort.
+ * Where a task runs is the scheduler's business (sched.h); sending it and
+ * handing its reply here is dispatch.c's. Loop thread only.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codec.h"
+#include "ctl.h"
+#include "ipmpi/errors.h"
+#include "json.h"
+#include "log.h"
+
+/* One blocked TASK_RESULT (one link) or TASK_BARRIER (one link per task). */
+typedef struct twait {
+    uint64_t session, client_req;
+    int kind;            /* IPMPI_K_TASK_RESULT or IPMPI_K_TASK_BARRIER */
+    uint32_t remaining;  /* tasks not finished yet */
+    uint32_t n;
+    struct twait_link {
+        ipmpi_qlink_t q; /* in the task's waiters */
+        struct twait *w;
+        ipmpi_task_t *t;
+    } links[];
+} twait_t;
+
+/* ---- the table of tasks by id, and the set of evicted ids ---- */
+
+static uint32_t slot_of(uint64_t id, uint32_t cap)
+{
+    return (uint32_t)((id * 0x9e3779b97f4a7c15ull) >> 32) & (cap - 1);
+}
+
+static ipmpi_task_t *tab_get(const ipmpi_tasks_t *ts, uint64_t id)
+{
+    if (ts->cap == 0)
+        return NULL;
+    for (uint32_t i = slot_of(id, ts->cap);; i = (i + 1) & (ts->cap - 1)) {
+        if (!ts->slots[i])
+            return NULL;
+        if (ts->slots[i]->s.id == id)
+            return ts->slots[i];
+    }
+}
+
+static int tab_put(ipmpi_tasks_t *ts, ipmpi_task_t *t);
+
+static int tab_grow(ipmpi_tasks_t *ts)
+{
+    uint32_t ncap = ts->cap ? 2 * ts->cap : 64;
+    ipmpi_task_t **old = ts->slots;
+    uint32_t ocap = ts->cap;
+    ts->slots = calloc(ncap, sizeof *ts->slots);
+    if (!ts->slots) {
+        ts->slots = old;
+        return IPMPI_ENOMEM;
+    }
+    ts->cap = ncap;
+    ts->len = 0;
+    for (uint32_t i = 0; i < ocap; i++)
+        if (old[i])
+            tab_put(ts, old[i]);
+    free(old);
+    return 0;
+}
+
+static int tab_put(ipmpi_tasks_t *ts, ipmpi_task_t *t)
+{
+    if ((ts->len + 1) * 2 > ts->cap && tab_grow(ts) != 0)
+        return IPMPI_ENOMEM;
+    uint32_t i = slot_of(t->s.id, ts->cap);
+    while (ts->slots[i])
+        i = (i + 1) & (ts->cap - 1);
+    ts->slots[i] = t;
+    ts->len++;
+    return 0;
+}
+
+/* Backward-shift deletion: no tombstones. */
+static void tab_del(ipmpi_tasks_t *ts, uint64_t id)
+{
+    if (ts->cap == 0)
+        return;
+    uint32_t m = ts->cap - 1, i = slot_of(id, ts->cap);
+    while (ts->slots[i] && ts->slots[i]->s.id != id)
+        i = (i + 1) & m;
+    if (!ts->slots[i])
+        return;
+    ts->slots[i] = NULL;
+    ts->len--;
+    for (uint32_t j = (i + 1) & m; ts->slots[j]; j = (j + 1) & m) {
+        uint32_t home = slot_of(ts->slots[j]->s.id, ts->cap);
+        /* Move j back to i when its home is not within (i, j]. */
+        if (((j - home) & m) >= ((j - i) & m)) {
+            ts->slots[i] = ts->slots[j];
+            ts->slots[j] = NULL;
+            i = j;
+        }
+    }
+}
+
+/* The evicted set stores id + 1, so that 0 marks an empty slot. */
+static int evicted_has(const ipmpi_tasks_t *ts, uint64_t id)
+{
+    if (ts->ecap == 0)
+        return 0;
+    for (uint32_t i = slot_of(id + 1, ts->ecap);; i = (i + 1) & (ts->ecap - 1)) {
+        if (ts->evicted[i] == 0)
+            return 0;
+        if (ts->evicted[i] == id + 1)
+            return 1;
+    }
+}
+
+static void evicted_add(ipmpi_tasks_t *ts, uint64_t id)
+{
+    if (ts->elen >= IPMPI_TASK_EVICTED_MAX) {
+        /* Bounded: the oldest memories go all at once (those ids then
+         * read as unknown). */
+        memset(ts->evicted, 0, (size_t)ts->ecap * sizeof *ts->evicted);
+        ts->elen = 0;
+    }
+    if ((ts->elen + 1) * 2 > ts->ecap) {
+        uint32_t ncap = ts->ecap ? 2 * ts->ecap : 1024;
+        uint64_t *n = calloc(ncap, sizeof *n);
+        if (!n)
+            return; /* the id will read as unknown: no harm beyond the wording */
+        for (uint32_t i = 0; i < ts->ecap; i++) {
+            if (!ts->evicted[i])
+                continue;
+            uint32_t k = slot_of(ts->evicted[i], ncap);
+            while (n[k])
+                k = (k + 1) & (ncap - 1);
+            n[k] = ts->evicted[i];
+        }
+        free(ts->evicted);
+        ts->evicted = n;
+        ts->ecap = ncap;
+    }
+    uint32_t k = slot_of(id + 1, ts->ecap);
+    while (ts->evicted[k] && ts->evicted[k] != id + 1)
+        k = (k + 1) & (ts->ecap - 1);
+    if (!ts->evicted[k]) {
+        ts->evicted[k] = id + 1;
+        ts->elen++;
+    }
+}
+
+/* ---- task records ---- */
+
+static void task_free_stages(ipmpi_tasks_t *ts, ipmpi_task_t *t)
+{
+    for (uint32_t i = 0; t->stage && i < t->nstages; i++) {
+        if (t->stage[i]) {
+            ts->bytes -= ipmpi_parts_bytes(t->stage[i]);
+            ipmpi_parts_unref(t->stage[i]);
+        }
+    }
+    free(t->stage);
+    free(t->retries);
+    t->stage = NULL;
+    t->retries = NULL;
+}
+
+/* Frees a task that is in no queue, no waiter list and not in flight. */
+static void task_free(ipmpi_tasks_t *ts, ipmpi_task_t *t)
+{
+    task_free_stages(ts, t);
+    if (t->result) {
+        ts->bytes -= ipmpi_parts_bytes(t->result);
+        ipmpi_parts_unref(t->result);
+    }
+    if (ipmpi_ql_linked(&t->done))
+        ipmpi_ql_remove(&t->done);
+    ipmpi_stask_fini(&t->s);
+    free(t);
+}
+
+/* Removes finished task t from the store (clear or eviction). */
+static void task_drop(ipmpi_tasks_t *ts, ipmpi_task_t *t, int evicted)
+{
+    if (t->status == 0)
+        ts->nsucceeded--;
+    else
+        ts->nfailed--;
+    tab_del(ts, t->s.id);
+    if (evicted)
+        evicted_add(ts, t->s.id);
+    task_free(ts, t);
+}
+
+/* Evicts finished results, delivered ones first, oldest first, until
+ * `need` more bytes fit in the budget (or nothing is left to evict).
+ * `keep` is never evicted. Returns 1 when they fit. */
+static int make_room(ipmpi_tasks_t *ts, uint64_t need, const ipmpi_task_t *keep)
+{
+    ipmpi_qlink_t *lists[2] = {&ts->done_delivered, &ts->done_kept};
+    for (int l = 0; l < 2 && ts->bytes + need > ts->budget; l++) {
+        ipmpi_qlink_t *q = lists[l]->next;
+        while (q != lists[l] && ts->bytes + need > ts->budget) {
+            ipmpi_task_t *t = IPMPI_CONTAINER_OF(q, ipmpi_task_t, done);
+            q = q->next;
+            if (t == keep)
+                continue;
+            ipmpi_log(IPMPI_LOG_INFO, "task %llu: result evicted (task memory budget)", (unsigned long long)t->s.id);
+            task_drop(ts, t, 1);
+        }
+    }
+    return ts->bytes + need <= ts->budget;
+}
+
+int ipmpi_ctl_tasks_init(ipmpi_ctl_t *c)
+{
+    ipmpi_tasks_t *ts = &c->tasks;
+    memset(ts, 0, sizeof *ts);
+    ts->budget = c->o->task_memory;
+    ipmpi_ql_init(&ts->done_delivered);
+    ipmpi_ql_init(&ts->done_kept);
+    return 0;
+}
+
+void ipmpi_ctl_tasks_fini(ipmpi_ctl_t *c)
+{
+    ipmpi_tasks_t *ts = &c->tasks;
+    for (uint32_t i = 0; i < ts->cap; i++) {
+        ipmpi_task_t *t = ts->slots[i];
+        if (!t)
+            continue;
+        /* Waiters of unfinished tasks: free each wait once, at its last link. */
+        while (!ipmpi_ql_empty(&t->waiters)) {
+            struct twait_link *lk = IPMPI_CONTAINER_OF(t->waiters.next, struct twait_link, q);
+            ipmpi_ql_remove(&lk->q);
+            if (--lk->w->remaining == 0)
+                free(lk->w);
+        }
+        if (t->s.queued)
+            ipmpi_sched_cancel(&c->sched, &t->s);
+        task_free(ts, t);
+    }
+    free(ts->slots);
+    free(ts->evicted);
+    memset(ts, 0, sizeof *ts);
+}
+
+/* ---- replies ---- */
+
+/* Sends t's result to session s as the reply to (kind, req). */
+static void send_result(ipmpi_ctl_t *c, ipmpi_session_t *s, ipmpi_task_t *t, uint8_t kind, uint64_t req)
+{
+    ipmpi_hdr_t h = {.kind = kind, .flags = IPMPI_F_REPLY, .req_id = req, .target = t->engine,
+                     .status = t->status, .total = 1, .aux = t->s.id};
+    if (ipmpi_ctl_send_reply(s, &h, t->result, 0) != 0) {
+        ipmpi_session_send_error(s, kind, req, IPMPI_TARGET_CONTROLLER, 1, IPMPI_ENOMEM,
+                                 "controller out of memory for the task's result");
+        return;
+    }
+    if (!t->delivered) {
+        t->delivered = 1;
+        ipmpi_ql_remove(&t->done);
+        ipmpi_ql_push_back(&c->tasks.done_delivered, &t->done);
+    }
+}
+
+static void barrier_done(ipmpi_ctl_t *c, twait_t *w)
+{
+    ipmpi_session_t *s = ipmpi_ctl_session(c, w->session);
+    if (s) {
+        jbuf_t b = {0};
+        jb_printf(&b, "{\"done\": %u}", w->n);
+        ipmpi_hdr_t req = {.kind = IPMPI_K_TASK_BARRIER, .req_id = w->client_req};
+        ipmpi_ctl_send_json(s, &req, &b);
+    }
+}
+
+/*
+ * t is finished: status and result (owned, may be NULL for an empty
+ * result) are its outcome. Tells the submitter and every waiter.
+ */
+static void task_finish(ipmpi_ctl_t *c, ipmpi_task_t *t, int status, int32_t engine, ipmpi_parts_t *result)
+{
+    ipmpi_tasks_t *ts = &c->tasks;
+    if (t->state == IPMPI_TASK_SCHEDULED)
+        ts->nsched--;
+    else if (t->state == IPMPI_TASK_PENDING)
+        ts->npending--;
+    t->state = IPMPI_TASK_DONE;
+    t->status = status;
+    t->engine = engine;
+    task_free_stages(ts, t);
+    if (!result)
+        result = ipmpi_parts_new(0, NULL);
+    t->result = result;
+    if (result)
+        ts->bytes += ipmpi_parts_bytes(result);
+    if (status == 0)
+        ts->nsucceeded++;
+    else
+        ts->nfailed++;
+    ipmpi_ql_push_back(&ts->done_kept, &t->done);
+    ipmpi_session_t *s = ipmpi_ctl_session(c, t->session);
+    if (s && t->result)
+        send_result(c, s, t, IPMPI_K_TASK_SUBMIT, t->client_req);
+    while (!ipmpi_ql_empty(&t->waiters)) {
+        struct twait_link *lk = IPMPI_CONTAINER_OF(t->waiters.next, struct twait_link, q);
+        ipmpi_ql_remove(&lk->q);
+        twait_t *w = lk->w;
+        if (w->kind == IPMPI_K_TASK_RESULT) {
+            ipmpi_session_t *ws = ipmpi_ctl_session(c, w->session);
+            if (ws && t->result)
+                send_result(c, ws, t, IPMPI_K_TASK_RESULT, w->client_req);
+        }
+        if (--w->remaining == 0) {
+            if (w->kind == IPMPI_K_TASK_BARRIER)
+                barrier_done(c, w);
+            free(w);
+        }
+    }
+    /* Over budget now: older results make room (never this one). */
+    if (ts->bytes > ts->budget)
+        make_room(ts, 0, t);
+}
+
+/* A message result of the controller's own (aborted, died, shut down). */
+static void task_finish_msg(ipmpi_ctl_t *c, ipmpi_task_t *t, int status, int32_t engine, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static void task_finish_msg(ipmpi_ctl_t *c, ipmpi_task_t *t, int status, int32_t engine, const char *fmt, ...)
+{
+    char msg[300];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    task_finish(c, t, status, engine, ipmpi_parts_from(msg, strlen(msg)));
+}
+
+/* ---- engines ---- */
+
+int ipmpi_ctl_task_send(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_task_t *t)
+{
+    t->disp = ++c->next_req;
+    t->engine = e->id;
+    if (t->state == IPMPI_TASK_SCHEDULED) {
+        c->tasks.nsched--;
+        c->tasks.npending++;
+    }
+    t->state = IPMPI_TASK_PENDING;
+    ipmpi_hdr_t h = {.kind = IPMPI_K_TASK_SUBMIT, .req_id = t->disp, .target = e->id, .aux = t->s.id};
+    return ipmpi_mpilink_send(&c->link, e->rank, &h, t->stage[t->cur]);
+}
+
+/* t failed an attempt on engine e (or could not reach it): next retry,
+ * next stage, or the end. result is the failure (owned; may be NULL). */
+static void task_failed(ipmpi_ctl_t *c, ipmpi_task_t *t, int32_t engine, int status, ipmpi_parts_t *result)
+{
+    if (t->abort_req) {
+        ipmpi_parts_unref(result);
+        task_finish_msg(c, t, IPMPI_EABORTED, engine, "task %llu was aborted", (unsigned long long)t->s.id);
+        return;
+    }
+    int again = 0;
+    if (t->left > 0) {
+        t->left--;
+        again = 1;
+        ipmpi_log(IPMPI_LOG_INFO, "task %llu failed on engine %d: retrying, %u retries left",
+                  (unsigned long long)t->s.id, engine, t->left);
+    } else if (t->cur + 1 < t->nstages) {
+        /* The failed stage's payload is done with. */
+        c->tasks.bytes -= ipmpi_parts_bytes(t->stage[t->cur]);
+        ipmpi_parts_unref(t->stage[t->cur]);
+        t->stage[t->cur] = NULL;
+        t->cur++;
+        t->left = t->retries[t->cur];
+        again = 1;
+        ipmpi_log(IPMPI_LOG_INFO, "task %llu failed on engine %d: running its recovery task",
+                  (unsigned long long)t->s.id, engine);
+    }
+    if (!again) {
+        task_finish(c, t, status, engine, result);
+        return;
+    }
+    ipmpi_parts_unref(result);
+    if (t->state == IPMPI_TASK_PENDING) {
+        c->tasks.npending--;
+        c->tasks.nsched++;
+    }
+    t->state = IPMPI_TASK_SCHEDULED;
+    t->s.avoid = engine;
+    ipmpi_sched_submit(&c->sched, t->s.client, &t->s);
+}
+
+void ipmpi_ctl_task_reply(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_task_t *t, const ipmpi_hdr_t *h,
+                          ipmpi_parts_t *parts)
+{
+    if (h->status == IPMPI_EREJECT && !t->abort_req) {
+        ipmpi_parts_unref(parts);
+        c->tasks.npending--;
+        c->tasks.nsched++;
+        t->state = IPMPI_TASK_SCHEDULED;
+        ipmpi_sched_refused(&c->sched, e->id, &t->s);
+        return;
+    }
+    if (t->abort_req) {
+        ipmpi_parts_unref(parts);
+        task_finish_msg(c, t, IPMPI_EABORTED, e->id, "task %llu was aborted while it ran; its result was discarded",
+                        (unsigned long long)t->s.id);
+        return;
+    }
+    if (h->status == 0)
+        task_finish(c, t, 0, e->id, parts);
+    else
+        task_failed(c, t, e->id, h->status, parts);
+}
+
+void ipmpi_ctl_task_lost(ipmpi_ctl_t *c, ipmpi_task_t *t, int32_t engine, int status, const char *msg)
+{
+    if (status == IPMPI_ESHUTDOWN) {
+        task_finish_msg(c, t, status, engine, "%s", msg);
+        return;
+    }
+    task_failed(c, t, engine, status, ipmpi_parts_from(msg, strlen(msg)));
+}
+
+void ipmpi_ctl_tasks_fail_all(ipmpi_ctl_t *c, int status, const char *msg)
+{
+    ipmpi_tasks_t *ts = &c->tasks;
+    if (ts->nsched == 0)
+        return;
+    /* Collected first: finishing may evict, which moves table entries. */
+    ipmpi_task_t **list = malloc((size_t)ts->nsched * sizeof *list);
+    uint32_t n = 0;
+    for (uint32_t i = 0; list && i < ts->cap && n < ts->nsched; i++)
+        if (ts->slots[i] && ts->slots[i]->state == IPMPI_TASK_SCHEDULED)
+            list[n++] = ts->slots[i];
+    for (uint32_t i = 0; i < n; i++) {
+        ipmpi_sched_cancel(&c->sched, &list[i]->s);
+        task_finish_msg(c, list[i], status, IPMPI_TARGET_CONTROLLER, "%s", msg);
+    }
+    free(list);
+}
+
+void ipmpi_ctl_tasks_session_closed(ipmpi_ctl_t *c, ipmpi_session_t *s)
+{
+    (void)c;
+    ipmpi_sched_client_unref(s->tclient);
+    s->tclient = NULL;
+}
+
+/* ---- client requests ---- */
+
+static int read_u64s(const ipmpi_parts_t *p, uint64_t **ids, uint32_t *n)
+{
+    if (p->n < 1 || p->lens[0] == 0 || p->lens[0] % 8 != 0 || p->lens[0] / 8 > UINT32_MAX)
+        return IPMPI_EPROTO;
+    *n = (uint32_t)(p->lens[0] / 8);
+    *ids = malloc(*n * sizeof **ids);
+    if (!*ids)
+        return IPMPI_ENOMEM;
+    for (uint32_t i = 0; i < *n; i++)
+        (*ids)[i] = ipmpi_get_u64(p->bufs[0] + 8 * i);
+    return 0;
+}
+
+static int reserved_by(const ipmpi_session_t *s, uint64_t id)
+{
+    for (unsigned i = 0; i < IPMPI_TASK_RES_SLOTS; i++)
+        if (s->tres_count[i] && id >= s->tres_first[i] && id - s->tres_first[i] < s->tres_count[i])
+            return 1;
+    return 0;
+}
+
+static void do_reserve(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    if (p->n != 1 || p->lens[0] != 4) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "TASK_RESERVE: part 0 must be a u32 count");
+        return;
+    }
+    uint32_t n = ipmpi_get_u32(p->bufs[0]);
+    if (n == 0 || n > IPMPI_TASK_RESERVE_MAX) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "TASK_RESERVE: count must be 1..%u, not %u", IPMPI_TASK_RESERVE_MAX, n);
+        return;
+    }
+    unsigned k = s->tres_next++ % IPMPI_TASK_RES_SLOTS;
+    s->tres_first[k] = c->tasks.next_id;
+    s->tres_count[k] = n;
+    c->tasks.next_id += n;
+    jbuf_t b = {0};
+    jb_printf(&b, "{\"first\": %llu, \"count\": %u}", (unsigned long long)s->tres_first[k], n);
+    ipmpi_ctl_send_json(s, h, &b);
+}
+
+/*
+ * TASK_SUBMIT: checks the descriptor, splits the payload into its stages
+ * and queues the task. Takes p.
+ */
+static void do_submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p)
+{
+    ipmpi_tasks_t *ts = &c->tasks;
+    ipmpi_task_t *t = NULL;
+    if (p->n < 2 || p->lens[0] < 16) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "TASK_SUBMIT: part 0 must be the task descriptor, then the stages' parts");
+        goto drop;
+    }
+    const uint8_t *d = p->bufs[0];
+    uint64_t id = ipmpi_get_u64(d);
+    uint32_t nst = ipmpi_get_u32(d + 8);
+    if (nst == 0 || nst > IPMPI_TASK_STAGES_MAX || p->lens[0] != 16 + 8ull * nst) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "TASK_SUBMIT: a descriptor of %u stages (1..%u) must be %llu bytes",
+                            nst, IPMPI_TASK_STAGES_MAX, 16 + 8ull * (nst ? nst : 1));
+        goto drop;
+    }
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < nst; i++) {
+        uint32_t np = ipmpi_get_u32(d + 16 + 8 * i), r = ipmpi_get_u32(d + 20 + 8 * i);
+        if (np == 0 || r > IPMPI_TASK_RETRIES_MAX) {
+            ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "TASK_SUBMIT: stage %u has %u parts (>= 1) and %u retries (<= %u)",
+                                i, np, r, IPMPI_TASK_RETRIES_MAX);
+            goto drop;
+        }
+        sum += np;
+    }
+    if (sum != p->n - 1) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "TASK_SUBMIT: the descriptor names %llu parts, the frame has %u",
+                            (unsigned long long)sum, p->n - 1);
+        goto drop;
+    }
+    if (!reserved_by(s, id)) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "TASK_SUBMIT: task id %llu was not reserved by this client (TASK_RESERVE)",
+                            (unsigned long long)id);
+        goto drop;
+    }
+    if (tab_get(ts, id) || evicted_has(ts, id)) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "TASK_SUBMIT: task id %llu is already in use", (unsigned long long)id);
+        goto drop;
+    }
+    uint64_t bytes = ipmpi_parts_bytes(p) - p->lens[0];
+    if (!make_room(ts, bytes, NULL)) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_E2BIG,
+                            "task %llu refused: the controller's task memory (--task-memory %llu MiB) is full of queued "
+                            "tasks and unfetched results; collect or clear() some",
+                            (unsigned long long)id, (unsigned long long)(ts->budget >> 20));
+        goto drop;
+    }
+    if (!s->tclient && !(s->tclient = ipmpi_sched_client_new(s->id))) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_ENOMEM, "controller out of memory");
+        goto drop;
+    }
+    t = calloc(1, sizeof *t);
+    if (!t)
+        goto oom;
+    ipmpi_stask_init(&t->s, id);
+    ipmpi_ql_init(&t->done);
+    ipmpi_ql_init(&t->waiters);
+    t->session = s->id;
+    t->client_req = h->req_id;
+    t->nstages = nst;
+    t->engine = IPMPI_TARGET_CONTROLLER;
+    t->stage = calloc(nst, sizeof *t->stage);
+    t->retries = calloc(nst, sizeof *t->retries);
+    if (!t->stage || !t->retries)
+        goto oom;
+    uint32_t first = 1;
+    for (uint32_t i = 0; i < nst; i++) {
+        uint32_t np = ipmpi_get_u32(d + 16 + 8 * i);
+        t->retries[i] = ipmpi_get_u32(d + 20 + 8 * i);
+        t->stage[i] = ipmpi_parts_take(p, first, np);
+        if (!t->stage[i])
+            goto oom;
+        first += np;
+    }
+    if (tab_put(ts, t) != 0)
+        goto oom;
+    ts->bytes += bytes;
+    t->left = t->retries[0];
+    t->state = IPMPI_TASK_SCHEDULED;
+    ts->nsched++;
+    ipmpi_parts_unref(p);
+    if (c->sched.nlive == 0) {
+        task_finish_msg(c, t, IPMPI_EDEAD, IPMPI_TARGET_CONTROLLER, "task %llu cannot run: no engine is alive",
+                        (unsigned long long)id);
+        return;
+    }
+    ipmpi_sched_submit(&c->sched, s->tclient, &t->s);
+    ipmpi_ctl_kick(c);
+    return;
+
+oom:
+    if (t) {
+        for (uint32_t i = 0; t->stage && i < nst; i++)
+            ipmpi_parts_unref(t->stage[i]);
+        free(t->stage);
+        free(t->retries);
+        ipmpi_stask_fini(&t->s);
+        free(t);
+    }
+    ipmpi_ctl_reply_err(s, h, IPMPI_ENOMEM, "controller out of memory for the task");
+drop:
+    ipmpi_parts_unref(p);
+}
+
+/* "no task 7 ..." for an id that is not in the table. */
+static void reply_missing(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, uint64_t id)
+{
+    if (evicted_has(&c->tasks, id))
+        ipmpi_ctl_reply_err(s, h, IPMPI_EEVICTED,
+                            "task %llu's result was evicted: the controller's task memory (--task-memory) needed room",
+                            (unsigned long long)id);
+    else
+        ipmpi_ctl_reply_err(s, h, IPMPI_ENOENT, "task ID not registered: %llu (never submitted, or cleared)",
+                            (unsigned long long)id);
+}
+
+static twait_t *wait_new(const ipmpi_session_t *s, const ipmpi_hdr_t *h, uint32_t n)
+{
+    twait_t *w = calloc(1, sizeof *w + (size_t)n * sizeof w->links[0]);
+    if (w) {
+        w->session = s->id;
+        w->client_req = h->req_id;
+        w->kind = h->kind;
+        w->n = n;
+    }
+    return w;
+}
+
+static void wait_on(twait_t *w, uint32_t i, ipmpi_task_t *t)
+{
+    w->links[i].w = w;
+    w->links[i].t = t;
+    ipmpi_ql_push_back(&t->waiters, &w->links[i].q);
+    w->remaining++;
+}
+
+static void do_result(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    if (p->n != 1 || p->lens[0] != 9) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "TASK_RESULT: part 0 must be a u64 task id and a u8 block flag");
+        return;
+    }
+    uint64_t id = ipmpi_get_u64(p->bufs[0]);
+    int block = p->bufs[0][8] != 0;
+    ipmpi_task_t *t = tab_get(&c->tasks, id);
+    if (!t) {
+        reply_missing(c, s, h, id);
+        return;
+    }
+    if (t->state == IPMPI_TASK_DONE) {
+        send_result(c, s, t, IPMPI_K_TASK_RESULT, h->req_id);
+        return;
+    }
+    if (!block) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EAGAIN, "task %llu is not finished", (unsigned long long)id);
+        return;
+    }
+    twait_t *w = wait_new(s, h, 1);
+    if (!w) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_ENOMEM, "controller out of memory");
+        return;
+    }
+    wait_on(w, 0, t);
+}
+
+static void do_barrier(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    uint64_t *ids = NULL;
+    uint32_t n = 0;
+    int rc = read_u64s(p, &ids, &n);
+    if (rc != 0) {
+        ipmpi_ctl_reply_err(s, h, rc, "TASK_BARRIER: part 0 must be one or more u64 task ids");
+        return;
+    }
+    jbuf_t bad = {0};
+    uint32_t nbad = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (!tab_get(&c->tasks, ids[i])) {
+            if (nbad < 20)
+                jb_printf(&bad, "%s%llu", nbad ? ", " : "", (unsigned long long)ids[i]);
+            nbad++;
+        }
+    if (nbad) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_ENOENT, "barrier: task ID%s not registered (or evicted): %s%s",
+                            nbad > 1 ? "s" : "", bad.s ? bad.s : "", nbad > 20 ? ", ..." : "");
+        goto free_ids;
+    }
+    twait_t *w = wait_new(s, h, n);
+    if (!w) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_ENOMEM, "controller out of memory");
+        goto free_ids;
+    }
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        ipmpi_task_t *t = tab_get(&c->tasks, ids[i]);
+        if (t->state != IPMPI_TASK_DONE)
+            wait_on(w, k++, t);
+    }
+    if (w->remaining == 0) {
+        barrier_done(c, w);
+        free(w);
+    }
+free_ids:
+    free(bad.s);
+    free(ids);
+}
+
+static void do_abort(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    if (p->n != 1 || p->lens[0] != 8) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "TASK_ABORT: part 0 must be a u64 task id");
+        return;
+    }
+    uint64_t id = ipmpi_get_u64(p->bufs[0]);
+    ipmpi_task_t *t = tab_get(&c->tasks, id);
+    if (!t) {
+        reply_missing(c, s, h, id);
+        return;
+    }
+    if (t->state == IPMPI_TASK_DONE || t->abort_req) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "Task Already %s: %llu",
+                            t->abort_req || t->status == IPMPI_EABORTED ? "Aborted" : "Completed",
+                            (unsigned long long)id);
+        return;
+    }
+    jbuf_t b = {0};
+    jb_printf(&b, "{\"aborted\": %llu, \"state\": \"%s\"}", (unsigned long long)id,
+              t->state == IPMPI_TASK_SCHEDULED ? "scheduled" : "pending");
+    ipmpi_ctl_send_json(s, h, &b);
+    if (t->state == IPMPI_TASK_SCHEDULED) {
+        ipmpi_sched_cancel(&c->sched, &t->s);
+        task_finish_msg(c, t, IPMPI_EABORTED, IPMPI_TARGET_CONTROLLER, "task %llu was aborted before it ran",
+                        (unsigned long long)id);
+    } else {
+        t->abort_req = 1;
+    }
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* "name": [ids of the tasks in state (and, when done, succeeded == ok)], ascending. */
+static void list_ids(ipmpi_ctl_t *c, jbuf_t *b, const char *name, int state, int ok)
+{
+    uint64_t *ids = malloc((size_t)(c->tasks.len ? c->tasks.len : 1) * sizeof *ids);
+    uint32_t n = 0;
+    if (!ids) {
+        b->oom = 1;
+        return;
+    }
+    for (uint32_t i = 0; i < c->tasks.cap; i++) {
+        const ipmpi_task_t *t = c->tasks.slots[i];
+        if (t && t->state == state && (state != IPMPI_TASK_DONE || (t->status == 0) == ok))
+            ids[n++] = t->s.id;
+    }
+    qsort(ids, n, sizeof *ids, cmp_u64);
+    jb_printf(b, "\"%s\": [", name);
+    for (uint32_t i = 0; i < n; i++)
+        jb_printf(b, i ? ", %llu" : "%llu", (unsigned long long)ids[i]);
+    jb_printf(b, "]");
+    free(ids);
+}
+
+static void do_status(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    int verbose = p->n >= 1 && p->lens[0] >= 1 && p->bufs[0][0] != 0;
+    jbuf_t b = {0};
+    const ipmpi_tasks_t *ts = &c->tasks;
+    if (verbose) {
+        jb_printf(&b, "{");
+        list_ids(c, &b, "scheduled", IPMPI_TASK_SCHEDULED, 0);
+        jb_printf(&b, ", ");
+        list_ids(c, &b, "pending", IPMPI_TASK_PENDING, 0);
+        jb_printf(&b, ", ");
+        list_ids(c, &b, "succeeded", IPMPI_TASK_DONE, 1);
+        jb_printf(&b, ", ");
+        list_ids(c, &b, "failed", IPMPI_TASK_DONE, 0);
+        jb_printf(&b, "}");
+    } else {
+        jb_printf(&b, "{\"scheduled\": %u, \"pending\": %u, \"succeeded\": %u, \"failed\": %u}", ts->nsched,
+                  ts->npending, ts->nsucceeded, ts->nfailed);
+    }
+    ipmpi_ctl_send_json(s, h, &b);
+}
+
+static void do_clear(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
+{
+    ipmpi_tasks_t *ts = &c->tasks;
+    uint32_t cleared = 0;
+    jbuf_t b = {0};
+    if (p->n == 0) {
+        ipmpi_qlink_t *lists[2] = {&ts->done_delivered, &ts->done_kept};
+        for (int l = 0; l < 2; l++)
+            while (!ipmpi_ql_empty(lists[l])) {
+                task_drop(ts, IPMPI_CONTAINER_OF(lists[l]->next, ipmpi_task_t, done), 0);
+                cleared++;
+            }
+        jb_printf(&b, "{\"cleared\": %u, \"unknown\": []}", cleared);
+        ipmpi_ctl_send_json(s, h, &b);
+        return;
+    }
+    uint64_t *ids = NULL;
+    uint32_t n = 0;
+    int rc = read_u64s(p, &ids, &n);
+    if (rc != 0) {
+        ipmpi_ctl_reply_err(s, h, rc, "TASK_CLEAR: part 0 must be one or more u64 task ids, or absent");
+        return;
+    }
+    jbuf_t unk = {0};
+    int first = 1;
+    for (uint32_t i = 0; i < n; i++) {
+        ipmpi_task_t *t = tab_get(ts, ids[i]);
+        if (t && t->state == IPMPI_TASK_DONE) {
+            task_drop(ts, t, 0);
+            cleared++;
+        } else {
+            jb_printf(&unk, first ? "%llu" : ", %llu", (unsigned long long)ids[i]);
+            first = 0;
+        }
+    }
+    jb_printf(&b, "{\"cleared\": %u, \"unknown\": [%s]}", cleared, unk.s ? unk.s : "");
+    ipmpi_ctl_send_json(s, h, &b);
+    free(unk.s);
+    free(ids);
+}
+
+void ipmpi_ctl_task_frame(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p)
+{
+    switch (h->kind) {
+    case IPMPI_K_TASK_SUBMIT:
+        do_submit(c, s, h, p);
+        return; /* took p */
+    case IPMPI_K_TASK_RESERVE:
+        do_reserve(c, s, h, p);
+        break;
+    case IPMPI_K_TASK_RESULT:
+        do_result(c, s, h, p);
+        break;
+    case IPMPI_K_TASK_BARRIER:
+        do_barrier(c, s, h, p);
+        break;
+    case IPMPI_K_TASK_ABORT:
+        do_abort(c, s, h, p);
+        break;
+    case IPMPI_K_TASK_STATUS:
+        do_status(c, s, h, p);
+        break;
+    case IPMPI_K_TASK_CLEAR:
+        do_clear(c, s, h, p);
+        break;
+    case IPMPI_K_TASK_SPIN: {
+        uint32_t n = ipmpi_sched_spin(&c->sched);
+        jbuf_t b = {0};
+        jb_printf(&b, "{\"scheduled\": %u}", n);
+        ipmpi_ctl_send_json(s, h, &b);
+        ipmpi_ctl_kick(c);
+        break;
+    }
+    default:
+        ipmpi_ctl_reply_err(s, h, IPMPI_EKIND, "unknown task kind %u", h->kind);
+    }
+    ipmpi_parts_unref(p);
+}

@@ -1,0 +1,67 @@
+/*
+ * The controller's task store (doc/protocol.md section 6): every task a
+ * client submitted, from submission to its result, kept until a client
+ * clears it or the memory budget evicts it. The scheduler (sched.h)
+ * decides where tasks run; this file keeps what they are and what came
+ * of them, and answers the TASK_* kinds (tasks.c).
+ *
+ * Memory: queued stage payloads and kept results count against the
+ * budget (--task-memory). When a submission or a result would exceed it,
+ * finished results are evicted, those already delivered to a client
+ * first, oldest first; the ids of evicted results are remembered (up to
+ * IPMPI_TASK_EVICTED_MAX) so a later request for one says "evicted", not
+ * "unknown".
+ *
+ * Thread safety: none; the controller's loop thread only.
+ */
+#ifndef IPMPI_CTL_TASKS_H
+#define IPMPI_CTL_TASKS_H
+
+#include <stdint.h>
+
+#include "equeue.h"
+#include "sched.h"
+
+#define IPMPI_TASK_STAGES_MAX 16u
+#define IPMPI_TASK_RETRIES_MAX 1000u
+#define IPMPI_TASK_RESERVE_MAX 65536u
+#define IPMPI_TASK_EVICTED_MAX (1u << 20)
+
+enum ipmpi_task_state {
+    IPMPI_TASK_SCHEDULED = 1, /* waiting in the scheduler */
+    IPMPI_TASK_PENDING,       /* sent to an engine */
+    IPMPI_TASK_DONE,          /* finished: result (or its error) kept */
+};
+
+typedef struct ipmpi_task {
+    ipmpi_stask_t s;          /* the scheduler's part; s.id is the task id */
+    uint64_t session;         /* the submitting session (may be gone) */
+    uint64_t client_req;      /* its TASK_SUBMIT req_id: the result's reply goes there */
+    uint64_t disp;            /* dispatch id of the attempt in flight */
+    ipmpi_parts_t **stage;    /* nstages payloads, owned; freed when done */
+    uint32_t *retries;        /* retries of each stage */
+    uint32_t nstages, cur;    /* stages; the one running or next */
+    uint32_t left;            /* retries left in stage cur */
+    int state;
+    int abort_req;            /* aborted while pending: the result is discarded */
+    int32_t engine;           /* the engine of the last attempt, or -2 */
+    int32_t status;           /* when done: 0, EREMOTE, EABORTED, EDEAD... */
+    ipmpi_parts_t *result;    /* when done: owned */
+    uint64_t bytes;           /* counted against the budget */
+    int delivered;            /* the result went to some client */
+    ipmpi_qlink_t done;       /* in a finished list, oldest first */
+    ipmpi_qlink_t waiters;    /* struct ipmpi_twait_link: blocked TASK_RESULT / BARRIER */
+} ipmpi_task_t;
+
+typedef struct ipmpi_tasks {
+    ipmpi_task_t **slots;     /* open addressing on the id */
+    uint32_t cap, len;
+    uint64_t *evicted;        /* open addressing set of evicted ids (0 = empty slot: ids start at 1) */
+    uint32_t ecap, elen;
+    uint64_t next_id;         /* next id to reserve; ids start at 1... see tasks.c */
+    uint64_t bytes, budget;
+    ipmpi_qlink_t done_delivered, done_kept; /* finished tasks, oldest first */
+    uint32_t nsched, npending, nsucceeded, nfailed;
+} ipmpi_tasks_t;
+
+#endif

@@ -1,0 +1,539 @@
+"""Tasks for the TaskClient: IPython 0.10's StringTask, MapTask and TaskResult.
+
+    from ipmpi import client
+    tc = client.TaskClient()
+    tid = tc.run(client.StringTask("c = a * b", push=dict(a=6, b=7), pull="c"))
+    tc.get_task_result(tid, block=True).ns.c          # 42
+    tc.run(client.MapTask(pow, args=(2, 10)), block=True)   # 1024
+
+A task is handed to whichever engine is free (doc/protocol.md section 6).
+Options common to both kinds:
+
+- clear_before / clear_after: reset the engine's namespace before / after
+  the task (after also when it failed);
+- retries: how often a failed task is run again (on another engine when
+  one is alive); an engine dying under a task counts as a failure;
+- recovery_task: a task run when this one failed with no retries left; its
+  result (or failure) becomes the result (a chain of at most 16 tasks, no
+  cycles);
+- depend: a function of the engine's properties dict; the task only runs
+  on an engine where it returns true (raising counts as false). A task no
+  engine accepts waits until properties change (set_properties) or spin().
+
+This module also holds the wire encoding of tasks (stage tuples and the
+submit descriptor) and the load-balanced mapper behind TaskClient.map and
+TaskClient.parallel.
+"""
+import functools
+import hashlib
+import pickle
+import struct
+import time
+import types
+
+import cloudpickle
+
+from . import _serialize
+
+__all__ = ["BaseTask", "StringTask", "MapTask", "Task", "ResultNS", "TaskResult",
+           "TaskMapper", "ParallelFunction", "time_format", "MAX_STAGES", "MAX_RETRIES"]
+
+time_format = "%Y/%m/%d %H:%M:%S"
+
+MAX_STAGES = 16      # a task and its chain of recovery tasks
+MAX_RETRIES = 1000   # per stage (the descriptor's limit)
+
+
+# ---------------------------------------------------------------- tasks
+
+class BaseTask:
+    """What StringTask and MapTask share: clear_before, clear_after,
+    retries, recovery_task, depend (see the module's docstring). The
+    attributes may be changed until the task is given to run(); run() reads
+    them at that moment. taskid is set by run()."""
+
+    _kind = None
+
+    def __init__(self, clear_before=False, clear_after=False, retries=0,
+                 recovery_task=None, depend=None):
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError("retries must be an int")
+        if not 0 <= retries <= MAX_RETRIES:
+            raise ValueError("retries must be 0..%d, not %d" % (MAX_RETRIES, retries))
+        if recovery_task is not None and not isinstance(recovery_task, BaseTask):
+            raise TypeError("a recovery_task must be a StringTask or MapTask")
+        if depend is not None and not callable(depend):
+            raise TypeError("depend must be a function of the properties dict")
+        self.clear_before = bool(clear_before)
+        self.clear_after = bool(clear_after)
+        self.retries = retries
+        self.recovery_task = recovery_task
+        self.depend = depend
+        self.taskid = None
+
+    def check_depend(self, properties):
+        """depend(properties), as the engine evaluates it (True without depend)."""
+        if self.depend is None:
+            return True
+        return bool(self.depend(properties))
+
+    def _opts(self):
+        d = self.depend
+        if d is None:
+            return _OPTS[(bool(self.clear_before), bool(self.clear_after))]
+        return {"clear_before": bool(self.clear_before), "clear_after": bool(self.clear_after), "depend": d}
+
+    def _stage_parts(self, fncache):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return "<%s taskid=%r retries=%r>" % (self.__class__.__name__, self.taskid, self.retries)
+
+
+_OPTS = {(b, a): {"clear_before": b, "clear_after": a, "depend": None}
+         for b in (False, True) for a in (False, True)}
+
+
+class StringTask(BaseTask):
+    """Python code run in an engine's namespace.
+
+    StringTask(expression, pull=None, push=None, clear_before=False,
+    clear_after=False, retries=0, recovery_task=None, depend=None): push (a
+    dict) is set in the namespace, expression executed, and the names in
+    pull (a str or a list of str) fetched. get_task_result gives a
+    TaskResult: tr.ns.c, tr['c'], tr.results == {'c': ...}; when the code
+    raised, tr.failure is that exception (rebuilt as its own type)."""
+
+    _kind = "string"
+
+    def __init__(self, expression, pull=None, push=None, clear_before=False, clear_after=False,
+                 retries=0, recovery_task=None, depend=None):
+        if not isinstance(expression, str):
+            raise TypeError("a task expression must be a string")
+        self.expression = expression
+        if pull is None:
+            self.pull = ()
+        elif isinstance(pull, str):
+            self.pull = (pull,)
+        elif isinstance(pull, (list, tuple)):
+            for name in pull:
+                if not isinstance(name, str):
+                    raise TypeError("pull must be str or a sequence of strs")
+            self.pull = tuple(pull)
+        else:
+            raise TypeError("pull must be str or a sequence of strs")
+        if push is None:
+            self.push = {}
+        elif isinstance(push, dict):
+            for name in push:
+                if not isinstance(name, str):
+                    raise TypeError("push must be a dict with str keys")
+            self.push = push
+        else:
+            raise TypeError("push must be a dict")
+        BaseTask.__init__(self, clear_before, clear_after, retries, recovery_task, depend)
+
+    def _stage_parts(self, fncache):
+        pull = self.pull
+        if not isinstance(pull, tuple):
+            pull = (pull,) if isinstance(pull, str) else tuple(pull)
+        stage = ("string", self.expression, self.push, pull, self._opts())
+        return _dumps(stage, self.depend is None and _plain(self.push))
+
+
+class MapTask(BaseTask):
+    """A function call on an engine: function(*args, **kwargs).
+
+    MapTask(function, args=None, kwargs=None, clear_before=False,
+    clear_after=False, retries=0, recovery_task=None, depend=None).
+    get_task_result gives the return value itself, or raises the exception
+    the call raised (rebuilt as its own type). Any picklable callable is
+    accepted (IPython 0.10 wanted a plain function)."""
+
+    _kind = "map"
+
+    def __init__(self, function, args=None, kwargs=None, clear_before=False, clear_after=False,
+                 retries=0, recovery_task=None, depend=None):
+        BaseTask.__init__(self, clear_before, clear_after, retries, recovery_task, depend)
+        if not callable(function):
+            raise TypeError("a task function must be a FunctionType")
+        self.function = function
+        self.args = () if args is None else args
+        if not isinstance(self.args, (list, tuple)):
+            raise TypeError("a task args must be a list or tuple")
+        self.kwargs = {} if kwargs is None else kwargs
+        if not isinstance(self.kwargs, dict):
+            raise TypeError("a task kwargs must be a dict")
+
+    def _stage_parts(self, fncache):
+        args, kwargs = self.args, self.kwargs
+        stage = ("map", fncache.entry(self.function), args, kwargs, self._opts())
+        return _dumps(stage, self.depend is None and _plain(args) and (not kwargs or _plain(kwargs)))
+
+
+Task = StringTask
+
+
+# ---------------------------------------------------------------- encoding
+
+_ATOMIC = frozenset((int, float, complex, str, bytes, bool, type(None), range))
+
+
+def _plain(x, depth=0):
+    """True if x is made only of builtin values that plain pickle writes
+    exactly as cloudpickle would (no functions, classes or instances of
+    user classes, which cloudpickle may have to send by value)."""
+    t = type(x)
+    if t in _ATOMIC:
+        return True
+    if depth > 8:
+        return False
+    if t is tuple or t is list or t is set or t is frozenset:
+        atomic = _ATOMIC
+        for v in x:
+            if type(v) not in atomic and not _plain(v, depth + 1):
+                return False
+        return True
+    if t is dict:
+        atomic = _ATOMIC
+        for k, v in x.items():
+            if type(k) not in atomic and not _plain(k, depth + 1):
+                return False
+            if type(v) not in atomic and not _plain(v, depth + 1):
+                return False
+        return True
+    return False
+
+
+_pickle_dumps = pickle.dumps
+
+
+def _dumps(stage, plain):
+    """The parts of one stage: plain pickle when everything in it is plain
+    (several times faster than cloudpickle), else ipmpi._serialize.dumps
+    (cloudpickle, large buffers out of band)."""
+    if plain:
+        return [_pickle_dumps(stage, 5)]
+    return _serialize.dumps(stage)
+
+
+class FunctionCache:
+    """Pickled functions, so a stream of tasks of one function pays
+    cloudpickle once: entry(fn) -> ("fn", digest, pickled_fn), digest the
+    16-byte blake2b of pickled_fn (the engine unpickles once per digest).
+
+    Keyed by the function object's identity (held, so its id cannot be
+    reused while cached) and, for plain Python functions, by the identity
+    of what cloudpickle would capture: code, defaults, closure cells and the
+    globals the code names. Rebinding a global the function uses (a = 2)
+    thus pickles it again; mutating a global object in place (a list the
+    function reads) is not seen. At most `size` functions are kept."""
+
+    def __init__(self, size=256):
+        self.size = size
+        self._d = {}
+
+    def clear(self):
+        self._d.clear()
+
+    def entry(self, fn):
+        key = id(fn)
+        hit = self._d.get(key)
+        if hit is not None and hit[0] is fn:
+            if hit[1] is None:
+                return hit[3]
+            if _state_ids(fn) == hit[1]:
+                return hit[3]
+        state = _state(fn)
+        data = cloudpickle.dumps(fn, protocol=5)
+        e = ("fn", hashlib.blake2b(data, digest_size=16).digest(), data)
+        d = self._d
+        if key not in d and len(d) >= self.size:
+            try:
+                del d[next(iter(d))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread was at it
+                pass
+        # (function, ids of its state, the state itself (kept alive so the
+        # ids stay unique), entry)
+        d[key] = (fn, None if state is None else tuple(map(id, state)), state, e)
+        return e
+
+
+def _state(fn):
+    """What cloudpickle captures of a Python function (None for others)."""
+    if type(fn) is not types.FunctionType:
+        return None
+    code = fn.__code__
+    g = fn.__globals__
+    closure = fn.__closure__
+    cells = ()
+    if closure:
+        cells = tuple(_cell(c) for c in closure)
+    return (code, fn.__defaults__, fn.__kwdefaults__) + cells + tuple(map(g.get, code.co_names))
+
+
+_EMPTY = object()
+
+
+def _cell(c):
+    try:
+        return c.cell_contents
+    except ValueError:
+        return _EMPTY
+
+
+def _state_ids(fn):
+    return tuple(map(id, _state(fn)))
+
+
+def pickle_function(fn):
+    """("fn", digest, pickled_fn) for fn, uncached."""
+    data = cloudpickle.dumps(fn, protocol=5)
+    return ("fn", hashlib.blake2b(data, digest_size=16).digest(), data)
+
+
+def chain(task):
+    """[task, its recovery_task, ...]: ValueError on a cycle or more than
+    MAX_STAGES tasks, TypeError on something that is not a task."""
+    if not isinstance(task, BaseTask):
+        raise TypeError("run() takes a StringTask or MapTask, not %r" % (type(task).__name__,))
+    if task.recovery_task is None:
+        return (task,)
+    stages = [task]
+    seen = {id(task)}
+    t = task.recovery_task
+    while t is not None:
+        if not isinstance(t, BaseTask):
+            raise TypeError("a recovery_task must be a StringTask or MapTask, not %r" % (type(t).__name__,))
+        if id(t) in seen:
+            raise ValueError("the recovery_task chain of this task has a cycle (task %d of the chain "
+                             "is task %d again)" % (len(stages) + 1, [id(s) for s in stages].index(id(t)) + 1))
+        seen.add(id(t))
+        stages.append(t)
+        if len(stages) > MAX_STAGES:
+            raise ValueError("a task and its recovery tasks are at most %d tasks" % MAX_STAGES)
+        t = t.recovery_task
+    return tuple(stages)
+
+
+_DESC1 = struct.Struct("<QIIII")
+_DESC_HEAD = struct.Struct("<QII")
+
+
+def _check_retries(r):
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_RETRIES:
+        raise ValueError("retries must be an int 0..%d, not %r" % (MAX_RETRIES, r))
+    return r
+
+
+def descriptor(taskid, stages):
+    """The submit descriptor: u64 taskid, u32 nstages, u32 0, then per
+    stage u32 nparts, u32 retries. stages: [(nparts, retries), ...]."""
+    if not 1 <= len(stages) <= MAX_STAGES:
+        raise ValueError("a task has 1..%d stages" % MAX_STAGES)
+    if len(stages) == 1:
+        n, r = stages[0]
+        return _DESC1.pack(taskid, 1, 0, n, r)
+    flat = []
+    for n, r in stages:
+        flat += (n, r)
+    return _DESC_HEAD.pack(taskid, len(stages), 0) + struct.pack("<%dI" % len(flat), *flat)
+
+
+def encode(task, taskid, fncache):
+    """The parts of TASK_SUBMIT for task: [descriptor, stage 0 parts...,
+    stage 1 parts...]. Raises ValueError/TypeError on a bad task (nothing
+    is sent then)."""
+    t = type(task)
+    if t is MapTask or t is StringTask:
+        if task.recovery_task is None:
+            parts = task._stage_parts(fncache)
+            r = task.retries
+            if type(r) is not int or not 0 <= r <= MAX_RETRIES:
+                _check_retries(r)
+            return [_DESC1.pack(taskid, 1, 0, len(parts), r)] + parts
+    stages = chain(task)
+    out, info = [None], []
+    for t in stages:
+        p = t._stage_parts(fncache)
+        info.append((len(p), _check_retries(t.retries)))
+        out.extend(p)
+    out[0] = descriptor(taskid, info)
+    return out
+
+
+# ---------------------------------------------------------------- results
+
+class ResultNS:
+    """The values a StringTask pulled, as attributes: ns.a, ns['a'].
+
+    >>> ns = ResultNS({'a': 17, 'foo': [0, 1, 2]})
+    >>> ns
+    NS{'a': 17, 'foo': [0, 1, 2]}
+    """
+
+    def __init__(self, dikt):
+        for k, v in dikt.items():
+            setattr(self, k, v)
+
+    def __repr__(self):
+        d = {}
+        for k in sorted(vars(self)):
+            if not (k.startswith("__") or k.endswith("__")):
+                d[k] = getattr(self, k)
+        return "NS" + repr(d)
+
+    def __getitem__(self, key):
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+
+class TaskResult:
+    """The result of a StringTask (IPython 0.10's TaskResult).
+
+    results: a dict name -> value of the pulled names ({} on failure);
+    ns: the same as attributes (tr.ns.c); tr['c']; keys: the names;
+    failure: None, or the exception the task raised (its own type, with
+    engine_id and remote_traceback attributes); engineid, taskid;
+    submitted, completed: '%Y/%m/%d %H:%M:%S' (local time of the run on the
+    engine); duration: seconds. Reading ns or tr['c'] of a failed task
+    raises its failure; raise_exception() does too."""
+
+    taskid = None
+
+    def __init__(self, results, engineid, failure=None, taskid=None,
+                 submitted=None, completed=None, duration=None):
+        self.engineid = engineid
+        if failure is not None:
+            self.failure = failure
+            self.results = {}
+        else:
+            self.failure = None
+            self.results = results if results is not None else {}
+        self._ns = ResultNS(self.results)
+        self.keys = list(self.results.keys())
+        self.taskid = taskid
+        self.submitted = submitted
+        self.completed = completed
+        self.duration = duration
+
+    @property
+    def ns(self):
+        if self.failure is not None:
+            raise self.failure
+        return self._ns
+
+    @ns.setter
+    def ns(self, value):
+        raise AttributeError("the ns attribute cannot be changed")
+
+    def __getitem__(self, key):
+        if self.failure is not None:
+            self.raise_exception()
+        return self.results[key]
+
+    def raise_exception(self):
+        """Raises the task's failure here (nothing when it succeeded)."""
+        if self.failure is not None:
+            raise self.failure
+
+    def __repr__(self):
+        contents = self.failure if self.failure is not None else self.results
+        return "TaskResult[ID:%r]:%r" % (self.taskid, contents)
+
+
+def timing(started, completed):
+    """(submitted, completed, duration) for TaskResult from two time.time()s."""
+    lt = time.localtime
+    return (time.strftime(time_format, lt(started)), time.strftime(time_format, lt(completed)),
+            float(completed - started))
+
+
+# ---------------------------------------------------------------- map
+
+class _Chunk:
+    """Runs f over a list of items on an engine: one task of a map()."""
+
+    __slots__ = ("f", "star")
+
+    def __init__(self, f, star):
+        self.f = f
+        self.star = star
+
+    def __call__(self, items):
+        f = self.f
+        if self.star:
+            return [f(*a) for a in items]
+        return [f(x) for x in items]
+
+    def __reduce__(self):
+        return (_Chunk, (self.f, self.star))
+
+
+def split(n, nchunks):
+    """[(lo, hi), ...]: n items in nchunks contiguous chunks whose sizes
+    differ by at most one."""
+    base, extra = divmod(n, nchunks)
+    out, lo = [], 0
+    for i in range(nchunks):
+        hi = lo + base + (1 if i < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+class TaskMapper:
+    """A load-balanced map with fixed task options (IPython 0.10's
+    SynchronousTaskMapper): TaskClient.mapper(clear_before, clear_after,
+    retries, recovery_task, depend, block).map(func, *sequences).
+
+    block=True: the list of results, in order (func(*items) of zip(*sequences),
+    as the builtin map). Long sequences travel in chunks, several per engine,
+    each chunk one task (retries and depend apply to a chunk); with a
+    recovery_task every item is its own task, as in IPython 0.10.
+    block=False: the list of task ids, one task per item; get_task_result
+    of each gives that item's value."""
+
+    def __init__(self, task_client, clear_before=False, clear_after=False, retries=0,
+                 recovery_task=None, depend=None, block=True, timeout=None):
+        # Checks the options once, as a task would.
+        BaseTask(clear_before, clear_after, retries, recovery_task, depend)
+        self.task_controller = task_client
+        self.clear_before = clear_before
+        self.clear_after = clear_after
+        self.retries = retries
+        self.recovery_task = recovery_task
+        self.depend = depend
+        self.block = block
+        self.timeout = timeout
+
+    def map(self, func, *sequences):
+        if not callable(func):
+            raise TypeError("map takes a function, not %r" % (type(func).__name__,))
+        if not sequences:
+            raise TypeError("map() must have at least one sequence")
+        return self.task_controller._map(self, func, sequences)
+
+
+class ParallelFunction:
+    """@tc.parallel(): a function f that, called on sequences, is mapped
+    over them by its mapper: f(range(32)) == tc.map(f, range(32))."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+        self.func = None
+
+    def __call__(self, func):
+        if not callable(func):
+            raise TypeError("parallel decorates a function, not %r" % (type(func).__name__,))
+        self.func = func
+        mapper = self.mapper
+
+        @functools.wraps(func)
+        def call_function(*sequences):
+            return mapper.map(func, *sequences)
+
+        call_function.mapper = mapper
+        return call_function
