@@ -107,12 +107,15 @@ def ipyparallel_cluster_args(n, profile_dir):
 
 
 @contextlib.contextmanager
-def ipyparallel_client(n, timeout=120):
+def ipyparallel_client(n, timeout=120, extra_controller_args=()):
     """Yields (client, seconds until n engines were ready) for a local
-    ipyparallel 7.1 cluster; stops the cluster whatever happens."""
+    ipyparallel 7.1 cluster at the best settings above plus
+    extra_controller_args; stops the cluster whatever happens."""
     import ipyparallel
     with tmpdir("ipp-bench-") as d:
-        cluster = ipyparallel.Cluster(**ipyparallel_cluster_args(n, d))
+        args = ipyparallel_cluster_args(n, d)
+        args["controller_args"] = list(args["controller_args"]) + list(extra_controller_args)
+        cluster = ipyparallel.Cluster(**args)
         rc = None
         try:
             t0 = time.perf_counter()

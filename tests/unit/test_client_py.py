@@ -3,14 +3,12 @@ partitioning, error classes, furl files, and the C transport (ipmpi._ipmpi)
 against a fake controller: a TLS 1.3 server in a thread that speaks
 doc/protocol.md. Run by `make check` with PYTHONPATH=<builddir>/pytree.
 """
-import hashlib
 import json
 import os
 import pickle
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import time
 
@@ -24,18 +22,6 @@ KEY = "ab" * 32
 
 
 # ---------------------------------------------------------------- fake controller
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cert")
-    key, crt = str(d / "key.pem"), str(d / "cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-keyout", key, "-out", crt, "-days", "2", "-subj", "/CN=fake"],
-                   check=True, capture_output=True)
-    with open(crt) as f:
-        fp = hashlib.sha256(ssl.PEM_cert_to_DER_cert(f.read())).hexdigest()
-    return key, crt, fp
-
 
 class Peer:
     """The server side of one client connection, blocking."""

@@ -11,7 +11,6 @@ import pickle
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import time
 import traceback
@@ -326,18 +325,6 @@ def test_error_classes():
 
 
 # ---------------------------------------------------------------- fake controller
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cert")
-    key, crt = str(d / "key.pem"), str(d / "cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-keyout", key, "-out", crt, "-days", "2", "-subj", "/CN=fake"],
-                   check=True, capture_output=True)
-    with open(crt) as f:
-        fp = hashlib.sha256(ssl.PEM_cert_to_DER_cert(f.read())).hexdigest()
-    return key, crt, fp
-
 
 class FakeTaskController:
     """One tc session, served in a thread: hands out ids, runs each task
