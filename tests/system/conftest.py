@@ -126,9 +126,10 @@ def stop_cluster(c):
         kill_dir_jobs(c.ipmpi_dir)
 
 
-def running_cluster(n):
-    """Generator for fixtures: a started n-engine cluster, always stopped and removed."""
-    c = start_cluster(n)
+def running_cluster(n, **kw):
+    """Generator for fixtures: a started n-engine cluster (kw as for
+    start_cluster), always stopped and removed."""
+    c = start_cluster(n, **kw)
     try:
         yield c
     finally:

@@ -677,3 +677,67 @@ def test_tasks_survive_engines_dying_under_a_stream(dying_cluster, shared_dir):
     finally:
         tc.close()
         mec.close()
+
+
+# ---------------------------------------------------------------- memory budget
+
+BUDGET = 4 << 20   # --task-memory of the small cluster: 4 MiB
+
+
+@pytest.fixture(scope="module")
+def small_cluster():
+    yield from running_cluster(2, engine_args=("--task-memory", str(BUDGET)))
+
+
+def test_a_submission_beyond_the_task_memory_is_refused_and_nothing_else_is_lost(small_cluster):
+    with client.TaskClient(small_cluster.tc_furl, timeout=T) as tc:
+        big = b"x" * (BUDGET + 1024)
+        tid = tc.run(client.MapTask(len, args=(big,)))
+        with pytest.raises(client.EngineError) as ei:
+            tc.get_task_result(tid, block=True)
+        assert ei.value.code == client._c.E2BIG
+        assert "task memory" in str(ei.value)
+        # The controller and the next task are unharmed.
+        assert tc.run(client.MapTask(len, args=(b"abc",)), block=True) == 3
+        tc.clear()
+
+
+def test_results_beyond_the_budget_evict_the_oldest_and_say_so(small_cluster):
+    with client.TaskClient(small_cluster.tc_furl, timeout=T) as tc:
+        tc.clear()
+        # Ten results of 1 MiB each do not fit in 4 MiB: the oldest go.
+        tids = [tc.run(client.MapTask(lambda n: b"r" * n, args=(1 << 20,))) for _ in range(10)]
+        # The submitter received each result as it finished: all are here.
+        assert [len(tc.get_task_result(t, block=True)) for t in tids] == [1 << 20] * 10
+        status = tc.queue_status(True)
+        kept = status["succeeded"]
+        # At most 3 MiB-results fit in 4 MiB (with the payloads); the ones
+        # that finished last are kept (with look-ahead, not always the
+        # highest ids).
+        assert 0 < len(kept) <= 3 and set(kept) < set(tids), status
+        with client.TaskClient(small_cluster.tc_furl, timeout=T) as other:
+            for t in tids:
+                if t in kept:
+                    assert len(other.get_task_result(t, block=True)) == 1 << 20
+                else:
+                    with pytest.raises(client.EvictedError) as ei:
+                        other.get_task_result(t, block=True)
+                    assert str(t) in str(ei.value)
+        tc.clear()
+
+
+def test_a_client_that_submits_100000_tasks_and_disconnects(cluster4):
+    first = client.TaskClient(cluster4.tc_furl, timeout=T)
+    f = lambda x: x
+    tids = [first.run(client.MapTask(f, args=(i,))) for i in range(100000)]
+    first.close()   # nothing collected, most tasks still queued
+    with client.TaskClient(cluster4.tc_furl, timeout=T) as tc:
+        # Another client is served meanwhile, and the queued tasks go on.
+        assert tc.run(client.MapTask(lambda: "served"), block=True) == "served"
+        wait_for(lambda: (lambda s: s["scheduled"] + s["pending"] == 0)(tc.queue_status()), T,
+                 what="the disconnected client's tasks to finish")
+        assert tc.barrier(tids[-10:]) is None
+        assert [tc.get_task_result(t, block=True) for t in tids[-10:]] == list(range(99990, 100000))
+        assert tc.get_task_result(tids[0], block=True) == 0
+        tc.clear()
+        assert tc.queue_status()["succeeded"] == 0
