@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from ipmpi import _consts, _ipmpi
 from ipmpi import cluster as ipcluster_mod
 
 IPMPI_BIN = os.environ.get("IPMPI_BIN")
@@ -31,15 +32,16 @@ PYTHON = os.environ.get("PYTHON") or "/usr/bin/python3"
 # Tests only ever talk to this machine's loopback.
 LOOPBACK = "127.0.0.1"
 
-# Protocol constants (include/ipmpi/protocol.h, errors.h), for raw frames.
-MAGIC = 0x504D5049
-VERSION = 1
+# Protocol constants for raw frames: the C headers' tables, as the
+# generated ipmpi._consts and the client module carry them.
+MAGIC = _ipmpi.MAGIC
+VERSION = _ipmpi.PROTO_VERSION
 HDR = struct.Struct("<IBBHQiiIIQ")
-assert HDR.size == 40
-F_REPLY = 1
-K_HELLO, K_EXECUTE, K_GET_IDS = 1, 2, 12
-TARGET_ALL, TARGET_CONTROLLER = -1, -2
-EPROTO, E2BIG, EACCES = -1, -2, -3
+assert HDR.size == _ipmpi.HDR_SIZE
+F_REPLY = _consts.F_REPLY
+K_HELLO, K_EXECUTE, K_GET_IDS = _consts.K_HELLO, _consts.K_EXECUTE, _consts.K_GET_IDS
+TARGET_ALL, TARGET_CONTROLLER = _consts.TARGET_ALL, _consts.TARGET_CONTROLLER
+EPROTO, E2BIG, EACCES = _consts.EPROTO, _consts.E2BIG, _consts.EACCES
 
 
 def child_env():

@@ -27,14 +27,15 @@ import pytest
 from conftest import (E2BIG, EACCES, EPROTO, F_REPLY, K_GET_IDS, TARGET_CONTROLLER, closed_by_peer, connected_client,
                       frame, hello, job_processes, parse_furl, read_frame, running_cluster, tls_connect,
                       wait_for)
-from ipmpi import _serialize
+from ipmpi import _consts, _serialize
 from ipmpi import _ipmpi
 
 MIB = 1 << 20
-# Protocol constants of section 5 (include/ipmpi/protocol.h).
-F_SHM, F_SHM_OK = 0x0002, 0x0004
-K_PUSH, K_PULL = 3, 4
-K_SHM_PROBE, K_RELEASE = 18, 19
+# Protocol constants of section 5 (include/ipmpi/protocol.h, through the
+# generated ipmpi._consts).
+F_SHM, F_SHM_OK = _consts.F_SHM, _consts.F_SHM_OK
+K_PUSH, K_PULL = _consts.K_PUSH, _consts.K_PULL
+K_SHM_PROBE, K_RELEASE = _consts.K_SHM_PROBE, _consts.K_RELEASE
 SHMREF = struct.Struct("<IIQQQ")
 assert SHMREF.size == 32
 # The bound on the controller's open memfds the release tests hold it to.

@@ -9,8 +9,10 @@ their imports inside): cloudpickle sends those by value, while a function
 at the top of this module would be sent by reference to a module the
 engines cannot import.
 """
+import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import textwrap
@@ -741,3 +743,80 @@ def test_a_client_that_submits_100000_tasks_and_disconnects(cluster4):
         assert tc.get_task_result(tids[0], block=True) == 0
         tc.clear()
         assert tc.queue_status()["succeeded"] == 0
+
+
+# ---------------------------------------------------------------- malformed task frames
+
+def test_malformed_task_frames_get_clear_errors_and_the_session_goes_on(cluster4, tc):
+    """Raw TASK_* frames a broken or hostile tc client might send: each gets
+    its own error reply, the connection stays in step, and the controller
+    keeps serving the real client."""
+    from ipmpi import _consts as K
+    from conftest import frame, parse_furl, read_frame, tls_connect
+
+    s = tls_connect(cluster4.tc_furl)
+    rid = [100]
+
+    def ask(kind, parts):
+        rid[0] += 1
+        s.sendall(frame(kind, rid[0], target=K.TARGET_ALL, parts=parts))
+        rkind, flags, req_id, target, status, total, rparts = read_frame(s)
+        assert flags & K.F_REPLY and req_id == rid[0] and rkind == kind
+        return status, (rparts[0].decode("utf-8", "replace") if rparts else "")
+
+    try:
+        status, _ = ask(K.K_HELLO, [parse_furl(cluster4.tc_furl)[3].encode()])
+        assert status == 0
+        # Reservations.
+        assert ask(K.K_TASK_RESERVE, [b"\x01\x00"])[0] == K.EPROTO
+        assert ask(K.K_TASK_RESERVE, [struct.pack("<I", 0)])[0] == K.EINVAL
+        assert ask(K.K_TASK_RESERVE, [struct.pack("<I", 1 << 30)])[0] == K.EINVAL
+        status, text = ask(K.K_TASK_RESERVE, [struct.pack("<I", 4)])
+        assert status == 0
+        first = json.loads(text)["first"]
+        stage = b"not a pickle"
+
+        def desc(tid, nst=1, parts=(1,), retries=(0,)):
+            d = struct.pack("<QII", tid, nst, 0)
+            return d + b"".join(struct.pack("<II", p, r) for p, r in zip(parts, retries))
+
+        # Descriptors: too short, no stages, too many stages, a part count
+        # that does not match the frame, a stage without parts, too many
+        # retries, an id this session did not reserve.
+        assert ask(K.K_TASK_SUBMIT, [b"\x00" * 8, stage])[0] == K.EPROTO
+        assert ask(K.K_TASK_SUBMIT, [desc(first, 0, (), ()), stage])[0] == K.EPROTO
+        assert ask(K.K_TASK_SUBMIT, [desc(first, 17, (1,) * 17, (0,) * 17)] + [stage] * 17)[0] == K.EPROTO
+        assert ask(K.K_TASK_SUBMIT, [desc(first, 1, (2,), (0,)), stage])[0] == K.EPROTO
+        assert ask(K.K_TASK_SUBMIT, [desc(first, 2, (1, 0), (0, 0)), stage])[0] == K.EINVAL
+        assert ask(K.K_TASK_SUBMIT, [desc(first, 1, (1,), (5000,)), stage])[0] == K.EINVAL
+        status, text = ask(K.K_TASK_SUBMIT, [desc(first + 1000000), stage])
+        assert status == K.EINVAL and "not reserved" in text
+        # A well-formed task whose stage is garbage fails on the engine, as a result.
+        status, text = ask(K.K_TASK_SUBMIT, [desc(first), stage])
+        assert status == K.EREMOTE
+        # The same id twice.
+        status, text = ask(K.K_TASK_SUBMIT, [desc(first), stage])
+        assert status == K.EINVAL and "already in use" in text
+        # The other kinds: wrong sizes, unknown ids.
+        assert ask(K.K_TASK_RESULT, [b"\x00" * 3])[0] == K.EPROTO
+        assert ask(K.K_TASK_RESULT, [struct.pack("<QB", first + 3, 0)])[0] == K.ENOENT
+        assert ask(K.K_TASK_RESULT, [struct.pack("<QB", 1 << 62, 1)])[0] == K.ENOENT
+        assert ask(K.K_TASK_BARRIER, [b""])[0] == K.EPROTO
+        assert ask(K.K_TASK_BARRIER, [b"\x01" * 12])[0] == K.EPROTO
+        status, text = ask(K.K_TASK_BARRIER, [struct.pack("<2Q", first, 1 << 61)])
+        assert status == K.ENOENT and str(1 << 61) in text
+        assert ask(K.K_TASK_ABORT, [b"\x00"])[0] == K.EPROTO
+        assert ask(K.K_TASK_ABORT, [struct.pack("<Q", first)])[0] == K.EINVAL   # finished already
+        assert ask(K.K_TASK_CLEAR, [b"\x00" * 5])[0] == K.EPROTO
+        status, text = ask(K.K_TASK_CLEAR, [struct.pack("<Q", 1 << 60)])
+        assert status == 0 and json.loads(text) == {"cleared": 0, "unknown": [1 << 60]}
+        # MultiEngine kinds on the task capability.
+        assert ask(K.K_EXECUTE, [b"1"])[0] == K.EACCES
+        assert ask(K.K_PROPS, [b""])[0] == K.EACCES
+        # The session is still in step, and the controller serves others.
+        status, text = ask(K.K_TASK_STATUS, [b"\x00"])
+        assert status == 0 and set(json.loads(text)) == {"scheduled", "pending", "succeeded", "failed"}
+        assert ask(K.K_TASK_CLEAR, [struct.pack("<Q", first)])[0] == 0
+    finally:
+        s.close()
+    assert tc.run(client.MapTask(lambda: "still served"), block=True) == "still served"
