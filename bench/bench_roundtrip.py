@@ -49,6 +49,25 @@ def bench_ipmpi(calls):
             mec.close()
 
 
+def bench_ipmpi_round_robin(calls, n=4):
+    """execute('pass') to one engine at a time, round robin over n engines
+    (more engines than cores here): each engine is idle between its turns,
+    so this measures how fast an idle engine wakes (doorbells), next to
+    one engine kept busy."""
+    with benchlib.ipmpi_cluster(n) as (c, _):
+        mec = c.client()
+        try:
+            mec.execute("x = 1")
+            k = [0]
+
+            def one():
+                mec.execute("pass", targets=k[0] % n)
+                k[0] += 1
+            return time_calls(one, 4 * n, calls)
+        finally:
+            mec.close()
+
+
 def bench_ipyparallel(calls):
     with benchlib.ipyparallel_client(1) as (rc, _):
         e = rc[0]
@@ -152,12 +171,19 @@ def main():
         floor = benchlib.measure("TLS 1.3 echo floor (polling)", bench_tls_floor, a.calls, d, True)
     # One peer at a time, so neither competes with the other's processes.
     ipmpi = benchlib.measure("ipmpi execute round trip", bench_ipmpi, a.calls)
+    rr = benchlib.measure("ipmpi execute round robin over 4 engines", bench_ipmpi_round_robin, a.calls // 4)
     peer = benchlib.measure("ipyparallel execute round trip", bench_ipyparallel, a.peer_calls)
 
     print("execute('pass') round trip to one engine, loopback, %d cores" % os.cpu_count())
     if ipmpi:
         print("  ipmpi            median %9.1f us   p90 %9.1f us   (%d calls)"
               % (us(ipmpi[0]), us(ipmpi[1]), a.calls))
+    if rr:
+        print("  ipmpi, round robin over 4 engines (each idle between turns)  median %9.1f us   p90 %9.1f us"
+              "   (%d calls)" % (us(rr[0]), us(rr[1]), a.calls // 4))
+        if ipmpi:
+            print("  round robin/one engine (median): %s   target <= 3x: %s"
+                  % (benchlib.fmt_ratio(rr[0], ipmpi[0]), "met" if rr[0] <= 3 * ipmpi[0] else "NOT met"))
     if peer:
         print("  ipyparallel 7.1  median %9.1f us   p90 %9.1f us   (%d calls)"
               % (us(peer[0]), us(peer[1]), a.peer_calls))

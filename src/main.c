@@ -22,6 +22,7 @@
 #include <mpi.h>
 #include <pmix.h>
 
+#include "doorbell.h"
 #include "ipmpi/errors.h"
 #include "log.h"
 #include "runtime.h"
@@ -294,9 +295,16 @@ int main(int argc, char **argv)
 
     MPI_Comm comm;
     MPI_Comm_dup(MPI_COMM_WORLD, &comm);
+    ipmpi_doorbell_t bell;
+    if (ipmpi_doorbell_init(&bell, comm) != 0) {
+        fprintf(stderr, "ipmpi: out of memory\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    job.bell = &bell;
     int rc = is_controller ? ipmpi_controller_run(&opts, &job, comm) : ipmpi_engine_run(&opts, &job, comm);
     /* The roles never return when a rank died: they _exit() instead of
      * trusting MPI_Finalize (ENVIRONMENT.md: it can hang after a death). */
+    ipmpi_doorbell_fini(&bell);
     MPI_Comm_free(&comm);
     if (job.have_pmix)
         PMIx_Finalize(NULL, 0);

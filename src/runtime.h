@@ -35,6 +35,7 @@ typedef struct ipmpi_job {
     char hostname[256];
     char jobid[256];            /* PMIx namespace, or "singleton" */
     int have_pmix;              /* PMIx_Init succeeded: proc table queries possible */
+    struct ipmpi_doorbell *bell; /* this node's doorbells (doorbell.h), set up by main */
 } ipmpi_job_t;
 
 /* Each returns the process exit status. comm is the private duplicate. */

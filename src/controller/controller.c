@@ -358,6 +358,7 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     ipmpi_mpilink_init(&c->link, comm);
     c->link.alloc = ipmpi_ctl_engine_alloc;
     c->link.alloc_arg = c;
+    c->link.bell = job->bell;
     if (ipmpi_host_id(c->host_id, sizeof c->host_id) != 0)
         c->host_id[0] = '\0'; /* no /proc: clients use TLS only */
     ipmpi_ctl_watch_init(&c->watch, job->have_pmix, job->jobid);

@@ -3,6 +3,8 @@
  */
 #include "mpilink.h"
 
+#include "doorbell.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,6 +129,9 @@ static int post_header(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi
     op->rank = rank;
     op->parts = parts ? ipmpi_parts_ref(parts) : NULL;
     op->left = 1;
+    /* An idle engine on this node sleeps on its doorbell: wake it now
+     * that its header is posted. */
+    ipmpi_doorbell_ring(l->bell, rank);
     *out = op;
     return 0;
 }

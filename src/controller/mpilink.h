@@ -41,6 +41,8 @@ typedef struct ipmpi_mpilink {
      * 1, NULL on failure); NULL: ipmpi_parts_new. Set by the owner. */
     ipmpi_parts_t *(*alloc)(void *arg, int rank, const ipmpi_hdr_t *h, const uint64_t *lens);
     void *alloc_arg;
+    /* Rung after every header posted (doorbell.h); NULL: none. Set by the owner. */
+    const struct ipmpi_doorbell *bell;
 } ipmpi_mpilink_t;
 
 /* Called with each complete frame from an engine; takes ownership of parts. */

@@ -28,6 +28,7 @@
 
 #include "bigbuf.h"
 #include "backoff.h"
+#include "doorbell.h"
 #include "engine.h"
 #include "ipmpi/errors.h"
 #include "log.h"
@@ -447,6 +448,15 @@ static void die_now(int status, PyThreadState *ts)
     _exit(status);
 }
 
+/* Doorbell's last look: a header from the controller waits. */
+static int header_pending(void *arg)
+{
+    const engine_t *e = arg;
+    int flag = 0;
+    MPI_Iprobe(0, IPMPI_TAG_HDR, e->comm, &flag, MPI_STATUS_IGNORE);
+    return flag;
+}
+
 /*
  * Waits for the next frame header from rank 0 with the GIL released (ts
  * is the saved thread state). Returns 0 with *buf (caller frees) and *len,
@@ -491,6 +501,15 @@ static int wait_header(engine_t *e, ipmpi_backoff_t *b, ipmpi_eng_watch_t *w, Py
         /* Idle: cached receive buffers go back after a while unused. */
         if (now - b->last_busy >= WATCH_INTERVAL_NS)
             ipmpi_bigbuf_trim();
+        if (ipmpi_doorbell_reaches(e->job->bell, 0)) {
+            /* The controller shares this node and rings after posting a
+             * frame: sleep in the kernel until then (waking for the
+             * watch), then poll for the spin window, since the frame
+             * may take a moment to show. */
+            if (ipmpi_doorbell_sleep(e->job->bell, WATCH_INTERVAL_NS, header_pending, e))
+                ipmpi_backoff_busy(b, ipmpi_now_ns());
+            continue;
+        }
         struct timespec tsl = {(time_t)(d / 1000000000u), (long)(d % 1000000000u)};
         nanosleep(&tsl, NULL);
     }
