@@ -63,6 +63,12 @@ int ipmpi_eng_link_recv_part(MPI_Comm comm, int src, void *buf, uint64_t len, ip
     }
     int rc = 0, first = 1;
     uint64_t got = 0;
+    /* Every part is at least one message, an empty part exactly one: the
+     * loop ends only after a message was taken, also when the first
+     * probe of an empty part found nothing yet (ending on got >= len
+     * alone left that part's message on the wire, where the next frame
+     * read it as an abort, and every later frame was off by one). */
+    int msgs = 0;
     do {
         int flag = 0, n = 0;
         MPI_Message msg;
@@ -93,12 +99,13 @@ int ipmpi_eng_link_recv_part(MPI_Comm comm, int src, void *buf, uint64_t len, ip
             rc = IPMPI_EMPI;
             break;
         }
+        msgs++;
         if (n == 0 && len > 0) {
             rc = IPMPI_EABORTED;
             break;
         }
         got += (uint64_t)n;
-    } while (got < len);
+    } while (got < len || msgs == 0);
     free(scratch);
     return rc;
 }
