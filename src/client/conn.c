@@ -570,6 +570,9 @@ static int rx_got_header(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
         return IPMPI_EPROTO;
     }
     if (rx->h.nparts == 0) {
+        /* A reply without parts is still a reply (rx_start_parts, which
+         * decides this for the others, is not reached). */
+        rx->keep = lookup(c, rx->h.req_id) != NULL;
         rx_deliver(c, hooks);
         return 0;
     }

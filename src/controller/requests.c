@@ -6,6 +6,7 @@
  * Loop thread only.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,6 +133,39 @@ static int resolve(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, con
 }
 
 
+/*
+ * KILL of a busy engine ends it now instead of after the requests before
+ * it (which may run for hours): SIGKILL, when the engine is a process we
+ * may signal, i.e. a sibling of ours (same launcher on the same node, so
+ * the same pid namespace too). Returns 1 if the engine was signalled.
+ */
+static int kill_now(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
+{
+    if (ipmpi_sched_idle(&c->sched, e->id) || !e->props)
+        return 0; /* idle: the engine ends itself after answering, logs flushed */
+    const char *p = strstr(e->props, "\"pid\":");
+    long pid = p ? strtol(p + 6, NULL, 10) : 0;
+    if (pid <= 1)
+        return 0;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* "pid (comm) state ppid ...": comm may hold spaces and parentheses. */
+    const char *rp = strrchr(buf, ')');
+    long ppid = 0;
+    if (!rp || sscanf(rp + 1, " %*c %ld", &ppid) != 1 || ppid != (long)getppid())
+        return 0;
+    if (kill((pid_t)pid, SIGKILL) != 0)
+        return 0;
+    ipmpi_log(IPMPI_LOG_INFO, "engine %d (pid %ld) killed by request while busy", e->id, pid);
+    return 1;
+}
+
 /* Queues an engine-kind request on every target engine: one shared payload. */
 static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p, int n)
 {
@@ -162,6 +196,17 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
         } else if (!e->ready) {
             snprintf(msg, sizeof msg, "engine %d never became ready", e->id);
             ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_EDEAD, msg);
+        } else if (h->kind == IPMPI_K_KILL && kill_now(c, e)) {
+            /* Answered here (no meta: the engine did not run it), then
+             * the engine's requests fail as for any death. */
+            ipmpi_hdr_t rh = {.kind = h->kind, .flags = IPMPI_F_REPLY, .req_id = h->req_id, .target = e->id,
+                              .total = (uint32_t)n};
+            ipmpi_session_send(s, &rh, NULL);
+            if (--r->pending == 0) {
+                ipmpi_reqtab_del(&c->reqs, r->id);
+                ipmpi_req_free(r);
+            }
+            ipmpi_ctl_engine_died(c, e, "killed by request");
         } else if (ipmpi_sched_queue_req(&c->sched, e->id, r) != 0) {
             ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_ENOMEM, "controller out of memory");
         } else {

@@ -1,7 +1,7 @@
 """Engines that die: user code calling os._exit, SIGKILL, a segfault, and
 MultiEngineClient.kill.
 
-One cluster of 5 engines serves the module; each test kills the highest
+One cluster of 6 engines serves the module; each test kills the highest
 live engine, so engine 0 outlives them all. For each death: the request
 fails within 5 s with an error naming the engine, requests queued behind it
 on that engine fail too, the other engines keep working, and get_ids no
@@ -17,7 +17,8 @@ from ipmpi import client
 
 @pytest.fixture(scope="module")
 def cluster5():
-    yield from running_cluster(5)
+    # 6 engines: five deaths below, engine 0 outlives them.
+    yield from running_cluster(6)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,19 @@ def test_kill_request_stops_one_engine(mec5):
         time.sleep(0.05)
     assert pid_gone(pid)
     assert mec5.execute("x = 1", targets=0)[0]["id"] == 0
+
+
+def test_kill_of_a_busy_engine_ends_it_now(mec5):
+    # Not after the hour-long request it runs: the controller signals it.
+    ids, v, pid = victim(mec5)
+    t0 = time.monotonic()
+    dying = mec5.execute("import time; time.sleep(600)", targets=v, block=False)
+    behind = [mec5.execute("after = %d" % i, targets=v, block=False) for i in range(2)]
+    time.sleep(0.3)   # the long request is running
+    assert not dying.ready()
+    mec5.kill(targets=v, timeout=10)
+    assert time.monotonic() - t0 < 5.0
+    check_death(mec5, ids, v, pid, dying, behind, t0)
 
 
 def test_survivor_still_serves_every_kind(mec5):
