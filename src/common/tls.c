@@ -114,7 +114,10 @@ free_key:
 
 static FILE *open_private(const char *path, const char *mode)
 {
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    /* Never through a link planted under the name (the directory was
+     * checked to be this user's own, see furlfile.c). */
+    unlink(path);
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
         return NULL;
     fchmod(fd, 0600);

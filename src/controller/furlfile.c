@@ -24,13 +24,16 @@
 #include "tls.h"
 
 /* Writes len bytes to path through a temp file and rename(), mode 0600,
- * so a reader sees either no file or the whole file. */
+ * so a reader sees either no file or the whole file. The temp file is
+ * made new (O_EXCL) and never through a link (O_NOFOLLOW): a file or link
+ * planted under its name is removed first, never written through. */
 static int write_atomic(const char *path, const char *data, size_t len)
 {
     char tmp[PATH_MAX + 16];
     if (snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid()) >= (int)sizeof tmp)
         return IPMPI_EINVAL;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    unlink(tmp);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
         return IPMPI_EIO;
     int rc = IPMPI_EIO;
@@ -80,6 +83,48 @@ static int read_key(const char *path, char out[IPMPI_KEY_HEX_LEN + 1])
     return 0;
 }
 
+/*
+ * Keys go only where nobody else can read or replace them: the profile
+ * directory (secret = 0) and its security/ (secret = 1) must be
+ * directories, not links, owned by this user; the profile directory must
+ * not be writable by others (they could swap security/ for their own),
+ * and security/ is made 0700 (an existing one may have been made with a
+ * looser umask). Otherwise the controller refuses to start, saying why:
+ * a shared or planted directory would hand the keys to someone else.
+ */
+static int check_dir(const char *path, int secret)
+{
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot open %s: %s (a symbolic link is refused here)", path, strerror(errno));
+        return IPMPI_EACCES;
+    }
+    struct stat st;
+    int rc = 0;
+    if (fstat(fd, &st) != 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot stat %s: %s", path, strerror(errno));
+        rc = IPMPI_EIO;
+    } else if (st.st_uid != geteuid()) {
+        ipmpi_log(IPMPI_LOG_ERROR,
+                  "%s belongs to uid %u, not to this user (uid %u): keys kept there could be read or replaced "
+                  "by its owner; use a profile directory of your own (--ipmpi-dir or IPMPI_DIR)",
+                  path, (unsigned)st.st_uid, (unsigned)geteuid());
+        rc = IPMPI_EACCES;
+    } else if (!secret && (st.st_mode & (S_IWGRP | S_IWOTH))) {
+        ipmpi_log(IPMPI_LOG_ERROR,
+                  "%s is writable by others (mode %03o): they could replace its security/ directory; "
+                  "run chmod go-w %s",
+                  path, (unsigned)(st.st_mode & 0777), path);
+        rc = IPMPI_EACCES;
+    } else if (secret && (st.st_mode & 077) && fchmod(fd, 0700) != 0) {
+        ipmpi_log(IPMPI_LOG_ERROR, "%s is open to others (mode %03o) and cannot be made 0700: %s", path,
+                  (unsigned)(st.st_mode & 0777), strerror(errno));
+        rc = IPMPI_EACCES;
+    }
+    close(fd);
+    return rc;
+}
+
 static int load_or_make_key(const char *secdir, const char *name, int persistent, char out[IPMPI_KEY_HEX_LEN + 1])
 {
     char path[PATH_MAX], line[IPMPI_KEY_HEX_LEN + 2];
@@ -108,13 +153,16 @@ int ipmpi_security_setup(ipmpi_security_t *sec, const char *dir, const char *cn,
         ipmpi_log(IPMPI_LOG_ERROR, "profile directory path too long: %s", dir);
         return IPMPI_EINVAL;
     }
+    int rc = check_dir(dir, 0);
+    if (rc != 0)
+        return rc;
     if (mkdir(sec->secdir, 0700) != 0 && errno != EEXIST) {
         ipmpi_log(IPMPI_LOG_ERROR, "cannot create %s: %s", sec->secdir, strerror(errno));
         return IPMPI_EIO;
     }
-    /* An existing directory may have been made with a looser umask. */
-    chmod(sec->secdir, 0700);
-    int rc = ipmpi_tls_load_or_make(sec->secdir, cn, persistent, &sec->key, &sec->cert);
+    if ((rc = check_dir(sec->secdir, 1)) != 0)
+        return rc;
+    rc = ipmpi_tls_load_or_make(sec->secdir, cn, persistent, &sec->key, &sec->cert);
     if (rc != 0) {
         ipmpi_log(IPMPI_LOG_ERROR, "cannot load or make the certificate in %s: %s", sec->secdir,
                   ipmpi_strerror(rc));
