@@ -59,6 +59,7 @@ typedef struct engine {
     PyObject *failure;      /* bound method Engine.failure (owned) */
     ipmpi_eng_watch_t *watch; /* serve_loop's controller watch (borrowed) */
     ipmpi_backoff_t part_bo;  /* waiting inside a part (part_wait) */
+    pid_t pid;              /* this engine's process: a fork of it must not answer */
 } engine_t;
 
 /* ipmpi_eng_link_wait_cb for parts; runs without the GIL. */
@@ -293,6 +294,12 @@ static int serve(engine_t *e, const ipmpi_hdr_t *h, const uint64_t *lens, int *e
     if (rc != 0)
         goto free_all;
     result = PyObject_CallFunction(e->handle, "iO", (int)h->kind, parts);
+    if (getpid() != e->pid) {
+        /* User code forked and the child came back here without _exit:
+         * it shares the parent's MPI state and must never answer as this
+         * engine (its replies would corrupt the parent's link). */
+        _exit(0);
+    }
     /* handle never raises by contract, but a signal that arrives before
      * its first line (KeyboardInterrupt) can still make the call fail. */
     if (!result)
@@ -592,7 +599,7 @@ static int serve_loop(engine_t *e)
 
 int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
 {
-    engine_t e = {.o = o, .job = job, .comm = comm, .eid = job->world_rank - 1};
+    engine_t e = {.o = o, .job = job, .comm = comm, .eid = job->world_rank - 1, .pid = getpid()};
     char *cpuset = NULL;
     int bound = 0;
     MPI_Fint fint = 0;

@@ -60,3 +60,17 @@ def test_empty_parts_between_full_ones_and_a_push_of_empty_buffers(cluster2):
     finally:
         mec.close()
     assert_in_step(cluster2)
+
+
+def test_a_fork_in_user_code_never_answers_as_the_engine(cluster2):
+    # The child of os.fork() without os._exit comes back into the engine's
+    # loop: it must end there, or two processes answer as engine 0.
+    mec = cluster2.client(timeout=T)
+    try:
+        r = mec.execute("import os\nchild = os.fork()\nprint('parent' if child else 'child')", targets=0)
+        assert r[0]["stdout"] == "parent\n", r
+        child = mec.execute("print(child)", targets=0)[0]["stdout"].strip()
+        assert int(child) > 0
+    finally:
+        mec.close()
+    assert_in_step(cluster2)

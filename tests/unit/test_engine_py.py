@@ -620,3 +620,39 @@ def test_exceptions_that_do_not_travel_leave_exc_out(eng, code):
     status, meta, _, _ = execute(eng, code)
     assert status == EREMOTE and "exc" not in meta and meta["etype"]
     assert execute(eng, "print('ok')")[1]["stdout"] == "ok\n"
+
+
+def test_history_is_bounded_by_bytes_too(eng, monkeypatch):
+    monkeypatch.setattr(_engine, "HISTORY_BYTES", 1000)
+    for i in range(5):
+        status, meta, _, _ = execute(eng, "print('x' * 600)")
+        assert status == OK
+    # Each entry holds ~620 bytes: only the newest fits the budget.
+    assert list(eng.history) == [5]
+    assert eng._history_bytes <= 1000
+    status, meta, _, _ = call(eng, K_GET_RESULT, _serialize.dumps(5))
+    assert status == OK and meta["stdout"] == "x" * 600 + "\n"
+    status, meta, _, _ = call(eng, K_GET_RESULT, _serialize.dumps(1))
+    assert status == EREMOTE and meta["etype"] == "IndexError"
+    # The newest is kept whatever its size.
+    execute(eng, "print('y' * 5000)")
+    assert list(eng.history) == [6]
+
+
+def test_a_background_thread_does_not_write_into_later_requests(eng, capsys):
+    status, meta, _, _ = execute(eng, "\n".join([
+        "import threading, time",
+        "go = threading.Event()",
+        "def chatter():",
+        "    go.wait(10)",
+        "    print('from the background')",
+        "t = threading.Thread(target=chatter)",
+        "t.start()",
+        "print('started')",
+    ]))
+    assert status == OK and meta["stdout"] == "started\n"
+    status, meta, _, _ = execute(eng, "go.set(); t.join(10); print('joined')")
+    assert status == OK
+    assert meta["stdout"] == "joined\n", meta["stdout"]
+    # Not lost: it went to the engine's own stdout (its log).
+    assert "from the background" in capsys.readouterr().out

@@ -28,6 +28,7 @@ import io
 import linecache
 import pickle
 import sys
+import threading
 import time
 import traceback
 import types
@@ -48,6 +49,10 @@ _META_KINDS[K_TASK_SUBMIT] = "task"
 # How many executions GET_RESULT can still reach (and how many submitted
 # sources stay in linecache for tracebacks).
 HISTORY_LEN = 1000
+# ... and at most this many bytes of their output and source (the newest
+# entry is kept whatever its size): five prints of 100 MB must not keep an
+# engine 500 MB larger for the next thousand executes.
+HISTORY_BYTES = 64 << 20
 
 # Compiled inputs kept for re-execution (a client that runs the same code
 # again skips parsing and compiling: ~7 of the ~11 us an EXECUTE costs), and
@@ -73,7 +78,7 @@ _THIS_FILE = __file__
 # Names a RESET keeps: the module's own attributes, the communicator and
 # the engine's properties.
 _KEEP_ON_RESET = ("__name__", "__builtins__", "__doc__", "__package__", "__loader__",
-                  "__spec__", "comm", "properties")
+                  "__spec__", "comm", "MPI", "properties")
 
 # Values a reply pickles with the plain pickler: the same bytes as
 # cloudpickle's, without building a CloudPickler (a few microseconds a task).
@@ -81,6 +86,31 @@ _PLAIN_TYPES = frozenset((int, float, complex, bool, str, bytes, type(None)))
 
 # File name of a string task's source in tracebacks.
 _TASK_INPUT = "<ipmpi-task>"
+
+
+def _meta_size(meta):
+    """Bytes of text a history entry holds (output and source)."""
+    return sum(len(meta.get(k) or "") for k in ("stdout", "stderr", "input") if isinstance(meta.get(k), str))
+
+
+class _Capture(io.StringIO):
+    """stdout or stderr of one request: what the thread that runs the
+    request writes. A thread left running by an earlier request writes to
+    the engine's own stream (its log) instead, so its output never lands
+    in an unrelated request's result."""
+
+    def __init__(self, other):
+        super().__init__()
+        self._owner = threading.get_ident()
+        self._other = other
+
+    def write(self, s):
+        if threading.get_ident() == self._owner:
+            return super().write(s)
+        try:
+            return self._other.write(s)
+        except Exception:  # a closed or odd stream must not break that thread
+            return len(s)
 
 
 def _user_traceback(tb):
@@ -250,11 +280,13 @@ class Engine:
 
             self.comm = MPI.Intracomm.f2py(comm_fint)
             self.ns["comm"] = self.comm
+            self.ns["MPI"] = self._mpi = MPI
         self.properties = Properties()
         self.ns["properties"] = self.properties
         self._props_seen = self.properties.version
         self.execution_count = 0
-        self.history = collections.OrderedDict()  # number -> (status, meta)
+        self.history = collections.OrderedDict()  # number -> (status, meta, bytes)
+        self._history_bytes = 0
         self._input_names = collections.deque()
         self._code_cache = collections.OrderedDict()  # source -> (body, last) code objects
         self._fn_cache = collections.OrderedDict()  # digest -> [function, rebound or None]
@@ -316,8 +348,8 @@ class Engine:
             self.execution_count += 1
             number = self.execution_count
 
-        out, err = io.StringIO(), io.StringIO()
         saved = sys.stdout, sys.stderr
+        out, err = _Capture(saved[0]), _Capture(saved[1])
         status, extra, exc = OK, [], None
         sys.stdout, sys.stderr = out, err
         try:
@@ -407,9 +439,12 @@ class Engine:
         return body, last
 
     def _remember(self, number, status, meta):
-        self.history[number] = (status, meta)
-        while len(self.history) > HISTORY_LEN:
-            self.history.popitem(last=False)
+        size = _meta_size(meta)
+        self.history[number] = (status, meta, size)
+        self._history_bytes += size
+        while len(self.history) > HISTORY_LEN or (len(self.history) > 1 and self._history_bytes > HISTORY_BYTES):
+            _n, (_s, _m, old) = self.history.popitem(last=False)
+            self._history_bytes -= old
 
     def _rebind(self, f):
         """A function defined in the client's __main__ gets the engine
@@ -484,6 +519,7 @@ class Engine:
                 del self.ns[k]
         if self.comm is not None:
             self.ns["comm"] = self.comm
+            self.ns["MPI"] = self._mpi
         self.ns["properties"] = self.properties
 
     def _get_result(self, kind, parts):
@@ -495,7 +531,7 @@ class Engine:
         if not isinstance(number, int) or number not in self.history:
             raise IndexError("engine %d has no result for execution %r (kept: the last %d)"
                              % (self.id, number, HISTORY_LEN))
-        status, meta = self.history[number]
+        status, meta, _size = self.history[number]
         return status, [pickle.dumps(meta, protocol=5)], False
 
     # ---- engine properties (PROPS) ----
@@ -566,8 +602,8 @@ class Engine:
     def _task(self, parts):
         """Runs one task stage: [stage, bufs...] of ("string", expression,
         push, pull, opts) or ("map", fn, args, kwargs, opts)."""
-        out, err = io.StringIO(), io.StringIO()
         saved = sys.stdout, sys.stderr
+        out, err = _Capture(saved[0]), _Capture(saved[1])
         status, extra, exc, code = OK, [], None, ""
         started = completed = what = None
         clear_after = False
