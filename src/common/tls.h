@@ -39,6 +39,18 @@ int ipmpi_tls_load_or_make(const char *dir, const char *cn, int reuse, EVP_PKEY 
 /* Writes 2*nbytes lowercase hex digits of cryptographic randomness and a NUL. */
 int ipmpi_random_hex(char *out, size_t nbytes);
 
+/*
+ * Tunes a connected TCP socket of the client link: no Nagle delay, and a
+ * link that silently stops carrying packets (a partition, a laptop that
+ * sleeps, a node that is gone) is declared dead after about idle_s + 3 *
+ * 2 s of silence (TCP keepalive), or when sent data stays unacknowledged
+ * that long (TCP_USER_TIMEOUT), so a waiting peer gets an error instead
+ * of waiting forever; a healthy link that is merely quiet (a request
+ * running for hours) is never cut, since the kernels answer the probes.
+ * Best effort: options the system lacks are skipped.
+ */
+void ipmpi_tcp_tune(int fd, int idle_s);
+
 /* Constant-time comparison of two n-byte strings: 1 if equal, else 0. */
 int ipmpi_consttime_eq(const void *a, const void *b, size_t n);
 

@@ -162,8 +162,9 @@ static void accept_clients(ipmpi_ctl_t *c, uint64_t now)
             port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
         }
         snprintf(peer, sizeof peer, "%s:%d", addr, port);
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        /* A client whose link silently died is dropped within ~30 s
+         * (its results stay in the controller). */
+        ipmpi_tcp_tune(fd, 24);
         int rc = add_session(c, fd, peer, now);
         if (rc == IPMPI_EAGAIN && evict_unauthenticated(c))
             rc = add_session(c, fd, peer, now);

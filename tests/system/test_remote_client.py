@@ -10,6 +10,7 @@ Needs root and iproute2 (`ip`); without them the test fails, it never skips.
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -115,5 +116,49 @@ def test_loopback_furl_is_flagged_and_refused_from_another_host(hosts):
         assert "loopback" in log, log
         r = in_ns(b, [PYTHON, "-c", CLIENT, os.path.join(d, "security", "ipcontroller-mec.furl")], 60)
         assert r.returncode == 3 and "CONNECT-FAILED" in r.stdout, r.stdout
+    finally:
+        stop_cluster(a, d)
+
+
+WAITER = r"""
+import sys, time
+from ipmpi import client
+mec = client.MultiEngineClient(furl_file=sys.argv[1], connect_timeout=10)   # no timeout: waits forever
+print("CONNECTED", mec.get_ids(), flush=True)
+t0 = time.monotonic()
+try:
+    mec.execute("import time; time.sleep(300)", targets=0)
+    print("RETURNED")
+except Exception as e:
+    print("RAISED %s after %.1f s: %s" % (type(e).__name__, time.monotonic() - t0, e), flush=True)
+"""
+
+
+def test_a_silently_lost_link_raises_instead_of_hanging(hosts, tmp_path):
+    # A partition (packets dropped, nothing closed) while a request runs:
+    # the client's keepalive turns it into a connection error within ~11 s.
+    a, b = hosts
+    d, _out = run_cluster(a, [])
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER)
+    try:
+        furl = os.path.join(d, "security", "ipcontroller-mec.furl")
+        p = subprocess.Popen(["ip", "netns", "exec", b, PYTHON, str(script), furl], env=child_env(),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+        try:
+            first = p.stdout.readline()
+            assert first.startswith("CONNECTED"), first + p.stdout.read()
+            time.sleep(1)
+            sh("ip", "-n", a, "link", "set", "veth-a", "down")   # silently: no FIN, no RST
+            out, _ = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            sh("ip", "-n", a, "link", "set", "veth-a", "up", check=False)
+        assert "RAISED" in out, out
+        took = float(out.split(" after ")[1].split(" s")[0])
+        assert took < 30, out
     finally:
         stop_cluster(a, d)
