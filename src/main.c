@@ -46,9 +46,11 @@ static void usage(FILE *f, const char *prog)
             "  --max-message BYTES  largest frame a client may send (default 8 GiB)\n"
             "  --ready-timeout SEC  how long the controller waits for engines (default 300)\n"
             "  --task-memory BYTES  memory for queued tasks and kept task results (default 1 GiB)\n"
-            "  --task-depth N       tasks that may wait ahead on a busy engine (default 4)\n"
-            "  --log-level N        0 error .. 3 debug (default 4)\n"
-            "  --log-to-stderr      log to stderr instead of DIR/log/\n",
+            "  --task-depth N       short tasks that may wait ahead on a busy engine (default 4)\n"
+            "  --log-level N        0 error, 1 warn, 2 info, 3 debug (default 2)\n"
+            "  --log-to-stderr      log to stderr instead of DIR/log/\n"
+            "  -h, --help           this text\n"
+            "See ipmpi(1) and the user guide.\n",
             prog);
 }
 
@@ -119,8 +121,8 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
             snprintf(o->mpi_mode, sizeof o->mpi_mode, "%s", optarg);
             break;
         case 'b':
-            if (strcmp(optarg, "auto") && strcmp(optarg, "core") && strcmp(optarg, "none"))
-                return fprintf(stderr, "ipmpi: --bind must be auto, core or none\n"), -1;
+            if (strcmp(optarg, "auto") && strcmp(optarg, "core") && strcmp(optarg, "numa") && strcmp(optarg, "none"))
+                return fprintf(stderr, "ipmpi: --bind must be auto, core, numa or none\n"), -1;
             snprintf(o->bind, sizeof o->bind, "%s", optarg);
             break;
         case 'M':
@@ -301,6 +303,12 @@ int main(int argc, char **argv)
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     job.bell = &bell;
+    /* The node communicator is the truth about this node's ranks (PMIx's
+     * PMIX_LOCAL_SIZE answered 1 on the second node of an mpirun job). */
+    if (bell.node != MPI_COMM_NULL) {
+        MPI_Comm_rank(bell.node, &job.local_rank);
+        MPI_Comm_size(bell.node, &job.local_size);
+    }
     int rc = is_controller ? ipmpi_controller_run(&opts, &job, comm) : ipmpi_engine_run(&opts, &job, comm);
     /* The roles never return when a rank died: they _exit() instead of
      * trusting MPI_Finalize (ENVIRONMENT.md: it can hang after a death). */

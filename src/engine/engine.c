@@ -62,6 +62,14 @@ typedef struct engine {
     pid_t pid;              /* this engine's process: a fork of it must not answer */
 } engine_t;
 
+/* ipmpi_eng_link_send's question while a send does not complete: is the
+ * controller gone (then the send never will)? Runs without the GIL. */
+static int controller_gone(void *arg)
+{
+    engine_t *e = arg;
+    return e->watch && ipmpi_eng_watch_controller_gone(e->watch, ipmpi_now_ns());
+}
+
 /* ipmpi_eng_link_wait_cb for parts; runs without the GIL. */
 static int part_wait(void *arg, int first)
 {
@@ -203,7 +211,7 @@ static int reply_send(engine_t *e, const ipmpi_hdr_t *req, const reply_t *r)
     ipmpi_hdr_t h = reply_hdr(e, req, r->status, r->nviews, r->flags);
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = ipmpi_eng_link_send(e->comm, 0, &h, r->lens, r->bufs);
+    rc = ipmpi_eng_link_send(e->comm, 0, &h, r->lens, r->bufs, controller_gone, e);
     Py_END_ALLOW_THREADS
     return rc;
 }
@@ -215,7 +223,7 @@ static int reply_send_text(engine_t *e, const ipmpi_hdr_t *req, int status, cons
     ipmpi_hdr_t h = reply_hdr(e, req, status, 1, 0);
     uint64_t len = strlen(msg);
     const void *buf = msg;
-    return ipmpi_eng_link_send(e->comm, 0, &h, &len, &buf);
+    return ipmpi_eng_link_send(e->comm, 0, &h, &len, &buf, controller_gone, e);
 }
 
 /* The controller ended the request's frame early (its client went away
@@ -391,18 +399,57 @@ free_world:
     return rc;
 }
 
+/* "0,2" -> [0, 2] (new reference; an empty list for NULL). GIL held. */
+static PyObject *numa_pylist(const char *s)
+{
+    PyObject *l = PyList_New(0);
+    while (l && s && *s) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s)
+            break;
+        PyObject *n = PyLong_FromLong(v);
+        if (!n || PyList_Append(l, n) != 0) {
+            Py_XDECREF(n);
+            Py_CLEAR(l);
+            break;
+        }
+        Py_DECREF(n);
+        s = *end == ',' ? end + 1 : end;
+    }
+    return l;
+}
+
+/* Sets name to the engine's core count unless the user set it: OpenMP,
+ * OpenBLAS and MKL then start as many threads as the engine has cores,
+ * not one per core of the node. Before Python (and numpy) start. */
+static void set_thread_env(const char *name, int cores)
+{
+    char v[16];
+    if (getenv(name))
+        return;
+    snprintf(v, sizeof v, "%d", cores > 0 ? cores : 1);
+    setenv(name, v, 0);
+}
+
 /* Creates the Engine object and returns the READY JSON (new reference to a
  * bytes object). GIL held. */
-static PyObject *make_engine(engine_t *e, const char *cpuset, int bound, PyObject *comm_fint)
+static PyObject *make_engine(engine_t *e, const ipmpi_eng_place_t *pl, PyObject *comm_fint)
 {
     PyObject *mod = NULL, *cls = NULL, *props = NULL, *json = NULL, *eng = NULL, *text = NULL,
              *ready = NULL;
     const char *version = Py_GetVersion();
 
-    props = Py_BuildValue("{s:i,s:i,s:i,s:s,s:i,s:s,s:N,s:s}", "id", e->eid, "rank", e->job->world_rank,
+    /* READY: where this engine runs (ipcluster status prints it, engine_info
+     * returns it). numa is a list of NUMA node indexes; rank = mpi_rank. */
+    props = Py_BuildValue("{s:i,s:i,s:i,s:i,s:s,s:i,s:i,s:s,s:i,s:N,s:N,s:N,s:s,s:s}", "id", e->eid,
+                          "rank", e->job->world_rank, "mpi_rank", e->job->world_rank,
                           "pid", (int)getpid(), "host", e->job->hostname, "local_rank",
-                          e->job->local_rank, "cpuset", cpuset, "bound", PyBool_FromLong(bound),
-                          "python", version);
+                          e->job->local_rank, "local_size", pl->local_size,
+                          "cpuset", pl->cpuset ? pl->cpuset : "", "cores", pl->cores,
+                          "numa", numa_pylist(pl->numa), "bound", PyBool_FromLong(pl->bound),
+                          "oversubscribed", PyBool_FromLong(pl->oversubscribed),
+                          "jobid", e->job->jobid, "python", version);
     if (!props)
         goto decref;
     mod = PyImport_ImportModule("ipmpi._engine");
@@ -600,30 +647,40 @@ static int serve_loop(engine_t *e)
 int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
 {
     engine_t e = {.o = o, .job = job, .comm = comm, .eid = job->world_rank - 1, .pid = getpid()};
-    char *cpuset = NULL;
-    int bound = 0;
+    ipmpi_eng_place_t pl;
     MPI_Fint fint = 0;
     int use_mpi4py = strcmp(o->mpi_mode, "mpi4py") == 0;
 
-    if (ipmpi_eng_bind(o->bind, job->local_rank, &cpuset, &bound) != 0)
+    /* PMIX_LOCAL_SIZE answers 1 on the second node of a multi-node mpirun
+     * job (Open MPI 4.1, seen in the ssh mode) while Open MPI's own
+     * variable is right: take the larger, and never less than local_rank+1. */
+    int lsize = job->local_size;
+    const char *lse = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    if (lse && atoi(lse) > lsize)
+        lsize = atoi(lse);
+    if (lsize <= job->local_rank)
+        lsize = job->local_rank + 1;
+    if (ipmpi_eng_bind(o->bind, job->local_rank, lsize, &pl) != 0)
         ipmpi_log(IPMPI_LOG_WARN, "binding unknown: hwloc failed");
+    set_thread_env("OMP_NUM_THREADS", pl.cores);
+    set_thread_env("OPENBLAS_NUM_THREADS", pl.cores);
+    set_thread_env("MKL_NUM_THREADS", pl.cores);
     /* Before Python starts, so that every engine reaches this collective
      * even if its Python later fails to start. */
     if (use_mpi4py && make_user_comm(&fint) != 0) {
         ipmpi_log(IPMPI_LOG_ERROR, "cannot create the engines' communicator");
-        free(cpuset);
         _exit(1);
     }
     if (ipmpi_eng_py_start() != 0) {
-        free(cpuset);
         fflush(NULL);
         _exit(1);
     }
 
     PyObject *comm_arg = use_mpi4py ? PyLong_FromLong((long)fint) : Py_NewRef(Py_None);
-    PyObject *ready = comm_arg ? make_engine(&e, cpuset ? cpuset : "", bound, comm_arg) : NULL;
+    PyObject *ready = comm_arg ? make_engine(&e, &pl, comm_arg) : NULL;
     Py_XDECREF(comm_arg);
-    free(cpuset);
+    free(pl.cpuset);
+    free(pl.numa);
     if (!ready) {
         ipmpi_eng_py_log_error("cannot create the engine (ipmpi._engine.Engine)");
         die_now(1, NULL);
@@ -636,7 +693,13 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
     uint64_t len = (uint64_t)PyBytes_GET_SIZE(ready);
     const void *p = PyBytes_AS_STRING(ready);
     ipmpi_log(IPMPI_LOG_INFO, "ready: %s", PyBytes_AS_STRING(ready));
-    int rc = ipmpi_eng_link_send(comm, 0, &h, &len, &p);
+    /* The controller may have given up already (a start-up error): the
+     * watch ends this engine instead of a send that never completes. */
+    ipmpi_eng_watch_t w;
+    ipmpi_eng_watch_init(&w, job, ipmpi_now_ns());
+    e.watch = &w;
+    int rc = ipmpi_eng_link_send(comm, 0, &h, &len, &p, controller_gone, &e);
+    e.watch = NULL;
     Py_DECREF(ready);
     if (rc != 0) {
         ipmpi_log(IPMPI_LOG_ERROR, "cannot send READY: %s", ipmpi_strerror(rc));

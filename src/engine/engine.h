@@ -18,16 +18,25 @@
 
 /* ---- bind.c ---- */
 
+/* Where an engine runs (bind.c): what READY reports. */
+typedef struct ipmpi_eng_place {
+    char *cpuset;       /* the binding as an hwloc list string ("3", "0-1"); caller frees */
+    char *numa;         /* NUMA nodes it touches, logical indexes ("0", "0,1"); caller frees */
+    int cores;          /* cores in the binding (at least 1) */
+    int bound;          /* 1 if ipmpi_eng_bind bound the process */
+    int oversubscribed; /* more local ranks than cores on this node */
+    int local_size;     /* ranks on this node, as used for the placement */
+} ipmpi_eng_place_t;
+
 /*
- * Applies the --bind policy: "auto" binds to core (local_rank mod cores)
- * unless the process is already bound to a strict subset of the machine,
- * "core" always binds that way, "none" leaves it alone. A failed bind is
- * logged and the engine goes on unbound. On success *cpuset (caller owns,
- * free()) is the resulting binding as an hwloc list string ("3", "0-1")
- * and *bound is 1 if this call bound the process. Returns 0,
- * IPMPI_ENOMEM, or IPMPI_EIO when hwloc cannot describe the machine.
+ * Applies the --bind policy (auto | core | numa | none; see bind.c for the
+ * spread over packages and NUMA nodes) for local rank local_rank of
+ * local_size on this node, and describes the result in *pl. A failed bind
+ * is logged and the engine goes on unbound. Returns 0, IPMPI_ENOMEM, or
+ * IPMPI_EIO when hwloc cannot describe the machine (*pl then holds no
+ * strings and cores 1).
  */
-int ipmpi_eng_bind(const char *mode, int local_rank, char **cpuset, int *bound);
+int ipmpi_eng_bind(const char *mode, int local_rank, int local_size, ipmpi_eng_place_t *pl);
 
 /* ---- pyhost.c (caller holds the GIL after ipmpi_eng_py_start) ---- */
 
@@ -54,11 +63,15 @@ void ipmpi_eng_py_flush(void);
  * Sends one frame to rank dest: the header plus length table as one
  * IPMPI_TAG_HDR message, then each part as IPMPI_TAG_PART chunks of at
  * most IPMPI_MPI_CHUNK bytes (one empty message for an empty part). bufs
- * and lens have h->nparts entries; borrowed for the call. Returns 0,
- * IPMPI_EINVAL (too many parts), IPMPI_ENOMEM or IPMPI_EMPI.
+ * and lens have h->nparts entries; borrowed for the call. A send to a
+ * rank that died would never complete, so each message is sent
+ * non-blocking and, while it does not complete, gone(arg) (may be NULL)
+ * is asked about once a second: nonzero ends the send with
+ * IPMPI_ECLOSED. Returns 0, IPMPI_EINVAL (too many parts), IPMPI_ENOMEM,
+ * IPMPI_EMPI or IPMPI_ECLOSED.
  */
 int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uint64_t *lens,
-                    const void *const *bufs);
+                    const void *const *bufs, int (*gone)(void *arg), void *arg);
 
 /*
  * Called while the next message of a part has not arrived (the controller

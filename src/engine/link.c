@@ -8,14 +8,58 @@
  * copied. No Python here, so the engine calls these with the GIL released.
  * Main thread only (MPI_THREAD_FUNNELED).
  */
+#include <sched.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "engine.h"
+#include "backoff.h"
 #include "ipmpi/errors.h"
 #include "log.h"
 
+/* Completes one send: spins (yielding) for a while, then sleeps up to
+ * 1 ms between tests, asking gone() once a second. */
+#define SEND_SPIN_NS 10000000ull
+#define SEND_ASK_NS 1000000000ull
+static int send_wait(MPI_Request *req, int (*gone)(void *arg), void *arg)
+{
+    uint64_t start = ipmpi_now_ns(), ask = start + SEND_ASK_NS;
+    long sleep_ns = 1000;
+    for (;;) {
+        int flag = 0;
+        if (MPI_Test(req, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+            return IPMPI_EMPI;
+        if (flag)
+            return 0;
+        uint64_t now = ipmpi_now_ns();
+        if (now >= ask) {
+            if (gone && gone(arg))
+                return IPMPI_ECLOSED; /* the request is abandoned with the process */
+            ask = now + SEND_ASK_NS;
+        }
+        if (now - start < SEND_SPIN_NS) {
+            sched_yield();
+            continue;
+        }
+        struct timespec ts = {0, sleep_ns};
+        nanosleep(&ts, NULL);
+        if (sleep_ns < 1000000)
+            sleep_ns *= 2;
+    }
+}
+
+static int send_msg(const void *buf, int n, int dest, int tag, MPI_Comm comm, int (*gone)(void *arg), void *arg)
+{
+    MPI_Request req;
+    /* MPI_Isend takes a non-const buffer in MPI 3 bindings of old
+     * implementations; it never writes to it. */
+    if (MPI_Isend((void *)buf, n, MPI_BYTE, dest, tag, comm, &req) != MPI_SUCCESS)
+        return IPMPI_EMPI;
+    return send_wait(&req, gone, arg);
+}
+
 int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uint64_t *lens,
-                    const void *const *bufs)
+                    const void *const *bufs, int (*gone)(void *arg), void *arg)
 {
     if (h->nparts > IPMPI_MAX_PARTS)
         return IPMPI_EINVAL;
@@ -28,16 +72,14 @@ int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uin
         rc = IPMPI_EINVAL;
         goto free_hbuf;
     }
-    if (MPI_Send(hbuf, (int)hlen, MPI_BYTE, dest, IPMPI_TAG_HDR, comm) != MPI_SUCCESS)
+    if ((rc = send_msg(hbuf, (int)hlen, dest, IPMPI_TAG_HDR, comm, gone, arg)) != 0)
         goto free_hbuf;
     for (uint32_t i = 0; i < h->nparts; i++) {
         const char *p = bufs[i];
         uint64_t left = lens[i];
         do {
             int n = (int)(left < IPMPI_MPI_CHUNK ? left : IPMPI_MPI_CHUNK);
-            /* MPI_Send takes a non-const buffer in MPI 3 bindings of old
-             * implementations; it never writes to it. */
-            if (MPI_Send((void *)p, n, MPI_BYTE, dest, IPMPI_TAG_PART, comm) != MPI_SUCCESS)
+            if ((rc = send_msg(p, n, dest, IPMPI_TAG_PART, comm, gone, arg)) != 0)
                 goto free_hbuf;
             p += n;
             left -= (uint64_t)n;

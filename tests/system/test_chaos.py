@@ -698,7 +698,7 @@ def good_mec(w, stats):
                 else:
                     a = numpy.arange(k, k + 40000, dtype=numpy.int64)   # 320 KB: out of band
                     mec.push({"good_a": a}, targets=0)
-                    assert numpy.array_equal(mec.pull("good_a", targets=0), a)
+                    assert numpy.array_equal(mec.pull("good_a", targets=0)[0], a)
                 stats["mec ok"] += 1
             except client.AbortedError:
                 stats["mec aborted"] += 1

@@ -40,7 +40,7 @@ def victim(mec):
     assert len(ids) >= 2 and ids[0] == 0, ids
     v = ids[-1]
     mec.execute("import os; mypid = os.getpid()", targets=v)
-    return ids, v, mec.pull("mypid", targets=v)
+    return ids, v, mec.pull("mypid", targets=v)[0]
 
 
 def check_death(mec, ids, v, pid, dying, behind, t0):
@@ -112,7 +112,7 @@ def test_kill_of_a_busy_engine_ends_it_now(mec5):
 def test_survivor_still_serves_every_kind(mec5):
     assert mec5.get_ids()[0] == 0
     mec5.push(dict(s=3), targets=0)
-    assert mec5.pull("s", targets=0) == 3
+    assert mec5.pull("s", targets=0) == [3]
     assert mec5.execute("print(s * 2)", targets=0)[0]["stdout"] == "6\n"
 
 

@@ -29,7 +29,7 @@ except Exception as e:
 print("IDS", mec.get_ids())
 r = mec.execute('import os; print(open("/proc/self/net/dev").read().count("veth-a"))')
 print("OUT", r[0]["stdout"].strip())
-print("PULL", mec.pull("x") if mec.push(dict(x=41)) is None else None)
+print("PULL", mec.pull("x") if mec.push(dict(x=41)) == [None] * len(mec.get_ids()) else None)
 mec.close()
 """
 

@@ -435,7 +435,7 @@ def test_connection_shm_keyword_and_environment(cluster2, monkeypatch):
 def test_8mib_array_to_one_engine(anymec):
     a = floats(8 * MIB, 1)
     anymec.push(dict(a8=a), targets=0)
-    assert_same_array(anymec.pull("a8", targets=0), a)
+    assert_same_array(anymec.pull("a8", targets=0)[0], a)
 
 
 def test_8mib_array_to_all_engines(anymec):
@@ -451,7 +451,7 @@ def test_several_arrays_and_small_values_in_one_push(anymec):
     arrs = [floats(2 * MIB, 10 + i) for i in range(3)]
     ns = dict(x0=arrs[0], x1=arrs[1], x2=arrs[2], small=42, text="hi", tiny=np.arange(5))
     anymec.push(ns, targets=1)
-    got = anymec.pull(["x0", "small", "x1", "text", "x2", "tiny"], targets=1)
+    got = anymec.pull(["x0", "small", "x1", "text", "x2", "tiny"], targets=1)[0]
     for g, w in zip(got[0::2], arrs):
         assert_same_array(g, w)
     assert got[1] == 42 and got[3] == "hi"
@@ -462,20 +462,20 @@ def test_several_arrays_and_small_values_in_one_push(anymec):
 def test_sizes_at_the_shm_threshold(anymec, nbytes):
     a = floats(nbytes, nbytes)
     anymec.push(dict(edge=a), targets=0)
-    assert_same_array(anymec.pull("edge", targets=0), a)
+    assert_same_array(anymec.pull("edge", targets=0)[0], a)
 
 
 def test_bytes_and_bytearray_of_3mib(anymec):
     b = os.urandom(3 * MIB)          # bytes pickle in band: a 3 MiB part 0
     ba = bytearray(os.urandom(3 * MIB))  # bytearray goes out of band
     anymec.push(dict(bb=b, bba=ba, n=7), targets=0)
-    got = anymec.pull(["bb", "bba", "n"], targets=0)
+    got = anymec.pull(["bb", "bba", "n"], targets=0)[0]
     assert got[0] == b and bytes(got[1]) == bytes(ba) and got[2] == 7
 
 
 def test_array_computed_on_the_engine(anymec):
     anymec.execute("import numpy as np; made = np.arange(%d, dtype=np.float64) * 0.5" % (4 * MIB // 8), targets=1)
-    assert_same_array(anymec.pull("made", targets=1), np.arange(4 * MIB // 8, dtype=np.float64) * 0.5)
+    assert_same_array(anymec.pull("made", targets=1)[0], np.arange(4 * MIB // 8, dtype=np.float64) * 0.5)
 
 
 def test_scatter_and_gather_of_8mib(anymec):
@@ -502,7 +502,7 @@ def test_pipelined_pushes_and_pulls_keep_each_value(anymec):
         p.get_result(timeout=TIMEOUT)
     pulls = [(k, anymec.pull(k, targets=i % 2, block=False)) for i, k in enumerate(arrs)]
     for k, p in pulls:
-        assert_same_array(p.get_result(timeout=TIMEOUT), arrs[k])
+        assert_same_array(p.get_result(timeout=TIMEOUT)[0], arrs[k])
 
 
 def test_pulled_arrays_outlive_the_release(anymec):
@@ -510,14 +510,14 @@ def test_pulled_arrays_outlive_the_release(anymec):
     memfds and changes on the engine leave it alone."""
     a = floats(8 * MIB, 4)
     anymec.push(dict(keep=a), targets=0)
-    first = anymec.pull("keep", targets=0)
+    first = anymec.pull("keep", targets=0)[0]
     anymec.execute("keep[:] = -1.0", targets=0)
     for _ in range(3):
-        later = anymec.pull("keep", targets=0)
+        later = anymec.pull("keep", targets=0)[0]
     assert_same_array(first, a)
     assert (later == -1.0).all()
     first[:] = 0.0  # writable, and not the engine's
-    assert (anymec.pull("keep", targets=0) == -1.0).all()
+    assert (anymec.pull("keep", targets=0)[0] == -1.0).all()
 
 
 def test_all_paths_agree_crosswise(mec_shm, mec_memfd, mec_tls):
@@ -549,7 +549,7 @@ def test_process_memory_push_does_not_wait_for_a_busy_engine(mec_shm):
     a[:] = -1.0  # the caller's buffer is the caller's again
     busy.get_result(timeout=TIMEOUT)
     pend.get_result(timeout=TIMEOUT)
-    assert_same_array(mec_shm.pull("early", targets=0), keep)
+    assert_same_array(mec_shm.pull("early", targets=0)[0], keep)
 
 
 def test_big_parts_really_travel_by_memfd(mec_memfd, controller_pid):
@@ -569,7 +569,7 @@ def test_big_parts_really_travel_by_memfd(mec_memfd, controller_pid):
     p = mec_memfd.pull("really", targets=0, block=False)
     wait_for(lambda: [n for n in memfd_sizes(controller_pid) if n >= big], 30, interval=0.002,
              what="the controller's memfd for a 24 MiB reply")
-    assert_same_array(p.get_result(timeout=TIMEOUT), a)
+    assert_same_array(p.get_result(timeout=TIMEOUT)[0], a)
 
 
 # ---- 3. released memfds do not pile up --------------------------------------
@@ -581,7 +581,7 @@ def test_released_reply_memfds_stay_bounded(mec_memfd, controller_pid):
     mec_shm.push(dict(rel=a), targets="all")
     most = 0
     for i in range(30):
-        assert_same_array(mec_shm.pull("rel", targets=0), a)
+        assert_same_array(mec_shm.pull("rel", targets=0)[0], a)
         most = max(most, len(controller_memfds(controller_pid)))
     for i in range(10):
         for g in mec_shm.pull("rel", targets="all"):
@@ -682,7 +682,7 @@ def test_raw_shm_push_is_accepted(cluster2, raw, mec_tls, offset):
     finally:
         os.close(fd)
     assert (kind, req_id, status) == (K_PUSH, rid, 0), (kind, req_id, status, parts[:1])
-    assert_same_array(mec_tls.pull("rawok", targets=0), a)
+    assert_same_array(mec_tls.pull("rawok", targets=0)[0], a)
     assert raw.get_ids() == ENGINES
 
 
@@ -704,7 +704,7 @@ def test_untrusted_fd_gets_eacces_and_the_connection_stays(cluster2, raw, mec_tl
     assert status == EACCES, (status, parts[:1])
     assert parts and parts[0], "the refusal says why"
     assert raw.get_ids() == ENGINES  # still open, and exactly one reply came
-    assert name not in mec_tls.keys(targets=0)
+    assert name not in mec_tls.keys(targets=0)[0]
 
 
 # name -> (parts after the pickle head, table entries): each breaks one rule
@@ -794,7 +794,7 @@ def test_a_normal_client_works_after_the_refusals(cluster2):
         assert m.shm is True
         a = floats(8 * MIB, 12)
         m.push(dict(after=a), targets=0)
-        assert_same_array(m.pull("after", targets=0), a)
+        assert_same_array(m.pull("after", targets=0)[0], a)
     finally:
         m.close()
 
@@ -873,6 +873,6 @@ def test_controller_lets_go_of_idle_client_memfds(cluster2, controller_pid):
         assert client_memfd_mappings(controller_pid), "the push did not go through a mapped memfd"
         wait_for(lambda: not client_memfd_mappings(controller_pid), 25, interval=0.5,
                  what="the controller unmapping the client's idle memfds")
-        assert_same_array(m.pull("idle_map", targets=0), a)
+        assert_same_array(m.pull("idle_map", targets=0)[0], a)
     finally:
         m.close()

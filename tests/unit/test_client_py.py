@@ -137,9 +137,9 @@ def test_resultlist_repr_is_ipython_0x_form():
                         '[1] Out[1]: Hello World\n\n')
 
 
-def test_resultlist_repr_adds_newline_after_stdout_without_one_and_shows_stderr():
+def test_resultlist_repr_is_ipython_0_10s_for_stdout_without_newline_and_stderr():
     rl = client.ResultList([{"id": 2, "number": 3, "input": "x", "stdout": "abc", "stderr": "warn\n"}])
-    assert repr(rl) == "<Results List>\n[2] In [3]: x\n[2] Out[3]: abc\n\n[2] Err[3]:\nwarn\n"
+    assert repr(rl) == "<Results List>\n[2] In [3]: x\n[2] Out[3]: abc\n[2] Err[3]:\n warn\n"
     assert repr(client.ResultList([{"id": 0, "number": 4, "input": "a=1", "stdout": "", "stderr": ""}])) == \
         "<Results List>\n[0] In [4]: a=1\n"
 
@@ -160,7 +160,7 @@ def test_scatter_partitions_are_contiguous_and_balanced():
     parts = client._partition(list(range(10)), 3)
     assert parts == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert client._partition(range(2), 4) == [[0], [1], [], []]
-    assert client._partition((1, 2, 3), 2) == [[1, 2], [3]]
+    assert client._partition((1, 2, 3), 2) == [(1, 2), (3,)]
 
 
 def test_scatter_slices_numpy_arrays_without_copy():
@@ -191,12 +191,19 @@ def test_engine_error_classes():
     assert str(e) == "engine 1 died (rank 2): PROC ABORTED BY SIGNAL (IPMPI_EDEAD)" and e.code == _ipmpi.EDEAD
 
 
-def test_one_failure_raises_it_with_the_successes():
+def test_one_failure_of_several_is_a_composite_error_with_the_successes():
     replies = [(0, 0, [meta(0, out="ok")]),
                (1, _ipmpi.EREMOTE, [meta(1, etype="NameError", evalue="name 'x' is not defined", traceback="tb")])]
+    with pytest.raises(client.CompositeError) as ei:
+        client._engine_results(replies, lambda m, p: m, "execute")
+    assert ei.value.errors[0].engine_id == 1 and ei.value.results[0]["stdout"] == "ok"
+    assert str(ei.value) == ("one or more exceptions from call to method: execute\n"
+                             "[1:execute]: NameError: name 'x' is not defined")
+    with pytest.raises(NameError):
+        ei.value.raise_exception()
     with pytest.raises(client.RemoteError) as ei:
-        client._engine_results(replies, lambda m, p: m)
-    assert ei.value.engine_id == 1 and ei.value.results[0]["stdout"] == "ok"
+        client._engine_results(replies[1:], lambda m, p: m)
+    assert ei.value.engine_id == 1
 
 
 def test_several_failures_raise_composite_error_with_controller_errors_too():
@@ -209,7 +216,7 @@ def test_several_failures_raise_composite_error_with_controller_errors_too():
     ce = ei.value
     assert [type(e) for e in ce.errors] == [client.DeadEngineError, client.RemoteError, client.AbortedError]
     assert ce.results == [0]
-    assert "engine 2: ValueError: v" in str(ce)
+    assert "[2:?]: ValueError: v" in str(ce)
     with pytest.raises(client.DeadEngineError):
         ce.raise_exception()
 
@@ -512,7 +519,7 @@ def test_mec_execute_pull_and_errors_over_the_wire(fake, tmp_path):
         assert repr(r).startswith('<Results List>\n[0] In [1]: print("Hello World")\n[0] Out[1]: Hello World\n')
         pending = mec.pull("a", block=False)
         assert pending.get_result() == [0, 10]
-        with pytest.raises(client.RemoteError, match="engine 1: ZeroDivisionError") as ei:
+        with pytest.raises(client.CompositeError, match=r"\[1:execute\]: ZeroDivisionError") as ei:
             mec.execute("1/0")
         assert ei.value.results[0]["id"] == 0
 
@@ -536,3 +543,60 @@ def test_task_client_offers_only_what_works(fake):
     assert tc.get_ids() == [0, 1, 2]
     assert not hasattr(tc, "execute")
     tc.close()
+
+
+# ---------------------------------------------------------------- IPython 0.10 forms (issue 8)
+
+def test_result_dict_has_ipython_0_10s_keys_and_order():
+    r = client._result_dict({"id": 3, "kind": "execute", "number": 5, "input": "d=10; print(d)",
+                             "stdout": "10\n", "stderr": ""})
+    assert str(r) == ("{'input': {'translated': 'd=10; print(d)', 'raw': 'd=10; print(d)'}, "
+                      "'number': 5, 'id': 3, 'stdout': '10\\n'}")
+    assert r["stderr"] == "" and "stderr" not in r
+    with pytest.raises(KeyError):
+        r["nope"]
+
+
+def test_composite_error_prints_tracebacks_and_reraises_the_original_type(capsys):
+    errs = [client.RemoteError(0, "ZeroDivisionError", "division by zero", "Traceback...\nZeroDivisionError\n",
+                               {"etype": "ZeroDivisionError", "evalue": "division by zero",
+                                "traceback": "Traceback...\nZeroDivisionError\n"}),
+            client.DeadEngineError(_ipmpi.EDEAD, "engine 2 died", 2)]
+    ce = client._composite(errs, [], "execute")
+    assert str(ce) == ("one or more exceptions from call to method: execute\n"
+                       "[0:execute]: ZeroDivisionError: division by zero\n"
+                       "[2:execute]: DeadEngineError: engine 2 died (IPMPI_EDEAD)")
+    ce.print_tracebacks()
+    assert capsys.readouterr().out == ("[0:execute]: \nTraceback...\nZeroDivisionError\n\n"
+                                       "[2:execute]: \nengine 2 died (IPMPI_EDEAD)\n\n")
+    with pytest.raises(ZeroDivisionError):
+        ce.raise_exception()
+    with pytest.raises(client.DeadEngineError):
+        ce.raise_exception(1)
+    with pytest.raises(IndexError):
+        ce.raise_exception(2)
+
+
+def test_partition_refuses_unsized_iterables_and_keeps_sequence_types():
+    with pytest.raises(TypeError, match="generator"):
+        client._partition((x for x in range(3)), 2)
+    assert client._partition(range(5), 2) == [[0, 1, 2], [3, 4]]
+    assert client._partition((1, 2, 3), 2) == [(1, 2), (3,)]
+
+
+def test_map_chunk_runs_a_function_or_a_name():
+    assert client._map_chunk(abs, [-1, 2], False) == [1, 2]
+    assert client._map_chunk(lambda a, b: a * b, [(2, 3), (4, 5)], True) == [6, 20]
+    assert client._map_chunk("abs", [-3], False) == [3]
+
+
+def test_px_cell_options():
+    from ipmpi import magic
+    assert magic._cell_args("") == (None, None)
+    assert magic._cell_args("--targets 0,2 --noblock") == ([0, 2], False)
+    assert magic._cell_args("--targets [1, 3]") == ([1, 3], None)
+    assert magic._cell_args("--targets=all --block") == ("all", True)
+    assert magic._cell_args("--targets 2") == (2, None)
+    for bad in ("--targets", "--targets nine", "--bogus"):
+        with pytest.raises(ValueError):
+            magic._cell_args(bad)

@@ -1,21 +1,24 @@
-"""Start, watch and stop an ipmpi cluster on this host (the `ipcluster` command).
+"""Start, watch and stop an ipmpi cluster (the `ipcluster` command).
 
-A cluster is one MPI job: `mpirun --enable-recovery -n N+1 ipmpi ...` puts the
-controller on rank 0 and N engines on ranks 1..N. `Cluster` starts that job in
-a session of its own (so every process of it can be found and stopped, even
-the ranks, which Open MPI puts in process groups of their own), waits until
-the controller has written its furl files and answers with N engines, and
-records the job in $IPMPI_DIR/run/ipcluster.json so that a later
-`ipcluster stop` or `ipcluster status`, in another process, finds it.
+A cluster is one MPI job: the controller on rank 0 and N engines on ranks
+1..N. How the job is started is a launcher's business (ipmpi.launchers: one
+per mode: local, mpirun, mpiexec, slurm, pbs, ssh); `Cluster` picks the
+launcher, waits until the controller has written its furl files and answers
+with N engines (or reports, at the timeout, the job's log tail and the
+scheduler's state), and records the job in $IPMPI_DIR/run/ipcluster.json so
+that a later `ipcluster stop` or `ipcluster status`, in another process,
+finds it whatever kind of job it is.
 
 Stopping asks the controller to shut the job down (MultiEngineClient.shutdown)
-and, if that does not end it in time, signals every process of the job's
-session: SIGTERM, then SIGKILL. Nothing of a job is left running after
-stop(), nor after a start() that failed.
+and, if that does not end it in time, has the launcher end it by force:
+signals to every process of the job's session (mpirun, ssh), scancel or qdel
+(batch jobs). Nothing of a job is left running or queued after stop(), nor
+after a start() that failed.
 
 Used by the `ipcluster` script (main), by the system tests and by the
 benchmarks. Not thread-safe: one Cluster object belongs to one thread.
 """
+
 import argparse
 import ipaddress
 import json
@@ -25,19 +28,19 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
+
+from ipmpi.launchers import MODES, REFUSED, launcher_class
+from ipmpi.launchers.base import (ClusterError, LaunchSpec, job_processes, proc_stat as _proc_stat,
+                                  signal_session as _signal_session, tail as _tail)
+from ipmpi.launchers.jobstep import INFO as JOB_INFO, SCRIPT_STATUS
 
 MEC_FURL = "ipcontroller-mec.furl"
 TC_FURL = "ipcontroller-tc.furl"
 RUN_FILE = "ipcluster.json"
 
 __all__ = ["Cluster", "ClusterError", "main", "default_ipmpi_dir", "job_processes"]
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be started, found or stopped; the message says why."""
 
 
 def default_ipmpi_dir():
@@ -53,75 +56,6 @@ def _split_args(args):
     if isinstance(args, str):
         return shlex.split(args)
     return [str(a) for a in args]
-
-
-def _proc_stat(pid):
-    """(state, ppid, pgrp, session, utime, stime) of pid from /proc, or None.
-
-    The command name in /proc/PID/stat may hold spaces and parentheses, so
-    the fields are split after its last ')'.
-    """
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    rest = data[data.rfind(")") + 2:].split()
-    try:
-        return (rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[11]), int(rest[12]))
-    except (IndexError, ValueError):
-        return None
-
-
-def _alive(pid):
-    """True while pid is a process that has not exited.
-
-    A zombie counts as exited: on machines whose init does not reap
-    orphans, an mpirun whose ipcluster parent returned stays a zombie.
-    """
-    st = _proc_stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def job_processes(sid):
-    """PIDs of the live (non-zombie) processes in session sid.
-
-    mpirun is started as a session leader, so its session holds mpirun and
-    every rank it forked, whatever process groups Open MPI gives them.
-    """
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        st = _proc_stat(int(name))
-        if st is not None and st[3] == sid and st[0] not in ("Z", "X"):
-            pids.append(int(name))
-    return pids
-
-
-def _signal_session(sid, sig):
-    """Sends sig to every live process of session sid; returns how many it reached."""
-    n = 0
-    for pid in job_processes(sid):
-        try:
-            os.kill(pid, sig)
-            n += 1
-        except (ProcessLookupError, PermissionError):
-            pass
-    return n
-
-
-def _tail(path, lines=30):
-    """The last lines of a text file, or a note that it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 16384))
-            text = f.read().decode("utf-8", "replace")
-    except OSError as e:
-        return "(cannot read %s: %s)" % (path, e.strerror)
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
 def furl_host(furl_text):
@@ -173,16 +107,27 @@ def find_ipmpi(ipmpi_bin=None, bindir=None):
 _script_bindir = None
 
 
-class Cluster:
-    """One ipmpi job on this host: a controller and n engines under mpirun.
 
-    with Cluster(n=4) as c:
+class Cluster:
+    """One ipmpi job: a controller and n engines, started by a launcher.
+
+    with Cluster(n=4) as c:                       # mpirun on this host
         mec = c.client()
-        ...
+    Cluster(n=16, mode="slurm", queue="debug")    # an sbatch job
+    Cluster(mode="ssh", clusterfile="hosts.py")   # engines on other hosts
+
+    mode is one of ipmpi.launchers.MODES. mpi="mpi4py" gives every engine
+    `comm` (the engines-only communicator) and `MPI`; bind is the engines'
+    placement (auto, core, numa, none). script: a client script the job
+    runs once its engines answer; the job ends with it (wait_script()).
     """
 
     def __init__(self, n=4, ipmpi_dir=None, mpirun_args=(), client_ip=None, client_port=None,
-                 engine_args=(), ipmpi_bin=None):
+                 engine_args=(), ipmpi_bin=None, mode="mpirun", mpi=None, bind=None, script=None,
+                 queue=None, template=None, walltime=None, job_name=None, scheduler_args=(),
+                 clusterfile=None, logdir=None):
+        self.mode = mode
+        self.launcher_cls = launcher_class(mode)
         if int(n) < 1:
             raise ValueError("a cluster needs at least one engine (n >= 1)")
         self.n = int(n)
@@ -192,16 +137,36 @@ class Cluster:
         self.client_ip = client_ip
         self.client_port = client_port
         self.ipmpi_bin = ipmpi_bin
+        self.mpi = mpi
+        self.bind = bind
+        self.script = os.path.abspath(script) if script else None
+        self.logdir = os.path.abspath(os.path.expanduser(logdir)) if logdir else None
         self.security_dir = os.path.join(self.ipmpi_dir, "security")
         self.log_dir = os.path.join(self.ipmpi_dir, "log")
         self.run_dir = os.path.join(self.ipmpi_dir, "run")
         self.mec_furl = os.path.join(self.security_dir, MEC_FURL)
         self.tc_furl = os.path.join(self.security_dir, TC_FURL)
         self.run_file = os.path.join(self.run_dir, RUN_FILE)
-        self.pid = None          # mpirun's pid, also the job's session and process group id
-        self.mpirun_log = None
-        self._proc = None        # the Popen when this object started the job
+        self.spec = LaunchSpec(self.n, self.ipmpi_dir, mpirun_args=self.mpirun_args,
+                               log_dir=self.log_dir, run_dir=self.run_dir, script=self.script,
+                               queue=queue, template=template, walltime=walltime, job_name=job_name,
+                               scheduler_args=_split_args(scheduler_args), clusterfile=clusterfile,
+                               python=sys.executable)
+        self.launcher = None
         self._started_at = None
+
+    # ---- compatibility with the one-mode Cluster ------------------------------
+
+    @property
+    def pid(self):
+        """The pid of the job's leader on this host (mpirun, or the job step
+        with --script), or None for batch jobs."""
+        return self.launcher.local_pid() if self.launcher else None
+
+    @property
+    def mpirun_log(self):
+        logs = self.launcher.logs() if self.launcher else []
+        return logs[0] if logs else None
 
     # ---- the job record in DIR/run/ipcluster.json -------------------------
 
@@ -212,26 +177,32 @@ class Cluster:
         Raises ClusterError if there is no run file. The job may have ended
         since; check running().
         """
-        c = cls(n=1, ipmpi_dir=ipmpi_dir)
+        d = os.path.abspath(os.path.expanduser(ipmpi_dir or default_ipmpi_dir()))
+        run_file = os.path.join(d, "run", RUN_FILE)
         try:
-            with open(c.run_file) as f:
+            with open(run_file) as f:
                 rec = json.load(f)
         except FileNotFoundError:
-            raise ClusterError("no cluster is running in %s (no %s)" % (c.ipmpi_dir, c.run_file)) from None
+            raise ClusterError("no cluster is running in %s (no %s)" % (d, run_file)) from None
         except (OSError, ValueError) as e:
-            raise ClusterError("cannot read %s: %s" % (c.run_file, e)) from None
-        c.n = int(rec.get("n", 1))
-        c.pid = int(rec["pid"])
-        c.mpirun_log = rec.get("mpirun_log")
+            raise ClusterError("cannot read %s: %s" % (run_file, e)) from None
+        lrec = rec.get("launcher") or {"mode": "mpirun", "pid": rec.get("pid"),
+                                       "log": rec.get("mpirun_log")}
+        c = cls(n=max(1, int(rec.get("n", 1))), ipmpi_dir=d, mode=lrec.get("mode", "mpirun"))
         c.mec_furl = rec.get("mec_furl", c.mec_furl)
         c.tc_furl = rec.get("tc_furl", c.tc_furl)
         c._started_at = rec.get("started")
+        c.script = rec.get("script")
+        c.launcher = c.launcher_cls.from_record(c.spec, lrec)
         return c
 
-    def _write_run_file(self, cmd):
-        rec = {"pid": self.pid, "pgid": self.pid, "sid": self.pid, "n": self.n,
-               "mec_furl": self.mec_furl, "tc_furl": self.tc_furl, "ipmpi_dir": self.ipmpi_dir,
-               "mpirun_log": self.mpirun_log, "started": self._started_at, "command": cmd}
+    def _write_run_file(self):
+        pid = self.pid
+        rec = {"mode": self.mode, "pid": pid, "pgid": pid, "sid": pid, "n": self.n,
+               "job_id": self.launcher.job_id(), "mec_furl": self.mec_furl, "tc_furl": self.tc_furl,
+               "ipmpi_dir": self.ipmpi_dir, "mpirun_log": self.mpirun_log, "started": self._started_at,
+               "script": self.script, "command": getattr(self.launcher, "command", None),
+               "launcher": self.launcher.record()}
         tmp = self.run_file + ".tmp.%d" % os.getpid()
         with open(tmp, "w") as f:
             json.dump(rec, f, indent=1)
@@ -243,7 +214,7 @@ class Cluster:
             with open(self.run_file) as f:
                 rec = json.load(f)
             # Only our own record: never remove another job's.
-            if int(rec.get("pid", -1)) != self.pid:
+            if str(rec.get("job_id", rec.get("pid"))) != str(self.launcher.job_id()):
                 return
         except (OSError, ValueError):
             return
@@ -253,31 +224,46 @@ class Cluster:
             pass
 
     def running(self):
-        """True while this job's mpirun is alive."""
-        if self.pid is None:
-            return False
-        if self._proc is not None:
-            return self._proc.poll() is None
-        st = _proc_stat(self.pid)
-        # mpirun was started as a session leader: a live pid that is not the
-        # leader of its own session is another process that reused the pid.
-        return st is not None and st[0] not in ("Z", "X") and st[3] == self.pid
+        """True while this job exists (running, or queued for a batch job)."""
+        return self.launcher is not None and self.launcher.alive()
+
+    def job_info(self):
+        """What the job step recorded inside a batch job (host, scheduler ids), or {}."""
+        try:
+            with open(os.path.join(self.run_dir, JOB_INFO)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
 
     # ---- start ------------------------------------------------------------
 
-    def command(self):
-        """The mpirun command line this cluster runs."""
-        exe = find_ipmpi(self.ipmpi_bin, _script_bindir)
-        cmd = ["mpirun", "--enable-recovery"]
-        if self.n + 1 > (os.cpu_count() or 1) and "--oversubscribe" not in self.mpirun_args:
-            cmd.append("--oversubscribe")
-        cmd += ["-n", str(self.n + 1)] + self.mpirun_args
-        cmd += [exe, "--ipmpi-dir", self.ipmpi_dir]
+    def rank_args(self):
+        """ipmpi's options for every rank."""
+        args = ["--ipmpi-dir", self.ipmpi_dir]
         if self.client_ip:
-            cmd += ["--client-ip", str(self.client_ip)]
+            args += ["--client-ip", str(self.client_ip)]
         if self.client_port:
-            cmd += ["--client-port", str(int(self.client_port))]
-        return cmd + self.engine_args
+            args += ["--client-port", str(int(self.client_port))]
+        if self.mpi:
+            args += ["--mpi", self.mpi]
+        if self.bind:
+            args += ["--bind", self.bind]
+        return args + self.engine_args
+
+    def _prepare_spec(self):
+        self.spec.n = self.n
+        self.spec.exe = find_ipmpi(self.ipmpi_bin, _script_bindir)
+        self.spec.ipmpi_args = self.rank_args()
+
+    def command(self):
+        """The command line this cluster runs (the mpirun one; a batch mode's
+        job script runs it inside the allocation)."""
+        self._prepare_spec()
+        lc = self.launcher_cls(self.spec)
+        if hasattr(lc, "build_command") and self.mode != "ssh":
+            return lc.build_command()
+        from ipmpi.launchers.mpirun import mpirun_command
+        return mpirun_command(self.spec)
 
     def _check_not_running(self):
         try:
@@ -285,63 +271,82 @@ class Cluster:
         except ClusterError:
             return
         if other.running():
-            raise ClusterError("a cluster is already running in %s (mpirun pid %d); stop it first "
+            raise ClusterError("a cluster is already running in %s (%s); stop it first "
                                "with: ipcluster stop --ipmpi-dir %s"
-                               % (self.ipmpi_dir, other.pid, shlex.quote(self.ipmpi_dir)))
+                               % (self.ipmpi_dir, other.launcher.describe(), shlex.quote(self.ipmpi_dir)))
         # A stale record of a job that ended without ipcluster stop: clean
         # up whatever of it is left, then start afresh.
-        _signal_session(other.pid, signal.SIGKILL)
+        try:
+            other.launcher.stop(timeout=10)
+        except ClusterError:
+            pass
         try:
             os.unlink(self.run_file)
         except FileNotFoundError:
             pass
 
+    def _use_logdir(self):
+        """--logdir: DIR/log becomes a link to it, so every rank logs there too."""
+        if not self.logdir:
+            return
+        os.makedirs(self.logdir, mode=0o700, exist_ok=True)
+        if os.path.islink(self.log_dir):
+            if os.path.realpath(self.log_dir) == os.path.realpath(self.logdir):
+                return
+            os.unlink(self.log_dir)
+        elif os.path.isdir(self.log_dir):
+            if os.listdir(self.log_dir):
+                raise ClusterError("--logdir %s: %s already holds logs; move them away or remove it "
+                                   "(ipmpi's ranks log into DIR/log, which --logdir makes a link)"
+                                   % (self.logdir, self.log_dir))
+            os.rmdir(self.log_dir)
+        os.symlink(self.logdir, self.log_dir)
+
     def start(self, timeout=120):
         """Starts the job; returns when all n engines answer. Raises ClusterError.
 
-        On any failure the job is killed (every process of its session) and
-        the error carries the tail of the controller's and mpirun's logs.
+        On any failure the job is ended (killed, or cancelled in its
+        queue) and the error carries the tails of the controller's and the
+        launcher's logs and, for batch jobs, the scheduler's state.
         """
         if self.running():
-            raise ClusterError("this cluster is already started (mpirun pid %d)" % self.pid)
+            raise ClusterError("this cluster is already started (%s)" % self.launcher.describe())
         self._check_not_running()
-        for d in (self.ipmpi_dir, self.run_dir, self.log_dir):
+        os.makedirs(self.ipmpi_dir, mode=0o700, exist_ok=True)
+        self._use_logdir()
+        for d in (self.run_dir, self.log_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         os.makedirs(self.security_dir, mode=0o700, exist_ok=True)
         os.chmod(self.security_dir, 0o700)
-        # A furl left by a job that died must not be taken for the new one's.
-        for p in (self.mec_furl, self.tc_furl):
+        # A furl or job record left by a job that died must not be taken for
+        # the new one's.
+        for p in (self.mec_furl, self.tc_furl, os.path.join(self.run_dir, JOB_INFO),
+                  os.path.join(self.run_dir, SCRIPT_STATUS)):
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
-
-        cmd = self.command()
-        env = dict(os.environ)
-        if os.geteuid() == 0:
-            env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
-            env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-        # mpirun's pid is known only once it runs: the log is opened under a
-        # provisional name and renamed (the open descriptor stays valid).
-        provisional = os.path.join(self.log_dir, "ipcluster-mpirun-starting-%d.log" % os.getpid())
+        self._prepare_spec()
+        self.spec.ready_timeout = timeout
         self._started_at = time.time()
-        with open(provisional, "ab") as log:
-            try:
-                self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                              stderr=subprocess.STDOUT, env=env,
-                                              start_new_session=True)
-            except OSError as e:
-                os.unlink(provisional)
-                raise ClusterError("cannot run mpirun (%s): install openmpi-bin" % e) from None
-        self.pid = self._proc.pid
-        self.mpirun_log = os.path.join(self.log_dir, "ipcluster-mpirun-%d.log" % self.pid)
-        os.replace(provisional, self.mpirun_log)
+        self.launcher = self.launcher_cls(self.spec)
+        self.launcher.start()
+        self.n = self.spec.n          # the ssh mode takes it from the clusterfile
         try:
-            self._write_run_file(cmd)
-            self._wait_ready(timeout)
+            self._write_run_file()
+            try:
+                self._wait_ready(timeout)
+            except ClusterError:
+                # With a script the job step may see the engines, run a
+                # short script and end the job before this process looked:
+                # the script's status says the job did get ready.
+                if not (self.script and self._script_status() is not None):
+                    raise
         except BaseException:
-            self._kill()
-            self._remove_run_file()
+            try:
+                self.launcher.stop(timeout=30)
+            finally:
+                self._remove_run_file()
             raise
         return self
 
@@ -364,28 +369,47 @@ class Cluster:
         return best
 
     def diagnostics(self):
-        """Text with the tails of the controller log and the mpirun log."""
+        """Text with the tails of the controller log and the launcher's logs."""
         out = []
         clog = self._controller_log()
         if clog:
             out.append("--- controller log %s (tail) ---\n%s" % (clog, _tail(clog)))
         else:
             out.append("--- no controller log in %s ---" % self.log_dir)
-        if self.mpirun_log:
-            out.append("--- mpirun log %s (tail) ---\n%s" % (self.mpirun_log, _tail(self.mpirun_log)))
+        if self.launcher is not None:
+            label = "mpirun" if self.mode in ("mpirun", "mpiexec", "local", "ssh") else self.mode + " job output"
+            seen = False
+            for p in self.launcher.logs():
+                if os.path.exists(p) and (os.path.getsize(p) or not seen):
+                    out.append("--- %s log %s (tail) ---\n%s" % (label, p, _tail(p)))
+                    seen = True
+            if not seen:
+                out.append("--- no output from the job yet (%s) ---" % ", ".join(self.launcher.logs()))
         return "\n".join(out)
 
     def _wait_ready(self, timeout):
         deadline = time.monotonic() + timeout
         delay = 0.01
+        # Asking a scheduler costs a process and a round trip: not every turn.
+        batch = self.mode in ("slurm", "pbs")
+        next_poll = 0.0
         while not (os.path.exists(self.mec_furl) and os.path.exists(self.tc_furl)):
-            rc = self._proc.poll()
-            if rc is not None:
-                raise ClusterError("mpirun exited with status %d before the engines were ready\n%s"
-                                   % (rc, self.diagnostics()))
-            if time.monotonic() >= deadline:
-                raise ClusterError("the cluster was not ready after %g s (no furl files in %s)\n%s"
-                                   % (timeout, self.security_dir, self.diagnostics()))
+            now = time.monotonic()
+            if now >= next_poll:
+                if not self.launcher.alive():
+                    rc = getattr(self.launcher, "exit_status", lambda: None)()
+                    if rc is not None:
+                        raise ClusterError("%s exited with status %d before the engines were ready\n%s"
+                                           % (self.launcher.program, rc, self.diagnostics()))
+                    raise ClusterError("the %s ended before the engines were ready (%s)\n%s"
+                                       % (self.launcher.describe(), self.launcher.state(),
+                                          self.diagnostics()))
+                next_poll = now + (1.0 if batch else 0.0)
+            if now >= deadline:
+                state = self.launcher.state()
+                raise ClusterError("the cluster was not ready after %g s: %s %s (no furl files in %s)\n%s"
+                                   % (timeout, self.launcher.describe(), state, self.security_dir,
+                                      self.diagnostics()))
             time.sleep(delay)
             delay = min(delay * 1.5, 0.2)
         remaining = max(1.0, deadline - time.monotonic())
@@ -407,76 +431,80 @@ class Cluster:
         from ipmpi import client
         return client.MultiEngineClient(furl_file=self.mec_furl, **kw)
 
+    def wait_script(self, timeout=None):
+        """With script=: waits until the job ends; returns the script's exit
+        status (None if it never ran, with the reason in the logs)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll = 1.0 if self.mode in ("slurm", "pbs") else 0.05
+        while self.running():
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ClusterError("the job's script was still running after %g s" % timeout)
+            time.sleep(poll)
+        status = self._script_status()
+        self.stop(timeout=10)
+        return status
+
+    def _script_status(self):
+        """The exit status the job step recorded for the script, or None."""
+        try:
+            with open(os.path.join(self.run_dir, SCRIPT_STATUS)) as f:
+                return json.load(f).get("status")
+        except (OSError, ValueError):
+            return None
+
     # ---- stop -------------------------------------------------------------
 
     def _wait_exit(self, timeout):
-        """Waits up to timeout for mpirun to exit; True if it did."""
+        """Waits up to timeout for the job to end; True if it did."""
+        if hasattr(self.launcher, "wait"):
+            return self.launcher.wait(timeout)
         deadline = time.monotonic() + timeout
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=max(0.0, timeout))
-                return True
-            except subprocess.TimeoutExpired:
-                return False
         while self.running():
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.05)
+            time.sleep(0.2)
         return True
 
     def _kill(self):
-        """SIGTERM, then SIGKILL, to every process of the job's session; reaps mpirun."""
-        if self.pid is None:
-            return
-        if _signal_session(self.pid, signal.SIGTERM):
-            self._wait_exit(3.0)
-        _signal_session(self.pid, signal.SIGKILL)
-        self._wait_exit(5.0)
-        self._wait_session_empty(5.0)
-
-    def _wait_session_empty(self, timeout):
-        deadline = time.monotonic() + timeout
-        while job_processes(self.pid):
-            if time.monotonic() >= deadline:
-                _signal_session(self.pid, signal.SIGKILL)
-                return False
-            time.sleep(0.05)
-        return True
+        """Ends the job by force (signals, scancel, qdel); nothing of it is left."""
+        if self.launcher is not None:
+            self.launcher.stop(timeout=30)
 
     def stop(self, timeout=20):
-        """Stops the job: shutdown request, then signals after timeout seconds.
+        """Stops the job: shutdown request, then the launcher's force after timeout seconds.
 
         Returns True if the job stopped cleanly on its own, False if it had
-        to be killed. No process of the job survives either way.
+        to be killed or cancelled. No process of the job survives either
+        way, and no batch job stays queued.
         """
-        if self.pid is None:
+        if self.launcher is None:
             return True
         clean = True
         deadline = time.monotonic() + timeout
         if self.running():
-            try:
-                mec = self.client(timeout=min(5.0, timeout), connect_timeout=min(5.0, timeout))
+            if os.path.exists(self.mec_furl):
                 try:
-                    mec.shutdown()
-                finally:
+                    mec = self.client(timeout=min(5.0, timeout), connect_timeout=min(5.0, timeout))
                     try:
-                        mec.close()
-                    except Exception:
-                        pass
-            except Exception:
-                # The controller may be gone or wedged: the signals below
-                # end the job all the same.
+                        mec.shutdown()
+                    finally:
+                        try:
+                            mec.close()
+                        except Exception:
+                            pass
+                except Exception:
+                    # The controller may be gone or wedged (or the job still
+                    # queued): the launcher's force ends it all the same.
+                    clean = False
+            else:
                 clean = False
             if not self._wait_exit(max(0.0, deadline - time.monotonic())):
                 clean = False
-        # Engines that outlive mpirun, or a job that never answered: signal
-        # the whole session, so nothing of it is left.
-        if job_processes(self.pid):
-            if self.running():
-                clean = False
-            self._kill()
-        elif self._proc is not None:
-            self._proc.wait()
+        if self.running():
+            clean = False
+        # Whatever is left (engines that outlive mpirun, a job that never
+        # answered, a batch job still queued): the launcher ends it.
+        self.launcher.stop(timeout=30)
         for p in (self.mec_furl, self.tc_furl):
             # A furl of a stopped job only misleads clients.
             try:
@@ -496,55 +524,141 @@ class Cluster:
         return False
 
     def __repr__(self):
-        return "<Cluster n=%d dir=%s pid=%s %s>" % (self.n, self.ipmpi_dir, self.pid,
-                                                     "running" if self.running() else "stopped")
+        return "<Cluster %s n=%d dir=%s %s %s>" % (
+            self.mode, self.n, self.ipmpi_dir, self.launcher.describe() if self.launcher else "-",
+            "running" if self.running() else "stopped")
 
 
 # ---- the ipcluster command ---------------------------------------------------
 
 _USAGE = """\
 ipcluster mpirun -n N [options]   start a controller and N engines on this host
-ipcluster -n N [options]          the same
-ipcluster stop [--ipmpi-dir D]    stop the cluster running in D
-ipcluster status [--ipmpi-dir D]  tell whether a cluster runs in D
+       ipcluster local|mpiexec -n N [options]   the same (IPython 0.10's names)
+       ipcluster slurm -n N [-p PARTITION] [-s SCRIPT] [--sbatch-args ARGS]   as an sbatch job
+       ipcluster pbs -n N [-q QUEUE] [-s SCRIPT]   as a qsub job
+       ipcluster ssh --clusterfile FILE  engines on the hosts the file names
+       ipcluster -n N [options]          the same as ipcluster mpirun
+       ipcluster stop [--ipmpi-dir D]    stop the cluster running in D
+       ipcluster status [--ipmpi-dir D]  the job, its scheduler state and its engines
+       ipcluster MODE --help             the options of one mode
 
-`ipcluster mpirun` returns once every engine is ready; the job keeps running
-in the background until `ipcluster stop`.
+Every mode returns once every engine is ready (with --script: once the
+script has run and the job has ended); the job keeps running in the
+background until `ipcluster stop`. See ipcluster(1) and the user guide.
 """
+
+
+_MODE_HELP = {
+    "local": ("start a cluster on this host (IPython 0.10's local mode: one MPI job here)",
+              "Start a controller and N engines on this host as one MPI job "
+              "(mpirun --enable-recovery -n N+1 ipmpi) and return once every engine is ready."),
+    "mpirun": ("start a cluster with mpirun",
+               "Start a controller and N engines on this host as one MPI job "
+               "(mpirun --enable-recovery -n N+1 ipmpi) and return once every "
+               "engine is ready; the job runs on until `ipcluster stop`."),
+    "mpiexec": ("start a cluster with mpiexec",
+                "As mpirun, with the command named mpiexec (IPython 0.10 treats them alike)."),
+    "slurm": ("submit the cluster as a Slurm batch job (sbatch)",
+              "Fill a job template (default slurm/ipmpi.sbatch), submit it with sbatch and return "
+              "once the job runs and every engine answers. Inside the allocation the job runs "
+              "mpirun --enable-recovery, so an engine's death does not end it."),
+    "pbs": ("submit the cluster as a PBS batch job (qsub)",
+            "Fill a job template (default pbs/ipmpi.pbs), submit it with qsub and return once the "
+            "job runs and every engine answers. Works under Torque/PBS Pro and Slurm's qsub wrapper."),
+    "ssh": ("start engines on other hosts over ssh (IPython 0.10 clusterfile)",
+            "One MPI job: the controller on this host, the engines on the hosts of the clusterfile "
+            "(engines = {'host': n, ...}), started by mpirun's ssh launcher from a generated hostfile."),
+}
 
 
 def _parser():
     p = argparse.ArgumentParser(prog="ipcluster", usage=_USAGE,
                                 description="Start and stop ipmpi clusters (one MPI job: "
                                             "controller on rank 0, engines on ranks 1..N).")
-    sub = p.add_subparsers(dest="cmd", metavar="{mpirun,stop,status}")
+    sub = p.add_subparsers(dest="cmd", metavar="{local,mpirun,mpiexec,slurm,pbs,ssh,stop,status}",
+                           prog="ipcluster")
     sub.required = True
 
     def common(sp):
         sp.add_argument("--ipmpi-dir", metavar="D", default=None,
                         help="profile directory (default $IPMPI_DIR or ~/.ipmpi)")
 
-    m = sub.add_parser("mpirun", help="start a cluster with mpirun")
-    m.add_argument("-n", "--n", type=int, default=4, metavar="N", help="number of engines (default 4)")
-    m.add_argument("--mpirun-args", default="", metavar="ARGS",
-                   help='extra arguments for mpirun, one quoted string (e.g. "--bind-to none")')
-    m.add_argument("--client-ip", default=None, metavar="ADDR",
-                   help="address the controller listens on and writes into the furls")
-    m.add_argument("--client-port", type=int, default=None, metavar="PORT",
-                   help="fixed client port; the furls then stay the same across restarts")
-    m.add_argument("--engine-args", default="", metavar="ARGS",
-                   help='extra arguments for every ipmpi rank, e.g. --engine-args="--mpi mpi4py"')
-    m.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="seconds to wait for the engines (default 120)")
-    m.add_argument("--ipmpi-bin", default=None, metavar="PATH",
-                   help="the ipmpi executable (default $IPMPI_BIN, then the installed one)")
-    common(m)
+    def start_options(m, mode):
+        m.add_argument("-n", "--n", type=int, default=None, metavar="N",
+                       help="number of engines (default 4; ssh: the clusterfile's sum)")
+        m.add_argument("--mpi", choices=("mpi4py", "none"), default=None,
+                       help="mpi4py: every engine gets `comm` (engines only) and `MPI`")
+        m.add_argument("--bind", choices=("auto", "core", "numa", "none"), default=None,
+                       help="engine placement with hwloc (default auto: keep a launcher's binding, "
+                            "else one core each, spread over packages/NUMA nodes first)")
+        m.add_argument("--mpirun-args", default="", metavar="ARGS",
+                       help='extra arguments for mpirun, one quoted string (e.g. "--bind-to none")')
+        m.add_argument("--client-ip", default=None, metavar="ADDR",
+                       help="address the controller listens on and writes into the furls")
+        m.add_argument("--client-port", type=int, default=None, metavar="PORT",
+                       help="fixed client port; the furls then stay the same across restarts")
+        m.add_argument("-r", dest="reuse", action="store_true",
+                       help="reuse furls across restarts (IPython 0.10): needs --client-port")
+        m.add_argument("--engine-args", default="", metavar="ARGS",
+                       help='extra arguments for every ipmpi rank, e.g. --engine-args="--wait-max-us 0"')
+        m.add_argument("--timeout", type=float, default=None, metavar="S",
+                       help="seconds to wait for the engines (default 120; batch modes 300, "
+                            "including the time queued)")
+        m.add_argument("--script", default=None, metavar="FILE",
+                       help="run this client script on the controller's node once the engines are "
+                            "ready; its output goes to the job's log and the job ends with its "
+                            "exit status (ipcluster waits and exits with it)")
+        m.add_argument("--logdir", default=None, metavar="DIR",
+                       help="directory for every log of the cluster (DIR/log becomes a link to it)")
+        m.add_argument("-x", dest="no_client_security", action="store_true",
+                       help="refused: IPython 0.10 turned client security off; ipmpi's furls always "
+                            "carry a key and TLS")
+        m.add_argument("-y", dest="no_engine_security", action="store_true",
+                       help="refused: engines reach the controller over MPI, with no furl to secure")
+        m.add_argument("--ipmpi-bin", default=None, metavar="PATH",
+                       help="the ipmpi executable (default $IPMPI_BIN, then the installed one)")
+        if mode in ("slurm", "pbs"):
+            letter, word = ("-p", "--partition") if mode == "slurm" else ("-q", "--queue")
+            names = [letter, word] + (["-q"] if mode == "slurm" else [])
+            m.add_argument(*names, dest="queue", default=None, metavar=word.strip("-").upper(),
+                           help="the %s to submit to (default: the scheduler's)" % word.strip("-"))
+            m.add_argument("-s", dest="template", default=None, metavar="SCRIPT",
+                           help="your job script template ({{placeholders}} as in the default one, "
+                                "%s)" % ("slurm/ipmpi.sbatch" if mode == "slurm" else "pbs/ipmpi.pbs"))
+            m.add_argument("--walltime", default=None, metavar="HH:MM:SS",
+                           help="the job's time limit (default 01:00:00)")
+            m.add_argument("--job-name", default=None, metavar="NAME", help="the job's name (default ipmpi)")
+            tool = "sbatch" if mode == "slurm" else "qsub"
+            m.add_argument("--%s-args" % tool, dest="scheduler_args", default="", metavar="ARGS",
+                           help="extra arguments for %s, one quoted string" % tool)
+        if mode == "ssh":
+            m.add_argument("--clusterfile", required=True, metavar="FILE",
+                           help="Python file with engines = {'host': count, ...}")
+            m.add_argument("--sshx", default=None, metavar="FILE",
+                           help="refused: mpirun's ssh launcher starts the engines; set "
+                                "ssh = '...' in the clusterfile instead")
+        common(m)
 
-    s = sub.add_parser("stop", help="stop the cluster")
+    for mode in ("local", "mpirun", "mpiexec", "slurm", "pbs", "ssh"):
+        h, d = _MODE_HELP[mode]
+        start_options(sub.add_parser(mode, help=h, description=d), mode)
+    for mode, why in sorted(REFUSED.items()):
+        r = sub.add_parser(mode, help="not supported (says why)", description=why, add_help=False)
+        r.add_argument("rest", nargs=argparse.REMAINDER)
+    e = sub.add_parser("engines", help="not supported yet: engines joining a running controller",
+                       add_help=False)
+    e.add_argument("rest", nargs=argparse.REMAINDER)
+
+    s = sub.add_parser("stop", help="stop the cluster",
+                       description="Ask the controller to shut the cluster down; after the timeout, "
+                                   "end the job by force: signal every process of it (SIGTERM, then "
+                                   "SIGKILL), or scancel/qdel a batch job.")
     s.add_argument("--timeout", type=float, default=20.0, metavar="S",
-                   help="seconds to wait for a clean shutdown before killing the job (default 20)")
+                   help="seconds to wait for a clean shutdown before ending the job by force (default 20)")
     common(s)
-    st = sub.add_parser("status", help="show whether a cluster runs")
+    st = sub.add_parser("status", help="show the job and its engines",
+                        description="Print the job, its scheduler id and state, and a table of the "
+                                    "live engines; exit 0 if the cluster runs, 1 if not.")
     common(st)
     return p
 
@@ -576,55 +690,116 @@ def _connect_hint(c):
     return "\n".join(lines)
 
 
-def _cmd_mpirun(a):
-    c = Cluster(n=a.n, ipmpi_dir=a.ipmpi_dir, mpirun_args=a.mpirun_args, client_ip=a.client_ip,
-                client_port=a.client_port, engine_args=a.engine_args, ipmpi_bin=a.ipmpi_bin)
+def _cmd_start(a):
+    if a.no_client_security or a.no_engine_security:
+        raise ClusterError("-x/-y (turning furl security off) are refused: every ipmpi furl carries a "
+                           "key and the client link is always TLS 1.3; engines reach the controller "
+                           "over MPI and have no furl to secure")
+    if getattr(a, "sshx", None):
+        raise ClusterError("--sshx is refused: mpirun's ssh launcher starts the engines, not a "
+                           "shell script; set ssh = '...' (the command mpirun uses) in the clusterfile")
+    if a.reuse and not a.client_port:
+        raise ClusterError("-r (reuse the furls) needs --client-port PORT: the furls stay the same "
+                           "across restarts only with a fixed client port")
+    if a.n is not None and a.n < 1:
+        raise ClusterError("-n must be at least 1")
+    batch = a.cmd in ("slurm", "pbs")
+    timeout = a.timeout if a.timeout is not None else (300.0 if batch else 120.0)
+    if a.script and not os.path.isfile(a.script):
+        raise ClusterError("--script %s: no such file" % a.script)
+    kw = {}
+    if batch:
+        kw = dict(queue=a.queue, template=a.template, walltime=a.walltime, job_name=a.job_name,
+                  scheduler_args=a.scheduler_args)
+    c = Cluster(n=a.n or 4, ipmpi_dir=a.ipmpi_dir, mpirun_args=a.mpirun_args, client_ip=a.client_ip,
+                client_port=a.client_port, engine_args=a.engine_args, ipmpi_bin=a.ipmpi_bin,
+                mode=a.cmd, mpi=a.mpi, bind=a.bind, script=a.script,
+                clusterfile=getattr(a, "clusterfile", None), logdir=a.logdir, **kw)
+    c.spec.n_given = a.n is not None
     t0 = time.monotonic()
-    c.start(timeout=a.timeout)
-    print("ipcluster: %d engines ready after %.1f s (mpirun pid %d, IPMPI_DIR %s)"
-          % (c.n, time.monotonic() - t0, c.pid, c.ipmpi_dir))
+    c.start(timeout=timeout)
+    info = c.job_info()
+    where = c.launcher.describe()
+    if info.get("host"):
+        where += " on %s" % info["host"]
+    print("ipcluster: %d engines ready after %.1f s (%s, IPMPI_DIR %s)"
+          % (c.n, time.monotonic() - t0, where, c.ipmpi_dir))
+    if c.script:
+        print("ipcluster: running %s in the job; its output goes to %s"
+              % (c.script, ", ".join(c.launcher.logs()[:1])), flush=True)
+        status = c.wait_script()
+        if status is None:
+            print("ipcluster: the script did not run to its end\n%s" % c.diagnostics(), file=sys.stderr)
+            return 1
+        print("ipcluster: %s exited with status %d; the job has ended" % (c.script, status))
+        return status
     print(_connect_hint(c))
     # Returning leaves the job running: mpirun is in a session of its own
-    # and its output goes to its log file, not to this terminal.
+    # (or the scheduler runs it) and its output goes to its log file.
     return 0
 
 
 def _cmd_stop(a):
     c = Cluster.attach(a.ipmpi_dir)
+    what = c.launcher.describe()
     if not c.running():
-        left = job_processes(c.pid)
-        if left:
-            c._kill()
         c.stop(timeout=0)
-        print("ipcluster: the cluster in %s was not running (mpirun pid %d had exited)%s; "
-              "removed its run file" % (c.ipmpi_dir, c.pid,
-                                        ", killed %d leftover processes" % len(left) if left else ""),
-              file=sys.stderr)
+        print("ipcluster: the cluster in %s was not running (%s had ended); removed its run file "
+              "and anything left of it" % (c.ipmpi_dir, what), file=sys.stderr)
         return 1
     clean = c.stop(timeout=a.timeout)
-    print("ipcluster: stopped the cluster in %s (mpirun pid %d)%s"
-          % (c.ipmpi_dir, c.pid, "" if clean else "; it did not shut down cleanly and was killed"))
+    print("ipcluster: stopped the cluster in %s (%s)%s"
+          % (c.ipmpi_dir, what, "" if clean else
+             "; it did not shut down cleanly and was %s" % ("cancelled" if c.mode in ("slurm", "pbs")
+                                                              else "killed")))
     return 0
+
+
+def _engine_table(infos):
+    cols = ("id", "host", "pid", "mpi_rank", "local_rank", "local_size", "cores", "numa", "cpuset")
+    rows = [[str(d.get(k, d.get("rank") if k == "mpi_rank" else "")) if not isinstance(d.get(k), list)
+             else ",".join(map(str, d.get(k))) for k in cols] for d in infos]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(cols)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(cols, widths))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join("  " + line.rstrip() for line in out)
 
 
 def _cmd_status(a):
     c = Cluster.attach(a.ipmpi_dir)
+    what = c.launcher.describe()
+    state = c.launcher.state()
     if not c.running():
-        print("ipcluster: no cluster is running in %s (mpirun pid %d has exited; "
-              "`ipcluster stop` removes the stale record)" % (c.ipmpi_dir, c.pid), file=sys.stderr)
+        print("ipcluster: no cluster is running in %s (%s has ended: %s; "
+              "`ipcluster stop` removes the stale record)" % (c.ipmpi_dir, what, state), file=sys.stderr)
         return 1
+    info = c.job_info()
+    if c.mode in ("slurm", "pbs"):
+        sched = "ipcluster: %s: %s%s" % (what, state, (" (scheduler id %s, on %s)" % (
+            info.get("scheduler_id") or "-", info.get("host"))) if info.get("host") else "")
+    else:
+        sched = None
+    if not os.path.exists(c.mec_furl):
+        print(sched or "ipcluster: %s: %s" % (what, state))
+        print("ipcluster: the job has not started its controller yet (no %s)" % c.mec_furl)
+        return 0
     try:
         mec = c.client(timeout=10, connect_timeout=10)
         try:
             ids = mec.get_ids()
+            infos = mec.engine_info() if ids else []
         finally:
             mec.close()
     except Exception as e:
-        print("ipcluster: mpirun pid %d runs in %s but the controller does not answer: %s: %s"
-              % (c.pid, c.ipmpi_dir, type(e).__name__, e), file=sys.stderr)
+        print("ipcluster: %s runs in %s but the controller does not answer: %s: %s"
+              % (what, c.ipmpi_dir, type(e).__name__, e), file=sys.stderr)
         return 1
-    print("ipcluster: running in %s: mpirun pid %d, %d of %d engines alive, ids %s"
-          % (c.ipmpi_dir, c.pid, len(ids), c.n, ids))
+    print("ipcluster: running in %s: %s, %d of %d engines alive, ids %s"
+          % (c.ipmpi_dir, what, len(ids), c.n, ids))
+    if sched:
+        print(sched)
+    if infos:
+        print(_engine_table(infos))
     print("furl: %s" % c.mec_furl)
     print("logs: %s" % c.log_dir)
     return 0
@@ -639,12 +814,19 @@ def main(argv=None, bindir=None):
     # `ipcluster -n 4` is short for `ipcluster mpirun -n 4`.
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "mpirun")
+    if argv and argv[0] in REFUSED:
+        print("ipcluster: error: mode %s is not supported: %s" % (argv[0], REFUSED[argv[0]]),
+              file=sys.stderr)
+        return 2
+    if argv and argv[0] == "engines":
+        print("ipcluster: error: `ipcluster engines` (engines joining a running controller) is not "
+              "available yet: the controller does not accept a second MPI job; start the cluster "
+              "with all its engines (-n N)", file=sys.stderr)
+        return 2
     a = _parser().parse_args(argv)
     try:
-        if a.cmd == "mpirun":
-            if a.n < 1:
-                raise ClusterError("-n must be at least 1")
-            return _cmd_mpirun(a)
+        if a.cmd in MODES:
+            return _cmd_start(a)
         if a.cmd == "stop":
             return _cmd_stop(a)
         return _cmd_status(a)

@@ -26,14 +26,20 @@ TaskClient.parallel.
 """
 import functools
 import hashlib
+import json
 import pickle
 import struct
+import threading
 import time
 import types
 
 import cloudpickle
 
+from . import _ipmpi as _c
 from . import _serialize
+from .connect import _Base, _is_int
+from .errors import EngineError, EvictedError, TaskTimeoutError, _ERROR_CLASSES, _rebuild_exception
+from .results import _controller_json, _message, _now
 
 __all__ = ["BaseTask", "StringTask", "MapTask", "Task", "ResultNS", "TaskResult",
            "TaskMapper", "ParallelFunction", "time_format", "MAX_STAGES", "MAX_RETRIES"]
@@ -537,3 +543,446 @@ class ParallelFunction:
 
         call_function.mapper = mapper
         return call_function
+
+
+# ---------------------------------------------------------------- the client
+
+class TaskClient(_Base):
+    """Load-balanced tasks (IPython 0.10's TaskClient), with the task
+    capability (ipcontroller-tc.furl).
+
+    TaskClient(furl_file=None, timeout=None, connect_timeout=30):
+    furl_file defaults to $IPMPI_DIR/security/ipcontroller-tc.furl;
+    timeout is the default for every wait (None: forever); a wait that
+    runs out raises TaskTimeoutError (a TimeoutError) and loses nothing.
+
+        tid = tc.run(StringTask("c = a * b", push=dict(a=6, b=7), pull="c"))
+        tc.get_task_result(tid, block=True).ns.c        # 42
+        tc.map(lambda x: x ** 10, range(32))           # ordered, load balanced
+        tc.barrier(tids); tc.abort(tid); tc.clear(); tc.spin(); tc.queue_status()
+
+    Results: a StringTask gives a TaskResult (its failure inside); a
+    MapTask gives the function's value, or get_task_result raises the
+    exception it raised (rebuilt as its own type). Results stay in the
+    controller until clear() (or until its task memory budget evicts them:
+    EvictedError), so another TaskClient can fetch them by id; this client
+    also keeps the results it fetched until clear().
+
+    Task ids are reserved in blocks (TASK_RESERVE: 64 ids, doubling up to
+    4096 while the client keeps submitting; the next block is asked for
+    when half of the current one is used), so only the first run() waits
+    for a round trip. A client may be used from several threads.
+    """
+
+    _capability = "tc"
+
+    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True):
+        super().__init__(furl_file, timeout, connect_timeout, shm)
+        self._id_lock = threading.Lock()
+        self._next = 0              # the reserved block [_next, _end)
+        self._end = 0
+        self._count = 0             # the size of that block
+        self._block_size = _RESERVE_FIRST   # the size of the next
+        self._reserve_rid = None    # TASK_RESERVE in flight
+        self._sent = {}             # taskid -> (req_id, kind, submit time): submitted here, not yet received
+        self._done = {}             # taskid -> (ok, value): received, kept until clear()
+        self._fncache = FunctionCache()
+
+    # -- task ids
+    def _prefetch(self):
+        # Caller holds _id_lock.
+        if self._reserve_rid is None:
+            self._reserve_rid = self._send(_c.K_TASK_RESERVE, _c.TARGET_ALL,
+                                           [_U32.pack(self._block_size)])
+
+    def _refill(self):
+        # Caller holds _id_lock; the block is used up.
+        self._prefetch()
+        rid = self._reserve_rid
+        try:
+            replies = self._conn.recv(rid, self._timeout)
+        except TimeoutError:
+            raise TaskTimeoutError("no task ids from the controller within %s s (TASK_RESERVE)"
+                                   % self._timeout) from None
+        self._reserve_rid = None
+        js = _controller_json(replies)
+        first, count = int(js["first"]), int(js["count"])
+        if count < 1:
+            raise EngineError(_c.EPROTO, "TASK_RESERVE gave no ids: %r" % (js,))
+        self._next, self._end, self._count = first, first + count, count
+        if self._block_size < _RESERVE_MAX:
+            self._block_size = min(_RESERVE_MAX, self._block_size * 2)
+
+    def _take_id(self):
+        with self._id_lock:
+            if self._next >= self._end:
+                self._refill()
+            tid = self._next
+            self._next = tid + 1
+            if self._reserve_rid is None and (self._end - self._next) * 2 <= self._count:
+                self._prefetch()
+            return tid
+
+    # -- tasks
+    def run(self, task, block=False, timeout=None):
+        """Submits task (a StringTask or MapTask); returns its task id, or
+        with block=True its result (get_task_result(tid, block=True))."""
+        parts = encode(task, 0, self._fncache)
+        kind = task._kind
+        if task.recovery_task is not None:
+            for t in chain(task):
+                if t._kind != kind:
+                    kind = "?" + kind   # the result's kind comes from the reply's meta
+                    break
+        tid = self._take_id()
+        parts[0] = _U64.pack(tid) + parts[0][8:]
+        rid = self._send(_c.K_TASK_SUBMIT, _c.TARGET_ALL, parts)
+        self._sent[tid] = (rid, kind, time.time())
+        task.taskid = tid
+        if block:
+            return self.get_task_result(tid, block=True, timeout=timeout)
+        return tid
+
+    def get_task_result(self, taskid, block=False, timeout=None):
+        """The result of task taskid: a TaskResult (StringTask) or the
+        value (MapTask; its failure is raised). block=False: None while the
+        task has not finished. IndexError for an id the controller does not
+        know, EvictedError for a result it dropped."""
+        ok, value = self._result(taskid, block, timeout, True)
+        if ok:
+            return value
+        raise value.with_traceback(None)
+
+    def _result(self, taskid, block, timeout, keep):
+        """(ok, value) of a task (ok False: value is the exception); (True,
+        None) when not finished and not block. keep: remember it here."""
+        if not _is_int(taskid):
+            raise TypeError("an integer task id expected: %r" % (taskid,))
+        r = self._done.get(taskid)
+        if r is not None:
+            if not keep:
+                self._done.pop(taskid, None)
+            return r
+        if timeout is None:
+            timeout = self._timeout
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("this client is closed")
+        entry = self._sent.get(taskid)
+        if entry is not None:
+            if not block and not conn.ready(entry[0]):
+                return (True, None)
+            entry = self._sent.pop(taskid, None)
+        if entry is not None:
+            try:
+                replies = conn.recv(entry[0], timeout)
+            except TimeoutError:
+                self._sent[taskid] = entry
+                raise TaskTimeoutError("task %d did not finish within %s s" % (taskid, timeout), [taskid]) from None
+            except BaseException:
+                self._sent[taskid] = entry
+                raise
+            r = self._build(taskid, entry[1], entry[2], replies[0])
+        else:
+            # Not submitted here (or being received by another thread): ask the controller.
+            rid = self._send(_c.K_TASK_RESULT, _c.TARGET_ALL, [_RESULT_REQ.pack(taskid, 1 if block else 0)])
+            try:
+                replies = conn.recv(rid, timeout)
+            except TimeoutError:
+                conn.forget(rid)
+                raise TaskTimeoutError("task %d did not finish within %s s" % (taskid, timeout), [taskid]) from None
+            except BaseException:
+                conn.forget(rid)
+                raise
+            r = self._done.get(taskid)   # another thread got it meanwhile
+            if r is not None:
+                return r
+            target, status, parts = replies[0]
+            if status == _c.EAGAIN:
+                return (True, None)
+            if status == _c.ENOENT:
+                raise IndexError("task ID not registered: %r" % (taskid,))
+            if status == _c.EEVICTED:
+                raise EvictedError("the result of task %d was evicted: the controller's task memory "
+                                   "budget made room (%s)" % (taskid, _message(parts)), taskid)
+            if status in (_c.EACCES, _c.EKIND, _c.EPROTO, _c.ESHUTDOWN):
+                raise _ERROR_CLASSES.get(status, EngineError)(status, _message(parts))
+            r = self._build(taskid, None, None, replies[0])
+        if keep:
+            self._done[taskid] = r
+        return r
+
+    def _build(self, taskid, kind, submitted, reply):
+        """(ok, value) from a TASK_SUBMIT / TASK_RESULT reply."""
+        target, status, parts = reply
+        if status == 0 and kind == "map":   # the fast path: no meta needed
+            return (True, _serialize.loads(parts[1:]) if len(parts) > 1 else None)
+        eid = target if target >= 0 else None
+        meta = None
+        if status in (0, _c.EREMOTE) and parts:
+            meta = _serialize.loads(parts[:1])
+            if not isinstance(meta, dict):
+                meta = None
+        if kind is None or kind[0] == "?":
+            kind = _task_kind(meta) or (kind[1:] if kind else "string")
+        if meta is not None:
+            eid = meta.get("id", eid)
+        if status == 0:
+            value = _serialize.loads(parts[1:]) if len(parts) > 1 else None
+            if kind == "map":
+                return (True, value)
+            failure = None
+        elif status == _c.EREMOTE:
+            failure = _rebuild_exception(meta, eid)
+        else:
+            failure = _ERROR_CLASSES.get(status, EngineError)(status, _message(parts), eid)
+        if failure is not None:
+            try:
+                failure.taskid = taskid
+            except Exception:
+                pass
+            if kind == "map":
+                return (False, failure)
+        now = time.time()
+        started = completed = None
+        if meta is not None:
+            started, completed = meta.get("started"), meta.get("completed")
+        if started is None:
+            started = submitted if submitted is not None else now
+        if completed is None:
+            completed = now
+        sub, comp, dur = timing(started, completed)
+        if failure is None and not isinstance(value, dict):
+            value = {} if value is None else {"result": value}
+        return (True, TaskResult(None if failure else value, eid, failure, taskid, sub, comp, dur))
+
+    def abort(self, taskid, timeout=None):
+        """Aborts a task: a scheduled one never runs, a pending one (on an
+        engine) runs to its end and its result is discarded. Its result
+        becomes an AbortedError (a StringTask's TaskResult.failure; a
+        MapTask's get_task_result raises it). IndexError if the task has
+        finished, was aborted already, or is unknown."""
+        if not _is_int(taskid):
+            raise TypeError("an integer task id expected: %r" % (taskid,))
+        status, parts = self._task_request(_c.K_TASK_ABORT, [_U64.pack(taskid)], timeout, "abort")
+        if status == 0:
+            return None
+        if status == _c.ENOENT:
+            raise IndexError("task ID not registered: %r" % (taskid,))
+        if status == _c.EINVAL:
+            raise IndexError("task %d: %s" % (taskid, _message(parts) or "already completed or aborted"))
+        raise _ERROR_CLASSES.get(status, EngineError)(status, _message(parts))
+
+    def barrier(self, taskids, timeout=None):
+        """Waits until every task of taskids (an id or a list of ids) has
+        finished. IndexError naming the ids the controller does not know
+        (never submitted, cleared or evicted)."""
+        ids = _task_ids(taskids)
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("this client is closed")
+        wait = []
+        for t in ids:
+            if t in self._done:
+                continue
+            e = self._sent.get(t)
+            if e is not None and conn.ready(e[0]):
+                continue
+            wait.append(t)
+        if not wait:
+            return None
+        if timeout is None:
+            timeout = self._timeout
+        rid = self._send(_c.K_TASK_BARRIER, _c.TARGET_ALL, [struct.pack("<%dQ" % len(wait), *wait)])
+        try:
+            replies = conn.recv(rid, timeout)
+        except TimeoutError:
+            conn.forget(rid)
+            raise TaskTimeoutError("barrier: tasks not finished within %s s" % timeout, wait) from None
+        except BaseException:
+            conn.forget(rid)
+            raise
+        _target, status, parts = replies[0]
+        if status == 0:
+            return None
+        if status in (_c.ENOENT, _c.EEVICTED):
+            raise IndexError("barrier: %s" % (_message(parts) or "task IDs not registered: %r" % (wait,)))
+        raise _ERROR_CLASSES.get(status, EngineError)(status, _message(parts))
+
+    def spin(self, timeout=None):
+        """Makes the scheduler try again every task a depend refused."""
+        status, parts = self._task_request(_c.K_TASK_SPIN, [], timeout, "spin")
+        if status != 0:
+            raise _ERROR_CLASSES.get(status, EngineError)(status, _message(parts))
+        return None
+
+    def queue_status(self, verbose=False, timeout=None):
+        """{'scheduled', 'pending', 'succeeded', 'failed'}: counts, or with
+        verbose lists of task ids (aborted tasks count as failed)."""
+        status, parts = self._task_request(_c.K_TASK_STATUS, [bytes([1 if verbose else 0])], timeout,
+                                           "queue_status")
+        if status != 0:
+            raise _ERROR_CLASSES.get(status, EngineError)(status, _message(parts))
+        return json.loads(_message(parts))
+
+    def clear(self, taskids=None, timeout=None):
+        """Drops finished tasks' results from the controller (and from this
+        client): taskids None means every finished task, else an id or a
+        list of ids. Returns how many were cleared; KeyError names the ids
+        that were not (unknown or not finished), as IPython 0.10 did."""
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("this client is closed")
+        if taskids is None:
+            # Tasks finished before the request are cleared by it; forget
+            # their replies here too.
+            ready = [(t, e[0]) for t, e in list(self._sent.items()) if conn.ready(e[0])]
+            status, parts = self._task_request(_c.K_TASK_CLEAR, [], timeout, "clear")
+            if status != 0:
+                raise _ERROR_CLASSES.get(status, EngineError)(status, _message(parts))
+            self._done.clear()
+            for t, rid in ready:
+                if self._sent.pop(t, None) is not None:
+                    conn.forget(rid)
+            return int(json.loads(_message(parts)).get("cleared", 0))
+        ids = _task_ids(taskids)
+        if not ids:
+            return 0
+        status, parts = self._task_request(_c.K_TASK_CLEAR, [struct.pack("<%dQ" % len(ids), *ids)],
+                                           timeout, "clear")
+        if status != 0:
+            raise _ERROR_CLASSES.get(status, EngineError)(status, _message(parts))
+        js = json.loads(_message(parts))
+        unknown = set(int(u) for u in js.get("unknown", ()))
+        for t in ids:
+            if t in unknown:
+                continue
+            self._done.pop(t, None)
+            e = self._sent.pop(t, None)
+            if e is not None:
+                conn.forget(e[0])
+        cleared = int(js.get("cleared", len(ids) - len(unknown)))
+        if unknown:
+            raise KeyError("Cleared %i results, but no tasks found for ids: %s"
+                           % (cleared, ", ".join(str(t) for t in ids if t in unknown)))
+        return cleared
+
+    def _task_request(self, kind, parts, timeout, what):
+        """Sends one TASK_* controller request; (status, parts) of its reply."""
+        if timeout is None:
+            timeout = self._timeout
+        rid = self._send(kind, _c.TARGET_ALL, parts)
+        try:
+            replies = self._conn.recv(rid, timeout)
+        except TimeoutError:
+            self._conn.forget(rid)
+            raise TaskTimeoutError("%s: no answer from the controller within %s s" % (what, timeout)) from None
+        except BaseException:
+            self._conn.forget(rid)
+            raise
+        _target, status, parts = replies[0]
+        return status, parts
+
+    # -- map and parallel
+    def map(self, func, *sequences, timeout=None):
+        """[func(*items) for items in zip(*sequences)], load balanced over
+        the engines, in order (as the builtin map). Long sequences go in
+        chunks, about 8 tasks per engine."""
+        return self.mapper(timeout=timeout).map(func, *sequences)
+
+    def mapper(self, clear_before=False, clear_after=False, retries=0, recovery_task=None,
+               depend=None, block=True, timeout=None):
+        """A TaskMapper: .map(func, *sequences) with these task options;
+        block=False makes map return the task ids, one per item."""
+        return TaskMapper(self, clear_before=clear_before, clear_after=clear_after,
+                                retries=retries, recovery_task=recovery_task, depend=depend,
+                                block=block, timeout=timeout)
+
+    def parallel(self, clear_before=False, clear_after=False, retries=0, recovery_task=None,
+                 depend=None, block=True, timeout=None):
+        """A decorator: @tc.parallel() def f(x): ...; f(seq) maps f over
+        seq with these task options (see mapper)."""
+        return ParallelFunction(self.mapper(clear_before, clear_after, retries, recovery_task,
+                                                  depend, block, timeout))
+
+    def _map(self, mapper, func, sequences):
+        if len(sequences) == 1:
+            items, star = list(sequences[0]), False
+        else:
+            items, star = list(zip(*sequences)), True
+        n = len(items)
+        opts = dict(clear_before=mapper.clear_before, clear_after=mapper.clear_after,
+                    retries=mapper.retries, recovery_task=mapper.recovery_task, depend=mapper.depend)
+        if not mapper.block:
+            return [self.run(MapTask(func, args=a if star else (a,), **opts)) for a in items]
+        if n == 0:
+            return []
+        timeout = self._timeout if mapper.timeout is None else mapper.timeout
+        deadline = None if timeout is None else _now() + timeout
+        nchunks = n
+        if mapper.recovery_task is None:
+            nengines = len(self.get_ids(timeout=timeout)) or 1
+            nchunks = min(n, nengines * _CHUNKS_PER_ENGINE)
+        tids = []
+        try:
+            if nchunks == n:
+                for a in items:
+                    tids.append(self.run(MapTask(func, args=a if star else (a,), **opts)))
+            else:
+                g = _Chunk(func, star)
+                for lo, hi in split(n, nchunks):
+                    tids.append(self.run(MapTask(g, args=(items[lo:hi],), **opts)))
+            out = []
+            for i, tid in enumerate(tids):
+                left = None if deadline is None else max(0.0, deadline - _now())
+                try:
+                    ok, value = self._result(tid, True, left, False)
+                except TaskTimeoutError:
+                    raise TaskTimeoutError("map: %d of %d tasks not finished within %s s"
+                                           % (len(tids) - i, len(tids), timeout), tids[i:]) from None
+                if not ok:
+                    raise value.with_traceback(None)
+                if nchunks == n:
+                    out.append(value)
+                else:
+                    out.extend(value)
+            return out
+        finally:
+            # What was not collected stays in the controller (the ids are in
+            # a TaskTimeoutError); drop it here.
+            for tid in tids:
+                e = self._sent.pop(tid, None)
+                if e is not None:
+                    self._conn.forget(e[0])
+
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_RESULT_REQ = struct.Struct("<QB")
+_RESERVE_FIRST = 64
+_RESERVE_MAX = 4096
+_CHUNKS_PER_ENGINE = 8
+
+
+def _task_ids(taskids):
+    if _is_int(taskids):
+        return [int(taskids)]
+    if isinstance(taskids, (str, bytes)) or not hasattr(taskids, "__iter__"):
+        raise TypeError("task ids: an int or a list of ints, not %r" % (taskids,))
+    ids = list(taskids)
+    for t in ids:
+        if not _is_int(t):
+            raise TypeError("an integer task id expected: %r" % (t,))
+        if t < 0:
+            raise IndexError("task ID not registered: %r" % (t,))
+    return [int(t) for t in ids]
+
+
+def _task_kind(meta):
+    """"string" or "map" from an engine's task meta (None if it does not say)."""
+    if not meta:
+        return None
+    k = meta.get("task")
+    if k in ("string", "map"):
+        return k
+    return "string" if meta.get("input") else "map"

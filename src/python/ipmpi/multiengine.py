@@ -1,0 +1,623 @@
+"""IPython 0.10's MultiEngineClient: every engine addressed directly
+(doc/protocol.md section 2), with 0.10's return shapes and printed forms.
+"""
+import pickle
+import weakref
+
+from . import _serialize
+from . import _ipmpi as _c
+from . import task as _task
+from .connect import _Base, _concatenate, _is_int, _map_chunk, _parse_targets, _partition, _sized
+from .errors import EngineError
+from .results import PendingResult, ResultList, _engine_results, _identity, _none, _now, _result_dict
+
+
+
+
+class MultiEngineClient(_Base):
+    """Drives the engines directly: IPython 0.10's MultiEngineClient.
+
+    MultiEngineClient(furl_file=None, timeout=None, connect_timeout=30):
+    furl_file defaults to $IPMPI_DIR/security/ipcontroller-mec.furl;
+    timeout is the default for every blocking wait (None: forever).
+
+    Every method that runs on engines takes targets ('all', an engine id,
+    or a list of ids) and block (False: return a PendingResult); when not
+    given, the attributes mec.targets (default 'all') and mec.block
+    (default True) decide. Results come back one per target, in the order
+    of the targets: mec.push(...) -> [None, None, None, None],
+    mec.pull('b', targets=0) -> [3453]. A request that fails on one of
+    several engines raises CompositeError; on a single engine, that
+    engine's error (RemoteError, DeadEngineError, ...). Each method also
+    takes timeout (seconds; None: the client's default).
+    """
+
+    _capability = "mec"
+
+    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True):
+        self._targets = "all"
+        self._block = True
+        self._pending_results = weakref.WeakSet()
+        super().__init__(furl_file, timeout, connect_timeout, shm)
+
+    # -- the block and targets attributes
+    @property
+    def block(self):
+        """The default of every method's block argument (True or False)."""
+        return self._block
+
+    @block.setter
+    def block(self, value):
+        self._block = _check_block(value)
+
+    @property
+    def targets(self):
+        """The default of every method's targets argument: 'all', an engine
+        id or a list of ids. Setting it checks that the named engines are
+        alive (ValueError naming the others)."""
+        return self._targets
+
+    @targets.setter
+    def targets(self, value):
+        _parse_targets(value)   # the form: TypeError/ValueError
+        if not (isinstance(value, str) and value == "all"):
+            named = [int(value)] if _is_int(value) else [int(t) for t in value]
+            alive = self.get_ids()
+            gone = [t for t in named if t not in alive]
+            if gone:
+                raise ValueError("mec.targets: no live engine %s (the engines alive are %s; an engine "
+                                 "that died is no longer listed)"
+                                 % (", ".join(str(t) for t in gone), alive))
+            value = int(value) if _is_int(value) else named
+        self._targets = value
+
+    def _find(self, targets, block):
+        """(targets, block): the arguments, or the attributes when None."""
+        if targets is None:
+            targets = self._targets
+        if block is None:
+            block = self._block
+        return targets, _check_block(block)
+
+    def _finish(self, req_ids, post, block, timeout):
+        pr = PendingResult(self, req_ids, post)
+        if not block:
+            self._pending_results.add(pr)
+            return pr
+        return pr.get_result(timeout=timeout)
+
+    def _request(self, kind, parts, targets, post, block, timeout):
+        """Sends one request to targets; post(replies, order) makes its result."""
+        target, tlist, _single = _parse_targets(targets)
+        rid = self._send(kind, target, parts, tlist)
+        return self._finish([rid], lambda rs: post(rs, tlist), block, timeout)
+
+    def _each(self, kind, parts, targets, block, timeout, method, value=None):
+        """A request whose result is one value(meta, parts) per target (None
+        each when value is None), in the order of the targets."""
+        if value is None:
+            value = _none
+        return self._request(kind, parts, targets,
+                             lambda rs, order: _engine_results(rs, value, method, order), block, timeout)
+
+    def _target_ids(self, targets, timeout):
+        """The engine ids targets names, in its order ('all': those alive)."""
+        kind, tlist, single = _parse_targets(targets)
+        if single:
+            return [kind]
+        if tlist is not None:
+            return tlist
+        ids = self.get_ids(timeout=timeout)
+        if not ids:
+            raise EngineError(_c.ENOENT, "no engines are alive")
+        return ids
+
+    # -- interactive use
+    def activate(self):
+        """Makes this client the one the parallel magics (%px, %result,
+        %autopx, %%px) use; in IPython it also loads them (as
+        %load_ext ipmpi.magic does)."""
+        from . import magic
+        magic.activate(self)
+
+    def __setitem__(self, key, value):
+        """mec['a'] = v: push({'a': v}) with mec.targets and mec.block."""
+        return self.push({key: value})
+
+    def __getitem__(self, key):
+        """mec['a']: pull('a') with mec.targets and mec.block."""
+        if not isinstance(key, str):
+            raise TypeError("__getitem__ only takes strs")
+        return self.pull(key)
+
+    def __len__(self):
+        """The number of engines alive."""
+        return len(self.get_ids())
+
+    # -- pending results
+    def barrier(self, pendingResults, timeout=None):
+        """Waits until every PendingResult of pendingResults is complete.
+        Their errors are kept (get_result or .r raises them afterwards);
+        a wait longer than timeout (None: the client's default) raises
+        TimeoutError."""
+        if isinstance(pendingResults, PendingResult):
+            pendingResults = [pendingResults]
+        prs = list(pendingResults)
+        for pr in prs:
+            if not isinstance(pr, PendingResult):
+                raise TypeError("barrier takes PendingResult objects, not %r" % (type(pr).__name__,))
+        if timeout is None:
+            timeout = self._timeout
+        deadline = None if timeout is None else _now() + timeout
+        for pr in sorted(prs):
+            left = None if deadline is None else max(0.0, deadline - _now())
+            try:
+                pr.get_result(block=True, timeout=left)
+            except TimeoutError:
+                raise TimeoutError("barrier: not every result complete within %s s" % (timeout,)) from None
+            except Exception:
+                pass
+
+    def flush(self):
+        """Drops the results of this client's PendingResults that were not
+        retrieved (their get_result then raises InvalidDeferredID)."""
+        for pr in list(self._pending_results):
+            pr._flush()
+        self._pending_results = weakref.WeakSet()
+
+    clear_pending_results = flush
+
+    # -- code
+    def execute(self, lines, targets=None, block=None, timeout=None):
+        """Runs the Python code lines on the engines; a ResultList of
+        result dicts (input, number, id, stdout, stderr)."""
+        targets, block = self._find(targets, block)
+        if not isinstance(lines, str):
+            raise TypeError("execute takes the code as a str, not %r" % (type(lines).__name__,))
+
+        def post(rs, order):
+            return ResultList(_engine_results(rs, lambda meta, parts: _result_dict(meta), "execute", order))
+
+        return self._request(_c.K_EXECUTE, [lines.encode("utf-8")], targets, post, block, timeout)
+
+    def run(self, filename, targets=None, block=None, timeout=None):
+        """Executes the local Python file filename on the engines (a
+        SyntaxError in it is raised here, before anything is sent)."""
+        with open(filename, encoding="utf-8") as f:
+            source = f.read()
+        compile(source, filename, "exec")
+        return self.execute(source, targets, block, timeout)
+
+    # -- namespace
+    def push(self, namespace, targets=None, block=None, timeout=None):
+        """Sets the names of the dict namespace on the engines; one None
+        per target."""
+        targets, block = self._find(targets, block)
+        if not isinstance(namespace, dict):
+            raise TypeError("push takes a dict of name -> value, not %r" % (type(namespace).__name__,))
+        return self._each(_c.K_PUSH, _serialize.dumps(namespace), targets, block, timeout, "push")
+
+    def pull(self, keys, targets=None, block=None, timeout=None):
+        """Values of names on the engines, one entry per target: keys a
+        str gives each engine's value, a list or tuple of names a list of
+        values per engine. pull('b', targets=0) -> [3453]."""
+        targets, block = self._find(targets, block)
+        one = isinstance(keys, str)
+        names = [keys] if one else _names_list(keys)
+
+        def value(meta, parts):
+            values = _serialize.loads(parts[1:])
+            return values[0] if one else list(values)
+
+        return self._each(_c.K_PULL, _serialize.dumps(names), targets, block, timeout, "pull", value)
+
+    def push_function(self, namespace, targets=None, block=None, timeout=None):
+        """push for functions: the dict's values are functions, which run on
+        the engines with the engine's namespace as their globals."""
+        targets, block = self._find(targets, block)
+        if not isinstance(namespace, dict):
+            raise TypeError("push_function takes a dict of name -> function, not %r"
+                            % (type(namespace).__name__,))
+        return self._each(_c.K_PUSH, _serialize.dumps(namespace), targets, block, timeout,
+                          "push_function")
+
+    def pull_function(self, keys, targets=None, block=None, timeout=None):
+        """pull for functions."""
+        return self.pull(keys, targets, block, timeout)
+
+    def push_serialized(self, namespace, targets=None, block=None, timeout=None):
+        """push of values serialized beforehand: namespace maps names to
+        Serialized objects (serialize(obj), or what pull_serialized gave),
+        which the engines unpickle."""
+        targets, block = self._find(targets, block)
+        if not isinstance(namespace, dict):
+            raise TypeError("push_serialized takes a dict of name -> Serialized")
+        for k, v in namespace.items():
+            if not isinstance(v, Serialized):
+                raise TypeError("push_serialized: %r is a %s, not a Serialized (use serialize(obj))"
+                                % (k, type(v).__name__))
+        return self._each(_c.K_PUSH, _serialize.dumps(dict(namespace)), targets, block, timeout,
+                          "push_serialized")
+
+    def pull_serialized(self, keys, targets=None, block=None, timeout=None):
+        """pull, but each value stays serialized: a Serialized (keys a str)
+        or a list of them per target; .unserialize() gives the value."""
+        targets, block = self._find(targets, block)
+        one = isinstance(keys, str)
+        names = [keys] if one else _names_list(keys)
+
+        def value(meta, parts):
+            data = [bytes(p) for p in parts[1:]]
+            items = [Serialized(data, i) for i in range(len(names))]
+            return items[0] if one else items
+
+        return self._each(_c.K_PULL, _serialize.dumps(names), targets, block, timeout,
+                          "pull_serialized", value)
+
+    def zip_pull(self, keys, targets=None, block=None, timeout=None):
+        """pull with the results zipped per key (IPython 0.10):
+        zip_pull(('a', 'b')) -> [(a0, a1, a2, a3), (b0, b1, b2, b3)]."""
+        targets, block = self._find(targets, block)
+        multi = not _is_int(targets) and len(targets) > 1
+        nkeys = 1 if isinstance(keys, str) else len(_names_list(keys))
+
+        def transform(result):
+            if not multi:
+                return result[0]
+            if nkeys > 1:
+                return list(zip(*result))
+            return list(result)
+
+        pr = self.pull(keys, targets, False, timeout)
+        pr.add_callback(transform)
+        if block:
+            return pr.get_result(timeout=timeout)
+        self._pending_results.add(pr)
+        return pr
+
+    def keys(self, targets=None, block=None, timeout=None):
+        """The names in each engine's namespace, one sorted list per target."""
+        targets, block = self._find(targets, block)
+        return self._each(_c.K_KEYS, [], targets, block, timeout, "keys",
+                          lambda meta, parts: _serialize.loads(parts[1:]))
+
+    def reset(self, targets=None, block=None, timeout=None):
+        """Clears the engines' namespaces and (as in IPython 0.10) their
+        properties; one None per target."""
+        targets, block = self._find(targets, block)
+        target, tlist, _single = _parse_targets(targets)
+        rids = [self._send(_c.K_RESET, target, [], tlist)]
+        try:
+            rids.append(self._send(_c.K_PROPS, target, _serialize.dumps(("clear", None)), tlist))
+        except BaseException:
+            self._conn.forget(rids[0])
+            raise
+
+        def post(rs):
+            n = len(rs) // 2
+            _engine_results(rs, _none, "reset", tlist)
+            return [None] * n
+
+        return self._finish(rids, post, block, timeout)
+
+    # -- partitions
+    def scatter(self, key, seq, dist="b", flatten=False, targets=None, block=None, timeout=None):
+        """Splits seq into contiguous partitions, one per target engine (in
+        the order of the targets), and pushes each as key; one None per
+        target. flatten=True pushes a partition of one item as the item
+        itself. dist: 'b' (blocks), the only one IPython 0.10 had."""
+        targets, block = self._find(targets, block)
+        _check_dist(dist)
+        ids = self._target_ids(targets, timeout)
+        parts = _partition(seq, len(ids), "scatter")
+        rids = []
+        try:
+            for eid, part in zip(ids, parts):
+                if flatten and len(part) == 1:
+                    part = part[0]
+                rids.append(self._send(_c.K_PUSH, eid, _serialize.dumps({key: part})))
+        except BaseException:
+            for r in rids:
+                self._conn.forget(r)
+            raise
+        return self._finish(rids, lambda rs: _engine_results(rs, _none, "scatter", ids), block, timeout)
+
+    def gather(self, key, dist="b", targets=None, block=None, timeout=None):
+        """Pulls key from the target engines and joins the partitions in the
+        order of the targets (lists and tuples into one list, arrays with
+        numpy.concatenate, anything else as a list of the values)."""
+        targets, block = self._find(targets, block)
+        _check_dist(dist)
+
+        def post(rs, order):
+            values = _engine_results(rs, lambda meta, parts: _serialize.loads(parts[1:])[0],
+                                     "gather", order)
+            return _concatenate(values)
+
+        return self._request(_c.K_PULL, _serialize.dumps([key]), targets, post, block, timeout)
+
+    def raw_map(self, func, seq, dist="b", targets=None, block=None, timeout=None):
+        """map(func, *seq) in parallel: seq is a list or tuple of sequences
+        of equal length (raw_map(f, [xs, ys]) is map(f, xs, ys)); func a
+        function, or a str naming one on the engines. The argument tuples
+        are scattered in contiguous blocks over the targets and the results
+        joined in order: a list."""
+        targets, block = self._find(targets, block)
+        _check_dist(dist)
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError("raw_map takes the sequences in a list or tuple, not %r" % (type(seq).__name__,))
+        if not seq:
+            raise TypeError("raw_map needs at least one sequence")
+        seqs = [_sized(s, "map") for s in seq]
+        n = len(seqs[0])
+        if any(len(s) != n for s in seqs):
+            raise ValueError("all sequences must have equal length")
+        if not (isinstance(func, str) or callable(func)):
+            raise TypeError("func must be a function or str, not %r" % (type(func).__name__,))
+        if len(seqs) == 1:
+            items, star = seqs[0], False
+        else:
+            items, star = list(zip(*seqs)), True
+        ids = self._target_ids(targets, timeout)
+        rids = []
+        try:
+            for eid, chunk in zip(ids, _partition(items, len(ids), "map")):
+                rids.append(self._send(_c.K_APPLY, eid, _serialize.dumps((_map_chunk, (func, chunk, star), {}))))
+        except BaseException:
+            for r in rids:
+                self._conn.forget(r)
+            raise
+
+        def post(rs):
+            return _concatenate(_engine_results(rs, lambda meta, parts: _serialize.loads(parts[1:]),
+                                                "map", ids))
+
+        return self._finish(rids, post, block, timeout)
+
+    def map(self, func, *sequences, targets=None, block=None, timeout=None):
+        """A parallel map(func, *sequences) on mec.targets (not load
+        balanced: contiguous blocks, one per engine); a list, in order.
+        Options: mapper(); targets, block and timeout may also be given
+        here, by keyword only (not in IPython 0.10)."""
+        if timeout is not None:
+            targets, block = self._find(targets, block)
+            return self.raw_map(func, list(sequences), targets=targets, block=block, timeout=timeout)
+        return self.mapper(targets=targets, block=block).map(func, *sequences)
+
+    def mapper(self, dist="b", targets=None, block=None):
+        """An object whose map(func, *sequences) maps with these options
+        (targets, block None: mec.targets, mec.block at the time of the call)."""
+        _check_dist(dist)
+        if targets is not None:
+            _parse_targets(targets)
+        if block is not None:
+            _check_block(block)
+        return MultiEngineMapper(self, dist, targets, block)
+
+    def parallel(self, dist="b", targets=None, block=None):
+        """A decorator: @mec.parallel() def f(x): ...; then f(seq) is
+        mec.map(f, seq) with these options (see mapper)."""
+        return _task.ParallelFunction(self.mapper(dist, targets, block))
+
+    # -- results and queues
+    def get_result(self, i=None, targets=None, block=None, timeout=None):
+        """The result dict of execution number i (None: the last) on each
+        engine: a ResultList."""
+        targets, block = self._find(targets, block)
+        if i is not None and not _is_int(i):
+            raise TypeError("i must be an execution number or None")
+
+        def post(rs, order):
+            return ResultList(_engine_results(rs, lambda meta, parts: _result_dict(meta), "get_result", order))
+
+        return self._request(_c.K_GET_RESULT, _serialize.dumps(i), targets, post, block, timeout)
+
+    def queue_status(self, targets=None, block=None, timeout=None):
+        """[(engine id, {"id", "running", "queue"}), ...] for the target engines."""
+        targets, block = self._find(targets, block)
+        return self._controller(_c.K_QUEUE_STATUS, lambda js: [(d["id"], d) for d in js], block, timeout,
+                                targets)
+
+    def clear_queue(self, targets=None, block=None, timeout=None):
+        """Drops the requests waiting in the engines' queues (they fail
+        with AbortedError); one None per target."""
+        targets, block = self._find(targets, block)
+        n = len(self._target_ids(targets, timeout))
+        return self._controller(_c.K_CLEAR_QUEUE, lambda js: [None] * n, block, timeout, targets)
+
+    def engine_info(self, targets=None, block=None, timeout=None):
+        """Where each engine runs: the controller's record of it (id, host,
+        pid, rank, local_rank, cpuset, bound, python). A list of dicts by
+        engine id; with an int target, that engine's dict. (Not in IPython
+        0.10.)"""
+        targets, block = self._find(targets, block)
+        single = _parse_targets(targets)[2]
+
+        def post(js):
+            return js[0] if single and js else js
+
+        return self._controller(_c.K_PROPERTIES, post, block, timeout, targets)
+
+    # -- engine properties (IPython 0.10): a dict per engine, seen by user
+    # code as `properties` and by the depend functions of tasks.
+    def _props(self, op, arg, targets, block, timeout, returns, method):
+        targets, block = self._find(targets, block)
+        single = _parse_targets(targets)[2]
+
+        def value(meta, parts):
+            return _serialize.loads(parts[1:]) if len(parts) > 1 else None
+
+        def post(rs, order):
+            results = _engine_results(rs, value, method, order)
+            if not returns:
+                # None, not IPython 0.10's [None, ...]: tests/unit/test_task_py.py
+                # (the task interface's) expects None; see doc/differences.rst.
+                return None
+            return results[0] if single and results else results
+
+        return self._request(_c.K_PROPS, _serialize.dumps((op, arg)), targets, post, block, timeout)
+
+    def set_properties(self, properties, targets=None, block=None, timeout=None):
+        """Updates the engines' properties with the dict properties (returns
+        None). Tasks whose depend refused these engines are
+        reconsidered."""
+        if not isinstance(properties, dict):
+            raise TypeError("set_properties takes a dict, not %r" % (type(properties).__name__,))
+        return self._props("set", dict(properties), targets, block, timeout, False, "set_properties")
+
+    def get_properties(self, keys=None, targets=None, block=None, timeout=None):
+        """The engines' properties: a list of dicts by target (an int
+        target: that engine's dict); keys (a name or a list of names)
+        restricts each dict to those names."""
+        return self._props("get", _prop_keys(keys, True), targets, block, timeout, True, "get_properties")
+
+    def has_properties(self, keys, targets=None, block=None, timeout=None):
+        """For each engine, a list of bools: whether it has each key (an
+        int target: that engine's list)."""
+        return self._props("has", _prop_keys(keys, False), targets, block, timeout, True, "has_properties")
+
+    def del_properties(self, keys, targets=None, block=None, timeout=None):
+        """Deletes keys from the engines' properties (a missing key is the
+        engine's KeyError); returns None."""
+        return self._props("del", _prop_keys(keys, False), targets, block, timeout, False, "del_properties")
+
+    def clear_properties(self, targets=None, block=None, timeout=None):
+        """Empties the engines' properties; returns None."""
+        return self._props("clear", None, targets, block, timeout, False, "clear_properties")
+
+    # -- lifetime
+    def kill(self, controller=False, targets=None, block=None, timeout=None):
+        """Stops the target engines (one None per target); controller=True
+        also shuts the whole cluster down."""
+        targets, block = self._find(targets, block)
+        result = self._each(_c.K_KILL, [], targets, True if controller else block, timeout, "kill")
+        if controller:
+            return self.shutdown(timeout=timeout)
+        return result
+
+    def shutdown(self, block=True, timeout=None):
+        """Stops the whole cluster: controller and every engine."""
+        return self._controller(_c.K_SHUTDOWN, _identity, block, timeout)
+
+    # -- measurements
+    def benchmark(self, push_size=10000):
+        """Latency and push throughput of this cluster (IPython 0.10):
+        {'single_engine_latency': (ms, 'msec'), 'all_engine_latency': ...,
+        'all_engine_push': (MB/s, 'MB/sec'), 'single_engine_push': ...}
+        (the push figures need numpy). Runs on the engines alive, engine
+        the first of them for the single-engine figures."""
+        import timeit
+        ids = self.get_ids()
+        if not ids:
+            raise EngineError(_c.ENOENT, "no engines are alive")
+        first = ids[0]
+        repeat, count = 3, 10
+
+        def best(f):
+            return min(timeit.repeat(f, repeat=repeat, number=count)) / count
+
+        out = {}
+        out["single_engine_latency"] = (1000 * best(lambda: self.execute("pass", targets=first, block=True)),
+                                        "msec")
+        out["all_engine_latency"] = (1000 * best(lambda: self.execute("pass", targets="all", block=True)),
+                                     "msec")
+        try:
+            import numpy
+        except ImportError:
+            return out
+        d = dict(a=numpy.zeros(push_size, dtype="float64"))
+        mb = 1e-6 * push_size * 8
+        out["all_engine_push"] = (mb / best(lambda: self.push(d, targets="all", block=True)), "MB/sec")
+        out["single_engine_push"] = (mb / best(lambda: self.push(d, targets=first, block=True)), "MB/sec")
+        self.execute("del a", targets="all", block=True)
+        return out
+
+
+class MultiEngineMapper:
+    """What mec.mapper() returns: map(func, *sequences) with fixed options
+    (IPython 0.10's MultiEngineMapper). targets and block None mean the
+    client's attributes when map is called."""
+
+    def __init__(self, multiengine, dist="b", targets=None, block=None):
+        self.multiengine = multiengine
+        self.dist = dist
+        self.targets = targets
+        self.block = block
+
+    def map(self, func, *sequences):
+        """Like the builtin map, in parallel; a list (or a PendingResult)."""
+        if not sequences:
+            raise TypeError("map() needs at least one sequence")
+        return self.multiengine.raw_map(func, list(sequences), dist=self.dist, targets=self.targets,
+                                        block=self.block)
+
+
+class Serialized:
+    """A value kept serialized (push_serialized / pull_serialized):
+    serialize(obj) makes one; unserialize() gives the value back;
+    getDataSize() is its size in MB, as IPython 0.10's."""
+
+    def __init__(self, parts, index=None):
+        self._parts = list(parts)
+        self._index = index
+
+    def unserialize(self):
+        value = _serialize.loads(self._parts)
+        return value if self._index is None else value[self._index]
+
+    def getData(self):
+        return self._parts
+
+    def getDataSize(self):
+        return sum(memoryview(p).nbytes for p in self._parts) / 1e6
+
+    def __reduce__(self):
+        # Pushed inside a namespace dict: the engine gets the value itself.
+        return (_unserialize_parts, (self._parts, self._index))
+
+    def __repr__(self):
+        return "<Serialized %d bytes>" % sum(memoryview(p).nbytes for p in self._parts)
+
+
+def _unserialize_parts(parts, index):
+    value = pickle.loads(parts[0], buffers=parts[1:])
+    return value if index is None else value[index]
+
+
+def serialize(obj):
+    """obj as a Serialized (for push_serialized)."""
+    return Serialized([bytes(p) for p in _serialize.dumps(obj)])
+
+
+def _check_block(block):
+    if block not in (True, False):
+        raise ValueError("block must be True or False, not %r" % (block,))
+    return bool(block)
+
+
+def _check_dist(dist):
+    if dist != "b":
+        raise ValueError("dist must be 'b' (contiguous blocks, the only distribution IPython 0.10 had), "
+                         "not %r" % (dist,))
+
+
+def _names_list(keys):
+    if isinstance(keys, (bytes, dict)) or not hasattr(keys, "__iter__"):
+        raise TypeError("names: a str or a list or tuple of str, not %r" % (keys,))
+    names = list(keys)
+    for k in names:
+        if not isinstance(k, str):
+            raise TypeError("names are str, not %r" % (k,))
+    return names
+
+
+def _prop_keys(keys, none_ok):
+    if keys is None and none_ok:
+        return None
+    if isinstance(keys, str):
+        return [keys]
+    if keys is None or not hasattr(keys, "__iter__"):
+        raise TypeError("keys must be a name or a list of names")
+    return list(keys)
+
+

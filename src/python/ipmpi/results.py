@@ -1,0 +1,308 @@
+"""Results of the MultiEngine interface: ResultList (IPython 0.10's printed
+form), PendingResult (block=False), and the helpers that turn replies into
+values or errors.
+"""
+import json
+import time
+
+from . import _serialize
+from . import _ipmpi as _c
+from .errors import (CompositeError, EngineError, InvalidDeferredID, RemoteError, _ERROR_CLASSES,
+                     _rebuild_exception)
+
+
+# ---------------------------------------------------------------- results
+
+class ResultList(list):
+    """The result dicts of execute/get_result, one per engine, shown exactly
+    as IPython 0.10 showed them:
+
+        <Results List>
+        [0] In [4]: print(c)
+        [0] Out[4]: 15
+
+    Each dict has 'input' ({'translated': code, 'raw': code}), 'number'
+    (the engine's execution count), 'id' (the engine) and, when not empty,
+    'stdout' and 'stderr' (reading an absent one gives '')."""
+
+    def __repr__(self):
+        out = ["<Results List>\n"]
+        for r in self:
+            if not isinstance(r, dict):
+                out.append(repr(r) + "\n")
+                continue
+            eid = r.get("id")
+            num = r.get("number")
+            eid = -1 if eid is None else eid
+            num = 0 if num is None else num
+            inp = r.get("input", {})
+            if isinstance(inp, dict):
+                inp = inp.get("translated", "No Input")
+            stdout = r.get("stdout")
+            stderr = r.get("stderr")
+            out.append("[%i] In [%i]: %s\n" % (eid, num, inp))
+            if stdout:
+                out.append("[%i] Out[%i]: %s\n" % (eid, num, stdout))
+            if stderr:
+                out.append("[%i] Err[%i]:\n %s" % (eid, num, stderr))
+        return "".join(out)
+
+    __str__ = __repr__
+
+
+class _Result(dict):
+    """An execute result dict; an absent 'stdout' or 'stderr' reads as ''
+    (IPython 0.10 left them out when empty, and so does this)."""
+
+    def __missing__(self, key):
+        if key in ("stdout", "stderr"):
+            return ""
+        raise KeyError(key)
+
+
+def _result_dict(meta):
+    """IPython 0.10's result dict from an engine's execute meta, in 0.10's
+    key order: input, number, id, stdout, stderr (the last two when not
+    empty)."""
+    if not isinstance(meta, dict):
+        return meta
+    code = meta.get("input", "")
+    if isinstance(code, dict):
+        inp = dict(code)
+    else:
+        inp = {"translated": code, "raw": code}
+    r = _Result(input=inp, number=meta.get("number"), id=meta.get("id"))
+    if meta.get("stdout"):
+        r["stdout"] = meta["stdout"]
+    if meta.get("stderr"):
+        r["stderr"] = meta["stderr"]
+    return r
+
+
+def _message(parts):
+    if parts:
+        return bytes(parts[0]).decode("utf-8", "replace")
+    return ""
+
+
+def _split(replies):
+    """Sort replies by engine id into successes [(id, meta, parts)] and
+    error objects; controller errors have no meta."""
+    ok, errors = [], []
+    for target, status, parts in replies:
+        if status == 0:
+            meta = _serialize.loads(parts[:1]) if parts else {}
+            eid = meta.get("id", target) if isinstance(meta, dict) else target
+            ok.append((eid, meta, parts))
+        elif status == _c.EREMOTE:
+            meta = _serialize.loads(parts[:1]) if parts else {}
+            eid = meta.get("id", target)
+            errors.append(RemoteError(eid, meta.get("etype", "Exception"), meta.get("evalue", ""),
+                                      meta.get("traceback", ""), meta))
+        else:
+            cls = _ERROR_CLASSES.get(status, EngineError)
+            errors.append(cls(status, _message(parts), target if target >= 0 else None))
+    ok.sort(key=lambda t: t[0])
+    errors.sort(key=lambda e: (e.engine_id is None, e.engine_id if e.engine_id is not None else 0))
+    return ok, errors
+
+
+def _in_order(items, key, order):
+    """items (sorted by engine id) in the order of the target list order."""
+    if not order:
+        return items
+    rank = {t: i for i, t in enumerate(order)}
+    return sorted(items, key=lambda x: rank.get(key(x), len(rank)))
+
+
+def _composite(errors, results, method):
+    """The CompositeError of a request's failures (see CompositeError)."""
+    elist = []
+    for e in errors:
+        if isinstance(e, RemoteError):
+            ev = _rebuild_exception(e.meta, e.engine_id)
+        else:
+            ev = e
+        elist.append((type(ev), ev, None))
+    return CompositeError("one or more exceptions from call to method: %s" % (method or "?"),
+                          elist, errors, results, method)
+
+
+def _raise_errors(errors, results, nreplies=1, method=None):
+    """A request that ran on one engine raises that engine's error itself
+    (RemoteError, DeadEngineError, ...); one that ran on several raises a
+    CompositeError if any failed, as IPython 0.10 did."""
+    if not errors:
+        return
+    if nreplies <= 1 and len(errors) == 1:
+        err = errors[0]
+        err.results = results
+        raise err
+    raise _composite(errors, results, method)
+
+
+def _engine_results(replies, value, method=None, order=None):
+    """Applies value(meta, parts) to every successful engine reply, in
+    engine id order (or in the order of the target list order); raises
+    RemoteError/EngineError (one engine) or CompositeError (several) if
+    any engine failed (the successes travel in the error's .results)."""
+    ok, errors = _split(replies)
+    if order:
+        ok = _in_order(ok, lambda t: t[0], order)
+        errors = _in_order(errors, lambda e: e.engine_id, order)
+    results = [value(meta, parts) for _eid, meta, parts in ok]
+    _raise_errors(errors, results, len(replies), method)
+    return results
+
+
+def _controller_json(replies):
+    ok, errors = _split_controller(replies)
+    _raise_errors(errors, [])
+    return ok
+
+
+def _split_controller(replies):
+    ok, errors = None, []
+    for target, status, parts in replies:
+        if status == 0:
+            ok = json.loads(_message(parts)) if parts else None
+        else:
+            cls = _ERROR_CLASSES.get(status, EngineError)
+            errors.append(cls(status, _message(parts), target if target >= 0 else None))
+    return ok, errors
+
+
+class PendingResult:
+    """A request sent with block=False (IPython 0.10's PendingResult).
+
+    get_result(default=None, block=True, timeout=None): the result the
+    blocking call would have returned (or raises its error, again on every
+    call); with block=False, default while it is not complete. r is
+    get_result(block=True). add_callback(f, *args, **kwargs): the result
+    becomes f(result, *args, **kwargs) when it is first retrieved
+    (callbacks chain). timeout None means the client's default; a wait
+    that runs out raises TimeoutError and loses nothing. ready() never
+    blocks.
+    """
+
+    def __init__(self, client, req_ids, post):
+        self.client = client
+        self._client = client
+        self._pending = list(req_ids)
+        self.result_id = self._pending[0] if self._pending else None
+        self._replies = []
+        self._post = post
+        self._done = False
+        self._result = None
+        self._error = None
+        self.callbacks = []
+
+    def ready(self):
+        if self._done:
+            return True
+        conn = self._client._conn
+        if conn is None:
+            return False
+        return all(conn.ready(r) for r in self._pending)
+
+    def get_result(self, default=None, block=True, timeout=None):
+        if block not in (True, False):
+            raise ValueError("block must be True or False, not %r" % (block,))
+        if not self._done:
+            if not block and not self.ready():
+                return default
+            self._collect(self._client._timeout if timeout is None else timeout)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    @property
+    def r(self):
+        """get_result(block=True)."""
+        return self.get_result(block=True)
+
+    def add_callback(self, f, *args, **kwargs):
+        """The result becomes f(result, *args, **kwargs) when first
+        retrieved; several callbacks chain. There is no errback chain: an
+        exception of the request (or of a callback) is raised by get_result."""
+        if not callable(f):
+            raise TypeError("add_callback takes a callable, not %r" % (type(f).__name__,))
+        self.callbacks.append((f, args, kwargs))
+
+    def _collect(self, timeout):
+        conn = self._client._conn
+        if conn is None:
+            raise ConnectionError("this client is closed")
+        deadline = None if timeout is None else _now() + timeout
+        while self._pending:
+            left = None if deadline is None else max(0.0, deadline - _now())
+            self._replies.extend(conn.recv(self._pending[0], left))
+            self._pending.pop(0)
+        self._done = True
+        try:
+            result = self._post(self._replies)
+            for f, args, kwargs in self.callbacks:
+                result = f(result, *args, **kwargs)
+            self._result = result
+        except Exception as e:  # kept, so every get_result raises it again
+            self._error = e
+        self._replies = None
+
+    def _flush(self):
+        """Drops the replies not yet received (flush)."""
+        if self._done:
+            return
+        conn = self._client._conn
+        for r in self._pending:
+            try:
+                if conn is not None:
+                    conn.forget(r)
+            except Exception:
+                pass
+        self._pending = []
+        self._replies = None
+        self._done = True
+        self._error = InvalidDeferredID("this result (request %s) was flushed before it was retrieved"
+                                        % (self.result_id,))
+
+    @property
+    def req_ids(self):
+        return list(self._pending)
+
+    def __repr__(self):
+        # IPython 0.10's form (<ipmpi.client.PendingResult object at 0x...>),
+        # also where IPython's display would shorten it.
+        return object.__repr__(self)
+
+    def __lt__(self, other):
+        if not isinstance(other, PendingResult):
+            return NotImplemented
+        return (self.result_id or 0) < (other.result_id or 0)
+
+    def __del__(self):
+        pending = getattr(self, "_pending", None)
+        client = getattr(self, "_client", None)
+        if not pending or client is None or client._conn is None:
+            return
+        for r in pending:
+            try:
+                client._conn.forget(r)
+            except Exception:
+                pass
+
+
+def _now():
+    return time.monotonic()
+
+
+def _none(meta, parts):
+    return None
+
+
+def _no_value(replies):
+    _engine_results(replies, _none)
+    return None
+
+
+def _identity(x):
+    return x

@@ -1,0 +1,147 @@
+"""ipcluster ssh across two "hosts": network namespaces A and B joined by
+their own veth pair (addresses only inside them, ENVIRONMENT.md), with a
+real sshd in B. ipcluster runs in A with an IPython 0.10 clusterfile that
+puts the engines on B; the controller stays in A. The engines must really
+run in B's network namespace, be reached by a client, have a death
+detected while the job goes on, and leave nothing behind.
+
+Needs root, iproute2 and openssh-server (sshd); without them the tests
+fail, they never skip.
+"""
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from conftest import IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir, processes_with, wait_for
+
+ADDR_A, ADDR_B, ADDR_NONE = "198.51.100.1", "198.51.100.2", "198.51.100.3"
+NET = "198.51.100.0/24"
+
+
+def sh(*argv, timeout=30, check=True):
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stdout))
+    return r
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    for tool, pkg in (("ip", "iproute2"), ("ssh", "openssh-client"), ("ssh-keygen", "openssh-client")):
+        if shutil.which(tool) is None:
+            raise RuntimeError("%s is missing: apt-get install %s" % (tool, pkg))
+    if not os.path.exists("/usr/sbin/sshd"):
+        raise RuntimeError("/usr/sbin/sshd is missing: apt-get install openssh-server")
+    tmp = tmp_path_factory.mktemp("sshbed")
+    tag = str(os.getpid())
+    a, b = "ipmpi-sa-" + tag, "ipmpi-sb-" + tag
+    va, vb = "vsa" + tag[-8:], "vsb" + tag[-8:]
+    key, hostkey = str(tmp / "key"), str(tmp / "hostkey")
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hostkey)
+    shutil.copy(key + ".pub", str(tmp / "authorized_keys"))
+    pidfile = str(tmp / "sshd.pid")
+    (tmp / "sshd_config").write_text(
+        "ListenAddress %s\nHostKey %s\nAuthorizedKeysFile %s\nPidFile %s\nStrictModes no\n"
+        "UsePAM no\nPermitRootLogin yes\nPasswordAuthentication no\n"
+        % (ADDR_B, hostkey, tmp / "authorized_keys", pidfile))
+    try:
+        sh("ip", "netns", "add", a)
+        sh("ip", "netns", "add", b)
+        sh("ip", "link", "add", va, "netns", a, "type", "veth", "peer", "name", vb, "netns", b)
+        for ns, dev, addr in ((a, va, ADDR_A), (b, vb, ADDR_B)):
+            sh("ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        os.makedirs("/run/sshd", exist_ok=True)
+        sh("ip", "netns", "exec", b, "/usr/sbin/sshd", "-f", str(tmp / "sshd_config"))
+        wait_for(lambda: os.path.exists(pidfile), 10, what="sshd in namespace B")
+        ssh = ("ssh -F /dev/null -i %s -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+               "-o BatchMode=yes -o ConnectTimeout=3 -o LogLevel=ERROR" % key)
+        yield {"a": a, "b": b, "ssh": ssh, "tmp": tmp}
+    finally:
+        try:
+            with open(pidfile) as f:
+                os.kill(int(f.read().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        sh("ip", "netns", "del", a, check=False)
+        sh("ip", "netns", "del", b, check=False)
+
+
+def in_ns(ns, argv, timeout=180):
+    return subprocess.run(["ip", "netns", "exec", ns] + argv, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout, env=child_env())
+
+
+def clusterfile(hosts, engines, name="cluster.py"):
+    p = hosts["tmp"] / name
+    p.write_text("send_furl = True\nengines = %r\nssh = %r\ncontroller_host = %r\nnetwork = %r\n"
+                 % (engines, hosts["ssh"], ADDR_A, NET))
+    return str(p)
+
+
+CLIENT = r"""
+import os, signal, sys, time
+from ipmpi import client
+mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+print("IDS", mec.get_ids())
+info = mec.engine_info()
+print("HOSTS", sorted(set(d["host"] for d in info)))
+mec.execute("import os; ns = os.readlink('/proc/self/ns/net')")
+print("NS", sorted(set(mec.pull("ns"))))
+os.kill(info[0]["pid"], signal.SIGKILL)
+deadline = time.monotonic() + 30
+while mec.get_ids() != [1] and time.monotonic() < deadline:
+    time.sleep(0.1)
+print("AFTER", mec.get_ids())
+mec.execute("z = 9", targets=[1])
+print("PULL", mec.pull("z", targets=[1]))
+mec.close()
+"""
+
+
+def test_engines_on_the_second_host_are_reached_and_a_death_is_detected(hosts):
+    d = new_dir()
+    try:
+        cf = clusterfile(hosts, {ADDR_B: 2})
+        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--client-ip", ADDR_A,
+                               "--ipmpi-dir", d])
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "2 engines ready" in r.stdout and ADDR_B in r.stdout
+        b_ns = in_ns(hosts["b"], ["readlink", "/proc/self/ns/net"]).stdout.strip()
+        a_ns = in_ns(hosts["a"], ["readlink", "/proc/self/ns/net"]).stdout.strip()
+        assert b_ns != a_ns
+        c = in_ns(hosts["a"], [PYTHON, "-c", CLIENT, os.path.join(d, "security", "ipcontroller-mec.furl")])
+        assert c.returncode == 0, c.stdout + c.stderr
+        assert "IDS [0, 1]" in c.stdout and "HOSTS ['%s']" % ADDR_B in c.stdout, c.stdout
+        assert "NS ['%s']" % b_ns in c.stdout, c.stdout
+        assert "AFTER [1]" in c.stdout and "PULL [9]" in c.stdout, c.stdout
+        s = in_ns(hosts["a"], [IPCLUSTER, "status", "--ipmpi-dir", d])
+        assert s.returncode == 0 and "1 of 2 engines alive" in s.stdout, s.stdout + s.stderr
+        st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
+        assert st.returncode == 0, st.stdout + st.stderr
+        wait_for(lambda: processes_with("--ipmpi-dir " + d) == [], 15, what="nothing left on either host")
+    finally:
+        kill_dir_jobs(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unreachable_host_is_named_with_ssh_words_and_nothing_starts(hosts):
+    d = new_dir()
+    try:
+        cf = clusterfile(hosts, {ADDR_B: 1, ADDR_NONE: 1}, "bad.py")
+        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--ipmpi-dir", d], timeout=120)
+        assert r.returncode == 1
+        assert "cannot reach %s" % ADDR_NONE in r.stderr, r.stderr
+        assert ("ssh: connect to host %s" % ADDR_NONE) in r.stderr, r.stderr
+        assert ADDR_B + ":" not in r.stderr
+        assert processes_with("--ipmpi-dir " + d) == []
+    finally:
+        kill_dir_jobs(d)
+        shutil.rmtree(d, ignore_errors=True)
