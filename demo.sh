@@ -1,24 +1,24 @@
 #!/bin/sh
 # demo.sh: install ipmpi on this machine and say Hello World from 4 engines.
 #
-# For a fresh Debian 12, as root: installs the Debian packages, builds and
-# installs ipmpi (under /usr/local), starts a cluster of a controller and 4
+# For a fresh Debian 12, as root: installs the Debian packages
+# (tools/deps.sh, the same list as test.sh), builds ipmpi in build-demo/
+# and installs it under /usr/local, starts a cluster of a controller and 4
 # engines with `ipcluster mpirun -n 4`, runs the Hello World session of the
-# Python client, and stops the cluster again.
+# Python client, and stops the cluster again. It may run before or after
+# test.sh (which builds in build/), and any number of times.
 set -e
 cd "$(dirname "$0")"
+. tools/deps.sh
 
-PACKAGES="libopenmpi-dev openmpi-bin libpmix-dev libhwloc-dev hwloc libcmocka-dev libssl-dev
-python3-dev python3-numpy python3-cloudpickle python3-mpi4py python3-pytest
-autoconf automake libtool pkg-config make gcc procps iproute2 openssl"
-
-apt-get update
-DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $PACKAGES
-
-autoreconf -fi
-./configure
+ipmpi_install_packages demo.sh yes
+ipmpi_bootstrap
+mkdir -p build-demo
+cd build-demo
+../configure
 make -j2
 make install
+cd ..
 
 # Ours, not Debian's /usr/bin/ipcluster (python3-ipyparallel), if that is installed.
 PATH=/usr/local/bin:$PATH
@@ -51,3 +51,5 @@ PYEOF
 echo "---------------------------------"
 echo
 ipcluster stop
+echo
+echo "The user guide: doc/index.rst (HTML: make -C build-demo html); man ipcluster, man ipmpi."

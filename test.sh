@@ -1,29 +1,23 @@
 #!/bin/sh
 # test.sh: build ipmpi from this checkout and run every test (make check).
 #
-# For a fresh Debian 12, as root: installs the Debian packages ipmpi needs,
-# runs autoreconf, configures in build/, builds with make -j2 and runs
-# make check (C unit tests, Python unit tests, and system tests on real
-# mpirun clusters). On failure the logs of the failing tests are printed;
-# the test summary always comes last. Exits non-zero if any test failed.
+# For a fresh Debian 12, as root: installs the Debian packages ipmpi needs
+# (tools/deps.sh, the same list as demo.sh; a user who is not root is told
+# what to install if anything is missing), runs autoreconf, configures in
+# build/ (demo.sh builds in build-demo/: either may run first), builds with
+# make -j2 and runs make check (C unit tests, Python unit tests, system
+# tests on real mpirun clusters, the user guide's examples). On failure the
+# logs of the failing tests are printed; the test summary always comes
+# last. Exits non-zero if any test failed.
 set -e
 cd "$(dirname "$0")"
 
-PACKAGES="libopenmpi-dev openmpi-bin libpmix-dev libhwloc-dev hwloc libcmocka-dev libssl-dev
-python3-dev python3-numpy python3-cloudpickle python3-mpi4py python3-pytest
-autoconf automake libtool pkg-config make gcc procps iproute2 openssl"
-
-if [ "$(id -u)" = 0 ]; then
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $PACKAGES
-else
-    echo "test.sh: not root, not installing packages (needed: $PACKAGES)" >&2
-fi
-
-autoreconf -fi
+. tools/deps.sh
+ipmpi_install_packages test.sh no
+ipmpi_bootstrap
 mkdir -p build
 cd build
-../configure
+../configure --enable-docs
 make -j2
 
 # The C unit tests once more under AddressSanitizer and UBSan (the C pieces
@@ -53,7 +47,7 @@ cd ../build
 # controller to accept 4150 connections within 60 s, and the sanitizer build
 # accepts too slowly (it held 2000), so here it is deselected by name.
 if ! PYTEST_ADDOPTS="-k 'not lock_out'" ASAN_OPTIONS=detect_leaks=0 IPMPI_TEST_BIN="$(cd ../build-asan && pwd)/ipmpi" \
-     make check TESTS="tests/system/test_refusals.py tests/system/test_dead_engines.py tests/system/test_mec.py tests/system/test_shm.py tests/system/test_chaos.py tests/system/test_tasks.py" \
+     make check TESTS="tests/system/test_refusals.py tests/system/test_dead_engines.py tests/system/test_mec.py tests/system/test_shm.py tests/system/test_chaos.py tests/system/test_tasks.py tests/system/test_frames.py" \
      > check-asan-system.out 2>&1; then
     cat check-asan-system.out
     for log in tests/system/*.log; do echo "==== $log"; cat "$log"; done
@@ -61,6 +55,13 @@ if ! PYTEST_ADDOPTS="-k 'not lock_out'" ASAN_OPTIONS=detect_leaks=0 IPMPI_TEST_B
     exit 1
 fi
 sed -n '/^# TOTAL:/,/^# ERROR:/p' check-asan-system.out | sed 's/^/asan system /'
+
+# A one-node Slurm (munge, slurmctld, slurmd; qsub through
+# slurm-wlm-torque) for the batch-mode tests, stopped whatever happens.
+../slurm/local-slurm.sh start
+trap '../slurm/local-slurm.sh stop >/dev/null 2>&1 || true' EXIT
+SLURM_CONF=/var/tmp/ipmpi-slurm/slurm.conf
+export SLURM_CONF
 
 # make check's own exit status decides; its output is kept for the summary.
 set +e

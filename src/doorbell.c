@@ -17,6 +17,9 @@
 
 enum { AWAKE = 0, ASLEEP = 1 };
 
+/* A slot: the doorbell word, then (8-aligned) the interrupt's request id. */
+#define INTR_OFFSET 8
+
 /* Each word on a cache line of its own: a ring must not make the other
  * sleepers' lines bounce. */
 #define SLOT_BYTES 64
@@ -57,7 +60,7 @@ int ipmpi_doorbell_init(ipmpi_doorbell_t *d, MPI_Comm comm)
         void *p = NULL;
         MPI_Group_translate_ranks(gnode, 1, &i, gworld, &wr);
         if (wr == MPI_UNDEFINED || MPI_Win_shared_query(d->win, i, &size, &disp, &p) != MPI_SUCCESS ||
-            size < (MPI_Aint)sizeof(uint32_t) || !p)
+            size < (MPI_Aint)(INTR_OFFSET + sizeof(uint64_t)) || !p)
             ok = 0;
         else
             d->word[wr] = p;
@@ -68,6 +71,7 @@ int ipmpi_doorbell_init(ipmpi_doorbell_t *d, MPI_Comm comm)
         goto off;
     d->mine = base;
     atomic_store(d->mine, AWAKE);
+    atomic_store((_Atomic uint64_t *)((char *)base + INTR_OFFSET), 0);
     d->ok = 1;
     return 0;
 
@@ -127,4 +131,18 @@ int ipmpi_doorbell_sleep(ipmpi_doorbell_t *d, uint64_t timeout_ns, int (*pending
     int woken = atomic_exchange(d->mine, AWAKE) == AWAKE; /* the ringer set it */
     (void)r;
     return woken;
+}
+
+void ipmpi_doorbell_set_interrupt(const ipmpi_doorbell_t *d, int rank, uint64_t req_id)
+{
+    if (!ipmpi_doorbell_reaches(d, rank))
+        return;
+    atomic_store((_Atomic uint64_t *)((char *)d->word[rank] + INTR_OFFSET), req_id);
+}
+
+uint64_t ipmpi_doorbell_interrupt(const ipmpi_doorbell_t *d)
+{
+    if (!d || !d->ok)
+        return 0;
+    return atomic_load((_Atomic uint64_t *)((char *)d->mine + INTR_OFFSET));
 }

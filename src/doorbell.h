@@ -44,6 +44,16 @@ typedef struct ipmpi_doorbell {
 } ipmpi_doorbell_t;
 
 /*
+ * Next to each word, the request id an INTERRUPT is for (0: none): the
+ * controller writes it before it sends SIGINT, and the engine raises
+ * KeyboardInterrupt only in that request, also when the signal came
+ * before the engine picked the request up, and never in a later one.
+ */
+void ipmpi_doorbell_set_interrupt(const ipmpi_doorbell_t *d, int rank, uint64_t req_id);
+/* The request id this rank's slot names (0: none). Async-signal-safe. */
+uint64_t ipmpi_doorbell_interrupt(const ipmpi_doorbell_t *d);
+
+/*
  * Sets up the doorbells of this node; collective over comm (every rank
  * calls it at the same point). On failure (no shared-memory windows here)
  * d->ok is 0 and everything below does nothing; returns 0 either way, or

@@ -127,6 +127,7 @@
     XX(TASK_SPIN, 23, "task_spin", IPMPI_KW_TC)                      \
     XX(TASK_RESERVE, 24, "task_reserve", IPMPI_KW_TC)                \
     XX(PROPS, 25, "props", IPMPI_KW_MEC_ENGINE)                      \
+    XX(INTERRUPT, 26, "interrupt", IPMPI_KW_MEC)                     \
     XX(READY, 32, "ready", IPMPI_KW_INTERNAL)                        \
     XX(EXIT, 33, "exit", IPMPI_KW_INTERNAL)
 

@@ -660,17 +660,52 @@ static int pump(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
 
 /* ---- lifetime ---- */
 
+/*
+ * A close with unread bytes in our receive buffer makes the kernel reset
+ * the connection, and a reset discards what the controller has received
+ * but not yet read: the last requests sent before close() (a client that
+ * submits 100,000 tasks and closes) would be lost. So a healthy link is
+ * half-closed (our FIN follows the last request) and drained until the
+ * controller, having read everything, closes too: at most this long.
+ */
+#define CLOSE_DRAIN_MS 5000
+
+static void drain_and_close(int fd)
+{
+    shutdown(fd, SHUT_WR);
+    uint64_t end = ipmpi_now_ns() + (uint64_t)CLOSE_DRAIN_MS * 1000000u;
+    char buf[65536];
+    for (;;) {
+        ssize_t n = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            break; /* the controller closed (or the link broke) */
+        if (n > 0)
+            continue;
+        uint64_t now = ipmpi_now_ns();
+        if (now >= end)
+            break;
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        poll(&pfd, 1, (int)((end - now) / 1000000u) + 1);
+    }
+    close(fd);
+}
+
 static void release_socket(ipmpi_cl_t *c)
 {
+    /* Only a session that carried requests has any to lose. */
+    int healthy = (!c->err || c->err == IPMPI_ECLOSED) && c->ssl && SSL_is_init_finished(c->ssl);
     if (c->ssl) {
         /* Best effort close_notify; the socket is non-blocking. */
-        if (SSL_is_init_finished(c->ssl) && (!c->err || c->err == IPMPI_ECLOSED))
+        if (healthy)
             SSL_shutdown(c->ssl);
         SSL_free(c->ssl);
         c->ssl = NULL;
     }
     if (c->fd >= 0) {
-        close(c->fd);
+        if (healthy)
+            drain_and_close(c->fd);
+        else
+            close(c->fd);
         c->fd = -1;
     }
     ERR_clear_error();

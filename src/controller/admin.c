@@ -3,6 +3,7 @@
  * CLEAR_QUEUE, PROPERTIES, SHM_PROBE and RELEASE. Loop thread only.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +12,7 @@
 
 #include "backoff.h"
 #include "ctl.h"
+#include "doorbell.h"
 #include "ipmpi/errors.h"
 #include "json.h"
 #include "log.h"
@@ -215,3 +217,65 @@ void ipmpi_ctl_do_shm_probe(ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmp
     ipmpi_parts_unref(out);
 }
 
+int ipmpi_ctl_signal_engine(const ipmpi_engine_slot_t *e, int sig)
+{
+    const char *p = e->props ? strstr(e->props, "\"pid\":") : NULL;
+    long pid = p ? strtol(p + 6, NULL, 10) : 0;
+    if (pid <= 1 || e->dead)
+        return IPMPI_ENOENT;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return IPMPI_ENOENT;
+    size_t got = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[got] = '\0';
+    /* "pid (comm) state ppid ...": comm may hold spaces and parentheses. */
+    const char *rp = strrchr(buf, ')');
+    long ppid = 0;
+    if (!rp || sscanf(rp + 1, " %*c %ld", &ppid) != 1 || ppid != (long)getppid())
+        return IPMPI_ENOENT;
+    return kill((pid_t)pid, sig) == 0 ? 0 : IPMPI_ENOENT;
+}
+
+/*
+ * INTERRUPT: for each target engine with a request in flight, the
+ * request's id goes into its doorbell slot, then SIGINT: the engine
+ * raises KeyboardInterrupt in that request only (engine.c), whether it
+ * runs already or is about to. Engines that are idle are left alone;
+ * engines this controller cannot signal (another node, no shared window)
+ * are reported. Queued requests are not touched (clear_queue takes them
+ * back).
+ */
+void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n)
+{
+    jbuf_t lists[4] = {{0}};
+    int counts[4] = {0};
+    enum { DONE, IDLE, FAR, DEAD };
+    for (int i = 0; i < n; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        const ipmpi_sitem_t *run = e->dead ? NULL : ipmpi_sched_inflight(&c->sched, e->id);
+        int k = e->dead ? DEAD : !run ? IDLE : FAR;
+        if (run && ipmpi_doorbell_reaches(c->job->bell, e->rank)) {
+            /* The engine interrupts exactly this request (doorbell.h). */
+            uint64_t id = run->type == IPMPI_SITEM_REQ ? run->u.req->id
+                                                        : IPMPI_CONTAINER_OF(run->u.task, ipmpi_task_t, s)->disp;
+            ipmpi_doorbell_set_interrupt(c->job->bell, e->rank, id);
+            if (ipmpi_ctl_signal_engine(e, SIGINT) == 0)
+                k = DONE;
+        }
+        if (k == DONE)
+            ipmpi_log(IPMPI_LOG_INFO, "engine %d interrupted by client %s", e->id, s->peer);
+        jb_printf(&lists[k], counts[k]++ ? ", %d" : "%d", e->id);
+    }
+    jbuf_t b = {0};
+    jb_printf(&b, "{\"interrupted\": [%s], \"idle\": [%s], \"unreachable\": [%s], \"dead\": [%s]}",
+              lists[DONE].s ? lists[DONE].s : "", lists[IDLE].s ? lists[IDLE].s : "",
+              lists[FAR].s ? lists[FAR].s : "", lists[DEAD].s ? lists[DEAD].s : "");
+    for (int k = 0; k < 4; k++) {
+        b.oom |= lists[k].oom;
+        free(lists[k].s);
+    }
+    ipmpi_ctl_send_json(s, h, &b);
+}

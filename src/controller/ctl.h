@@ -120,6 +120,14 @@ void ipmpi_ctl_do_queue_status(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_h
 void ipmpi_ctl_do_clear_queue(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
 void ipmpi_ctl_do_properties(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
 void ipmpi_ctl_do_release(ipmpi_session_t *s, const ipmpi_parts_t *p);
+void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
+/*
+ * Sends signal sig to engine e's process if the controller may: the
+ * engine is a sibling process (same launcher on this node, hence the same
+ * pid namespace: /proc/PID/stat's ppid is ours). Returns 0, or
+ * IPMPI_ENOENT when it cannot be signalled from here.
+ */
+int ipmpi_ctl_signal_engine(const ipmpi_engine_slot_t *e, int sig);
 void ipmpi_ctl_do_shm_probe(ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p);
 
 /* dispatch.c */

@@ -136,33 +136,16 @@ static int resolve(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, con
 /*
  * KILL of a busy engine ends it now instead of after the requests before
  * it (which may run for hours): SIGKILL, when the engine is a process we
- * may signal, i.e. a sibling of ours (same launcher on the same node, so
- * the same pid namespace too). Returns 1 if the engine was signalled.
+ * may signal (ipmpi_ctl_signal_engine). Returns 1 if it was signalled; an
+ * idle engine ends itself after answering, its logs flushed.
  */
 static int kill_now(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
 {
-    if (ipmpi_sched_idle(&c->sched, e->id) || !e->props)
-        return 0; /* idle: the engine ends itself after answering, logs flushed */
-    const char *p = strstr(e->props, "\"pid\":");
-    long pid = p ? strtol(p + 6, NULL, 10) : 0;
-    if (pid <= 1)
+    if (ipmpi_sched_idle(&c->sched, e->id))
         return 0;
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
+    if (ipmpi_ctl_signal_engine(e, SIGKILL) != 0)
         return 0;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    /* "pid (comm) state ppid ...": comm may hold spaces and parentheses. */
-    const char *rp = strrchr(buf, ')');
-    long ppid = 0;
-    if (!rp || sscanf(rp + 1, " %*c %ld", &ppid) != 1 || ppid != (long)getppid())
-        return 0;
-    if (kill((pid_t)pid, SIGKILL) != 0)
-        return 0;
-    ipmpi_log(IPMPI_LOG_INFO, "engine %d (pid %ld) killed by request while busy", e->id, pid);
+    ipmpi_log(IPMPI_LOG_INFO, "engine %d killed by request while busy", e->id);
     return 1;
 }
 
@@ -318,9 +301,12 @@ void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
     case IPMPI_K_QUEUE_STATUS:
     case IPMPI_K_CLEAR_QUEUE:
     case IPMPI_K_PROPERTIES:
+    case IPMPI_K_INTERRUPT:
         if ((n = resolve(c, s, h, p)) < 0)
             break;
-        if (h->kind == IPMPI_K_QUEUE_STATUS)
+        if (h->kind == IPMPI_K_INTERRUPT)
+            ipmpi_ctl_do_interrupt(c, s, h, n);
+        else if (h->kind == IPMPI_K_QUEUE_STATUS)
             ipmpi_ctl_do_queue_status(c, s, h, n);
         else if (h->kind == IPMPI_K_CLEAR_QUEUE)
             ipmpi_ctl_do_clear_queue(c, s, h, n);

@@ -18,6 +18,7 @@
  */
 #include <sched.h>
 #include <stdint.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -61,6 +62,36 @@ typedef struct engine {
     ipmpi_backoff_t part_bo;  /* waiting inside a part (part_wait) */
     pid_t pid;              /* this engine's process: a fork of it must not answer */
 } engine_t;
+
+/*
+ * INTERRUPT (doorbell.h): the controller writes the id of the request it
+ * means into this engine's doorbell slot, then sends SIGINT. The handler
+ * turns it into KeyboardInterrupt (PyErr_SetInterruptEx, async-signal-
+ * safe) only while that request is this engine's current one; a request
+ * that arrives with its id already in the slot is interrupted at its
+ * start. Signal handlers see only globals: these are the engine's current
+ * request and its doorbell, written by the main thread.
+ */
+static const ipmpi_doorbell_t *g_bell;
+static volatile sig_atomic_t g_in_request;
+static volatile uint64_t g_req_id;
+
+static void on_sigint(int sig)
+{
+    (void)sig;
+    if (g_in_request && g_req_id != 0 && ipmpi_doorbell_interrupt(g_bell) == g_req_id)
+        PyErr_SetInterruptEx(SIGINT);
+}
+
+/* The request that starts now (0: none); interrupts it if it was meant. */
+static void current_request(uint64_t req_id)
+{
+    g_in_request = 0;
+    g_req_id = req_id;
+    g_in_request = req_id != 0;
+    if (req_id != 0 && ipmpi_doorbell_interrupt(g_bell) == req_id)
+        PyErr_SetInterruptEx(SIGINT);
+}
 
 /* ipmpi_eng_link_send's question while a send does not complete: is the
  * controller gone (then the send never will)? Runs without the GIL. */
@@ -467,6 +498,20 @@ static PyObject *make_engine(engine_t *e, const ipmpi_eng_place_t *pl, PyObject 
         goto decref;
     }
     Py_DECREF(mp);
+    /* SIGINT (the controller's INTERRUPT): Python's own handler raises
+     * KeyboardInterrupt, and ours in front of it lets through only the
+     * interrupts meant for the current request (on_sigint). */
+    PyObject *sig = PyObject_CallMethod(eng, "install_signals", NULL);
+    if (!sig)
+        goto decref;
+    Py_DECREF(sig);
+    g_bell = e->job->bell;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &sa, NULL);
     e->handle = PyObject_GetAttrString(eng, "handle");
     e->failure = PyObject_GetAttrString(eng, "failure");
     if (!e->handle || !e->failure)
@@ -625,7 +670,13 @@ static int serve_loop(engine_t *e)
 
         int exit_after = 0;
         PyEval_RestoreThread(ts);
+        current_request(h.req_id);
         rc = serve(e, &h, lens, &exit_after);
+        current_request(0);
+        /* An interrupt that came after the reply was made must not land in
+         * the next request: run the pending handler now and drop it. */
+        if (PyErr_CheckSignals() != 0)
+            PyErr_Clear();
         if (exit_after) {
             ipmpi_log(IPMPI_LOG_INFO, "killed by request %llu", (unsigned long long)h.req_id);
             die_now(0, NULL);

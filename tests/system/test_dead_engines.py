@@ -65,6 +65,9 @@ def check_death(mec, ids, v, pid, dying, behind, t0):
     assert time.monotonic() - t1 < 5.0
     with pytest.raises((client.EngineError, client.CompositeError)):
         mec.execute("pass", targets=[0, v])
+    deadline = time.monotonic() + 5   # a killed process takes a moment to go
+    while not pid_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert pid_gone(pid)
 
 

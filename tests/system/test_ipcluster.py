@@ -170,6 +170,7 @@ def test_same_client_port_gives_identical_furls_after_restart(ipdir):
     saved = os.path.join(ipdir, "copied-mec.furl")  # a copy a user took to another machine
     with open(saved, "w") as f:
         f.write(first["ipcontroller-mec.furl"])
+    os.chmod(saved, 0o600)  # the client refuses a furl others may read
     assert ipcluster("stop", ipmpi_dir=ipdir).returncode == 0
 
     r = ipcluster(*args, ipmpi_dir=ipdir)

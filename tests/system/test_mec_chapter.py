@@ -167,9 +167,9 @@ def test_targets_attribute_is_honoured_by_every_method(mec):
         assert mec.zip_pull(('t31', 's31')) == [(8, 8), ([1, 2], [3, 4])]
         assert mec.map(lambda x: x, range(4)) == [0, 1, 2, 3]
         assert len(mec.keys()) == 2
-        assert mec.set_properties({"p": 1}) is None
+        assert mec.set_properties({"p": 1}) == [None, None]
         assert mec.get_properties() == [{"p": 1}, {"p": 1}]
-        assert mec.clear_properties() is None
+        assert mec.clear_properties() == [None, None]
         assert [d for d, _ in mec.queue_status()] == [3, 1]
         mec['t31'] = 0
         assert mec['t31'] == [0, 0]
@@ -359,14 +359,14 @@ def test_pending_result_callbacks_and_flush(mec):
 
 
 def test_engine_properties_return_one_entry_per_target(mec):
-    assert mec.set_properties({"gpu": True}) is None
+    assert mec.set_properties({"gpu": True}) == [None] * 4
     assert mec.get_properties() == [{"gpu": True}] * 4
     assert mec.has_properties(["gpu", "no"]) == [[True, False]] * 4
-    assert mec.del_properties(["gpu"], targets=[0, 1]) is None
+    assert mec.del_properties(["gpu"], targets=[0, 1]) == [None, None]
     assert mec.get_properties(targets=[1, 2]) == [{}, {"gpu": True}]
-    assert mec.clear_properties() is None
+    assert mec.clear_properties() == [None] * 4
     assert mec.get_properties() == [{}] * 4
-    assert mec.get_properties(targets=1) == {}
+    assert mec.get_properties(targets=1) == [{}]
 
 
 def test_serialized_push_and_pull(mec):

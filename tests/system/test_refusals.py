@@ -58,8 +58,10 @@ def test_wrong_key_is_refused_by_the_client_api(cluster4, survivors, tmp_path):
     bad = text[: -len(key)] + ("0" if key[0] != "0" else "1") + key[1:]
     p = tmp_path / "bad.furl"
     p.write_text(bad + "\n")
-    with pytest.raises(PermissionError):
+    p.chmod(0o600)  # refused for its key, not for its mode
+    with pytest.raises(PermissionError) as ei:
         client.MultiEngineClient(furl_file=str(p), timeout=30)
+    assert "key" in str(ei.value), ei.value
 
 
 def test_wrong_key_gets_eacces_and_the_connection_is_closed(cluster4, survivors):

@@ -436,18 +436,18 @@ def test_recovery_cycle_is_refused_and_the_client_goes_on(tc):
 def test_engine_properties_on_the_multiengine_client(mec, clean_properties):
     assert mec.get_properties() == [{}, {}, {}, {}]
     mec.set_properties({"gpu": True, "mem": 16}, targets=2)
-    assert mec.get_properties(targets=2) == {"gpu": True, "mem": 16}
+    assert mec.get_properties(targets=2) == [{"gpu": True, "mem": 16}]
     assert mec.get_properties(["mem"], targets=[2]) == [{"mem": 16}]
     assert mec.has_properties(["gpu", "nope"]) == [[False, False]] * 2 + [[True, False]] + [[False, False]]
     mec.del_properties(["mem"], targets=2)
-    assert mec.get_properties(targets=2) == {"gpu": True}
+    assert mec.get_properties(targets=2) == [{"gpu": True}]
     # user code on the engine sees the same dict as `properties`
     mec.execute("properties['seen'] = properties.get('gpu', False)", targets=2)
-    assert mec.get_properties("seen", targets=2) == {"seen": True}
+    assert mec.get_properties("seen", targets=2) == [{"seen": True}]
     pending = mec.get_properties(block=False)
     assert pending.get_result(timeout=T)[2]["gpu"] is True
     mec.clear_properties(targets=2)
-    assert mec.get_properties(targets=2) == {}
+    assert mec.get_properties(targets=2) == [{}]
     info = mec.engine_info()
     assert [d["id"] for d in info] == [0, 1, 2, 3] and all("pid" in d and "host" in d for d in info)
     assert mec.engine_info(targets=1)["id"] == 1

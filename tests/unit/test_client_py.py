@@ -241,6 +241,7 @@ def test_bad_furl_says_what_is_wrong(tmp_path):
     for text, word in bad.items():
         p = tmp_path / "x.furl"
         p.write_text(text)
+        p.chmod(0o600)
         with pytest.raises(ValueError, match=word):
             client.MultiEngineClient(str(p))
 
@@ -514,6 +515,7 @@ def test_mec_execute_pull_and_errors_over_the_wire(fake, tmp_path):
     fc = fake(h)
     p = tmp_path / "ipcontroller-mec.furl"
     p.write_text(fc.furl() + "\n")
+    p.chmod(0o600)
     with client.MultiEngineClient(str(p), timeout=10) as mec:
         r = mec.execute('print("Hello World")')
         assert repr(r).startswith('<Results List>\n[0] In [1]: print("Hello World")\n[0] Out[1]: Hello World\n')
@@ -600,3 +602,118 @@ def test_px_cell_options():
     for bad in ("--targets", "--targets nine", "--bogus"):
         with pytest.raises(ValueError):
             magic._cell_args(bad)
+
+
+# ---------------------------------------------------------------- furl file permissions
+
+class Listener:
+    """A port that listens and never accepts: tells whether anyone connected."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+
+    def furl(self):
+        return "ipmpi+tls://%s@127.0.0.1:%d/%s" % ("a" * 64, self.sock.getsockname()[1], KEY)
+
+    def connected(self):
+        try:
+            self.sock.accept()[0].close()
+            return True
+        except BlockingIOError:
+            return False
+
+
+def _furl_file(dirpath, text, mode, name="ipcontroller-mec.furl"):
+    p = dirpath / name
+    if p.exists():
+        p.unlink()
+    p.write_text(text + "\n")
+    p.chmod(mode)
+    return p
+
+
+def _hello_only(peer):
+    peer.hello()
+    peer.read_frame()
+
+
+@pytest.mark.parametrize("mode,words", [(0o644, "readable by group and others"), (0o640, "readable by group"),
+                                        (0o604, "readable by others"), (0o622, "writable by group and others"),
+                                        (0o610, "executable by group")])
+def test_a_furl_file_others_may_read_is_refused_with_the_fix(tmp_path, mode, words):
+    lis = Listener()
+    p = _furl_file(tmp_path, lis.furl(), mode)
+    for cls in (client.MultiEngineClient, client.TaskClient):
+        with pytest.raises(PermissionError) as ei:
+            cls(str(p), connect_timeout=5)
+        msg = str(ei.value)
+        assert words in msg and "mode %04o" % mode in msg, msg
+        assert "chmod 600 %s" % p in msg, msg
+    assert not lis.connected()     # refused before any connection was made
+
+
+def test_a_private_furl_file_is_used_and_a_string_is_never_checked(fake, tmp_path):
+    for mode in (0o600, 0o400):
+        p = _furl_file(tmp_path, fake(_hello_only).furl(), mode)
+        client.MultiEngineClient(str(p), connect_timeout=5).close()
+    loose = _furl_file(tmp_path, fake(_hello_only).furl(), 0o644)
+    m = client.MultiEngineClient(loose.read_text(), connect_timeout=5)   # the furl itself: no file to check
+    assert m.get_ids is not None and m.tunnel is None
+    m.close()
+
+
+def test_a_loose_security_directory_is_refused_with_the_fix(fake, tmp_path):
+    lis = Listener()
+    sec = tmp_path / "security"
+    sec.mkdir(mode=0o700)
+    p = _furl_file(sec, lis.furl(), 0o600)
+    for mode, words in ((0o755, "readable by group and others"), (0o770, "readable and writable by group"),
+                        (0o703, "writable by others")):
+        sec.chmod(mode)
+        with pytest.raises(PermissionError) as ei:
+            client.MultiEngineClient(str(p), connect_timeout=5)
+        msg = str(ei.value)
+        assert "security directory %s" % sec in msg and words in msg and "chmod 700 %s" % sec in msg, msg
+    assert not lis.connected()
+    # The default furl ($IPMPI_DIR/security/...) is checked the same way.
+    old = os.environ.get("IPMPI_DIR")
+    os.environ["IPMPI_DIR"] = str(tmp_path)
+    try:
+        sec.chmod(0o755)
+        with pytest.raises(PermissionError, match="chmod 700"):
+            client.MultiEngineClient(connect_timeout=5)
+        assert not lis.connected()
+        sec.chmod(0o711)    # others may pass through, but neither list nor replace: accepted
+        _furl_file(sec, fake(_hello_only).furl(), 0o600)
+        client.MultiEngineClient(connect_timeout=5).close()
+    finally:
+        if old is None:
+            del os.environ["IPMPI_DIR"]
+        else:
+            os.environ["IPMPI_DIR"] = old
+
+
+def test_a_furl_file_of_another_user_is_refused(tmp_path):
+    # The suite runs as root (chown needs it); the check is the same for any uid.
+    lis = Listener()
+    p = _furl_file(tmp_path, lis.furl(), 0o600)
+    os.chown(p, 65534, 65534)
+    with pytest.raises(PermissionError, match="belongs to uid 65534"):
+        client.MultiEngineClient(str(p), connect_timeout=5)
+    assert not lis.connected()
+
+
+def test_sshserver_and_sshkey_are_checked_before_anything_runs(tmp_path):
+    lis = Listener()
+    p = _furl_file(tmp_path, lis.furl(), 0o600)
+    for bad in ("", "-oProxyCommand=x", "a b", "host:port", "host:0", "u@[::1]x", "u@-x"):
+        with pytest.raises(ValueError, match="sshserver"):
+            client.MultiEngineClient(str(p), sshserver=bad, connect_timeout=5)
+    with pytest.raises(ValueError, match="sshkey is for a tunnel"):
+        client.MultiEngineClient(str(p), sshkey="/nonexistent", connect_timeout=5)
+    with pytest.raises(FileNotFoundError, match="no key file"):
+        client.TaskClient(str(p), sshserver="u@h", sshkey=str(tmp_path / "none"), connect_timeout=5)
+    assert not lis.connected()

@@ -840,13 +840,13 @@ def test_mec_property_methods_send_props_requests(cert):
     mec = client.MultiEngineClient("ipmpi+tls://%s@127.0.0.1:%d/%s" % (fp, ls.getsockname()[1], KEY),
                                    timeout=10)
     try:
-        assert mec.set_properties({"gpu": True, "mem": 4}, targets=1) is None
+        assert mec.set_properties({"gpu": True, "mem": 4}, targets=1) == [None]
         assert mec.get_properties() == [{}, {"gpu": True, "mem": 4}]
-        assert mec.get_properties(targets=1) == {"gpu": True, "mem": 4}
-        assert mec.get_properties("mem", targets=1) == {"mem": 4}
+        assert mec.get_properties(targets=1) == [{"gpu": True, "mem": 4}]
+        assert mec.get_properties("mem", targets=1) == [{"mem": 4}]
         assert mec.has_properties(["gpu", "x"]) == [[False, False], [True, False]]
         mec.del_properties("mem", targets=1)
-        assert mec.get_properties(targets=1) == {"gpu": True}
+        assert mec.get_properties(targets=1) == [{"gpu": True}]
         mec.clear_properties()
         assert mec.get_properties() == [{}, {}]
         assert frames[0][1] == 1 and _serialize.loads(frames[0][2]) == ("set", {"gpu": True, "mem": 4})

@@ -27,6 +27,7 @@ import collections.abc
 import io
 import linecache
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -86,6 +87,63 @@ _PLAIN_TYPES = frozenset((int, float, complex, bool, str, bytes, type(None)))
 
 # File name of a string task's source in tracebacks.
 _TASK_INPUT = "<ipmpi-task>"
+
+
+def _wait_request(req):
+    """Completes an MPI request while Python runs between the tests, so a
+    KeyboardInterrupt (the client's INTERRUPT) is raised here instead of
+    never: a blocking collective that another engine never joins would
+    otherwise hold the engine for good. Polls at once for a while, then
+    sleeps a little longer each turn (at most 2 ms)."""
+    for _ in range(2000):
+        if req.Test():
+            return
+    pause = 50e-6
+    while not req.Test():
+        time.sleep(pause)
+        if pause < 2e-3:
+            pause *= 2
+
+
+def _interruptible_comm(comm, MPI):
+    """The engines' comm, whose blocking barrier and buffer collectives
+    wait by polling their non-blocking twins (_wait_request). What an
+    interrupt cannot undo: the interrupted collective stays posted, so
+    that communicator must not run collectives again (the engines that
+    joined it wait for the one that left); point-to-point calls and the
+    pickle-based lower-case collectives other than barrier block in MPI
+    as before and are reached only when they return."""
+
+    class Comm(type(comm)):
+        def Barrier(self):
+            _wait_request(self.Ibarrier())
+
+        def barrier(self):
+            _wait_request(self.Ibarrier())
+
+        def Bcast(self, buf, root=0):
+            _wait_request(self.Ibcast(buf, root))
+
+        def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM):
+            _wait_request(self.Iallreduce(sendbuf, recvbuf, op))
+
+        def Reduce(self, sendbuf, recvbuf, op=MPI.SUM, root=0):
+            _wait_request(self.Ireduce(sendbuf, recvbuf, op, root))
+
+        def Allgather(self, sendbuf, recvbuf):
+            _wait_request(self.Iallgather(sendbuf, recvbuf))
+
+        def Gather(self, sendbuf, recvbuf, root=0):
+            _wait_request(self.Igather(sendbuf, recvbuf, root))
+
+        def Scatter(self, sendbuf, recvbuf, root=0):
+            _wait_request(self.Iscatter(sendbuf, recvbuf, root))
+
+        def Alltoall(self, sendbuf, recvbuf):
+            _wait_request(self.Ialltoall(sendbuf, recvbuf))
+
+    Comm.__name__ = Comm.__qualname__ = type(comm).__name__
+    return Comm(comm)
 
 
 def _meta_size(meta):
@@ -278,7 +336,7 @@ class Engine:
             # Imported only in --mpi=mpi4py mode: importing mpi4py is not free.
             from mpi4py import MPI
 
-            self.comm = MPI.Intracomm.f2py(comm_fint)
+            self.comm = _interruptible_comm(MPI.Intracomm.f2py(comm_fint), MPI)
             self.ns["comm"] = self.comm
             self.ns["MPI"] = self._mpi = MPI
         self.properties = Properties()
@@ -292,6 +350,13 @@ class Engine:
         self._fn_cache = collections.OrderedDict()  # digest -> [function, rebound or None]
 
     # ---- the entry point called by the C side ----
+
+    def install_signals(self):
+        """Called by the engine's C side once (not by tests): SIGINT raises
+        KeyboardInterrupt (the launcher may have started us with it
+        ignored). The C side puts a handler in front that lets through
+        only the controller's INTERRUPT of the current request."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def handle(self, kind, parts):
         """Runs one request. Returns (status, reply_parts, exit_after, flags):

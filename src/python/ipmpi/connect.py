@@ -1,8 +1,20 @@
 """The client link: furl files, the TLS connection (ipmpi._ipmpi) and the
 base class both clients share.
 """
+import atexit
 import numbers
 import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
 
 from . import _ipmpi as _c
 from .results import PendingResult, _controller_json
@@ -19,13 +31,70 @@ def default_furl_file(capability="mec"):
     return os.path.join(_ipmpi_dir(), "security", "ipcontroller-%s.furl" % capability)
 
 
+def _loose(st, bits):
+    """The group/other bits of st's mode among bits, in words ('' if none)."""
+    m = stat.S_IMODE(st.st_mode) & bits
+    if not m:
+        return ""
+    words = []
+    if m & 0o044:
+        words.append("readable")
+    if m & 0o022:
+        words.append("writable")
+    if not words:
+        words.append("executable")
+    who = [w for w, b in (("group", 0o070), ("others", 0o007)) if m & b]
+    return "%s by %s" % (" and ".join(words), " and ".join(who))
+
+
+def _check_furl_file(path):
+    """Refuses a furl file that others could read or replace, as ssh refuses
+    a private key with mode 0644: the file must be the user's (or root's)
+    with no group/other bits (0600 or 0400); the directory it is in, when it
+    is a profile's security/ directory, must be the user's (or root's) and
+    neither readable nor writable by group or others (0700). Raises
+    PermissionError saying what to run."""
+    uid = os.geteuid()
+    st = os.stat(path)
+    if st.st_uid not in (uid, 0):
+        raise PermissionError(
+            "furl file %s belongs to uid %d, not to you (uid %d): its owner could point this client at a "
+            "controller of theirs. Copy it to a file of your own and run `chmod 600 FILE` on the copy"
+            % (path, st.st_uid, uid))
+    problem = _loose(st, 0o077)
+    if problem:
+        raise PermissionError(
+            "furl file %s is %s (mode %04o): whoever can read a furl can run code as you on the cluster, "
+            "so it is refused, as ssh refuses such a private key. Run `chmod 600 %s` (and restart the "
+            "cluster for new keys if others may have read it), or pass the furl text itself as a string"
+            % (path, problem, stat.S_IMODE(st.st_mode), shlex.quote(path)))
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(d) != "security":
+        return
+    dst = os.stat(d)
+    if dst.st_uid not in (uid, 0):
+        raise PermissionError(
+            "security directory %s belongs to uid %d, not to you (uid %d): its owner can replace the "
+            "furls in it. Use a profile directory of your own (IPMPI_DIR)" % (d, dst.st_uid, uid))
+    problem = _loose(dst, 0o066)
+    if problem:
+        raise PermissionError(
+            "security directory %s is %s (mode %04o): others could read or replace the furls in it, so "
+            "they are refused. Run `chmod 700 %s`" % (d, problem, stat.S_IMODE(dst.st_mode), shlex.quote(d)))
+
+
 def _read_furl(furl_file, capability):
+    """The furl text: furl_file is a path (None: the default furl of the
+    capability) or the furl itself as a string. A file that group or
+    others may read or write, or one in such a security/ directory, is
+    refused with a PermissionError that says how to fix it (chmod 600)."""
     if furl_file is None:
         furl_file = default_furl_file(capability)
     furl_file = os.fspath(furl_file)
     if furl_file.startswith("ipmpi+tls://"):
         return furl_file.strip()
     try:
+        _check_furl_file(furl_file)
         with open(furl_file, encoding="ascii", errors="replace") as f:
             return f.read().strip()
     except FileNotFoundError:
@@ -35,17 +104,245 @@ def _read_furl(furl_file, capability):
             % furl_file) from None
 
 
-def _connect(furl_file, capability, connect_timeout, shm=True):
+# ---------------------------------------------------------------- ssh tunnels
+
+_FURL_ADDR = re.compile(r"^(ipmpi\+tls://[^@/]*@)(\[[^\]]*\]|[^:/\[\]]*):(\d+)(/.*)$", re.S)
+_tunnels = weakref.WeakSet()
+
+
+def _parse_sshserver(sshserver):
+    """'user@host[:port]' (user and port optional; '[v6addr]:port' too) ->
+    (destination for ssh, port or None)."""
+    bad = ValueError("sshserver must be 'user@host[:port]', not %r" % (sshserver,))
+    if not isinstance(sshserver, str):
+        raise bad
+    s = sshserver.strip()
+    if not s or any(c.isspace() for c in s) or s.startswith("-"):
+        raise bad
+    user, at, host = s.rpartition("@")
+    port = None
+    if host.startswith("["):
+        h, _, rest = host[1:].partition("]")
+        if rest and not re.fullmatch(r":\d+", rest):
+            raise bad
+        port = int(rest[1:]) if rest else None
+        host = h
+    elif host.count(":") == 1:
+        host, p = host.split(":")
+        if not p.isdigit():
+            raise bad
+        port = int(p)
+    if not host or host.startswith("-") or (port is not None and not 0 < port < 65536):
+        raise bad
+    return user + at + host, port
+
+
+def _listening(port):
+    """True when something in this network namespace listens on
+    127.0.0.1:port (read from /proc/net/tcp, so that no probe connection
+    reaches the controller); None when /proc/net/tcp cannot be read."""
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            want = "0100007F:%04X" % port
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and fields[1] == want and fields[3] == "0A":
+                    return True
+        return False
+    except (OSError, StopIteration):
+        return None
+
+
+def _free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+class SSHTunnel:
+    """A local forward 127.0.0.1:local_port -> remote_host:remote_port made
+    by the system's ssh through sshserver ('user@host[:port]'):
+
+        ssh -N -L 127.0.0.1:PORT:HOST:PORT -o BatchMode=yes -o ExitOnForwardFailure=yes ...
+
+    The command is $IPMPI_SSH when set (e.g. 'ssh -F ~/cluster.conf'), else
+    'ssh'; the user's ssh configuration (jump hosts, agent, known hosts)
+    applies. BatchMode: ssh never asks for a password or passphrase (use
+    keys, an agent, or sshkey=FILE). ssh runs in a session of its own
+    (Ctrl-C in the terminal does not end it) and ends with close(), when
+    the client closes, when Python exits, and (started from the main
+    thread) when this process dies (setpriv --pdeathsig)."""
+
+    def __init__(self, sshserver, remote_host, remote_port, sshkey=None, timeout=30):
+        self.sshserver = sshserver
+        self.remote_host, self.remote_port = remote_host, int(remote_port)
+        self.proc, self._err, self.local_port = None, None, None
+        dest, port = _parse_sshserver(sshserver)
+        base = shlex.split(os.environ.get("IPMPI_SSH") or "ssh")
+        if not base or shutil.which(base[0]) is None:
+            raise FileNotFoundError("ssh tunnel: %r not found: install openssh-client (or set IPMPI_SSH)"
+                                    % (base[0] if base else ""))
+        timeout = timeout or 30
+        opts = ["-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+                "-o", "ServerAliveInterval=3", "-o", "ServerAliveCountMax=3",
+                "-o", "ConnectTimeout=%d" % max(1, int(min(timeout, 60))),
+                "-o", "ControlMaster=no", "-o", "ControlPath=none"]
+        if sshkey is not None:
+            sshkey = os.path.expanduser(os.fspath(sshkey))
+            if not os.path.exists(sshkey):
+                raise FileNotFoundError("ssh tunnel: no key file %s" % sshkey)
+            opts += ["-i", sshkey, "-o", "IdentitiesOnly=yes"]
+        if port is not None:
+            opts += ["-p", str(port)]
+        rhost = "[%s]" % remote_host if ":" in remote_host else remote_host
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):
+            self.local_port = _free_port()
+            self.argv = base + opts + ["-L", "127.0.0.1:%d:%s:%d" % (self.local_port, rhost, self.remote_port),
+                                       dest]
+            if self._start(deadline, timeout):
+                break
+            err = self.ssh_words()
+            self.close()
+            if "Address already in use" in err and attempt < 2:
+                continue   # another process took the port in between: try another one
+            raise ConnectionError("ssh tunnel through %s failed (ssh exited with status %s): %s"
+                                  % (sshserver, self.returncode, err or "ssh said nothing"))
+        _tunnels.add(self)
+
+    def _start(self, deadline, timeout):
+        self._err = tempfile.TemporaryFile()
+        argv = list(self.argv)
+        setpriv = threading.current_thread() is threading.main_thread() and shutil.which("setpriv")
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "TERM", "--"] + argv
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=self._err, start_new_session=True, close_fds=True)
+        while self.proc.poll() is None:
+            up = _listening(self.local_port)
+            if up is None:   # no /proc/net/tcp: one probe connection
+                try:
+                    socket.create_connection(("127.0.0.1", self.local_port), 0.2).close()
+                    up = True
+                except OSError:
+                    up = False
+            if up:
+                return True
+            if time.monotonic() >= deadline:
+                words = self.ssh_words()
+                self.close()
+                raise TimeoutError("ssh tunnel through %s: no forward after %g s%s"
+                                   % (self.sshserver, timeout, (": " + words) if words else ""))
+            time.sleep(0.02)
+        return False
+
+    @property
+    def returncode(self):
+        return None if self.proc is None else self.proc.poll()
+
+    @property
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def ssh_words(self):
+        """What ssh wrote on stderr so far (its own words), on one line."""
+        if self._err is None:
+            return ""
+        try:
+            self._err.seek(0)
+            text = self._err.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return ""
+        return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+    def furl(self, furl):
+        """furl with its host:port replaced by this tunnel's local end; the
+        fingerprint and key are unchanged, so the pin and the key check
+        hold end to end."""
+        m = _FURL_ADDR.match(furl)
+        return "%s127.0.0.1:%d%s" % (m.group(1), self.local_port, m.group(4))
+
+    def close(self):
+        """Ends ssh (SIGTERM, SIGKILL after 3 s); may be called again."""
+        p = self.proc
+        if p is None:
+            return
+        if p.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    p.wait(3)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        _tunnels.discard(self)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return "<SSHTunnel 127.0.0.1:%s -> %s -> %s:%d %s>" % (
+            self.local_port, self.sshserver, self.remote_host, self.remote_port,
+            "running" if self.alive else "ended")
+
+
+@atexit.register
+def _close_tunnels():
+    for t in list(_tunnels):
+        t.close()
+
+
+def _connect(furl_file, capability, connect_timeout, shm=True, sshserver=None, sshkey=None):
+    """(Connection, SSHTunnel or None): the link to the controller of the
+    furl, through an ssh tunnel via sshserver when it is given."""
     furl = _read_furl(furl_file, capability)
-    conn = _c.Connection(furl, connect_timeout, bool(shm))
+    tunnel = None
+    if sshserver is not None:
+        m = _FURL_ADDR.match(furl)
+        if not m:
+            _c.Connection(furl, connect_timeout, False)   # raises the ValueError that says what is wrong
+            raise ValueError("bad furl: no host:port in %r" % furl[:40])
+        host = m.group(2)[1:-1] if m.group(2).startswith("[") else m.group(2)
+        tunnel = SSHTunnel(sshserver, host, int(m.group(3)), sshkey, connect_timeout)
+        try:
+            conn = _c.Connection(tunnel.furl(furl), connect_timeout, bool(shm))
+        except (ConnectionError, TimeoutError) as e:
+            time.sleep(0.2)   # ssh's own words on why the forward failed, if any
+            words = tunnel.ssh_words()
+            tunnel.close()
+            raise type(e)("through the ssh tunnel via %s to %s:%s: %s%s"
+                          % (sshserver, host, m.group(3), e, ("; ssh: " + words) if words else "")) from None
+        except PermissionError as e:
+            tunnel.close()
+            raise PermissionError("through the ssh tunnel via %s to %s:%s: %s"
+                                  % (sshserver, host, m.group(3), e)) from None
+        except BaseException:
+            tunnel.close()
+            raise
+    else:
+        if sshkey is not None:
+            raise ValueError("sshkey is for a tunnel: give sshserver='user@host[:port]' too")
+        conn = _c.Connection(furl, connect_timeout, bool(shm))
     if conn.capability != capability:
         got = conn.capability
         conn.close()
+        if tunnel is not None:
+            tunnel.close()
         names = {"mec": "MultiEngineClient (ipcontroller-mec.furl)", "tc": "TaskClient (ipcontroller-tc.furl)"}
         raise PermissionError(
             "this furl grants the %r capability, which is for %s; this client needs %s"
             % (got, names.get(got, got), names[capability]))
-    return conn
+    return conn, tunnel
 
 
 # ---------------------------------------------------------------- targets
@@ -168,10 +465,17 @@ _map_chunk.__module__ = "__main__"
 class _Base:
     _capability = "mec"
 
-    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True):
+    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True, sshserver=None, sshkey=None):
         self._timeout = timeout
         self.block = True
-        self._conn = _connect(furl_file, self._capability, connect_timeout, shm)
+        self._conn = None
+        self._tunnel = None
+        self._conn, self._tunnel = _connect(furl_file, self._capability, connect_timeout, shm, sshserver, sshkey)
+
+    @property
+    def tunnel(self):
+        """The SSHTunnel this client's link goes through (sshserver=...), or None."""
+        return self._tunnel
 
     @property
     def shm(self):
@@ -207,8 +511,9 @@ class _Base:
             raise ConnectionError("this client is closed")
         return self._conn.send(kind, target, parts, targets)
 
-    def _finish(self, req_ids, post, block, timeout):
+    def _finish(self, req_ids, post, block, timeout, targets=None):
         pr = PendingResult(self, req_ids, post)
+        pr.targets = targets
         if block is None:
             block = self.block
         if not block:
@@ -218,7 +523,7 @@ class _Base:
     def _request(self, kind, parts, targets, post, block, timeout):
         target, tlist, _single = _parse_targets(targets)
         rid = self._send(kind, target, parts, tlist)
-        return self._finish([rid], post, block, timeout)
+        return self._finish([rid], post, block, timeout, targets)
 
     def _controller(self, kind, post, block=True, timeout=None, targets="all"):
         target, tlist, _single = _parse_targets(targets)
@@ -237,6 +542,8 @@ class _Base:
         """Closes the connection; the cluster keeps running."""
         if self._conn is not None:
             self._conn.close()
+        if self._tunnel is not None:
+            self._tunnel.close()
 
     def __enter__(self):
         return self
@@ -246,5 +553,7 @@ class _Base:
         return False
 
     def __repr__(self):
-        c = self._conn
-        return "<%s %s:%s %s>" % (self.__class__.__name__, c.host, c.port, "closed" if c.closed else "open")
+        c, t = self._conn, self._tunnel
+        where = "%s:%s" % (c.host, c.port) if t is None else "%s:%s via ssh %s" % (
+            t.remote_host, t.remote_port, t.sshserver)
+        return "<%s %s %s>" % (self.__class__.__name__, where, "closed" if c.closed else "open")

@@ -34,11 +34,11 @@ class MultiEngineClient(_Base):
 
     _capability = "mec"
 
-    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True):
+    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True, sshserver=None, sshkey=None):
         self._targets = "all"
         self._block = True
         self._pending_results = weakref.WeakSet()
-        super().__init__(furl_file, timeout, connect_timeout, shm)
+        super().__init__(furl_file, timeout, connect_timeout, shm, sshserver, sshkey)
 
     # -- the block and targets attributes
     @property
@@ -79,8 +79,9 @@ class MultiEngineClient(_Base):
             block = self._block
         return targets, _check_block(block)
 
-    def _finish(self, req_ids, post, block, timeout):
+    def _finish(self, req_ids, post, block, timeout, targets=None):
         pr = PendingResult(self, req_ids, post)
+        pr.targets = targets
         if not block:
             self._pending_results.add(pr)
             return pr
@@ -90,7 +91,7 @@ class MultiEngineClient(_Base):
         """Sends one request to targets; post(replies, order) makes its result."""
         target, tlist, _single = _parse_targets(targets)
         rid = self._send(kind, target, parts, tlist)
-        return self._finish([rid], lambda rs: post(rs, tlist), block, timeout)
+        return self._finish([rid], lambda rs: post(rs, tlist), block, timeout, targets)
 
     def _each(self, kind, parts, targets, block, timeout, method, value=None):
         """A request whose result is one value(meta, parts) per target (None
@@ -442,32 +443,29 @@ class MultiEngineClient(_Base):
     # code as `properties` and by the depend functions of tasks.
     def _props(self, op, arg, targets, block, timeout, returns, method):
         targets, block = self._find(targets, block)
-        single = _parse_targets(targets)[2]
 
         def value(meta, parts):
             return _serialize.loads(parts[1:]) if len(parts) > 1 else None
 
         def post(rs, order):
+            # IPython 0.10's shapes: one entry per target, also for an int
+            # target ([dict]); set, del and clear give [None, ...].
             results = _engine_results(rs, value, method, order)
-            if not returns:
-                # None, not IPython 0.10's [None, ...]: tests/unit/test_task_py.py
-                # (the task interface's) expects None; see doc/differences.rst.
-                return None
-            return results[0] if single and results else results
+            return results if returns else [None] * len(results)
 
         return self._request(_c.K_PROPS, _serialize.dumps((op, arg)), targets, post, block, timeout)
 
     def set_properties(self, properties, targets=None, block=None, timeout=None):
-        """Updates the engines' properties with the dict properties (returns
-        None). Tasks whose depend refused these engines are
-        reconsidered."""
+        """Updates the engines' properties with the dict properties (one None
+        per target, as IPython 0.10). Tasks whose depend refused these
+        engines are reconsidered."""
         if not isinstance(properties, dict):
             raise TypeError("set_properties takes a dict, not %r" % (type(properties).__name__,))
         return self._props("set", dict(properties), targets, block, timeout, False, "set_properties")
 
     def get_properties(self, keys=None, targets=None, block=None, timeout=None):
-        """The engines' properties: a list of dicts by target (an int
-        target: that engine's dict); keys (a name or a list of names)
+        """The engines' properties: a list of dicts by target (also for an
+        int target, as IPython 0.10); keys (a name or a list of names)
         restricts each dict to those names."""
         return self._props("get", _prop_keys(keys, True), targets, block, timeout, True, "get_properties")
 
@@ -494,6 +492,31 @@ class MultiEngineClient(_Base):
         if controller:
             return self.shutdown(timeout=timeout)
         return result
+
+    #: Ctrl-C while a blocking call waits also interrupts the code it
+    #: started on the engines (as IPython users expect of %px).
+    interrupt_on_ctrl_c = True
+
+    def interrupt(self, targets=None, timeout=None):
+        """Raises KeyboardInterrupt in the user code running now on the
+        target engines (the engines live on; queued requests are left for
+        clear_queue). Returns {'interrupted': [...], 'idle': [...],
+        'unreachable': [...], 'dead': [...]}: engines that ran nothing are
+        left alone; 'unreachable' ones run on another node than the
+        controller, which cannot signal them. Code blocked in an MPI
+        collective of the engines' comm is reached (its blocking calls
+        poll); code blocked in other C code is reached when it returns."""
+        targets, _block = self._find(targets, True)
+        return self._controller(_c.K_INTERRUPT, _identity, True, timeout, targets)
+
+    def _interrupt_pending(self, pr):
+        """Ctrl-C hook of PendingResult: interrupts what pr started."""
+        if not self.interrupt_on_ctrl_c or self._conn is None:
+            return
+        try:
+            self.interrupt(pr.targets if pr.targets is not None else self._targets, timeout=5)
+        except BaseException:  # a second Ctrl-C, a closed link: the first one wins
+            pass
 
     def shutdown(self, block=True, timeout=None):
         """Stops the whole cluster: controller and every engine."""

@@ -189,6 +189,7 @@ class PendingResult:
         self.client = client
         self._client = client
         self._pending = list(req_ids)
+        self.targets = None  # the targets of the request, when one request
         self.result_id = self._pending[0] if self._pending else None
         self._replies = []
         self._post = post
@@ -234,10 +235,19 @@ class PendingResult:
         if conn is None:
             raise ConnectionError("this client is closed")
         deadline = None if timeout is None else _now() + timeout
-        while self._pending:
-            left = None if deadline is None else max(0.0, deadline - _now())
-            self._replies.extend(conn.recv(self._pending[0], left))
-            self._pending.pop(0)
+        try:
+            while self._pending:
+                left = None if deadline is None else max(0.0, deadline - _now())
+                self._replies.extend(conn.recv(self._pending[0], left))
+                self._pending.pop(0)
+        except KeyboardInterrupt:
+            # Ctrl-C while waiting: the code runs on in the engines unless
+            # the client stops it there too (MultiEngineClient.interrupt).
+            # Nothing is lost: get_result again collects what comes.
+            hook = getattr(self._client, "_interrupt_pending", None)
+            if hook is not None:
+                hook(self)
+            raise
         self._done = True
         try:
             result = self._post(self._replies)

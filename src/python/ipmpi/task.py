@@ -576,8 +576,8 @@ class TaskClient(_Base):
 
     _capability = "tc"
 
-    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True):
-        super().__init__(furl_file, timeout, connect_timeout, shm)
+    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True, sshserver=None, sshkey=None):
+        super().__init__(furl_file, timeout, connect_timeout, shm, sshserver, sshkey)
         self._id_lock = threading.Lock()
         self._next = 0              # the reserved block [_next, _end)
         self._end = 0

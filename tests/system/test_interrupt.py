@@ -1,0 +1,138 @@
+"""Interrupt (issue 12 part 3): mec.interrupt(targets) and Ctrl-C in the
+client raise KeyboardInterrupt in the user code running on the engines,
+also in a comm.barrier() that one engine never joins; engines that run
+nothing are left alone, so an interrupt while idle never breaks the next
+request; the engines live on.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import PYTHON, child_env, running_cluster
+from ipmpi import client
+
+T = 60
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    yield from running_cluster(4, engine_args=("--mpi", "mpi4py"))
+
+
+@pytest.fixture(scope="module")
+def mec(cluster):
+    m = cluster.client(timeout=T)
+    yield m
+    m.close()
+
+
+def interrupted_everywhere(err, ids):
+    errs = err.errors if isinstance(err, client.CompositeError) else [err]
+    assert sorted(e.engine_id for e in errs) == sorted(ids), errs
+    for e in errs:
+        assert isinstance(e, KeyboardInterrupt) or getattr(e, "etype", "") == "KeyboardInterrupt", repr(e)
+
+
+def test_interrupt_stops_running_code_and_the_engines_live_on(mec):
+    pr = mec.execute("import time; time.sleep(60)", block=False)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    r = mec.interrupt()
+    assert r["interrupted"] == [0, 1, 2, 3], r
+    with pytest.raises((client.CompositeError, KeyboardInterrupt)) as ei:
+        pr.get_result(timeout=T)
+    assert time.monotonic() - t0 < 5
+    interrupted_everywhere(ei.value, [0, 1, 2, 3])
+    assert [x["stdout"] for x in mec.execute("print('alive')")] == ["alive\n"] * 4
+
+
+def test_an_interrupt_sent_right_after_the_request_still_reaches_it(mec):
+    # The engines may not have picked the request up yet: the interrupt
+    # names the request, so it lands there when it starts, and never in a
+    # later one.
+    for _ in range(3):
+        pr = mec.execute("import time; time.sleep(60)", block=False)
+        mec.interrupt()
+        t0 = time.monotonic()
+        with pytest.raises((client.CompositeError, KeyboardInterrupt)) as ei:
+            pr.get_result(timeout=T)
+        assert time.monotonic() - t0 < 5
+        interrupted_everywhere(ei.value, [0, 1, 2, 3])
+        assert [x["stdout"] for x in mec.execute("print('next')")] == ["next\n"] * 4
+
+
+def test_an_interrupt_while_idle_changes_nothing(mec):
+    r = mec.interrupt()
+    assert r["idle"] == [0, 1, 2, 3] and r["interrupted"] == [], r
+    time.sleep(0.2)
+    assert [x["stdout"] for x in mec.execute("import time; time.sleep(0.3); print('fine')")] == ["fine\n"] * 4
+
+
+def test_a_barrier_that_one_engine_never_joins_is_interrupted(mec):
+    busy = mec.execute("import time; time.sleep(3)", targets=0, block=False)
+    stuck = mec.execute("comm.barrier(); print('passed')", targets=[1, 2, 3], block=False)
+    time.sleep(0.5)
+    assert not stuck.ready()
+    r = mec.interrupt(targets=[1, 2, 3])
+    assert r["interrupted"] == [1, 2, 3], r
+    with pytest.raises((client.CompositeError, KeyboardInterrupt)) as ei:
+        stuck.get_result(timeout=T)
+    interrupted_everywhere(ei.value, [1, 2, 3])
+    busy.get_result(timeout=T)
+    assert [x["stdout"] for x in mec.execute("print(comm.Get_rank())")] == ["0\n", "1\n", "2\n", "3\n"]
+
+
+def test_ctrl_c_in_the_client_returns_and_interrupts_the_engines(cluster, tmp_path):
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(textwrap.dedent("""
+        import signal, sys, time
+        from ipmpi import client
+        # As at a terminal (a test runner may start us with SIGINT ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+        print("READY", flush=True)
+        t0 = time.monotonic()
+        try:
+            mec.execute("import time; time.sleep(60)")
+            print("RETURNED")
+        except KeyboardInterrupt:
+            print("CTRL-C %.2f" % (time.monotonic() - t0), flush=True)
+        r = mec.execute("print('after')")
+        print("AFTER", [x["stdout"] for x in r], "%.2f" % (time.monotonic() - t0), flush=True)
+    """))
+    p = subprocess.Popen([PYTHON, str(script), cluster.mec_furl], env=child_env(), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert p.stdout.readline().startswith("READY")
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=T)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "CTRL-C" in out, out
+    assert float(out.split("CTRL-C ")[1].split()[0]) < 3.0, out
+    # The engines were interrupted: the next request answers at once, not after 60 s.
+    after = out.split("AFTER ")[1]
+    assert "['after\\n', 'after\\n', 'after\\n', 'after\\n']" in after, out
+    assert float(after.split()[-1]) < 5.0, out
+
+
+def test_an_interrupt_naming_a_dead_engine_says_so(cluster):
+    m = cluster.client(timeout=T)
+    try:
+        victim = max(m.get_ids())
+        m.kill(targets=victim)
+        deadline = time.monotonic() + 10
+        while victim in m.get_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = m.interrupt(targets=[0, victim])
+        assert r["dead"] == [victim] and 0 not in r["dead"] and r["unreachable"] == [], r
+    finally:
+        m.close()
