@@ -42,6 +42,11 @@ typedef struct ipmpi_ctl {
     int nlive;     /* engines not dead */
     int nbusy;     /* engines with a request running */
     int nheld;     /* engines whose next request is held back (ipmpi_ctl_release_held) */
+    /* Task clients whose tasks are held back: their sessions have too many
+     * unread results (tasks.c holds, ipmpi_ctl_release_held releases; one
+     * reference each). */
+    ipmpi_sched_client_t **held_tc;
+    uint32_t nheld_tc, held_tc_cap;
     int any_died;  /* some rank died or was killed: no MPI_Finalize */
     uint32_t *mark; /* per engine, for duplicate checks in target lists */
     uint32_t markgen;
@@ -176,6 +181,10 @@ void ipmpi_ctl_task_lost(ipmpi_ctl_t *c, ipmpi_task_t *t, int32_t engine, int st
 void ipmpi_ctl_tasks_fail_all(ipmpi_ctl_t *c, int status, const char *msg);
 /* s goes away: its scheduler record loses the session's reference. */
 void ipmpi_ctl_tasks_session_closed(ipmpi_ctl_t *c, ipmpi_session_t *s);
+
+/* Holds cl's tasks back (its session has more than IPMPI_OUT_HOLD_BYTES of
+ * unread replies) until ipmpi_ctl_release_held sees it read them. */
+void ipmpi_ctl_hold_task_client(ipmpi_ctl_t *c, ipmpi_sched_client_t *cl);
 
 /* Fails every running and queued request with ESHUTDOWN. */
 void ipmpi_ctl_fail_all(ipmpi_ctl_t *c);

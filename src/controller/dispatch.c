@@ -125,8 +125,57 @@ void ipmpi_ctl_kick(ipmpi_ctl_t *c)
     }
 }
 
+void ipmpi_ctl_hold_task_client(ipmpi_ctl_t *c, ipmpi_sched_client_t *cl)
+{
+    if (cl->held)
+        return;
+    if (c->nheld_tc == c->held_tc_cap) {
+        uint32_t ncap = c->held_tc_cap ? 2 * c->held_tc_cap : 8;
+        ipmpi_sched_client_t **n = realloc(c->held_tc, ncap * sizeof *n);
+        if (!n)
+            return; /* not held: its results queue up, within the task budget */
+        c->held_tc = n;
+        c->held_tc_cap = ncap;
+    }
+    cl->refs++;
+    cl->held = 1;
+    c->held_tc[c->nheld_tc++] = cl;
+    ipmpi_log(IPMPI_LOG_INFO, "tasks of a client are held: it has not read %llu MiB of results",
+              (unsigned long long)(IPMPI_OUT_HOLD_BYTES >> 20));
+}
+
+/* Releases held task clients that read their results (or are gone), and
+ * closes one that read nothing for IPMPI_OUT_STALL_NS while over. */
+static void release_held_tasks(ipmpi_ctl_t *c, uint64_t now)
+{
+    int released = 0;
+    for (uint32_t i = 0; i < c->nheld_tc;) {
+        ipmpi_sched_client_t *cl = c->held_tc[i];
+        ipmpi_session_t *s = ipmpi_ctl_session(c, cl->session);
+        int over = s && s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES;
+        if (over && now - s->t_out_progress > IPMPI_OUT_STALL_NS) {
+            ipmpi_log(IPMPI_LOG_WARN, "client %s has read none of its task results for %llu s; closing it",
+                      s->peer, (unsigned long long)(IPMPI_OUT_STALL_NS / 1000000000ull));
+            ipmpi_session_close_after_flush(s, now);
+            over = 0; /* its tasks run on: their results stay in the controller */
+        }
+        if (over) {
+            i++;
+            continue;
+        }
+        cl->held = 0;
+        ipmpi_sched_client_unref(cl);
+        c->held_tc[i] = c->held_tc[--c->nheld_tc];
+        released = 1;
+    }
+    if (released)
+        ipmpi_ctl_kick(c);
+}
+
 void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now)
 {
+    if (c->nheld_tc)
+        release_held_tasks(c, now);
     if (c->nheld == 0)
         return;
     for (int i = 0; i < c->nengines; i++) {

@@ -245,6 +245,11 @@ void ipmpi_ctl_tasks_fini(ipmpi_ctl_t *c)
     free(ts->slots);
     free(ts->evicted);
     memset(ts, 0, sizeof *ts);
+    for (uint32_t i = 0; i < c->nheld_tc; i++)
+        ipmpi_sched_client_unref(c->held_tc[i]);
+    free(c->held_tc);
+    c->held_tc = NULL;
+    c->nheld_tc = c->held_tc_cap = 0;
 }
 
 /* ---- replies ---- */
@@ -303,8 +308,13 @@ static void task_finish(ipmpi_ctl_t *c, ipmpi_task_t *t, int status, int32_t eng
         ts->nfailed++;
     ipmpi_ql_push_back(&ts->done_kept, &t->done);
     ipmpi_session_t *s = ipmpi_ctl_session(c, t->session);
-    if (s && t->result)
+    if (s && t->result) {
         send_result(c, s, t, IPMPI_K_TASK_SUBMIT, t->client_req);
+        /* A client that does not read its results gets no more tasks run
+         * until it does; the other clients' tasks go on. */
+        if (s->out_bytes > IPMPI_OUT_HOLD_BYTES && t->s.client && !t->s.client->held)
+            ipmpi_ctl_hold_task_client(c, t->s.client);
+    }
     while (!ipmpi_ql_empty(&t->waiters)) {
         struct twait_link *lk = IPMPI_CONTAINER_OF(t->waiters.next, struct twait_link, q);
         ipmpi_ql_remove(&lk->q);

@@ -820,3 +820,27 @@ def test_malformed_task_frames_get_clear_errors_and_the_session_goes_on(cluster4
     finally:
         s.close()
     assert tc.run(client.MapTask(lambda: "still served"), block=True) == "still served"
+
+
+def test_a_client_that_does_not_read_its_results_is_held_and_others_go_on(cluster4):
+    # 80 results of 4 MiB that client A does not read: past 128 MiB unread
+    # its tasks wait in the controller, client B is served meanwhile, and
+    # once A reads, the rest runs.
+    a = client.TaskClient(cluster4.tc_furl, timeout=T)
+    b = client.TaskClient(cluster4.tc_furl, timeout=T)
+    try:
+        b.clear()
+        tids = [a.run(client.MapTask(lambda: b"x" * (4 << 20))) for _ in range(80)]
+
+        def held():
+            s = b.queue_status()
+            return s["scheduled"] > 0 and s["pending"] == 0
+        wait_for(held, T, what="the tasks of the client that does not read to be held")
+        assert b.map(lambda x: x + 1, range(20)) == list(range(1, 21))
+        assert b.queue_status()["scheduled"] > 0, "A's tasks ran although it read nothing"
+        assert all(len(a.get_task_result(t, block=True)) == 4 << 20 for t in tids)
+        assert b.queue_status()["scheduled"] == 0
+    finally:
+        a.clear()
+        a.close()
+        b.close()
