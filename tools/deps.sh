@@ -8,11 +8,13 @@
 # python3-ipython runs the guide's examples of the %px magics; Slurm with
 # munge and slurm-wlm-torque's qsub are the batch systems `ipcluster slurm`
 # and `ipcluster pbs` submit to (test.sh starts a one-node Slurm:
-# slurm/local-slurm.sh); openssh runs `ipcluster ssh` across hosts.
+# slurm/local-slurm.sh); openssh runs `ipcluster ssh` across hosts; clang
+# and libFuzzer build the fuzzer make check runs (tests/fuzz/run-fuzz).
 IPMPI_PACKAGES="libopenmpi-dev openmpi-bin libpmix-dev libhwloc-dev hwloc libcmocka-dev libssl-dev
 python3-dev python3-numpy python3-cloudpickle python3-mpi4py python3-pytest
 python3-sphinx python3-ipython
 slurmctld slurmd slurm-client munge slurm-wlm-torque openssh-server openssh-client
+clang libfuzzer-14-dev
 autoconf automake libtool pkg-config make gcc procps iproute2 openssl
 sslscan python3-venv python3-pip python3-setuptools python3-wheel"
 

@@ -104,3 +104,32 @@ long ipmpi_shmref_decode(const uint8_t *tab, uint64_t tlen, uint32_t nparts, con
     }
     return (long)k;
 }
+
+int ipmpi_taskdesc_decode(const uint8_t *d, uint64_t len, uint32_t nparts, ipmpi_taskdesc_t *out)
+{
+    if (len < 16 || nparts < 2)
+        return IPMPI_EPROTO;
+    uint32_t nst = (uint32_t)d[8] | ((uint32_t)d[9] << 8) | ((uint32_t)d[10] << 16) | ((uint32_t)d[11] << 24);
+    if (nst == 0 || nst > IPMPI_TASK_STAGES_MAX || len != 16 + 8ull * nst)
+        return IPMPI_EPROTO;
+    if (d[12] | d[13] | d[14] | d[15])
+        return IPMPI_EPROTO;
+    ipmpi_taskdesc_t t;
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < nst; i++) {
+        const uint8_t *p = d + 16 + 8 * i;
+        t.nparts[i] = (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+        t.retries[i] = (uint32_t)p[4] | ((uint32_t)p[5] << 8) | ((uint32_t)p[6] << 16) | ((uint32_t)p[7] << 24);
+        if (t.nparts[i] == 0 || t.retries[i] > IPMPI_TASK_RETRIES_MAX)
+            return IPMPI_EINVAL;
+        sum += t.nparts[i];
+    }
+    if (sum != (uint64_t)nparts - 1)
+        return IPMPI_EPROTO;
+    t.nstages = nst;
+    t.id = 0;
+    for (int k = 7; k >= 0; k--)
+        t.id = (t.id << 8) | d[k];
+    *out = t;
+    return 0;
+}

@@ -94,6 +94,30 @@ void ipmpi_shmref_encode(const ipmpi_shmref_t *r, uint8_t *out);
 long ipmpi_shmref_decode(const uint8_t *tab, uint64_t tlen, uint32_t nparts, const uint64_t *lens,
                          uint64_t wire_total, const ipmpi_limits_t *lim, ipmpi_shmref_t *out, uint32_t cap);
 
+/*
+ * A TASK_SUBMIT descriptor (doc/protocol.md section 6): u64 taskid, u32
+ * nstages, u32 0, then u32 nparts and u32 retries per stage.
+ */
+#define IPMPI_TASK_STAGES_MAX 16u
+#define IPMPI_TASK_RETRIES_MAX 1000u
+typedef struct ipmpi_taskdesc {
+    uint64_t id;
+    uint32_t nstages;
+    uint32_t nparts[IPMPI_TASK_STAGES_MAX];
+    uint32_t retries[IPMPI_TASK_STAGES_MAX];
+} ipmpi_taskdesc_t;
+
+/*
+ * Decodes the descriptor d (len bytes) of a frame with nparts parts in
+ * all (the descriptor included). Checks: 1..IPMPI_TASK_STAGES_MAX stages,
+ * len exactly 16 + 8 * nstages, the reserved word 0, every stage at least
+ * one part, retries at most IPMPI_TASK_RETRIES_MAX, and the stages' parts
+ * adding up to nparts - 1. Returns 0 with *out filled, IPMPI_EPROTO (the
+ * layout is wrong) or IPMPI_EINVAL (a stage's values are out of bounds);
+ * *out is written only on success. No allocation, no I/O.
+ */
+int ipmpi_taskdesc_decode(const uint8_t *d, uint64_t len, uint32_t nparts, ipmpi_taskdesc_t *out);
+
 /* Little-endian helpers, also used for target lists (i32 arrays). */
 static inline void ipmpi_put_u32(uint8_t *p, uint32_t v)
 {

@@ -511,33 +511,17 @@ static void do_submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, 
 {
     ipmpi_tasks_t *ts = &c->tasks;
     ipmpi_task_t *t = NULL;
-    if (p->n < 2 || p->lens[0] < 16) {
-        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "TASK_SUBMIT: part 0 must be the task descriptor, then the stages' parts");
+    ipmpi_taskdesc_t desc;
+    int drc = p->n >= 1 ? ipmpi_taskdesc_decode(p->bufs[0], p->lens[0], p->n, &desc) : IPMPI_EPROTO;
+    if (drc != 0) {
+        ipmpi_ctl_reply_err(s, h, drc,
+                            "TASK_SUBMIT: part 0 must be the descriptor (u64 id, u32 stages 1..%u, u32 0, then "
+                            "u32 parts >= 1 and u32 retries <= %u per stage) and the stages' parts must follow it",
+                            IPMPI_TASK_STAGES_MAX, IPMPI_TASK_RETRIES_MAX);
         goto drop;
     }
-    const uint8_t *d = p->bufs[0];
-    uint64_t id = ipmpi_get_u64(d);
-    uint32_t nst = ipmpi_get_u32(d + 8);
-    if (nst == 0 || nst > IPMPI_TASK_STAGES_MAX || p->lens[0] != 16 + 8ull * nst) {
-        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "TASK_SUBMIT: a descriptor of %u stages (1..%u) must be %llu bytes",
-                            nst, IPMPI_TASK_STAGES_MAX, 16 + 8ull * (nst ? nst : 1));
-        goto drop;
-    }
-    uint64_t sum = 0;
-    for (uint32_t i = 0; i < nst; i++) {
-        uint32_t np = ipmpi_get_u32(d + 16 + 8 * i), r = ipmpi_get_u32(d + 20 + 8 * i);
-        if (np == 0 || r > IPMPI_TASK_RETRIES_MAX) {
-            ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "TASK_SUBMIT: stage %u has %u parts (>= 1) and %u retries (<= %u)",
-                                i, np, r, IPMPI_TASK_RETRIES_MAX);
-            goto drop;
-        }
-        sum += np;
-    }
-    if (sum != p->n - 1) {
-        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "TASK_SUBMIT: the descriptor names %llu parts, the frame has %u",
-                            (unsigned long long)sum, p->n - 1);
-        goto drop;
-    }
+    uint64_t id = desc.id;
+    uint32_t nst = desc.nstages;
     if (!reserved_by(s, id)) {
         ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "TASK_SUBMIT: task id %llu was not reserved by this client (TASK_RESERVE)",
                             (unsigned long long)id);
@@ -575,12 +559,11 @@ static void do_submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, 
         goto oom;
     uint32_t first = 1;
     for (uint32_t i = 0; i < nst; i++) {
-        uint32_t np = ipmpi_get_u32(d + 16 + 8 * i);
-        t->retries[i] = ipmpi_get_u32(d + 20 + 8 * i);
-        t->stage[i] = ipmpi_parts_take(p, first, np);
+        t->retries[i] = desc.retries[i];
+        t->stage[i] = ipmpi_parts_take(p, first, desc.nparts[i]);
         if (!t->stage[i])
             goto oom;
-        first += np;
+        first += desc.nparts[i];
     }
     if (tab_put(ts, t) != 0)
         goto oom;

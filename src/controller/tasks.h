@@ -19,11 +19,10 @@
 
 #include <stdint.h>
 
+#include "codec.h"
 #include "equeue.h"
 #include "sched.h"
 
-#define IPMPI_TASK_STAGES_MAX 16u
-#define IPMPI_TASK_RETRIES_MAX 1000u
 #define IPMPI_TASK_RESERVE_MAX 65536u
 #define IPMPI_TASK_EVICTED_MAX (1u << 20)
 

@@ -1,9 +1,11 @@
 /*
  * libFuzzer harness for everything that parses bytes from an untrusted
  * peer without I/O: the frame header and length-table decoders
- * (src/common/codec.h) and the capability URL parser (src/common/furl.h).
+ * (src/common/codec.h), the shm table and task descriptor decoders, and
+ * the capability URL parser (src/common/furl.h).
  * Built and run by `make fuzz` (tests/unit/unit.am) with
- * clang -fsanitize=fuzzer,address,undefined; not part of `make check`.
+ * clang -fsanitize=fuzzer,address,undefined; `make check` runs it for
+ * FUZZ_CHECK_SECONDS (tests/fuzz/run-fuzz).
  *
  * Beyond "no crash", it checks the parsers' contracts and traps on a
  * breach: a decoded header re-encodes to the same bytes, decoded lengths
@@ -121,6 +123,33 @@ static void check_shm_table(const uint8_t *data, size_t size, const ipmpi_limits
     }
 }
 
+/* A TASK_SUBMIT descriptor, with the frame's part count from byte 0. */
+static void check_taskdesc(const uint8_t *data, size_t size)
+{
+    if (size < 1)
+        return;
+    uint32_t nparts = data[0];
+    ipmpi_taskdesc_t t;
+    memset(&t, 0xAB, sizeof t);
+    ipmpi_taskdesc_t before = t;
+    int rc = ipmpi_taskdesc_decode(data + 1, size - 1, nparts, &t);
+    if (rc != 0) {
+        if ((rc != IPMPI_EPROTO && rc != IPMPI_EINVAL) || memcmp(&t, &before, sizeof t) != 0)
+            __builtin_trap(); /* an error code it may not give, or *out written on failure */
+        return;
+    }
+    if (t.nstages == 0 || t.nstages > IPMPI_TASK_STAGES_MAX || size - 1 != 16 + 8u * t.nstages)
+        __builtin_trap();
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < t.nstages; i++) {
+        if (t.nparts[i] == 0 || t.retries[i] > IPMPI_TASK_RETRIES_MAX)
+            __builtin_trap();
+        sum += t.nparts[i];
+    }
+    if (sum + 1 != nparts || t.id != ipmpi_get_u64(data + 1))
+        __builtin_trap();
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     ipmpi_limits_t def, tight = {8, 4096, 10000}, open = {IPMPI_MAX_PARTS, UINT64_MAX, UINT64_MAX};
@@ -142,5 +171,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_shm_table(data, size, &tight);
     check_shm_table(data, size, &open);
     check_furl(data, size);
+    check_taskdesc(data, size);
     return 0;
 }

@@ -801,6 +801,88 @@ static void test_shmref_decoder_refuses_too_small_out(void **state)
     free(tab);
 }
 
+/* ---- task descriptors ---- */
+
+static size_t make_desc(uint8_t *d, uint64_t id, uint32_t nst, const uint32_t *np, const uint32_t *rt)
+{
+    ipmpi_put_u64(d, id);
+    ipmpi_put_u32(d + 8, nst);
+    ipmpi_put_u32(d + 12, 0);
+    for (uint32_t i = 0; i < nst; i++) {
+        ipmpi_put_u32(d + 16 + 8 * i, np[i]);
+        ipmpi_put_u32(d + 20 + 8 * i, rt[i]);
+    }
+    return 16 + 8 * (size_t)nst;
+}
+
+static void test_taskdesc_decodes_stages_and_id(void **state)
+{
+    (void)state;
+    uint8_t d[16 + 8 * 16];
+    uint32_t np[2] = {3, 1}, rt[2] = {2, 0};
+    size_t len = make_desc(d, 0x0102030405060708ull, 2, np, rt);
+    ipmpi_taskdesc_t t;
+    assert_int_equal(ipmpi_taskdesc_decode(d, len, 5, &t), 0);
+    assert_true(t.id == 0x0102030405060708ull);
+    assert_int_equal(t.nstages, 2);
+    assert_int_equal(t.nparts[0], 3);
+    assert_int_equal(t.nparts[1], 1);
+    assert_int_equal(t.retries[0], 2);
+}
+
+static void test_taskdesc_rejects_bad_layouts_and_writes_nothing(void **state)
+{
+    (void)state;
+    uint8_t d[16 + 8 * 17];
+    uint32_t np[17], rt[17];
+    for (int i = 0; i < 17; i++)
+        np[i] = 1, rt[i] = 0;
+    ipmpi_taskdesc_t t, before;
+    memset(&t, 0x5a, sizeof t);
+    before = t;
+    size_t len = make_desc(d, 1, 1, np, rt);
+    assert_int_equal(ipmpi_taskdesc_decode(d, len, 3, &t), IPMPI_EPROTO);       /* parts do not add up */
+    assert_int_equal(ipmpi_taskdesc_decode(d, len - 1, 2, &t), IPMPI_EPROTO);   /* truncated */
+    assert_int_equal(ipmpi_taskdesc_decode(d, 15, 2, &t), IPMPI_EPROTO);        /* shorter than the header */
+    len = make_desc(d, 1, 0, np, rt);
+    assert_int_equal(ipmpi_taskdesc_decode(d, len, 2, &t), IPMPI_EPROTO);       /* no stage */
+    len = make_desc(d, 1, 17, np, rt);
+    assert_int_equal(ipmpi_taskdesc_decode(d, len, 18, &t), IPMPI_EPROTO);      /* too many stages */
+    len = make_desc(d, 1, 1, np, rt);
+    d[12] = 1;
+    assert_int_equal(ipmpi_taskdesc_decode(d, len, 2, &t), IPMPI_EPROTO);       /* reserved word */
+    assert_memory_equal(&t, &before, sizeof t);
+}
+
+static void test_taskdesc_rejects_empty_stages_and_too_many_retries(void **state)
+{
+    (void)state;
+    uint8_t d[32];
+    uint32_t np[2] = {1, 0}, rt[2] = {0, 0};
+    ipmpi_taskdesc_t t;
+    size_t len = make_desc(d, 9, 2, np, rt);
+    assert_int_equal(ipmpi_taskdesc_decode(d, len, 2, &t), IPMPI_EINVAL);
+    np[1] = 1;
+    rt[1] = IPMPI_TASK_RETRIES_MAX + 1;
+    len = make_desc(d, 9, 2, np, rt);
+    assert_int_equal(ipmpi_taskdesc_decode(d, len, 3, &t), IPMPI_EINVAL);
+    rt[1] = IPMPI_TASK_RETRIES_MAX;
+    len = make_desc(d, 9, 2, np, rt);
+    assert_int_equal(ipmpi_taskdesc_decode(d, len, 3, &t), 0);
+}
+
+static void test_taskdesc_every_truncation_is_refused(void **state)
+{
+    (void)state;
+    uint8_t d[16 + 8 * 3];
+    uint32_t np[3] = {1, 2, 1}, rt[3] = {0, 1, 2};
+    size_t len = make_desc(d, 77, 3, np, rt);
+    ipmpi_taskdesc_t t;
+    for (size_t n = 0; n < len; n++)
+        assert_int_equal(ipmpi_taskdesc_decode(d, n, 5, &t), IPMPI_EPROTO);
+    assert_int_equal(ipmpi_taskdesc_decode(d, len, 5, &t), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -836,6 +918,10 @@ int main(void)
         cmocka_unit_test(test_shmref_decoder_rejects_part_over_max_part),
         cmocka_unit_test(test_shmref_decoder_rejects_sum_over_max_frame),
         cmocka_unit_test(test_shmref_decoder_refuses_too_small_out),
+        cmocka_unit_test(test_taskdesc_decodes_stages_and_id),
+        cmocka_unit_test(test_taskdesc_rejects_bad_layouts_and_writes_nothing),
+        cmocka_unit_test(test_taskdesc_rejects_empty_stages_and_too_many_retries),
+        cmocka_unit_test(test_taskdesc_every_truncation_is_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
