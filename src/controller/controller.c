@@ -112,6 +112,7 @@ static int add_session(ipmpi_ctl_t *c, int fd, const char *peer, uint64_t now)
 
 static void drop_session(ipmpi_ctl_t *c, uint32_t slot)
 {
+    ipmpi_ctl_vmjob_drop(c->sess[slot]);
     ipmpi_ctl_tasks_session_closed(c, c->sess[slot]);
     ipmpi_session_free(c->sess[slot]);
     c->sess[slot] = NULL;
@@ -388,6 +389,9 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
     uint32_t pcap = 0;
 
     while (!c->stopping && !stop_signal) {
+        /* Copies out of clients' memory advance a step per turn, between
+         * everyone else's work (stream.c). */
+        int jobs = ipmpi_ctl_vmjobs_step(c);
         int ev = mpi_progress(c);
         uint64_t now = ipmpi_now_ns();
         if (ev > 0)
@@ -445,7 +449,7 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
 
         uint64_t timeout;
         busy = c->nbusy > 0 || ipmpi_mpilink_sends(&c->link) > 0;
-        if (more || ipmpi_mpilink_bulk(&c->link) > 0) {
+        if (more || jobs || ipmpi_mpilink_bulk(&c->link) > 0) {
             timeout = 0;
             ipmpi_backoff_busy(&bo, now);
         }

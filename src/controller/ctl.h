@@ -150,12 +150,21 @@ void ipmpi_ctl_req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int stat
 /* The session's offer of a frame to cut through (set as s->stream_begin). */
 ipmpi_session_stream_t *ipmpi_ctl_stream_begin(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
                                                ipmpi_parts_t *parts);
-/* Copies a request's parts out of the client's memory (doc/protocol.md
- * section 5), cutting through when it can. Returns 1 if a stream
- * delivered the request, 0 if p is to be submitted as usual, -1 if the
- * copy failed (answered already). */
+/* Starts copying a request's parts out of the client's memory
+ * (doc/protocol.md section 5), a step per loop turn, cutting through when
+ * it can; the session reads no further frame meanwhile, and the request
+ * is routed (ipmpi_ctl_route) once copied. Returns 1 (p is then the job's
+ * business: the caller drops its own reference) or -1 (answered). */
 int ipmpi_ctl_copy_vm(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p,
                       const ipmpi_shmref_t *vm, uint32_t nvm);
+/* One step of every session's copy job; returns how many ran (the loop
+ * does not sleep while some do). */
+int ipmpi_ctl_vmjobs_step(ipmpi_ctl_t *c);
+/* s goes away: its copy job is abandoned. */
+void ipmpi_ctl_vmjob_drop(ipmpi_session_t *s);
+/* requests.c: what a complete client frame does once its parts are all
+ * in the controller's memory; takes p. */
+void ipmpi_ctl_route(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p);
 /* 1 while r's payload is still being forwarded as it arrives. */
 int ipmpi_ctl_stream_active(const ipmpi_req_t *r);
 /* Aborts r's unfinished stream (the engine answers EABORTED). */

@@ -212,7 +212,6 @@ static int allowed(int cap, unsigned kind)
 void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p)
 {
     ipmpi_ctl_t *c = arg;
-    int n;
     /* The reply flag is checked first: a reply-flagged HELLO is no request. */
     if (h->kind == IPMPI_K_READY || h->kind == IPMPI_K_EXIT || (h->flags & IPMPI_F_REPLY)) {
         ipmpi_ctl_reply_err(s, h, IPMPI_EKIND, "kind %u (%s)%s is not a request a client may send", h->kind,
@@ -270,11 +269,19 @@ void ipmpi_ctl_client_frame(void *arg, ipmpi_session_t *s, const ipmpi_hdr_t *h,
             goto done;
         }
         if (nvm > 0) {
-            int taken = ipmpi_ctl_copy_vm(c, s, h, p, vm, nvm);
-            if (taken != 0)
-                goto done; /* streamed (the request holds its reference), or failed */
+            ipmpi_ctl_copy_vm(c, s, h, p, vm, nvm);
+            goto done; /* the copy job holds its own reference, or it failed */
         }
     }
+    ipmpi_ctl_route(c, s, h, p);
+    return;
+done:
+    ipmpi_parts_unref(p);
+}
+
+void ipmpi_ctl_route(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p)
+{
+    int n;
     if (c->stopping) {
         ipmpi_ctl_reply_err(s, h, IPMPI_ESHUTDOWN, "controller is shutting down");
         goto done;

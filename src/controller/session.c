@@ -356,6 +356,8 @@ static int do_input(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_session
     uint64_t budget = READ_BUDGET;
     s->read_more = 0;
     while (s->state == IPMPI_SESS_OPEN) {
+        if (s->in_paused)
+            return 0; /* resumed by the owner, with read_more set */
         if (budget == 0) {
             s->read_more = 1;
             return 0;

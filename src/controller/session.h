@@ -114,6 +114,12 @@ struct ipmpi_session {
      * reference, dropped when the session goes; its tasks keep their
      * own), and the blocks of task ids it reserved lately */
     struct ipmpi_sched_client *tclient;
+
+    /* A request whose parts are copied out of the client's memory over
+     * several loop turns (stream.c): while it runs, no further frame of
+     * this session is read, so requests keep their order. */
+    struct ipmpi_ctl_vmjob *vmjob;
+    int in_paused;
     uint64_t tres_first[IPMPI_TASK_RES_SLOTS], tres_count[IPMPI_TASK_RES_SLOTS];
     uint32_t tres_next;
 };

@@ -200,49 +200,131 @@ ipmpi_session_stream_t *ipmpi_ctl_stream_begin(void *arg, ipmpi_session_t *s, co
 
 /*
  * Copies the parts of p that are in the client's memory (vm, in part
- * order) out of it, in 8 MiB steps; when the request can be cut through
- * to one idle engine, each step is forwarded at once, so the engine reads
- * while we copy the next. Then acknowledges, so the client may touch its
- * memory again. Returns 1 if the stream delivered the request, 0 if p is
- * to be submitted as usual, -1 if the copy failed (answered here, or
- * through the aborted stream's own reply).
+ * order) out of it, VM_STEP bytes per loop turn, so that a 256 MiB push
+ * does not hold the loop (and every other client) for the ~30 ms of the
+ * copy; when the request can be cut through to one idle engine, each step
+ * is forwarded at once, so the engine reads while we copy the next. The
+ * session reads no further frame meanwhile. When the copy is done, the
+ * client is acknowledged (it may touch its memory again) and the request
+ * goes on (ipmpi_ctl_route), unless a stream delivered it.
  */
-#define VM_STEP ((uint64_t)8 << 20)
-int ipmpi_ctl_copy_vm(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p,
-                   const ipmpi_shmref_t *vm, uint32_t nvm)
+#define VM_STEP ((uint64_t)1 << 20)
+
+struct ipmpi_ctl_vmjob {
+    ipmpi_hdr_t h;
+    ipmpi_parts_t *p;          /* owned reference */
+    ipmpi_shmref_t *vm;        /* nvm entries, owned */
+    uint32_t nvm, i;
+    uint64_t off;
+    ipmpi_session_stream_t *st;
+    int pid;
+};
+
+static void vmjob_free(ipmpi_session_t *s, int aborted)
 {
-    ipmpi_session_stream_t *st = NULL;
-    int pid = (int)h->aux;
-    for (uint32_t i = 0; i < nvm; i++) {
-        uint8_t *dst = p->bufs[vm[i].part];
-        for (uint64_t off = 0; off < vm[i].len; off += VM_STEP) {
-            uint64_t n = vm[i].len - off < VM_STEP ? vm[i].len - off : VM_STEP;
-            int bad = ipmpi_vm_read(pid, vm[i].off + off, dst + off, n) != 0;
-            /* The stream starts once the client's memory proved readable,
-             * so a bad address gets a plain refusal. */
-            if (!bad && i == 0 && off == 0)
-                st = stream_try(c, s, h, p);
-            if (bad) {
-                char why[200];
-                snprintf(why, sizeof why, "cannot read %llu bytes at 0x%llx of pid %d: %s",
-                         (unsigned long long)n, (unsigned long long)(vm[i].off + off), pid, strerror(errno));
-                ipmpi_log(IPMPI_LOG_WARN, "client %s: shared memory of %s refused: %s", s->peer,
-                          ipmpi_kind_name(h->kind), why);
-                if (st) /* the engine answers the aborted frame (EABORTED) */
-                    st->end(st, 1);
-                else
-                    ipmpi_ctl_reply_err(s, h, IPMPI_EACCES, "shared memory refused: %s", why);
-                return -1;
-            }
-            if (st)
-                st->feed(st, vm[i].part, off + n);
-        }
-        if (st)
-            st->feed(st, i + 1 < nvm ? vm[i + 1].part : p->n, 0);
+    struct ipmpi_ctl_vmjob *j = s->vmjob;
+    if (!j)
+        return;
+    s->vmjob = NULL;
+    s->in_paused = 0;
+    s->read_more = 1; /* input may wait in the TLS buffer */
+    if (j->st)
+        j->st->end(j->st, aborted);
+    ipmpi_parts_unref(j->p);
+    free(j->vm);
+    free(j);
+}
+
+void ipmpi_ctl_vmjob_drop(ipmpi_session_t *s)
+{
+    vmjob_free(s, 1);
+}
+
+/* One step of s's job. Returns 1 when the job is over. */
+static int vmjob_step(ipmpi_ctl_t *c, ipmpi_session_t *s)
+{
+    struct ipmpi_ctl_vmjob *j = s->vmjob;
+    const ipmpi_shmref_t *v = &j->vm[j->i];
+    uint8_t *dst = j->p->bufs[v->part];
+    uint64_t n = v->len - j->off < VM_STEP ? v->len - j->off : VM_STEP;
+    int bad = ipmpi_vm_read(j->pid, v->off + j->off, dst + j->off, n) != 0;
+    /* The stream starts once the client's memory proved readable, so a
+     * bad address gets a plain refusal. */
+    if (!bad && j->i == 0 && j->off == 0)
+        j->st = stream_try(c, s, &j->h, j->p);
+    if (bad) {
+        char why[200];
+        snprintf(why, sizeof why, "cannot read %llu bytes at 0x%llx of pid %d: %s", (unsigned long long)n,
+                 (unsigned long long)(v->off + j->off), j->pid, strerror(errno));
+        ipmpi_log(IPMPI_LOG_WARN, "client %s: shared memory of %s refused: %s", s->peer,
+                  ipmpi_kind_name(j->h.kind), why);
+        if (!j->st) /* else the engine answers the aborted frame (EABORTED) */
+            ipmpi_ctl_reply_err(s, &j->h, IPMPI_EACCES, "shared memory refused: %s", why);
+        vmjob_free(s, 1);
+        return 1;
     }
-    ipmpi_hdr_t ack = {.kind = IPMPI_K_RELEASE, .flags = IPMPI_F_REPLY, .req_id = h->req_id,
+    j->off += n;
+    if (j->st)
+        j->st->feed(j->st, v->part, j->off);
+    if (j->off < v->len)
+        return 0;
+    j->i++;
+    j->off = 0;
+    if (j->st)
+        j->st->feed(j->st, j->i < j->nvm ? j->vm[j->i].part : j->p->n, 0);
+    if (j->i < j->nvm)
+        return 0;
+    /* All copied: the client may reuse its memory. */
+    ipmpi_hdr_t ack = {.kind = IPMPI_K_RELEASE, .flags = IPMPI_F_REPLY, .req_id = j->h.req_id,
                        .target = IPMPI_TARGET_CONTROLLER};
     ipmpi_session_send(s, &ack, NULL);
-    return st ? st->end(st, 0) : 0;
+    ipmpi_session_stream_t *st = j->st;
+    j->st = NULL;
+    ipmpi_hdr_t h = j->h;
+    ipmpi_parts_t *p = ipmpi_parts_ref(j->p);
+    vmjob_free(s, 0);
+    if (st && st->end(st, 0)) {
+        ipmpi_parts_unref(p); /* the stream delivered it; the request holds its own reference */
+        return 1;
+    }
+    ipmpi_ctl_route(c, s, &h, p);
+    return 1;
+}
+
+int ipmpi_ctl_copy_vm(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p,
+                      const ipmpi_shmref_t *vm, uint32_t nvm)
+{
+    struct ipmpi_ctl_vmjob *j = calloc(1, sizeof *j);
+    ipmpi_shmref_t *v = calloc(nvm, sizeof *v);
+    if (!j || !v) {
+        free(j);
+        free(v);
+        ipmpi_ctl_reply_err(s, h, IPMPI_ENOMEM, "controller out of memory");
+        return -1;
+    }
+    memcpy(v, vm, nvm * sizeof *v);
+    j->h = *h;
+    j->p = ipmpi_parts_ref(p);
+    j->vm = v;
+    j->nvm = nvm;
+    j->pid = (int)h->aux;
+    s->vmjob = j;
+    s->in_paused = 1;
+    /* The first step at once: a small transfer is done in it. */
+    vmjob_step(c, s);
+    return 1;
+}
+
+int ipmpi_ctl_vmjobs_step(ipmpi_ctl_t *c)
+{
+    int n = 0;
+    for (uint32_t i = 0; i < c->scap; i++) {
+        ipmpi_session_t *s = c->sess[i];
+        if (s && s->vmjob) {
+            vmjob_step(c, s);
+            n++;
+        }
+    }
+    return n;
 }
 
