@@ -133,4 +133,6 @@ def test_sixteen_clients_with_mixed_requests_and_junk_connections(cluster):
     after = rss_mib(ctl)
     print("%d clients x %d requests in %.1f s: %.0f requests/s; controller RSS %.1f MiB before, %.1f at peak, "
           "%.1f after" % (CLIENTS, OPS, took, CLIENTS * OPS / took, before, peak[0], after))
+    # (Against an ASan build the quarantine keeps ~256 MiB of freed memory:
+    # test.sh runs this test against the normal build only.)
     assert after < before + 128, "controller RSS %.1f MiB after, %.1f before" % (after, before)
