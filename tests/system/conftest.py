@@ -240,3 +240,38 @@ def closed_by_peer(s, timeout):
         if not data:
             return True
     return False
+
+
+# ---- hosts made of network namespaces (ENVIRONMENT.md) -------------------
+
+def sh(*argv, timeout=30, check=True, **kw):
+    """Runs argv; its output (stdout and stderr together) in .stdout. With
+    check, a failure raises AssertionError with that output."""
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stdout))
+    return r
+
+
+def ns_add(*names):
+    """New network namespaces with their loopback up (mpirun needs it)."""
+    if shutil.which("ip") is None:
+        raise RuntimeError("iproute2's `ip` is missing: apt-get install iproute2")
+    for ns in names:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
+def ns_link(ns1, dev1, addr1, ns2, dev2, addr2, prefix=24):
+    """A veth pair between two namespaces, addresses only inside them (never
+    on the machine's own interfaces)."""
+    sh("ip", "link", "add", dev1, "netns", ns1, "type", "veth", "peer", "name", dev2, "netns", ns2)
+    for ns, dev, addr in ((ns1, dev1, addr1), (ns2, dev2, addr2)):
+        sh("ip", "-n", ns, "addr", "add", "%s/%d" % (addr, prefix), "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+
+
+def ns_del(*names):
+    for ns in names:
+        sh("ip", "netns", "del", ns, check=False)

@@ -15,18 +15,13 @@ import subprocess
 
 import pytest
 
-from conftest import IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir, processes_with, wait_for
+from conftest import (IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir, ns_add, ns_del, ns_link,
+                      processes_with, sh, wait_for)
 
 ADDR_A, ADDR_B, ADDR_NONE = "198.51.100.1", "198.51.100.2", "198.51.100.3"
 NET = "198.51.100.0/24"
 
 
-def sh(*argv, timeout=30, check=True):
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stdout))
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +45,8 @@ def hosts(tmp_path_factory):
         "UsePAM no\nPermitRootLogin yes\nPasswordAuthentication no\n"
         % (ADDR_B, hostkey, tmp / "authorized_keys", pidfile))
     try:
-        sh("ip", "netns", "add", a)
-        sh("ip", "netns", "add", b)
-        sh("ip", "link", "add", va, "netns", a, "type", "veth", "peer", "name", vb, "netns", b)
-        for ns, dev, addr in ((a, va, ADDR_A), (b, vb, ADDR_B)):
-            sh("ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        ns_add(a, b)
+        ns_link(a, va, ADDR_A, b, vb, ADDR_B)
         os.makedirs("/run/sshd", exist_ok=True)
         sh("ip", "netns", "exec", b, "/usr/sbin/sshd", "-f", str(tmp / "sshd_config"))
         wait_for(lambda: os.path.exists(pidfile), 10, what="sshd in namespace B")
@@ -69,8 +59,7 @@ def hosts(tmp_path_factory):
                 os.kill(int(f.read().strip()), signal.SIGTERM)
         except (OSError, ValueError):
             pass
-        sh("ip", "netns", "del", a, check=False)
-        sh("ip", "netns", "del", b, check=False)
+        ns_del(a, b)
 
 
 def in_ns(ns, argv, timeout=180):

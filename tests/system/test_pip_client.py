@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD_DIR, IPCLUSTER, child_env, kill_dir_jobs, new_dir
+from conftest import BUILD_DIR, IPCLUSTER, child_env, kill_dir_jobs, new_dir, ns_add, ns_del, ns_link, sh
 
 ADDR_A, ADDR_B = "198.51.100.1", "198.51.100.2"
 SRCDIR = os.environ.get("IPMPI_SRCDIR") or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,33 +31,18 @@ SYSTEM_PYTHON = "/usr/bin/python3"     # Debian's, with its setuptools, pip, num
 SKIP_TOP = ("build", "_build", "autom4te.cache", ".git", ".pip-build", ".pytest_cache")
 
 
-def sh(*argv, timeout=30, check=True, **kw):
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        raise AssertionError("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stdout))
-    return r
 
 
 @pytest.fixture(scope="module")
 def hosts():
-    if shutil.which("ip") is None:
-        raise RuntimeError("iproute2's `ip` is missing: apt-get install iproute2")
     tag = str(os.getpid())
     a, b = "ipmpi-pa-" + tag, "ipmpi-pb-" + tag
-    va, vb = "vpa" + tag[-8:], "vpb" + tag[-8:]
     try:
-        sh("ip", "netns", "add", a)
-        sh("ip", "netns", "add", b)
-        sh("ip", "link", "add", va, "netns", a, "type", "veth", "peer", "name", vb, "netns", b)
-        for ns, dev, addr in ((a, va, ADDR_A), (b, vb, ADDR_B)):
-            sh("ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        ns_add(a, b)
+        ns_link(a, "vpa" + tag[-8:], ADDR_A, b, "vpb" + tag[-8:], ADDR_B)
         yield a, b
     finally:
-        sh("ip", "netns", "del", a, check=False)
-        sh("ip", "netns", "del", b, check=False)
+        ns_del(a, b)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir
+from conftest import IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir, ns_add, ns_del, ns_link, sh
 
 ADDR_A, ADDR_B = "198.51.100.1", "198.51.100.2"
 
@@ -34,32 +34,18 @@ mec.close()
 """
 
 
-def sh(*argv, timeout=30, check=True):
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stdout))
-    return r
 
 
 @pytest.fixture(scope="module")
 def hosts():
-    if shutil.which("ip") is None:
-        raise RuntimeError("iproute2's `ip` is missing: apt-get install iproute2")
     tag = str(os.getpid())
     a, b = "ipmpi-a-" + tag, "ipmpi-b-" + tag
     try:
-        sh("ip", "netns", "add", a)
-        sh("ip", "netns", "add", b)
-        sh("ip", "link", "add", "veth-a", "netns", a, "type", "veth", "peer", "name", "veth-b", "netns", b)
-        for ns, dev, addr in ((a, "veth-a", ADDR_A), (b, "veth-b", ADDR_B)):
-            sh("ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        ns_add(a, b)
+        ns_link(a, "veth-a", ADDR_A, b, "veth-b", ADDR_B)
         yield a, b
     finally:
-        sh("ip", "netns", "del", a, check=False)
-        sh("ip", "netns", "del", b, check=False)
+        ns_del(a, b)
 
 
 def in_ns(ns, argv, timeout):

@@ -24,18 +24,13 @@ import subprocess
 
 import pytest
 
-from conftest import IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir, processes_with, wait_for
+from conftest import (IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir, ns_add, ns_del, ns_link,
+                      processes_with, sh, wait_for)
 
 ADDR_L, ADDR_GL = "192.0.2.1", "192.0.2.2"
 ADDR_GC, ADDR_C = "203.0.113.2", "203.0.113.1"
 
 
-def sh(*argv, timeout=30, check=True):
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stdout))
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +61,9 @@ def net(tmp_path_factory):
     links = (("l" + tag[-8:], lap, ADDR_L, "gl" + tag[-8:], login, ADDR_GL),
              ("gc" + tag[-8:], login, ADDR_GC, "c" + tag[-8:], clu, ADDR_C))
     try:
-        for ns in (lap, login, clu):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        ns_add(lap, login, clu)
         for d1, n1, a1, d2, n2, a2 in links:
-            sh("ip", "link", "add", d1, "netns", n1, "type", "veth", "peer", "name", d2, "netns", n2)
-            for ns, dev, addr in ((n1, d1, a1), (n2, d2, a2)):
-                sh("ip", "-n", ns, "addr", "add", addr + "/24", "dev", dev)
-                sh("ip", "-n", ns, "link", "set", dev, "up")
+            ns_link(n1, d1, a1, n2, d2, a2)
         # The login node routes nothing (a new namespace has forwarding off):
         assert sh("ip", "netns", "exec", login, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0"
         os.makedirs("/run/sshd", exist_ok=True)
@@ -87,8 +77,7 @@ def net(tmp_path_factory):
                 os.kill(int(f.read().strip()), signal.SIGTERM)
         except (OSError, ValueError):
             pass
-        for ns in (lap, login, clu):
-            sh("ip", "netns", "del", ns, check=False)
+        ns_del(lap, login, clu)
 
 
 @pytest.fixture(scope="module")
