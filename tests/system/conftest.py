@@ -275,3 +275,27 @@ def ns_link(ns1, dev1, addr1, ns2, dev2, addr2, prefix=24):
 def ns_del(*names):
     for ns in names:
         sh("ip", "netns", "del", ns, check=False)
+
+
+# ---- profile directories for ipcluster runs -------------------------------
+
+@pytest.fixture
+def ipdir():
+    """A fresh IPMPI_DIR; afterwards whatever a test left behind is stopped
+    (ipcluster stop, which also cancels batch jobs), then every process
+    still naming it is killed and it is removed."""
+    d = new_dir()
+    try:
+        yield d
+    finally:
+        if os.path.exists(os.path.join(d, "run", "ipcluster.json")):
+            ipcluster("stop", "--timeout", "10", ipmpi_dir=d, timeout=90)
+        kill_dir_jobs(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_record(d):
+    """The run file ipcluster keeps for the job of profile directory d."""
+    import json
+    with open(os.path.join(d, "run", "ipcluster.json")) as f:
+        return json.load(f)

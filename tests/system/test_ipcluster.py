@@ -13,29 +13,14 @@ import subprocess
 
 import pytest
 
-from conftest import (IPCLUSTER, IPMPI_BIN, BUILD_DIR, LOOPBACK, PYTHON, child_env, ipcluster,
-                      job_processes, kill_dir_jobs, new_dir, processes_with, start_cluster,
-                      stop_cluster, wait_for)
+from conftest import (BUILD_DIR, IPCLUSTER, IPMPI_BIN, LOOPBACK, PYTHON, child_env, ipcluster,
+                      job_processes, processes_with, run_record, start_cluster, stop_cluster,
+                      wait_for)
 from ipmpi import cluster as ipcluster_mod
 
 
-@pytest.fixture
-def ipdir():
-    d = new_dir()
-    try:
-        yield d
-    finally:
-        # Whatever a test left behind: stop it, then kill what still names d.
-        if os.path.exists(os.path.join(d, "run", "ipcluster.json")):
-            ipcluster("stop", "--timeout", "10", ipmpi_dir=d, timeout=60)
-        kill_dir_jobs(d)
-        shutil.rmtree(d, ignore_errors=True)
 
 
-def run_record(d):
-    import json
-    with open(os.path.join(d, "run", "ipcluster.json")) as f:
-        return json.load(f)
 
 
 def test_ipcluster_is_the_build_trees_script():

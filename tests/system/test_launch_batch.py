@@ -14,11 +14,10 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import (LOOPBACK, PYTHON, ipcluster, kill_dir_jobs, new_dir, processes_with, wait_for)
+from conftest import (LOOPBACK, ipcluster, processes_with, run_record, wait_for)
 from ipmpi import client
 
 SLURM_CONF = os.environ.get("SLURM_CONF") or "/var/tmp/ipmpi-slurm/slurm.conf"
@@ -54,21 +53,10 @@ def slurm():
     assert not left, "jobs left in Slurm: %s" % left
 
 
-@pytest.fixture
-def ipdir():
-    d = new_dir()
-    try:
-        yield d
-    finally:
-        if os.path.exists(os.path.join(d, "run", "ipcluster.json")):
-            ipcluster("stop", "--timeout", "10", ipmpi_dir=d, timeout=90)
-        kill_dir_jobs(d)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def record(d):
-    with open(os.path.join(d, "run", "ipcluster.json")) as f:
-        rec = json.load(f)
+    rec = run_record(d)
     SUBMITTED.append(str(rec["job_id"]))
     return rec
 

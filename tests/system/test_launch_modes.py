@@ -5,32 +5,17 @@ Every cluster gets its own IPMPI_DIR and is stopped; nothing is left
 running (checked by the session and by the profile directory's name).
 The batch modes are in test_launch_batch.py, ssh in test_launch_ssh.py.
 """
-import json
 import os
-import shutil
 
 import pytest
 
-from conftest import (LOOPBACK, child_env, ipcluster, job_processes, kill_dir_jobs, new_dir,
-                      processes_with, wait_for)
+from conftest import (LOOPBACK, child_env, ipcluster, job_processes, processes_with, run_record)
 from ipmpi import client
 
 
-@pytest.fixture
-def ipdir():
-    d = new_dir()
-    try:
-        yield d
-    finally:
-        if os.path.exists(os.path.join(d, "run", "ipcluster.json")):
-            ipcluster("stop", "--timeout", "10", ipmpi_dir=d, timeout=60)
-        kill_dir_jobs(d)
-        shutil.rmtree(d, ignore_errors=True)
 
 
-def record(d):
-    with open(os.path.join(d, "run", "ipcluster.json")) as f:
-        return json.load(f)
+record = run_record
 
 
 def mec_of(d):
