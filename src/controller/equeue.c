@@ -351,32 +351,40 @@ static uint32_t slot_of(uint64_t id, uint32_t cap)
     return (uint32_t)((id * 0x9E3779B97F4A7C15ull) >> 32) & (cap - 1);
 }
 
-void ipmpi_reqtab_init(ipmpi_reqtab_t *t)
+/* A record's id: its first member (equeue.h). */
+static uint64_t rec_id(const void *rec)
+{
+    uint64_t id;
+    memcpy(&id, rec, sizeof id);
+    return id;
+}
+
+void ipmpi_idtab_init(ipmpi_idtab_t *t)
 {
     memset(t, 0, sizeof *t);
 }
 
-void ipmpi_reqtab_fini(ipmpi_reqtab_t *t)
+void ipmpi_idtab_fini(ipmpi_idtab_t *t)
 {
     free(t->slots);
     memset(t, 0, sizeof *t);
 }
 
-static void put_slot(ipmpi_req_t **slots, uint32_t cap, ipmpi_req_t *r)
+static void put_slot(void **slots, uint32_t cap, void *r)
 {
-    uint32_t i = slot_of(r->id, cap);
+    uint32_t i = slot_of(rec_id(r), cap);
     while (slots[i])
         i = (i + 1) & (cap - 1);
     slots[i] = r;
 }
 
-int ipmpi_reqtab_put(ipmpi_reqtab_t *t, ipmpi_req_t *r)
+int ipmpi_idtab_put(ipmpi_idtab_t *t, void *r)
 {
     if ((uint64_t)(t->len + 1) * 2 > t->cap) {
         uint32_t ncap = t->cap ? t->cap * 2 : 16;
         if (ncap < t->cap)
             return IPMPI_ENOMEM;
-        ipmpi_req_t **ns = calloc(ncap, sizeof *ns);
+        void **ns = calloc(ncap, sizeof *ns);
         if (!ns)
             return IPMPI_ENOMEM;
         for (uint32_t i = 0; i < t->cap; i++)
@@ -391,13 +399,13 @@ int ipmpi_reqtab_put(ipmpi_reqtab_t *t, ipmpi_req_t *r)
     return 0;
 }
 
-static int find_slot(const ipmpi_reqtab_t *t, uint64_t id, uint32_t *out)
+static int find_slot(const ipmpi_idtab_t *t, uint64_t id, uint32_t *out)
 {
     if (t->cap == 0)
         return 0;
     uint32_t i = slot_of(id, t->cap);
     while (t->slots[i]) {
-        if (t->slots[i]->id == id) {
+        if (rec_id(t->slots[i]) == id) {
             *out = i;
             return 1;
         }
@@ -406,18 +414,18 @@ static int find_slot(const ipmpi_reqtab_t *t, uint64_t id, uint32_t *out)
     return 0;
 }
 
-ipmpi_req_t *ipmpi_reqtab_get(const ipmpi_reqtab_t *t, uint64_t id)
+void *ipmpi_idtab_get(const ipmpi_idtab_t *t, uint64_t id)
 {
     uint32_t i;
     return find_slot(t, id, &i) ? t->slots[i] : NULL;
 }
 
-ipmpi_req_t *ipmpi_reqtab_del(ipmpi_reqtab_t *t, uint64_t id)
+void *ipmpi_idtab_del(ipmpi_idtab_t *t, uint64_t id)
 {
     uint32_t i;
     if (!find_slot(t, id, &i))
         return NULL;
-    ipmpi_req_t *r = t->slots[i];
+    void *r = t->slots[i];
     t->slots[i] = NULL;
     t->len--;
     /* Backward shift: move later members of the probe run into the hole
@@ -427,7 +435,7 @@ ipmpi_req_t *ipmpi_reqtab_del(ipmpi_reqtab_t *t, uint64_t id)
         j = (j + 1) & mask;
         if (!t->slots[j])
             break;
-        uint32_t home = slot_of(t->slots[j]->id, t->cap);
+        uint32_t home = slot_of(rec_id(t->slots[j]), t->cap);
         int in_range = hole <= j ? (home > hole && home <= j) : (home > hole || home <= j);
         if (!in_range) {
             t->slots[hole] = t->slots[j];
@@ -438,7 +446,7 @@ ipmpi_req_t *ipmpi_reqtab_del(ipmpi_reqtab_t *t, uint64_t id)
     return r;
 }
 
-uint32_t ipmpi_reqtab_collect(const ipmpi_reqtab_t *t, ipmpi_req_t **out)
+uint32_t ipmpi_idtab_collect(const ipmpi_idtab_t *t, void **out)
 {
     uint32_t n = 0;
     for (uint32_t i = 0; i < t->cap; i++)

@@ -98,7 +98,7 @@ uint64_t ipmpi_parts_bytes(const ipmpi_parts_t *p);
 uint64_t ipmpi_parts_cache_trim(void);
 
 typedef struct ipmpi_req {
-    uint64_t id;          /* dispatch id, sent to engines as req_id */
+    uint64_t id;          /* dispatch id, sent to engines as req_id; first (ipmpi_idtab_t) */
     uint64_t client_req;  /* the client's req_id, echoed in replies */
     uint64_t session;     /* owning session id; may outlive the session */
     uint8_t kind;
@@ -146,26 +146,40 @@ ipmpi_req_t *ipmpi_equeue_at(const ipmpi_equeue_t *q, uint32_t i);
 static inline uint32_t ipmpi_equeue_len(const ipmpi_equeue_t *q) { return q->len; }
 
 /*
- * Request table: open addressing with linear probing on the dispatch id,
- * backward-shift deletion (no tombstones), grown at 50% load. The table
- * borrows the requests.
+ * Id table: open addressing with linear probing on a u64 id, backward-
+ * shift deletion (no tombstones), grown at 50% load. It borrows records
+ * whose first member is their uint64_t id: requests (ipmpi_req_t, keyed
+ * by dispatch id) and tasks (tasks.h, keyed by task id).
  */
-typedef struct ipmpi_reqtab {
-    ipmpi_req_t **slots;
+typedef struct ipmpi_idtab {
+    void **slots;
     uint32_t cap;  /* 0 or a power of two */
     uint32_t len;
-} ipmpi_reqtab_t;
+} ipmpi_idtab_t;
 
-void ipmpi_reqtab_init(ipmpi_reqtab_t *t);
-void ipmpi_reqtab_fini(ipmpi_reqtab_t *t);
-/* Inserts r (its id must not be present). Returns 0 or IPMPI_ENOMEM. */
-int ipmpi_reqtab_put(ipmpi_reqtab_t *t, ipmpi_req_t *r);
-/* Returns the request with this id, or NULL. */
-ipmpi_req_t *ipmpi_reqtab_get(const ipmpi_reqtab_t *t, uint64_t id);
-/* Removes and returns the request with this id, or NULL. */
-ipmpi_req_t *ipmpi_reqtab_del(ipmpi_reqtab_t *t, uint64_t id);
-/* Writes every request of the table into out (room for t->len entries),
- * in no particular order; returns how many. For draining at shutdown. */
-uint32_t ipmpi_reqtab_collect(const ipmpi_reqtab_t *t, ipmpi_req_t **out);
+void ipmpi_idtab_init(ipmpi_idtab_t *t);
+void ipmpi_idtab_fini(ipmpi_idtab_t *t);
+/* Inserts rec (its id must not be present). Returns 0 or IPMPI_ENOMEM. */
+int ipmpi_idtab_put(ipmpi_idtab_t *t, void *rec);
+/* Returns the record with this id, or NULL. */
+void *ipmpi_idtab_get(const ipmpi_idtab_t *t, uint64_t id);
+/* Removes and returns the record with this id, or NULL. */
+void *ipmpi_idtab_del(ipmpi_idtab_t *t, uint64_t id);
+/* Writes every record of the table into out (room for t->len entries),
+ * in no particular order; returns how many. */
+uint32_t ipmpi_idtab_collect(const ipmpi_idtab_t *t, void **out);
+
+/* The request table: an id table of requests by dispatch id. */
+typedef ipmpi_idtab_t ipmpi_reqtab_t;
+static inline void ipmpi_reqtab_init(ipmpi_reqtab_t *t) { ipmpi_idtab_init(t); }
+static inline void ipmpi_reqtab_fini(ipmpi_reqtab_t *t) { ipmpi_idtab_fini(t); }
+static inline int ipmpi_reqtab_put(ipmpi_reqtab_t *t, ipmpi_req_t *r) { return ipmpi_idtab_put(t, r); }
+static inline ipmpi_req_t *ipmpi_reqtab_get(const ipmpi_reqtab_t *t, uint64_t id) { return ipmpi_idtab_get(t, id); }
+static inline ipmpi_req_t *ipmpi_reqtab_del(ipmpi_reqtab_t *t, uint64_t id) { return ipmpi_idtab_del(t, id); }
+/* For draining at shutdown. */
+static inline uint32_t ipmpi_reqtab_collect(const ipmpi_reqtab_t *t, ipmpi_req_t **out)
+{
+    return ipmpi_idtab_collect(t, (void **)out);
+}
 
 #endif

@@ -6,6 +6,7 @@
  * handing its reply here is dispatch.c's. Loop thread only.
  */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,80 +30,17 @@ typedef struct twait {
     } links[];
 } twait_t;
 
-/* ---- the table of tasks by id, and the set of evicted ids ---- */
+/* ---- the set of evicted ids ---- */
 
 static uint32_t slot_of(uint64_t id, uint32_t cap)
 {
     return (uint32_t)((id * 0x9e3779b97f4a7c15ull) >> 32) & (cap - 1);
 }
 
-static ipmpi_task_t *tab_get(const ipmpi_tasks_t *ts, uint64_t id)
-{
-    if (ts->cap == 0)
-        return NULL;
-    for (uint32_t i = slot_of(id, ts->cap);; i = (i + 1) & (ts->cap - 1)) {
-        if (!ts->slots[i])
-            return NULL;
-        if (ts->slots[i]->s.id == id)
-            return ts->slots[i];
-    }
-}
-
-static int tab_put(ipmpi_tasks_t *ts, ipmpi_task_t *t);
-
-static int tab_grow(ipmpi_tasks_t *ts)
-{
-    uint32_t ncap = ts->cap ? 2 * ts->cap : 64;
-    ipmpi_task_t **old = ts->slots;
-    uint32_t ocap = ts->cap;
-    ts->slots = calloc(ncap, sizeof *ts->slots);
-    if (!ts->slots) {
-        ts->slots = old;
-        return IPMPI_ENOMEM;
-    }
-    ts->cap = ncap;
-    ts->len = 0;
-    for (uint32_t i = 0; i < ocap; i++)
-        if (old[i])
-            tab_put(ts, old[i]);
-    free(old);
-    return 0;
-}
-
-static int tab_put(ipmpi_tasks_t *ts, ipmpi_task_t *t)
-{
-    if ((ts->len + 1) * 2 > ts->cap && tab_grow(ts) != 0)
-        return IPMPI_ENOMEM;
-    uint32_t i = slot_of(t->s.id, ts->cap);
-    while (ts->slots[i])
-        i = (i + 1) & (ts->cap - 1);
-    ts->slots[i] = t;
-    ts->len++;
-    return 0;
-}
-
-/* Backward-shift deletion: no tombstones. */
-static void tab_del(ipmpi_tasks_t *ts, uint64_t id)
-{
-    if (ts->cap == 0)
-        return;
-    uint32_t m = ts->cap - 1, i = slot_of(id, ts->cap);
-    while (ts->slots[i] && ts->slots[i]->s.id != id)
-        i = (i + 1) & m;
-    if (!ts->slots[i])
-        return;
-    ts->slots[i] = NULL;
-    ts->len--;
-    for (uint32_t j = (i + 1) & m; ts->slots[j]; j = (j + 1) & m) {
-        uint32_t home = slot_of(ts->slots[j]->s.id, ts->cap);
-        /* Move j back to i when its home is not within (i, j]. */
-        if (((j - home) & m) >= ((j - i) & m)) {
-            ts->slots[i] = ts->slots[j];
-            ts->slots[j] = NULL;
-            i = j;
-        }
-    }
-}
+/* The table of tasks by id is an ipmpi_idtab_t (equeue.h): a task's first
+ * member is its ipmpi_stask_t, whose first member is the id. */
+_Static_assert(offsetof(ipmpi_task_t, s) == 0 && offsetof(ipmpi_stask_t, id) == 0,
+               "a task must begin with its id (ipmpi_idtab_t)");
 
 /* The evicted set stores id + 1, so that 0 marks an empty slot. */
 static int evicted_has(const ipmpi_tasks_t *ts, uint64_t id)
@@ -188,7 +126,7 @@ static void task_drop(ipmpi_tasks_t *ts, ipmpi_task_t *t, int evicted)
         ts->nsucceeded--;
     else
         ts->nfailed--;
-    tab_del(ts, t->s.id);
+    ipmpi_idtab_del(&ts->tab, t->s.id);
     if (evicted)
         evicted_add(ts, t->s.id);
     task_free(ts, t);
@@ -227,8 +165,8 @@ int ipmpi_ctl_tasks_init(ipmpi_ctl_t *c)
 void ipmpi_ctl_tasks_fini(ipmpi_ctl_t *c)
 {
     ipmpi_tasks_t *ts = &c->tasks;
-    for (uint32_t i = 0; i < ts->cap; i++) {
-        ipmpi_task_t *t = ts->slots[i];
+    for (uint32_t i = 0; i < ts->tab.cap; i++) {
+        ipmpi_task_t *t = ts->tab.slots[i];
         if (!t)
             continue;
         /* Waiters of unfinished tasks: free each wait once, at its last link. */
@@ -242,7 +180,7 @@ void ipmpi_ctl_tasks_fini(ipmpi_ctl_t *c)
             ipmpi_sched_cancel(&c->sched, &t->s);
         task_free(ts, t);
     }
-    free(ts->slots);
+    ipmpi_idtab_fini(&ts->tab);
     free(ts->evicted);
     memset(ts, 0, sizeof *ts);
     for (uint32_t i = 0; i < c->nheld_tc; i++)
@@ -443,9 +381,11 @@ void ipmpi_ctl_tasks_fail_all(ipmpi_ctl_t *c, int status, const char *msg)
     /* Collected first: finishing may evict, which moves table entries. */
     ipmpi_task_t **list = malloc((size_t)ts->nsched * sizeof *list);
     uint32_t n = 0;
-    for (uint32_t i = 0; list && i < ts->cap && n < ts->nsched; i++)
-        if (ts->slots[i] && ts->slots[i]->state == IPMPI_TASK_SCHEDULED)
-            list[n++] = ts->slots[i];
+    for (uint32_t i = 0; list && i < ts->tab.cap && n < ts->nsched; i++) {
+        ipmpi_task_t *t = ts->tab.slots[i];
+        if (t && t->state == IPMPI_TASK_SCHEDULED)
+            list[n++] = t;
+    }
     for (uint32_t i = 0; i < n; i++) {
         ipmpi_sched_cancel(&c->sched, &list[i]->s);
         task_finish_msg(c, list[i], status, IPMPI_TARGET_CONTROLLER, "%s", msg);
@@ -527,7 +467,7 @@ static void do_submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, 
                             (unsigned long long)id);
         goto drop;
     }
-    if (tab_get(ts, id) || evicted_has(ts, id)) {
+    if (ipmpi_idtab_get(&ts->tab, id) || evicted_has(ts, id)) {
         ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "TASK_SUBMIT: task id %llu is already in use", (unsigned long long)id);
         goto drop;
     }
@@ -565,7 +505,7 @@ static void do_submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, 
             goto oom;
         first += desc.nparts[i];
     }
-    if (tab_put(ts, t) != 0)
+    if (ipmpi_idtab_put(&ts->tab, t) != 0)
         goto oom;
     ts->bytes += bytes;
     t->left = t->retries[0];
@@ -635,7 +575,7 @@ static void do_result(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, 
     }
     uint64_t id = ipmpi_get_u64(p->bufs[0]);
     int block = p->bufs[0][8] != 0;
-    ipmpi_task_t *t = tab_get(&c->tasks, id);
+    ipmpi_task_t *t = ipmpi_idtab_get(&c->tasks.tab, id);
     if (!t) {
         reply_missing(c, s, h, id);
         return;
@@ -668,7 +608,7 @@ static void do_barrier(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h,
     jbuf_t bad = {0};
     uint32_t nbad = 0;
     for (uint32_t i = 0; i < n; i++)
-        if (!tab_get(&c->tasks, ids[i])) {
+        if (!ipmpi_idtab_get(&c->tasks.tab, ids[i])) {
             if (nbad < 20)
                 jb_printf(&bad, "%s%llu", nbad ? ", " : "", (unsigned long long)ids[i]);
             nbad++;
@@ -685,7 +625,7 @@ static void do_barrier(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h,
     }
     uint32_t k = 0;
     for (uint32_t i = 0; i < n; i++) {
-        ipmpi_task_t *t = tab_get(&c->tasks, ids[i]);
+        ipmpi_task_t *t = ipmpi_idtab_get(&c->tasks.tab, ids[i]);
         if (t->state != IPMPI_TASK_DONE)
             wait_on(w, k++, t);
     }
@@ -705,7 +645,7 @@ static void do_abort(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
         return;
     }
     uint64_t id = ipmpi_get_u64(p->bufs[0]);
-    ipmpi_task_t *t = tab_get(&c->tasks, id);
+    ipmpi_task_t *t = ipmpi_idtab_get(&c->tasks.tab, id);
     if (!t) {
         reply_missing(c, s, h, id);
         return;
@@ -738,14 +678,14 @@ static int cmp_u64(const void *a, const void *b)
 /* "name": [ids of the tasks in state (and, when done, succeeded == ok)], ascending. */
 static void list_ids(ipmpi_ctl_t *c, jbuf_t *b, const char *name, int state, int ok)
 {
-    uint64_t *ids = malloc((size_t)(c->tasks.len ? c->tasks.len : 1) * sizeof *ids);
+    uint64_t *ids = malloc((size_t)(c->tasks.tab.len ? c->tasks.tab.len : 1) * sizeof *ids);
     uint32_t n = 0;
     if (!ids) {
         b->oom = 1;
         return;
     }
-    for (uint32_t i = 0; i < c->tasks.cap; i++) {
-        const ipmpi_task_t *t = c->tasks.slots[i];
+    for (uint32_t i = 0; i < c->tasks.tab.cap; i++) {
+        const ipmpi_task_t *t = c->tasks.tab.slots[i];
         if (t && t->state == state && (state != IPMPI_TASK_DONE || (t->status == 0) == ok))
             ids[n++] = t->s.id;
     }
@@ -805,7 +745,7 @@ static void do_clear(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
     jbuf_t unk = {0};
     int first = 1;
     for (uint32_t i = 0; i < n; i++) {
-        ipmpi_task_t *t = tab_get(ts, ids[i]);
+        ipmpi_task_t *t = ipmpi_idtab_get(&ts->tab, ids[i]);
         if (t && t->state == IPMPI_TASK_DONE) {
             task_drop(ts, t, 0);
             cleared++;

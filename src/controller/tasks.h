@@ -53,8 +53,7 @@ typedef struct ipmpi_task {
 } ipmpi_task_t;
 
 typedef struct ipmpi_tasks {
-    ipmpi_task_t **slots;     /* open addressing on the id */
-    uint32_t cap, len;
+    ipmpi_idtab_t tab;        /* the tasks by id */
     uint64_t *evicted;        /* open addressing set of evicted ids (0 = empty slot: ids start at 1) */
     uint32_t ecap, elen;
     uint64_t next_id;         /* next id to reserve; ids start at 1... see tasks.c */
