@@ -373,6 +373,28 @@ static ipmpi_stask_t *pick_task(ipmpi_sched_t *s, int e)
     return NULL;
 }
 
+/* Puts *it in flight on en and returns it in *out: 1. */
+static int hand_out(ipmpi_sched_t *s, ipmpi_sengine_t *en, const ipmpi_sitem_t *it, ipmpi_sitem_t *out)
+{
+    fly_push(en, it);
+    en->last_task = it->type == IPMPI_SITEM_TASK;
+    *out = *it;
+    update_open(s, en);
+    return 1;
+}
+
+/* Hands en its oldest request: 1, or 2 when hold says that request's
+ * client must wait (nothing changed then). */
+static int give_req(ipmpi_sched_t *s, ipmpi_sengine_t *en, uint64_t now, int (*hold)(void *ctx, uint64_t session),
+                    void *ctx, ipmpi_sitem_t *out)
+{
+    if (hold && hold(ctx, ipmpi_equeue_at(&en->q, 0)->session))
+        return 2;
+    ipmpi_sitem_t it = {.type = IPMPI_SITEM_REQ, .sent_ns = now};
+    it.u.req = ipmpi_equeue_pop(&en->q);
+    return hand_out(s, en, &it, out);
+}
+
 int ipmpi_sched_next(ipmpi_sched_t *s, int e, uint64_t now, int (*hold)(void *ctx, uint64_t session), void *ctx,
                      ipmpi_sitem_t *out)
 {
@@ -380,47 +402,22 @@ int ipmpi_sched_next(ipmpi_sched_t *s, int e, uint64_t now, int (*hold)(void *ct
         return 0;
     ipmpi_sengine_t *en = &s->eng[e];
     int rc = 0;
-    ipmpi_sitem_t it = {.sent_ns = now};
+    int req_ready = ipmpi_equeue_len(&en->q) > 0 && en->fly_len == 0;
     /* A request goes when nothing is in flight and, if tasks wait too,
      * when it is the requests' turn (a task went last). */
-    if (ipmpi_equeue_len(&en->q) > 0 && en->fly_len == 0 && (en->last_task || s->nqueued == 0)) {
-        ipmpi_req_t *r = ipmpi_equeue_at(&en->q, 0);
-        if (hold && hold(ctx, r->session)) {
-            rc = 2;
-        } else {
-            it.type = IPMPI_SITEM_REQ;
-            it.u.req = ipmpi_equeue_pop(&en->q);
-            en->last_task = 0;
-            fly_push(en, &it);
-            *out = it;
-            update_open(s, en);
-            return 1;
-        }
-    }
+    if (req_ready && (en->last_task || s->nqueued == 0) && (rc = give_req(s, en, now, hold, ctx, out)) == 1)
+        return 1;
     if (s->nqueued > 0 && task_room(s, en) > 0) {
         ipmpi_stask_t *t = pick_task(s, e);
         if (t) {
-            it.type = IPMPI_SITEM_TASK;
+            ipmpi_sitem_t it = {.type = IPMPI_SITEM_TASK, .sent_ns = now};
             it.u.task = t;
-            en->last_task = 1;
-            fly_push(en, &it);
-            *out = it;
-            update_open(s, en);
-            return 1;
+            return hand_out(s, en, &it, out);
         }
     }
     /* Tasks' turn but none fits this engine: the request need not wait. */
-    if (rc == 0 && ipmpi_equeue_len(&en->q) > 0 && en->fly_len == 0 && !en->last_task) {
-        ipmpi_req_t *r = ipmpi_equeue_at(&en->q, 0);
-        if (hold && hold(ctx, r->session))
-            return 2;
-        it.type = IPMPI_SITEM_REQ;
-        it.u.req = ipmpi_equeue_pop(&en->q);
-        fly_push(en, &it);
-        *out = it;
-        update_open(s, en);
-        return 1;
-    }
+    if (rc == 0 && req_ready && !en->last_task)
+        return give_req(s, en, now, hold, ctx, out);
     update_open(s, en);
     return rc;
 }
@@ -435,11 +432,9 @@ int ipmpi_sched_start_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r, uint64_t now)
 {
     if (!ipmpi_sched_idle(s, e))
         return IPMPI_EAGAIN;
-    ipmpi_sitem_t it = {.type = IPMPI_SITEM_REQ, .sent_ns = now};
+    ipmpi_sitem_t it = {.type = IPMPI_SITEM_REQ, .sent_ns = now}, out;
     it.u.req = r;
-    fly_push(&s->eng[e], &it);
-    s->eng[e].last_task = 0;
-    update_open(s, &s->eng[e]);
+    hand_out(s, &s->eng[e], &it, &out);
     return 0;
 }
 
