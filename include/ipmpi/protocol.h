@@ -78,6 +78,15 @@
  * (doc/protocol.md section 6); the scheduler reconsiders refused tasks. */
 #define IPMPI_F_PROPS 0x0020u
 
+/* On a request to engines: stream the output of the code it runs (the
+ * controller passes the flag on to each engine). */
+#define IPMPI_F_STREAM 0x0040u
+/* On a reply: not the last one for this target. An engine's non-final
+ * replies carry output of the running request (part 0 the stream name,
+ * "stdout" or "stderr"; part 1 UTF-8 text, whole lines); the final reply
+ * follows and still counts as the target's one reply. */
+#define IPMPI_F_MORE 0x0080u
+
 /*
  * Kinds: one table makes the enum, the names, who may send each kind and
  * the constants the Python layers read (the client module and the engine

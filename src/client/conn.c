@@ -322,6 +322,9 @@ void ipmpi_cl_entry_free(ipmpi_cl_entry_t *e, const ipmpi_cl_hooks_t *hooks)
     for (uint32_t i = 0; i < e->nrep; i++)
         reply_release(&e->reps[i], hooks);
     free(e->reps);
+    for (uint32_t i = 0; i < e->nout; i++)
+        reply_release(&e->outs[i], hooks);
+    free(e->outs);
     free(e);
 }
 
@@ -459,6 +462,34 @@ static void rx_shm_resolve(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
     }
 }
 
+/* Keeps a non-final reply (streamed output) of e for
+ * ipmpi_cl_wait_output, within IPMPI_CL_OUT_MAX bytes. mu held. */
+static void store_output(ipmpi_cl_t *c, ipmpi_cl_entry_t *e, ipmpi_cl_reply_t *rep, const ipmpi_cl_hooks_t *hooks)
+{
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < rep->nparts; i++)
+        bytes += rep->lens[i];
+    if (e->out_bytes + bytes > IPMPI_CL_OUT_MAX || rep->status != 0) {
+        e->out_dropped += bytes;
+        reply_release(rep, hooks);
+        return;
+    }
+    if (e->nout == e->outcap) {
+        uint32_t ncap = e->outcap ? e->outcap * 2 : 4;
+        ipmpi_cl_reply_t *n = realloc(e->outs, ncap * sizeof *n);
+        if (!n) {
+            e->out_dropped += bytes;
+            reply_release(rep, hooks);
+            return;
+        }
+        e->outs = n;
+        e->outcap = ncap;
+    }
+    e->outs[e->nout++] = *rep;
+    e->out_bytes += bytes;
+    pthread_cond_broadcast(&c->cond);
+}
+
 /* The frame is complete: hand it to its entry, or drop it. mu held. */
 static void rx_deliver(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
 {
@@ -488,6 +519,10 @@ static void rx_deliver(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
     if (rx->nomem) {
         reply_release(&rep, hooks);
         rep.status = IPMPI_ENOMEM;
+    }
+    if (rx->h.flags & IPMPI_F_MORE) {
+        store_output(c, e, &rep, hooks);
+        goto done;
     }
     if (e->nrep == e->cap) {
         uint32_t ncap = e->cap ? e->cap * 2 : 4;
@@ -1017,8 +1052,11 @@ static int write_piece(ipmpi_cl_t *c, const void *p, size_t len, const ipmpi_cl_
     return write_raw(c, p, len, hooks);
 }
 
+/* What wait_entry waits for. */
+enum { WAIT_ACK, WAIT_ALL, WAIT_OUTPUT };
+
 static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
-                      ipmpi_cl_entry_t **out);
+                      int mode, ipmpi_cl_entry_t **out);
 
 #define ACK_NS (60ull * 1000000000ull)
 
@@ -1051,8 +1089,8 @@ static int write_release(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
  * memfds and named in a table instead of going over TLS, and the request
  * allows shared memory in its replies.
  */
-static int send_frame(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, const struct iovec *parts,
-                      const ipmpi_cl_hooks_t *hooks, uint64_t *req_id, int shm_all)
+static int send_frame(ipmpi_cl_t *c, int kind, int32_t target, uint16_t xflags, uint32_t nparts,
+                      const struct iovec *parts, const ipmpi_cl_hooks_t *hooks, uint64_t *req_id, int shm_all)
 {
     int rc;
     /* shm_all 2: the process-memory probe. */
@@ -1106,7 +1144,7 @@ static int send_frame(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, 
     uint64_t id = ++c->next_id;
     ipmpi_hdr_t h = {.kind = (uint8_t)kind, .req_id = id, .target = target, .nparts = nwire,
                      .flags = (uint16_t)((k ? IPMPI_F_SHM : 0) | (shm ? IPMPI_F_SHM_OK : 0) |
-                                         (vm ? IPMPI_F_VM_OK : 0)),
+                                         (vm ? IPMPI_F_VM_OK : 0) | (xflags & IPMPI_F_STREAM)),
                      .aux = k ? (uint64_t)getpid() : 0};
     long hl = ipmpi_hdr_encode(&h, lens, hbuf, hsize);
     if (hl < 0) {
@@ -1145,7 +1183,7 @@ unlock:
          * a controller that does not ack within ACK_NS loses the link. */
         ipmpi_cl_hooks_t steady = *hooks;
         steady.interrupted = never_interrupted;
-        int w = wait_entry(c, *req_id, ipmpi_now_ns() + ACK_NS, &steady, NULL);
+        int w = wait_entry(c, *req_id, ipmpi_now_ns() + ACK_NS, &steady, WAIT_ACK, NULL);
         if (w == IPMPI_ETIMEDOUT) {
             pthread_mutex_lock(&c->mu);
             set_broken(c, IPMPI_ETIMEDOUT, "the controller did not take a request's memory within %d s",
@@ -1168,10 +1206,10 @@ int ipmpi_cl_shm_on(ipmpi_cl_t *c)
     return c->vm ? 2 : c->shm;
 }
 
-int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, const struct iovec *parts,
-                  const ipmpi_cl_hooks_t *hooks, uint64_t *req_id)
+int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint16_t flags, uint32_t nparts,
+                  const struct iovec *parts, const ipmpi_cl_hooks_t *hooks, uint64_t *req_id)
 {
-    return send_frame(c, kind, target, nparts, parts, hooks, req_id, 0);
+    return send_frame(c, kind, target, flags, nparts, parts, hooks, req_id, 0);
 }
 
 /* Sends what is waiting for RELEASE, if anything (no lock held). */
@@ -1197,7 +1235,7 @@ static int probe_once(ipmpi_cl_t *c, int mode, const uint8_t nonce[32], uint64_t
     ipmpi_cl_entry_t *e = NULL;
     uint64_t id = 0;
     struct iovec part = {.iov_base = (void *)nonce, .iov_len = 32};
-    int rc = send_frame(c, IPMPI_K_SHM_PROBE, IPMPI_TARGET_CONTROLLER, 1, &part, hooks, &id, mode);
+    int rc = send_frame(c, IPMPI_K_SHM_PROBE, IPMPI_TARGET_CONTROLLER, 0, 1, &part, hooks, &id, mode);
     if (rc == 0)
         rc = ipmpi_cl_wait(c, id, deadline_ns, hooks, &e);
     if (rc != 0) {
@@ -1244,17 +1282,39 @@ int ipmpi_cl_shm_probe(ipmpi_cl_t *c, const uint8_t nonce[32], int allow_vm, uin
 
 /* ---- waiting ---- */
 
-/* What wait_entry waits for: every reply (out != NULL), or an ack or a
- * first reply (out NULL). */
-static int waited_for(const ipmpi_cl_entry_t *e, ipmpi_cl_entry_t **out)
+static int waited_for(const ipmpi_cl_entry_t *e, int mode)
 {
-    return out ? complete(e) : e->acked || e->nrep > 0;
+    if (mode == WAIT_ALL)
+        return complete(e);
+    if (mode == WAIT_OUTPUT)
+        return e->nout > 0 || e->out_dropped > 0 || complete(e);
+    return e->acked || e->nrep > 0;
 }
 
-/* Waits until every reply of req_id is in (out != NULL: then takes the
- * entry) or, with out NULL, until the request is acked or has a reply. */
+/* Moves e's stored output into a new entry for the caller. mu held. */
+static int take_output(ipmpi_cl_entry_t *e, ipmpi_cl_entry_t **out)
+{
+    ipmpi_cl_entry_t *n = calloc(1, sizeof *n);
+    if (!n)
+        return IPMPI_ENOMEM;
+    n->req_id = e->req_id;
+    n->reps = e->outs;
+    n->nrep = e->nout;
+    n->cap = e->outcap;
+    n->total = (uint32_t)complete(e);
+    n->out_dropped = e->out_dropped;
+    e->outs = NULL;
+    e->nout = e->outcap = 0;
+    e->out_bytes = e->out_dropped = 0;
+    *out = n;
+    return 0;
+}
+
+/* Waits until the request is acked or has a reply (WAIT_ACK), until
+ * every reply of req_id is in (WAIT_ALL: then takes the entry into *out),
+ * or until it has output or is complete (WAIT_OUTPUT: take_output). */
 static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
-                      ipmpi_cl_entry_t **out)
+                      int mode, ipmpi_cl_entry_t **out)
 {
     int rc;
     uint64_t last_check = ipmpi_now_ns();
@@ -1265,12 +1325,14 @@ static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, cons
             rc = IPMPI_ENOENT;
             break;
         }
-        if (waited_for(e, out)) {
-            if (out) {
+        if (waited_for(e, mode)) {
+            rc = 0;
+            if (mode == WAIT_ALL) {
                 *out = unlink_entry(c, req_id);
                 shm_unclaim(c, req_id, 1);
+            } else if (mode == WAIT_OUTPUT) {
+                rc = take_output(e, out);
             }
-            rc = 0;
             break;
         }
         if (c->err) {
@@ -1300,7 +1362,7 @@ static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, cons
             c->reading = 1;
             pump(c, hooks);
             e = lookup(c, req_id);
-            if (!c->err && e && !waited_for(e, out)) {
+            if (!c->err && e && !waited_for(e, mode)) {
                 struct pollfd pf = {.fd = c->fd, .events = POLLIN};
                 pthread_mutex_unlock(&c->mu);
                 poll(&pf, 1, ms);
@@ -1317,7 +1379,7 @@ static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, cons
             pthread_cond_timedwait(&c->cond, &c->mu, &ts);
         }
     }
-    int rel = rc == 0 && out && c->nrel > 0;
+    int rel = rc == 0 && mode == WAIT_ALL && c->nrel > 0;
     leave(c);
     if (rel)
         flush_release(c, hooks);
@@ -1327,7 +1389,13 @@ static int wait_entry(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, cons
 int ipmpi_cl_wait(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
                   ipmpi_cl_entry_t **out)
 {
-    return wait_entry(c, req_id, deadline_ns, hooks, out);
+    return wait_entry(c, req_id, deadline_ns, hooks, WAIT_ALL, out);
+}
+
+int ipmpi_cl_wait_output(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
+                         ipmpi_cl_entry_t **out)
+{
+    return wait_entry(c, req_id, deadline_ns, hooks, WAIT_OUTPUT, out);
 }
 
 int ipmpi_cl_ready(ipmpi_cl_t *c, uint64_t req_id, const ipmpi_cl_hooks_t *hooks)

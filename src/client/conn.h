@@ -60,6 +60,12 @@ typedef struct ipmpi_cl_entry {
     uint32_t nrep, cap;
     int acked;       /* the controller copied the request's process memory */
     ipmpi_cl_reply_t *reps;
+    /* Non-final replies (IPMPI_F_MORE: streamed output) not yet taken by
+     * ipmpi_cl_wait_output, at most IPMPI_CL_OUT_MAX bytes; what did not
+     * fit is counted in out_dropped. */
+    uint32_t nout, outcap;
+    ipmpi_cl_reply_t *outs;
+    uint64_t out_bytes, out_dropped;
     struct ipmpi_cl_entry *next; /* hash chain */
 } ipmpi_cl_entry_t;
 
@@ -78,15 +84,29 @@ int ipmpi_cl_connect(const ipmpi_furl_t *f, double timeout_s, const ipmpi_cl_hoo
                      ipmpi_cl_t **out, char *msg, size_t msgcap);
 
 /*
- * Sends one request frame: header, then each part straight from its
+ * Sends one request frame (flags: IPMPI_F_STREAM or 0): header, then each part straight from its
  * memory (parts of 16 KiB or more are written in place; smaller ones are
  * gathered with the header so a small request is one TLS record). The
  * request id is registered before the first byte goes out, so a reply can
  * never arrive unclaimed. Returns 0 and the id in *req_id, or the code
  * that broke the connection (see ipmpi_cl_error).
  */
-int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint32_t nparts, const struct iovec *parts,
-                  const ipmpi_cl_hooks_t *hooks, uint64_t *req_id);
+int ipmpi_cl_send(ipmpi_cl_t *c, int kind, int32_t target, uint16_t flags, uint32_t nparts,
+                  const struct iovec *parts, const ipmpi_cl_hooks_t *hooks, uint64_t *req_id);
+
+/* Streamed output a request may keep waiting in the client, in bytes. */
+#define IPMPI_CL_OUT_MAX ((uint64_t)16 << 20)
+
+/*
+ * Waits until req_id has non-final replies (streamed output) stored or
+ * every reply is in, and takes the non-final ones: *out gets a new entry
+ * whose reps are those replies in order of arrival (maybe none), total 1
+ * if every final reply is in (0 if not) and out_dropped the bytes of
+ * output dropped since the last call (free with ipmpi_cl_entry_free). The
+ * request's own entry stays for ipmpi_cl_wait. Returns as ipmpi_cl_wait.
+ */
+int ipmpi_cl_wait_output(ipmpi_cl_t *c, uint64_t req_id, uint64_t deadline_ns, const ipmpi_cl_hooks_t *hooks,
+                         ipmpi_cl_entry_t **out);
 
 /*
  * Waits until every reply of req_id is in, then removes the entry from

@@ -254,7 +254,7 @@ static PyObject *conn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int rc = ipmpi_cl_connect(&f, timeout, &hk, &self->cl, msg, sizeof msg);
     if (rc == 0) {
         struct iovec key = {.iov_base = f.key, .iov_len = IPMPI_KEY_HEX_LEN};
-        rc = ipmpi_cl_send(self->cl, IPMPI_K_HELLO, IPMPI_TARGET_ALL, 1, &key, &hk, &id);
+        rc = ipmpi_cl_send(self->cl, IPMPI_K_HELLO, IPMPI_TARGET_ALL, 0, 1, &key, &hk, &id);
         if (rc == 0)
             rc = ipmpi_cl_wait(self->cl, id, deadline, &hk, &e);
     }
@@ -390,8 +390,8 @@ static int check_open(ConnObject *self)
 
 static PyObject *conn_send(ConnObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"kind", "target", "parts", "targets", NULL};
-    int kind, target;
+    static char *kwlist[] = {"kind", "target", "parts", "targets", "stream", NULL};
+    int kind, target, stream = 0;
     PyObject *parts_obj, *targets = Py_None;
     PyObject *seq = NULL, *result = NULL;
     Py_buffer *views = NULL;
@@ -399,7 +399,8 @@ static PyObject *conn_send(ConnObject *self, PyObject *args, PyObject *kwds)
     uint8_t *tlist = NULL;
     Py_ssize_t nviews = 0, ntargets = 0;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiO|O:send", kwlist, &kind, &target, &parts_obj, &targets))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiO|Op:send", kwlist, &kind, &target, &parts_obj, &targets,
+                                     &stream))
         return NULL;
     if (check_open(self) < 0)
         return NULL;
@@ -463,7 +464,7 @@ static PyObject *conn_send(ConnObject *self, PyObject *args, PyObject *kwds)
     ipmpi_cl_hooks_t hk = HOOKS(g);
     uint64_t id = 0;
     g.ts = PyEval_SaveThread();
-    int rc = ipmpi_cl_send(self->cl, kind, target, (uint32_t)total, iov, &hk, &id);
+    int rc = ipmpi_cl_send(self->cl, kind, target, stream ? IPMPI_F_STREAM : 0, (uint32_t)total, iov, &hk, &id);
     PyEval_RestoreThread(g.ts);
     if (rc != 0)
         conn_error(self, rc, 0);
@@ -556,6 +557,51 @@ static PyObject *conn_recv(ConnObject *self, PyObject *args, PyObject *kwds)
     return list;
 }
 
+/* Parses an optional timeout in seconds into a deadline (0: none). */
+static int parse_deadline(PyObject *timeout_obj, uint64_t *deadline)
+{
+    *deadline = 0;
+    if (timeout_obj == Py_None)
+        return 0;
+    double t = PyFloat_AsDouble(timeout_obj);
+    if (t == -1.0 && PyErr_Occurred())
+        return -1;
+    if (t < 0)
+        t = 0;
+    *deadline = ipmpi_now_ns() + (uint64_t)(t * 1e9);
+    if (*deadline == 0)
+        *deadline = 1;
+    return 0;
+}
+
+static PyObject *conn_output(ConnObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"req_id", "timeout", NULL};
+    PyObject *id_obj, *timeout_obj = Py_None;
+    uint64_t id, deadline;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:output", kwlist, &id_obj, &timeout_obj))
+        return NULL;
+    if (check_open(self) < 0 || parse_req_id(id_obj, &id) < 0 || parse_deadline(timeout_obj, &deadline) < 0)
+        return NULL;
+    gil_ctx g = {NULL};
+    ipmpi_cl_hooks_t hk = HOOKS(g);
+    ipmpi_cl_entry_t *e = NULL;
+    g.ts = PyEval_SaveThread();
+    int rc = ipmpi_cl_wait_output(self->cl, id, deadline, &hk, &e);
+    PyEval_RestoreThread(g.ts);
+    g.ts = NULL;
+    if (rc == IPMPI_ETIMEDOUT)
+        return Py_BuildValue("(O[]K)", Py_False, 0ULL);
+    if (rc != 0)
+        return conn_error(self, rc, id);
+    PyObject *list = entry_to_list(e);
+    PyObject *res = list ? Py_BuildValue("(ONK)", e->total ? Py_True : Py_False, list,
+                                         (unsigned long long)e->out_dropped)
+                         : NULL;
+    ipmpi_cl_entry_free(e, &hk);
+    return res;
+}
+
 static PyObject *conn_ready(ConnObject *self, PyObject *id_obj)
 {
     uint64_t id;
@@ -606,14 +652,19 @@ static PyObject *conn_get_closed(ConnObject *self, void *Py_UNUSED(closure))
 
 static PyMethodDef conn_methods[] = {
     {"send", (PyCFunction)(void (*)(void))conn_send, METH_VARARGS | METH_KEYWORDS,
-     "send(kind, target, parts, targets=None) -> req_id\n\n"
+     "send(kind, target, parts, targets=None, stream=False) -> req_id\n\n"
      "Sends one request; each part is any object with the buffer protocol,\n"
      "written from its own memory with the GIL released. With targets (a\n"
-     "list of engine ids) target becomes TARGET_LIST."},
+     "list of engine ids) target becomes TARGET_LIST. stream=True: the\n"
+     "engines stream the output of the code as it runs (see output())."},
     {"recv", (PyCFunction)(void (*)(void))conn_recv, METH_VARARGS | METH_KEYWORDS,
      "recv(req_id, timeout=None) -> [(target, status, [bytearray, ...]), ...]\n\n"
      "Waits until every reply of req_id is in (order of arrival). TimeoutError\n"
      "loses nothing; ConnectionError when the connection is gone."},
+    {"output", (PyCFunction)(void (*)(void))conn_output, METH_VARARGS | METH_KEYWORDS,
+     "output(req_id, timeout=None) -> (done, [(target, status, [name, text]), ...], dropped): the streamed "
+     "output of a request sent with stream=True, waiting up to timeout for some; done once every reply is in "
+     "(then recv(req_id) returns at once); dropped counts bytes that did not fit in the client."},
     {"ready", (PyCFunction)conn_ready, METH_O, "ready(req_id) -> bool, without blocking."},
     {"forget", (PyCFunction)conn_forget, METH_O, "forget(req_id): drop its replies, now and later."},
     {"close", (PyCFunction)conn_close, METH_NOARGS, "close(): pending and later calls raise ConnectionError."},

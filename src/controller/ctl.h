@@ -107,6 +107,9 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
  * thread; cheap when nothing is held.
  */
 #define IPMPI_OUT_HOLD_BYTES ((uint64_t)128 << 20)
+/* Streamed output (IPMPI_F_MORE replies) is dropped, not queued, for a
+ * client with more than this unread. */
+#define IPMPI_OUT_STREAM_BYTES ((uint64_t)16 << 20)
 #define IPMPI_OUT_STALL_NS (30ull * 1000000000ull)
 void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now);
 /* requests.c: replies. send_json sends b (and frees its text) as the

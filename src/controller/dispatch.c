@@ -77,7 +77,8 @@ static int dispatch_one(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e)
     if (rc != 1)
         return 0;
     if (it.type == IPMPI_SITEM_REQ) {
-        ipmpi_hdr_t h = {.kind = it.u.req->kind, .req_id = it.u.req->id, .target = e->id};
+        ipmpi_hdr_t h = {.kind = it.u.req->kind, .flags = it.u.req->eng_flags, .req_id = it.u.req->id,
+                         .target = e->id};
         rc = ipmpi_mpilink_send(&c->link, e->rank, &h, it.u.req->payload);
     } else {
         rc = ipmpi_ctl_task_send(c, e, IPMPI_CONTAINER_OF(it.u.task, ipmpi_task_t, s));
@@ -291,7 +292,8 @@ ipmpi_parts_t *ipmpi_ctl_engine_alloc(void *arg, int rank, const ipmpi_hdr_t *h,
     ipmpi_ctl_t *c = arg;
     const ipmpi_sitem_t *it = rank >= 1 && rank <= c->nengines ? ipmpi_sched_inflight(&c->sched, rank - 1) : NULL;
     const ipmpi_req_t *r = it && it->type == IPMPI_SITEM_REQ ? it->u.req : NULL;
-    if (r && r->reply_flags == IPMPI_F_SHM_OK && !r->quiet && (h->flags & IPMPI_F_REPLY) && h->req_id == r->id)
+    if (r && r->reply_flags == IPMPI_F_SHM_OK && !r->quiet && (h->flags & (IPMPI_F_REPLY | IPMPI_F_MORE)) == IPMPI_F_REPLY &&
+        h->req_id == r->id)
         for (uint32_t i = 0; i < h->nparts; i++)
             if (lens[i] >= IPMPI_SHM_MIN)
                 return ipmpi_shm_alloc_parts(h->nparts, lens);
@@ -332,6 +334,53 @@ int ipmpi_ctl_send_reply(ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t
     return rc;
 }
 
+/*
+ * A non-final reply (IPMPI_F_MORE) of request r that engine e runs: output
+ * streamed to r's client, same header otherwise (doc/protocol.md section
+ * 2). Streaming is best effort: while the client has more than
+ * IPMPI_OUT_STREAM_BYTES unread it is dropped and counted, never queued
+ * (the final reply carries the whole output anyway).
+ */
+static void forward_output(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, ipmpi_req_t *r, ipmpi_parts_t *parts)
+{
+    if (!(r->eng_flags & IPMPI_F_STREAM) || parts->n != 2) {
+        ipmpi_log(IPMPI_LOG_ERROR, "engine %d sent output for a request that does not stream it; dropped", e->id);
+        return;
+    }
+    ipmpi_session_t *s = r->quiet ? NULL : ipmpi_ctl_session(c, r->session);
+    if (!s || s->state != IPMPI_SESS_OPEN)
+        return;
+    if (s->out_bytes > IPMPI_OUT_STREAM_BYTES) {
+        r->out_dropped += parts->lens[1];
+        return;
+    }
+    ipmpi_hdr_t out = {.kind = r->kind, .flags = IPMPI_F_REPLY | IPMPI_F_MORE, .req_id = r->client_req,
+                       .target = e->id, .total = r->total};
+    ipmpi_session_send(s, &out, parts);
+}
+
+/* Tells r's client, before engine e's final reply, how much of the
+ * streamed output it was too slow to take. */
+static void tell_dropped(ipmpi_session_t *s, const ipmpi_engine_slot_t *e, ipmpi_req_t *r)
+{
+    char note[200];
+    int n = snprintf(note, sizeof note,
+                     "[ipmpi: %llu bytes of streamed output were dropped: the client did not read them in time; "
+                     "the result holds the whole output]\n",
+                     (unsigned long long)r->out_dropped);
+    r->out_dropped = 0;
+    uint64_t lens[2] = {6, (uint64_t)n};
+    ipmpi_parts_t *p = ipmpi_parts_new(2, lens);
+    if (!p)
+        return;
+    memcpy(p->bufs[0], "stderr", 6);
+    memcpy(p->bufs[1], note, (size_t)n);
+    ipmpi_hdr_t out = {.kind = r->kind, .flags = IPMPI_F_REPLY | IPMPI_F_MORE, .req_id = r->client_req,
+                       .target = e->id, .total = r->total};
+    ipmpi_session_send(s, &out, p);
+    ipmpi_parts_unref(p);
+}
+
 void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts)
 {
     ipmpi_ctl_t *c = arg;
@@ -357,6 +406,11 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
                       h->kind, (unsigned long long)h->req_id);
         goto drop;
     }
+    if (h->flags & IPMPI_F_MORE) {
+        if (head->type == IPMPI_SITEM_REQ)
+            forward_output(c, e, head->u.req, parts);
+        goto drop;
+    }
     ipmpi_sitem_t it;
     ipmpi_sched_done(&c->sched, e->id, ipmpi_now_ns(), &it);
     c->nbusy--;
@@ -371,6 +425,8 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
     ipmpi_req_t *r = it.u.req;
     ipmpi_session_t *s = r->quiet ? NULL : ipmpi_ctl_session(c, r->session);
     if (s) {
+        if (r->out_dropped)
+            tell_dropped(s, e, r);
         ipmpi_hdr_t out = {.kind = r->kind, .flags = IPMPI_F_REPLY, .req_id = r->client_req,
                            .target = e->id, .status = h->status, .total = r->total};
         if (ipmpi_ctl_send_reply(s, &out, parts, (r->reply_flags & IPMPI_F_VM_OK) != 0) != 0)

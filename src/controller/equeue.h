@@ -115,6 +115,11 @@ typedef struct ipmpi_req {
     /* The request's IPMPI_F_SHM_OK and IPMPI_F_VM_OK: how the client allows
      * its replies' large parts to come (memfds; process memory). */
     uint16_t reply_flags;
+    /* Header flags passed on to the engines (IPMPI_F_STREAM). */
+    uint16_t eng_flags;
+    /* Streamed output (IPMPI_F_MORE replies) dropped because the client
+     * was not reading: bytes, told to the client before the last reply. */
+    uint64_t out_dropped;
 } ipmpi_req_t;
 
 /* Allocates a request owning payload (taken on success). NULL on ENOMEM. */

@@ -166,6 +166,7 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     }
     r->pending = (uint32_t)n;
     r->reply_flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK);
+    r->eng_flags = h->flags & IPMPI_F_STREAM;
     char msg[256];
     /* r may be freed by the last req_fail_one; nothing reads it after that. */
     for (int i = 0; i < n; i++) {

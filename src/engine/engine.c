@@ -332,7 +332,9 @@ static int serve(engine_t *e, const ipmpi_hdr_t *h, const uint64_t *lens, int *e
         goto aborted;
     if (rc != 0)
         goto free_all;
+    ipmpi_eng_pymod_request(h);
     result = PyObject_CallFunction(e->handle, "iO", (int)h->kind, parts);
+    ipmpi_eng_pymod_request(NULL);
     if (getpid() != e->pid) {
         /* User code forked and the child came back here without _exit:
          * it shares the parent's MPI state and must never answer as this
@@ -722,7 +724,7 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
         ipmpi_log(IPMPI_LOG_ERROR, "cannot create the engines' communicator");
         _exit(1);
     }
-    if (ipmpi_eng_py_start() != 0) {
+    if (ipmpi_eng_pymod_register() != 0 || ipmpi_eng_py_start() != 0) {
         fflush(NULL);
         _exit(1);
     }
@@ -736,6 +738,8 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
         ipmpi_eng_py_log_error("cannot create the engine (ipmpi._engine.Engine)");
         die_now(1, NULL);
     }
+
+    ipmpi_eng_pymod_bind(comm, e.eid, job->bell, controller_gone, &e);
 
     ipmpi_hdr_t h = {0};
     h.kind = IPMPI_K_READY;

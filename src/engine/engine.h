@@ -57,6 +57,22 @@ void ipmpi_eng_py_log_error(const char *what);
  * is lost when the process ends with _exit. GIL held. */
 void ipmpi_eng_py_flush(void);
 
+/* ---- pymod.c: the built-in module _ipmpi_engine (see there) ---- */
+
+struct ipmpi_doorbell;
+
+/* Registers _ipmpi_engine; call before ipmpi_eng_py_start. Returns 0 or
+ * IPMPI_ENOMEM. */
+int ipmpi_eng_pymod_register(void);
+
+/* What the module sends through: the engine's communicator and id, its
+ * doorbell (NULL: none) and the send's controller-gone question. */
+void ipmpi_eng_pymod_bind(MPI_Comm comm, int eid, const struct ipmpi_doorbell *bell, int (*gone)(void *arg),
+                          void *gone_arg);
+
+/* The request that runs now (its header), or NULL when none. */
+void ipmpi_eng_pymod_request(const ipmpi_hdr_t *h);
+
 /* ---- link.c (no Python; may run with the GIL released) ---- */
 
 /*

@@ -594,11 +594,17 @@ def test_map_chunk_runs_a_function_or_a_name():
 
 def test_px_cell_options():
     from ipmpi import magic
-    assert magic._cell_args("") == (None, None)
-    assert magic._cell_args("--targets 0,2 --noblock") == ([0, 2], False)
-    assert magic._cell_args("--targets [1, 3]") == ([1, 3], None)
-    assert magic._cell_args("--targets=all --block") == ("all", True)
-    assert magic._cell_args("--targets 2") == (2, None)
+    def args(line):
+        d = magic._cell_args(line)
+        return d["targets"], d["block"]
+
+    assert args("") == (None, None)
+    assert args("--targets 0,2 --noblock") == ([0, 2], False)
+    assert args("--targets [1, 3]") == ([1, 3], None)
+    assert args("--targets=all --block") == ("all", True)
+    assert args("--targets 2") == (2, None)
+    assert magic._cell_args("--stream --merge") == {"targets": None, "block": None, "stream": True, "merge": True}
+    assert magic._cell_args("--no-stream")["stream"] is False
     for bad in ("--targets", "--targets nine", "--bogus"):
         with pytest.raises(ValueError):
             magic._cell_args(bad)
@@ -717,3 +723,40 @@ def test_sshserver_and_sshkey_are_checked_before_anything_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no key file"):
         client.TaskClient(str(p), sshserver="u@h", sshkey=str(tmp_path / "none"), connect_timeout=5)
     assert not lis.connected()
+
+
+# ---------------------------------------------------------------- streamed output display
+
+def test_output_printer_prefixes_each_line_and_keeps_partial_lines():
+    import io
+    from ipmpi import output
+    out, err = io.StringIO(), io.StringIO()
+    p = output.OutputPrinter("0.10", out=out, err=err)
+    p.feed(0, "stdout", "a\nb")
+    p.feed(1, "stderr", "oops\n")
+    p.feed(0, "stdout", "c\n")
+    assert out.getvalue() == "[0] a\n[0] bc\n"
+    assert err.getvalue() == "[1] oops\n"
+    p.feed(2, "stdout", "tail")
+    p.close()
+    assert out.getvalue().endswith("[2] tail\n")
+    q = output.OutputPrinter("ipyparallel", out=out, err=err)
+    q.feed(3, "stdout", "x\n")
+    assert out.getvalue().endswith("[stdout:3] x\n")
+
+
+def test_output_printer_merges_identical_lines_in_each_engines_order():
+    import io
+    from ipmpi import output
+    out = io.StringIO()
+    p = output.OutputPrinter("0.10", merge=True, engines=[0, 1, 2, 3], out=out)
+    for e in (0, 1, 2):
+        p.feed(e, "stdout", "Hello\n")
+    assert out.getvalue() == ""          # engine 3 has not printed it yet
+    p.feed(3, "stdout", "Hello\nHello\n")
+    assert out.getvalue() == "[0-3] Hello\n"
+    p.feed(0, "stdout", "only 0\n")
+    p.close()
+    # engine 3's second Hello and engine 0's line: shown at the end, in order
+    assert out.getvalue() == "[0-3] Hello\n[3] Hello\n[0] only 0\n"
+    assert output.id_ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"

@@ -37,6 +37,13 @@ import types
 import cloudpickle
 
 from ipmpi import _serialize
+
+try:
+    # The engine's C side (src/engine/pymod.c), built into the ipmpi
+    # executable: absent when this module is imported elsewhere (tests).
+    import _ipmpi_engine
+except ImportError:
+    _ipmpi_engine = None
 # Request kinds, status codes and flags: generated from the C headers
 # (include/ipmpi/protocol.h, errors.h), whose values are the wire protocol.
 from ipmpi._consts import (EREJECT, EREMOTE, F_PROPS, K_APPLY, K_EXECUTE, K_GET_RESULT,  # noqa: F401
@@ -60,6 +67,29 @@ HISTORY_BYTES = 64 << 20
 # the longest source worth keeping.
 CODE_CACHE_LEN = 256
 CODE_CACHE_MAX_SRC = 64 * 1024
+
+# Characters of stdout (and of stderr) a request keeps for its result; the
+# rest is counted and cut with a note, so a flood of output (a gigabyte
+# printed in a loop) costs the engine at most this much.
+OUTPUT_MAX = 32 << 20
+
+# Streamed output (execute(..., stream=True)): whole lines go to the client
+# as they are written, at most one send per STREAM_GAP seconds and stream
+# (lines written in between go together, STREAM_GAP later even if the code
+# writes nothing more), at least one send per STREAM_CHUNK characters, and
+# at most STREAM_MAX characters per stream and request (then a note says
+# the rest is in the result only).
+STREAM_GAP = 0.02
+STREAM_CHUNK = 64 << 10
+STREAM_MAX = 16 << 20
+# ... in frames of at most this many characters.
+STREAM_PIECE = 1 << 20
+
+# The signal the stream's timer thread sends to the main thread so that
+# held lines go out while the request's code sleeps or computes: Python
+# runs the handler on the main thread between two bytecodes (and inside
+# time.sleep), the only thread that may call MPI.
+STREAM_SIGNAL = signal.SIGRTMIN + 6 if hasattr(signal, "SIGRTMIN") else None
 
 # Unpickled task functions kept by digest (a stream of MapTasks of one
 # function unpickles it once).
@@ -153,22 +183,191 @@ def _meta_size(meta):
 
 class _Capture(io.StringIO):
     """stdout or stderr of one request: what the thread that runs the
-    request writes. A thread left running by an earlier request writes to
-    the engine's own stream (its log) instead, so its output never lands
-    in an unrelated request's result."""
+    request writes, at most OUTPUT_MAX characters (text() notes what was
+    cut), also handed to the request's _Streamer when it streams. A thread
+    left running by an earlier request writes to the engine's own stream
+    (its log) instead, so its output never lands in an unrelated request's
+    result."""
 
-    def __init__(self, other):
+    def __init__(self, other, name="stdout", streamer=None):
         super().__init__()
         self._owner = threading.get_ident()
         self._other = other
+        self._name = name
+        self._streamer = streamer
+        self._kept = 0
+        self._cut = 0
 
     def write(self, s):
-        if threading.get_ident() == self._owner:
-            return super().write(s)
+        if threading.get_ident() != self._owner:
+            try:
+                return self._other.write(s)
+            except Exception:  # a closed or odd stream must not break that thread
+                return len(s)
+        if not isinstance(s, str):
+            return super().write(s)  # the TypeError StringIO raises
+        n = len(s)
+        room = OUTPUT_MAX - self._kept
+        if n <= room:
+            super().write(s)
+            self._kept += n
+        else:
+            if room > 0:
+                super().write(s[:room])
+                self._kept += room
+            self._cut += n - room
+        if self._streamer is not None:
+            self._streamer.add(self._name, s)
+        return n
+
+    def text(self):
+        """What the result reports: the kept text, and a note if cut."""
+        v = self.getvalue()
+        if self._cut:
+            v += ("\n[ipmpi: %d more characters of %s were cut: a request keeps at most %d MiB of it]\n"
+                  % (self._cut, self._name, OUTPUT_MAX >> 20))
+        return v
+
+
+class _Streamer:
+    """The output of one request on its way to the client while it runs
+    (IPMPI_F_STREAM): add() takes what the request's code writes; whole
+    lines go out through send(name, bytes) at most every STREAM_GAP
+    seconds (the _Flusher sends what waits longer), and finish() sends
+    the rest, partial lines too, before the request's reply."""
+
+    def __init__(self, send, flusher=None):
+        self._send = send
+        self._flusher = flusher
+        self._held = {"stdout": [], "stderr": []}
+        self._size = {"stdout": 0, "stderr": 0}
+        self._sent = {"stdout": 0, "stderr": 0}
+        self._last = 0.0
+        self.busy = False  # inside add(): the flusher's signal must wait
+        self.stopped = False
+
+    def add(self, name, s):
+        if self.stopped or not s:
+            return
+        self.busy = True
         try:
-            return self._other.write(s)
-        except Exception:  # a closed or odd stream must not break that thread
-            return len(s)
+            self._held[name].append(s)
+            self._size[name] += len(s)
+            if "\n" not in s and self._size[name] < STREAM_CHUNK:
+                return
+            now = time.monotonic()
+            if now - self._last >= STREAM_GAP or self._size[name] >= STREAM_CHUNK:
+                self.flush(now)
+            elif self._flusher is not None:
+                self._flusher.arm(self, self._last + STREAM_GAP)
+        finally:
+            self.busy = False
+
+    def flush(self, now=None, final=False):
+        """Sends the held whole lines (everything when final)."""
+        busy, self.busy = self.busy, True
+        try:
+            self._flush(final)
+        finally:
+            self.busy = busy
+        self._last = time.monotonic() if now is None else now
+
+    def _flush(self, final):
+        for name in ("stdout", "stderr"):
+            if self.stopped or not self._size[name]:
+                continue
+            text = "".join(self._held[name])
+            cut = len(text) if final or self._size[name] >= STREAM_CHUNK else text.rfind("\n") + 1
+            if cut == 0:
+                continue
+            rest = text[cut:]
+            self._held[name] = [rest] if rest else []
+            self._size[name] = len(rest)
+            self._out(name, text[:cut])
+
+    def _out(self, name, text):
+        room = STREAM_MAX - self._sent[name]
+        if len(text) > room:
+            text = text[:max(room, 0)] + (
+                "\n[ipmpi: streaming of %s stopped after %d MiB; the result holds the rest]\n"
+                % (name, STREAM_MAX >> 20))
+            self.stopped = True
+        self._sent[name] += len(text)
+        for i in range(0, len(text), STREAM_PIECE):
+            try:
+                ok = self._send(name, text[i:i + STREAM_PIECE].encode("utf-8", "replace"))
+            except Exception:
+                ok = False
+            if not ok:
+                self.stopped = True
+                return
+
+    def finish(self):
+        if self._flusher is not None:
+            self._flusher.disarm(self)
+        self.flush(final=True)
+
+
+class _Flusher:
+    """Sends a streamer's held lines STREAM_GAP after the last send even
+    when the request's code writes nothing more: a thread waits for that
+    moment and signals the main thread (STREAM_SIGNAL), whose handler
+    flushes between two bytecodes, also while the code sleeps. Code that
+    stays in C without checking signals (one long numpy call) is flushed
+    when it returns."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._due = None
+        self._streamer = None
+        self._main = threading.get_ident()
+        self._thread = None
+        signal.signal(STREAM_SIGNAL, self._on_signal)
+        # Interrupted system calls resume (time.sleep goes on sleeping
+        # after the handler ran).
+        signal.siginterrupt(STREAM_SIGNAL, False)
+
+    def arm(self, streamer, when):
+        with self._cv:
+            if self._streamer is streamer and self._due is not None and self._due <= when:
+                return
+            self._streamer = streamer
+            self._due = when
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ipmpi-stream", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def disarm(self, streamer):
+        with self._cv:
+            if self._streamer is streamer:
+                self._streamer = self._due = None
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while self._due is None:
+                    self._cv.wait()
+                left = self._due - time.monotonic()
+                if left > 0:
+                    self._cv.wait(left)
+                    continue
+                self._due = None
+            try:
+                signal.pthread_kill(self._main, STREAM_SIGNAL)
+            except Exception:
+                return
+
+    def _on_signal(self, signum, frame):
+        with self._cv:
+            s = self._streamer
+        if s is None or s.stopped:
+            return
+        if s.busy:  # the signal came in the middle of add(): a little later
+            self.arm(s, time.monotonic() + STREAM_GAP / 4)
+            return
+        self.disarm(s)
+        s.flush()
 
 
 def _user_traceback(tb):
@@ -348,6 +547,7 @@ class Engine:
         self._input_names = collections.deque()
         self._code_cache = collections.OrderedDict()  # source -> (body, last) code objects
         self._fn_cache = collections.OrderedDict()  # digest -> [function, rebound or None]
+        self._flusher = None  # made by the first request that streams
 
     # ---- the entry point called by the C side ----
 
@@ -394,6 +594,17 @@ class Engine:
 
     # ---- dispatch ----
 
+    def _captures(self, saved):
+        """(stdout, stderr, streamer) for a request: _Captures in front of
+        the saved streams, and a _Streamer when the request streams its
+        output (None otherwise)."""
+        streamer = None
+        if _ipmpi_engine is not None and STREAM_SIGNAL is not None and _ipmpi_engine.streaming():
+            if self._flusher is None:
+                self._flusher = _Flusher()
+            streamer = _Streamer(_ipmpi_engine.send_output, self._flusher)
+        return (_Capture(saved[0], "stdout", streamer), _Capture(saved[1], "stderr", streamer), streamer)
+
     def _meta(self, kind, number, code, out, err):
         return {"id": self.id, "kind": _META_KINDS.get(kind, str(kind)), "number": number,
                 "input": code, "stdout": out, "stderr": err}
@@ -414,7 +625,7 @@ class Engine:
             number = self.execution_count
 
         saved = sys.stdout, sys.stderr
-        out, err = _Capture(saved[0]), _Capture(saved[1])
+        out, err, streamer = self._captures(saved)
         status, extra, exc = OK, [], None
         sys.stdout, sys.stderr = out, err
         try:
@@ -441,8 +652,10 @@ class Engine:
             status, extra, exc = EREMOTE, [], e
         finally:
             sys.stdout, sys.stderr = saved
+            if streamer is not None:
+                streamer.finish()
 
-        meta = self._meta(kind, number, code, out.getvalue(), err.getvalue())
+        meta = self._meta(kind, number, code, out.text(), err.text())
         if exc is not None:
             _describe_error(meta, exc)
             exc = None  # drop the frames (and the user objects they hold) now
@@ -668,7 +881,7 @@ class Engine:
         """Runs one task stage: [stage, bufs...] of ("string", expression,
         push, pull, opts) or ("map", fn, args, kwargs, opts)."""
         saved = sys.stdout, sys.stderr
-        out, err = _Capture(saved[0]), _Capture(saved[1])
+        out, err, streamer = self._captures(saved)
         status, extra, exc, code = OK, [], None, ""
         started = completed = what = None
         clear_after = False
@@ -734,8 +947,10 @@ class Engine:
                     self._reset()
         finally:
             sys.stdout, sys.stderr = saved
+            if streamer is not None:
+                streamer.finish()
 
-        meta = self._meta(K_TASK_SUBMIT, None, code, out.getvalue(), err.getvalue())
+        meta = self._meta(K_TASK_SUBMIT, None, code, out.text(), err.text())
         meta["started"] = started
         meta["completed"] = completed
         meta["task"] = what  # "string" or "map" (None: the payload did not unpickle)

@@ -506,10 +506,10 @@ class _Base:
     def timeout(self, value):
         self._timeout = value
 
-    def _send(self, kind, target, parts, targets=None):
+    def _send(self, kind, target, parts, targets=None, stream=False):
         if self._conn is None:
             raise ConnectionError("this client is closed")
-        return self._conn.send(kind, target, parts, targets)
+        return self._conn.send(kind, target, parts, targets, stream)
 
     def _finish(self, req_ids, post, block, timeout, targets=None):
         pr = PendingResult(self, req_ids, post)

@@ -87,11 +87,21 @@ def show_error(e, out=None):
         print("%s: %s" % (type(e).__name__, e), file=out)
 
 
-def _run(mec, code, **kw):
-    """mec.execute(code); a failure on the engines is printed, not raised."""
-    from . import client
+def _run(mec, code, stream=None, merge=None, **kw):
+    """mec.execute(code); a failure on the engines is printed, not raised.
+    The output streams while the code runs when stream is True, or when
+    None and mec.px_stream says so (its default None: when a person reads
+    it, in a terminal or Jupyter); merge (None: mec.px_merge) shows lines
+    printed alike by several engines once."""
+    from . import client, output
+    if stream is None:
+        stream = getattr(mec, "px_stream", None)
+        if stream is None:
+            stream = output.interactive()
+    if merge is None:
+        merge = bool(getattr(mec, "px_merge", False))
     try:
-        return mec.execute(code, **kw)
+        return mec.execute(code, stream=stream, merge=merge, **kw)
     except (client.CompositeError, client.RemoteError, client.EngineError) as e:
         show_error(e)
         return None
@@ -139,9 +149,10 @@ def _parse_targets(text):
 
 
 def _cell_args(line):
-    """(targets, block) from %%px's options: --targets T (all, 2, 0,2 or
-    [0, 2]), --noblock, --block."""
-    targets = block = None
+    """{targets, block, stream, merge} from %%px's options: --targets T
+    (all, 2, 0,2 or [0, 2]), --noblock, --block, --stream, --no-stream,
+    --merge."""
+    targets = block = stream = merge = None
     args = re.findall(r"\[[^\]]*\]?|\S+", line)
     i = 0
     while i < len(args):
@@ -150,6 +161,12 @@ def _cell_args(line):
             block = False
         elif a == "--block":
             block = True
+        elif a == "--stream":
+            stream = True
+        elif a == "--no-stream":
+            stream = False
+        elif a == "--merge":
+            merge = True
         elif a == "--targets" or a.startswith("--targets="):
             if "=" in a:
                 text = a.split("=", 1)[1]
@@ -160,23 +177,25 @@ def _cell_args(line):
                 text = args[i]
             targets = _parse_targets(text)
         else:
-            raise ValueError("%%px: unknown option %r (options: --targets T, --noblock, --block)" % (a,))
+            raise ValueError("%%px: unknown option %r (options: --targets T, --noblock, --block, --stream, "
+                             "--no-stream, --merge)" % (a,))
         i += 1
-    return targets, block
+    return {"targets": targets, "block": block, "stream": stream, "merge": merge}
 
 
 def px_cell(line, cell):
-    """%%px [--targets T] [--noblock]: executes the cell on the engines."""
+    """%%px [--targets T] [--noblock] [--stream | --no-stream] [--merge]:
+    executes the cell on the engines."""
     mec = _client()
     if mec is None:
         return None
     try:
-        targets, block = _cell_args(line)
+        opts = _cell_args(line)
     except ValueError as e:
         print("UsageError: %s" % e, file=sys.stderr)
         return None
     print("Executing command on Controller")
-    return _run(mec, cell.rstrip("\n"), targets=targets, block=block)
+    return _run(mec, cell.rstrip("\n"), **opts)
 
 
 def autopx(line=""):

@@ -31,6 +31,8 @@ import weakref
 
 from . import _ipmpi as _c
 from . import _serialize
+from . import output as _output
+from .output import in_jupyter as _in_jupyter
 from .connect import _concatenate, _is_int, _map_chunk, _parse_targets, _partition, _sized, default_furl_file
 from .errors import CompositeError, EngineError, RemoteError
 from .results import _composite, _split
@@ -54,17 +56,6 @@ def _timeout(t):
 
 
 # ---------------------------------------------------------------- progress
-
-def _in_jupyter():
-    ip = sys.modules.get("IPython")
-    if ip is None:
-        return False
-    try:
-        shell = ip.get_ipython()
-    except Exception:
-        return False
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
-
 
 def _progress_mode(setting):
     """None (no progress), 'tqdm' or 'plain' for a client's progress setting
@@ -155,8 +146,10 @@ class _Direct:
     """One MultiEngine request of an AsyncResult: replies for `engines`
     (in that order), each made a value by value(meta, parts)."""
 
-    def __init__(self, client, rid, engines, value):
+    def __init__(self, client, rid, engines, value, streamed=False):
         self.client, self.rid, self.engines, self.value = client, rid, list(engines), value
+        self.streamed = streamed   # sent with stream=True: the AsyncResult sets printer
+        self.printer = None
         self.slots = len(self.engines)
         self.submitted = datetime.datetime.now()
         self.received = None
@@ -172,6 +165,10 @@ class _Direct:
         conn = self.client._mec._conn
         if conn is None:
             raise ConnectionError("this client is closed")
+        if self.printer is not None:
+            deadline = None if timeout is None else _now() + timeout
+            if not _output.follow(conn, self.rid, self.printer, deadline):
+                raise TimeoutError("request %d is not complete" % self.rid)
         replies = conn.recv(self.rid, timeout)
         self.received = datetime.datetime.now()
         ok, errors = _split(replies)
@@ -258,7 +255,15 @@ class AsyncResult:
         self._done = False
         self._shown = set()
         self.owner = True
-        self.stream_output = client._stream_output
+        self.stream_output = client._streaming()
+        # Direct requests sent with stream=True show their output as it
+        # comes, ipyparallel's way ([stdout:0] ...); others (tasks) when
+        # their reply arrives, if stream_output.
+        self._printer = None
+        if any(getattr(c, "streamed", False) for c in self._children):
+            self._printer = _output.OutputPrinter("ipyparallel")
+            for c in self._children:
+                c.printer = self._printer
         client._outstanding.add(self)
 
     # -- state
@@ -322,10 +327,12 @@ class AsyncResult:
                         c.collect(max(0.0, step) if step is not None else None)
                     except TimeoutError:
                         pass
-                    if c.outcomes is not None and self.stream_output:
+                    if c.outcomes is not None and self.stream_output and getattr(c, "printer", None) is None:
                         self._show_outputs(c)
                     if bar is not None:
                         bar.update(self.progress)
+            if self._printer is not None:
+                self._printer.close()
             self._finish()
             return True
         except KeyboardInterrupt:
@@ -661,10 +668,12 @@ class DirectView(View):
     def _one_each(self, kind, parts_of, engines, value, fname, single, cls=AsyncResult, **kw):
         """One request per engine (so progress and timings are per engine)."""
         mec = self.client._mec
+        stream = self.client._streaming() and kind in (_c.K_EXECUTE, _c.K_APPLY)
         children = []
         try:
             for i, eid in enumerate(engines):
-                children.append(_Direct(self.client, mec._send(kind, eid, parts_of(i)), [eid], value))
+                children.append(_Direct(self.client, mec._send(kind, eid, parts_of(i), None, stream), [eid], value,
+                                        stream))
         except BaseException:
             for ch in children:
                 ch.forget()
@@ -676,8 +685,9 @@ class DirectView(View):
     def _together(self, kind, parts, engines, value, fname, single):
         """One request for all engines (the payload is held once by the controller)."""
         target, tlist, _s = _parse_targets(engines)
-        rid = self.client._mec._send(kind, target, parts, tlist)
-        return AsyncResult(self.client, [_Direct(self.client, rid, engines, value)], fname, single)
+        stream = self.client._streaming() and kind in (_c.K_EXECUTE, _c.K_APPLY)
+        rid = self.client._mec._send(kind, target, parts, tlist, stream)
+        return AsyncResult(self.client, [_Direct(self.client, rid, engines, value, stream)], fname, single)
 
     # -- calls
     def _apply(self, f, args, kwargs):
@@ -875,9 +885,9 @@ class _MagicTarget:
     def _t(self, targets):
         return self._view._targets if targets is None else targets
 
-    def execute(self, code, targets=None, block=None, timeout=None):
+    def execute(self, code, targets=None, block=None, timeout=None, **kw):
         return self._view.client._mec.execute(code, targets=self._t(targets),
-                                              block=True if block is None else block, timeout=timeout)
+                                              block=True if block is None else block, timeout=timeout, **kw)
 
     def get_result(self, i=None, targets=None, block=None, timeout=None):
         return self._view.client._mec.get_result(i, targets=self._t(targets),
@@ -986,10 +996,12 @@ class ParallelFunction(RemoteFunction):
             use = [i for i in range(len(engines)) if any(len(p[i]) for p in split)]
             payloads = [_serialize.dumps((self.func, tuple(p[i] for p in split), {})) for i in use]
             mec = self.view.client._mec
+            stream = self.view.client._streaming()
             children = []
             for k, i in enumerate(use):
-                children.append(_Direct(self.view.client, mec._send(_c.K_APPLY, engines[i], payloads[k]),
-                                        [engines[i]], _loads_value))
+                children.append(_Direct(self.view.client,
+                                        mec._send(_c.K_APPLY, engines[i], payloads[k], None, stream),
+                                        [engines[i]], _loads_value, stream))
             ar = _Gather(self.view.client, children, _name(self.func))
         return ar.get() if self.block else ar
 
@@ -1003,18 +1015,21 @@ class Client:
     """An ipyparallel-style client of an ipmpi cluster.
 
     Client(url_file=None, profile_dir=None, timeout=30, progress=None,
-    stream_output=False, shm=True, tc_url_file=None): url_file is the
+    stream_output=None, shm=True, tc_url_file=None): url_file is the
     controller's mec furl file (or a furl string), by default
     $IPMPI_DIR/security/ipcontroller-mec.furl (profile_dir stands for
     IPMPI_DIR); timeout is the connection timeout (s). The load-balanced
     view connects a second link with ipcontroller-tc.furl from the same
     directory (or tc_url_file) when first used. progress: None (show it
     in a terminal or Jupyter unless IPMPI_PROGRESS=0), False, True or
-    'plain'.
+    'plain'. stream_output: None (the views' execute and apply show what
+    the engines print while it runs, '[stdout:0] ...', in a terminal or
+    Jupyter), True (always; load-balanced tasks show theirs when they
+    end) or False (never: read ar.stdout).
     """
 
     def __init__(self, url_file=None, profile=None, profile_dir=None, timeout=30, progress=None,
-                 stream_output=False, shm=True, tc_url_file=None, connect_timeout=None, **kwargs):
+                 stream_output=None, shm=True, tc_url_file=None, connect_timeout=None, **kwargs):
         from .multiengine import MultiEngineClient
         for k in kwargs:
             if k in ("cluster_id", "context", "debug", "sshserver", "sshkey", "password", "paramiko",
@@ -1045,6 +1060,13 @@ class Client:
 
     def _progress_mode(self):
         return _progress_mode(self.progress)
+
+    def _streaming(self):
+        """Whether views stream the output of what they run: stream_output,
+        or when None (the default) whenever a person reads it (stdout is
+        a terminal, or Jupyter)."""
+        s = self._stream_output
+        return _output.interactive() if s is None else bool(s)
 
     def _taskclient(self):
         if self._tc is None:

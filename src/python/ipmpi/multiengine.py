@@ -6,6 +6,7 @@ import weakref
 
 from . import _serialize
 from . import _ipmpi as _c
+from . import output as _output
 from . import task as _task
 from .connect import _Base, _concatenate, _is_int, _map_chunk, _parse_targets, _partition, _sized
 from .errors import EngineError
@@ -38,6 +39,12 @@ class MultiEngineClient(_Base):
         self._targets = "all"
         self._block = True
         self._pending_results = weakref.WeakSet()
+        # %px, %%px and %autopx stream the output while the code runs when
+        # px_stream is True, never when False, and when None whenever a
+        # person reads it (a terminal or Jupyter); px_merge shows a line
+        # printed alike by several engines once ([0-63] Hello).
+        self.px_stream = None
+        self.px_merge = False
         super().__init__(furl_file, timeout, connect_timeout, shm, sshserver, sshkey)
 
     # -- the block and targets attributes
@@ -79,19 +86,22 @@ class MultiEngineClient(_Base):
             block = self._block
         return targets, _check_block(block)
 
-    def _finish(self, req_ids, post, block, timeout, targets=None):
+    def _finish(self, req_ids, post, block, timeout, targets=None, printer=None):
         pr = PendingResult(self, req_ids, post)
         pr.targets = targets
+        pr._printer = printer
         if not block:
             self._pending_results.add(pr)
             return pr
         return pr.get_result(timeout=timeout)
 
-    def _request(self, kind, parts, targets, post, block, timeout):
-        """Sends one request to targets; post(replies, order) makes its result."""
+    def _request(self, kind, parts, targets, post, block, timeout, printer=None):
+        """Sends one request to targets; post(replies, order) makes its
+        result. With printer (an output.OutputPrinter) the engines stream
+        the request's output to it while it runs."""
         target, tlist, _single = _parse_targets(targets)
-        rid = self._send(kind, target, parts, tlist)
-        return self._finish([rid], lambda rs: post(rs, tlist), block, timeout, targets)
+        rid = self._send(kind, target, parts, tlist, printer is not None)
+        return self._finish([rid], lambda rs: post(rs, tlist), block, timeout, targets, printer)
 
     def _each(self, kind, parts, targets, block, timeout, method, value=None):
         """A request whose result is one value(meta, parts) per target (None
@@ -169,17 +179,30 @@ class MultiEngineClient(_Base):
     clear_pending_results = flush
 
     # -- code
-    def execute(self, lines, targets=None, block=None, timeout=None):
+    def execute(self, lines, targets=None, block=None, timeout=None, stream=False, merge=False):
         """Runs the Python code lines on the engines; a ResultList of
-        result dicts (input, number, id, stdout, stderr)."""
+        result dicts (input, number, id, stdout, stderr).
+
+        stream=True: what the code prints is shown here while it runs,
+        each line with its engine's prefix ('[3] step 1 done'; stderr
+        lines on sys.stderr), and the printed ResultList leaves the output
+        out (the dicts still hold it). merge=True (with stream): a line
+        printed alike by several engines is shown once, '[0-63] Hello'.
+        With block=False the lines are shown while get_result waits."""
         targets, block = self._find(targets, block)
         if not isinstance(lines, str):
             raise TypeError("execute takes the code as a str, not %r" % (type(lines).__name__,))
+        printer = None
+        if stream:
+            engines = self._target_ids(targets, timeout) if merge else None
+            printer = _output.OutputPrinter("0.10", merge=merge, engines=engines)
 
         def post(rs, order):
-            return ResultList(_engine_results(rs, lambda meta, parts: _result_dict(meta), "execute", order))
+            rl = ResultList(_engine_results(rs, lambda meta, parts: _result_dict(meta), "execute", order))
+            rl._streamed = stream
+            return rl
 
-        return self._request(_c.K_EXECUTE, [lines.encode("utf-8")], targets, post, block, timeout)
+        return self._request(_c.K_EXECUTE, [lines.encode("utf-8")], targets, post, block, timeout, printer)
 
     def run(self, filename, targets=None, block=None, timeout=None):
         """Executes the local Python file filename on the engines (a

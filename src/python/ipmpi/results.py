@@ -7,6 +7,7 @@ import time
 
 from . import _serialize
 from . import _ipmpi as _c
+from . import output as _output
 from .errors import (CompositeError, EngineError, InvalidDeferredID, RemoteError, _ERROR_CLASSES,
                      _rebuild_exception)
 
@@ -23,7 +24,12 @@ class ResultList(list):
 
     Each dict has 'input' ({'translated': code, 'raw': code}), 'number'
     (the engine's execution count), 'id' (the engine) and, when not empty,
-    'stdout' and 'stderr' (reading an absent one gives '')."""
+    'stdout' and 'stderr' (reading an absent one gives '').
+
+    The output of a request that streamed it (execute(..., stream=True))
+    was shown while it ran: the printed form then leaves it out."""
+
+    _streamed = False
 
     def __repr__(self):
         out = ["<Results List>\n"]
@@ -41,6 +47,8 @@ class ResultList(list):
             stdout = r.get("stdout")
             stderr = r.get("stderr")
             out.append("[%i] In [%i]: %s\n" % (eid, num, inp))
+            if self._streamed:
+                continue
             if stdout:
                 out.append("[%i] Out[%i]: %s\n" % (eid, num, stdout))
             if stderr:
@@ -197,6 +205,7 @@ class PendingResult:
         self._result = None
         self._error = None
         self.callbacks = []
+        self._printer = None  # an output.OutputPrinter when the request streams its output
 
     def ready(self):
         if self._done:
@@ -237,9 +246,13 @@ class PendingResult:
         deadline = None if timeout is None else _now() + timeout
         try:
             while self._pending:
+                if self._printer is not None:
+                    _output.follow(conn, self._pending[0], self._printer, deadline)
                 left = None if deadline is None else max(0.0, deadline - _now())
                 self._replies.extend(conn.recv(self._pending[0], left))
                 self._pending.pop(0)
+            if self._printer is not None:
+                self._printer.close()
         except KeyboardInterrupt:
             # Ctrl-C while waiting: the code runs on in the engines unless
             # the client stops it there too (MultiEngineClient.interrupt).
