@@ -5,14 +5,15 @@
 
 # Build, run and test ipmpi (Debian 12). python3-sphinx builds the user
 # guide (make html, and make check builds it with warnings as errors);
-# python3-ipython runs the guide's examples of the %px magics; Slurm with
+# python3-ipython runs the guide's examples of the %px magics (and
+# python3-ipykernel with python3-jupyter-client a real Jupyter kernel); Slurm with
 # munge and slurm-wlm-torque's qsub are the batch systems `ipcluster slurm`
 # and `ipcluster pbs` submit to (test.sh starts a one-node Slurm:
 # slurm/local-slurm.sh); openssh runs `ipcluster ssh` across hosts; clang
 # and libFuzzer build the fuzzer make check runs (tests/fuzz/run-fuzz).
 IPMPI_PACKAGES="libopenmpi-dev openmpi-bin libpmix-dev libhwloc-dev hwloc libcmocka-dev libssl-dev
 python3-dev python3-numpy python3-cloudpickle python3-mpi4py python3-pytest
-python3-sphinx python3-ipython
+python3-sphinx python3-ipython python3-ipykernel python3-jupyter-client
 slurmctld slurmd slurm-client munge slurm-wlm-torque openssh-server openssh-client
 clang libfuzzer-14-dev
 autoconf automake libtool pkg-config make gcc procps iproute2 openssl

@@ -656,3 +656,66 @@ def test_a_background_thread_does_not_write_into_later_requests(eng, capsys):
     assert meta["stdout"] == "joined\n", meta["stdout"]
     # Not lost: it went to the engine's own stdout (its log).
     assert "from the background" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- output bounds and streaming
+
+def test_a_request_keeps_at_most_output_max_of_its_output(eng, monkeypatch):
+    monkeypatch.setattr(_engine, "OUTPUT_MAX", 100)
+    _status, meta, _rest, _exit = execute(eng, "for i in range(50): print('x' * 9)")
+    assert meta["stdout"].startswith("x" * 9 + "\n")
+    kept, note = meta["stdout"][:100], meta["stdout"][100:]
+    assert kept == ("x" * 9 + "\n") * 10
+    assert "400 more characters of stdout were cut" in note
+
+
+class Sent:
+    def __init__(self, ok=True):
+        self.frames = []
+        self.ok = ok
+
+    def __call__(self, name, data):
+        self.frames.append((name, bytes(data).decode()))
+        return self.ok
+
+
+def test_streamer_sends_whole_lines_at_most_every_gap_and_the_rest_at_the_end(monkeypatch):
+    sent = Sent()
+    s = _engine._Streamer(sent)       # no flusher: held lines wait for the next write or finish
+    s.add("stdout", "a")
+    assert sent.frames == []          # not a whole line yet
+    s.add("stdout", "\n")
+    assert sent.frames == [("stdout", "a\n")]
+    s.add("stdout", "b\nc")           # within the gap: held
+    s.add("stderr", "e\n")
+    assert sent.frames == [("stdout", "a\n")]
+    monkeypatch.setattr(_engine, "STREAM_GAP", 0.0)
+    s.add("stdout", "d\n")
+    assert sent.frames[1:] == [("stdout", "b\ncd\n"), ("stderr", "e\n")]
+    s.add("stdout", "tail")
+    s.finish()
+    assert sent.frames[-1] == ("stdout", "tail")
+
+
+def test_streamer_stops_after_stream_max_with_a_note_and_after_a_failed_send(monkeypatch):
+    monkeypatch.setattr(_engine, "STREAM_GAP", 0.0)
+    monkeypatch.setattr(_engine, "STREAM_MAX", 10)
+    sent = Sent()
+    s = _engine._Streamer(sent)
+    s.add("stdout", "0123456789abc\n")
+    assert sent.frames[0][1].startswith("0123456789\n[ipmpi: streaming of stdout stopped")
+    s.add("stdout", "more\n")
+    s.finish()
+    assert len(sent.frames) == 1
+    failing = Sent(ok=False)
+    s = _engine._Streamer(failing)
+    s.add("stdout", "one\n")
+    s.add("stdout", "two\n")
+    assert failing.frames == [("stdout", "one\n")]
+
+
+def test_requests_do_not_stream_outside_an_engine(eng):
+    # The unit tests run without the engine's C module: no streamer is made.
+    assert _engine._ipmpi_engine is None
+    out, err, streamer = eng._captures((sys.stdout, sys.stderr))
+    assert streamer is None

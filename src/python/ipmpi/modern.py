@@ -185,6 +185,12 @@ class _Direct:
         out.extend(by_id.values())
         self.outcomes = out
 
+    def show_output(self):
+        """Shows the streamed output that is here now (no wait)."""
+        conn = self.client._mec._conn
+        if conn is not None:
+            _output.follow(conn, self.rid, self.printer, _now())
+
     def forget(self):
         conn = self.client._mec._conn
         if self.outcomes is None and conn is not None:
@@ -321,8 +327,14 @@ class AsyncResult:
                         bar = _Bar(mode, len(self), "engines" if self._kind != "task" else "tasks",
                                    self._fname)
                     step = left
-                    if mode:
+                    if mode or self._printer is not None:
                         step = interval if left is None else min(interval, left)
+                    if self._printer is not None:
+                        # Output of every engine, not only of the one waited for.
+                        for other in self._children:
+                            if (other is not c and other.outcomes is None
+                                    and getattr(other, "printer", None) is not None):
+                                other.show_output()
                     try:
                         c.collect(max(0.0, step) if step is not None else None)
                     except TimeoutError:
