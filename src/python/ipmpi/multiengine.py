@@ -213,9 +213,18 @@ class MultiEngineClient(_Base):
         return self.execute(source, targets, block, timeout)
 
     # -- namespace
-    def push(self, namespace, targets=None, block=None, timeout=None):
+    def push(self, namespace, targets=None, block=None, timeout=None, shared=False):
         """Sets the names of the dict namespace on the engines; one None
-        per target."""
+        per target.
+
+        shared=True (numpy arrays only): each node holds the arrays once,
+        in shared memory, and every target engine gets a read-only array
+        over it; returns {host: {'engines': [ids], 'bytes': n}}, the
+        memory each node holds (see ipmpi.shared). Always blocks."""
+        if shared:
+            from . import shared as _shared
+            targets, _block = self._find(targets, True)
+            return _shared.push(self, namespace, targets, timeout)
         targets, block = self._find(targets, block)
         if not isinstance(namespace, dict):
             raise TypeError("push takes a dict of name -> value, not %r" % (type(namespace).__name__,))
@@ -667,3 +676,15 @@ def _prop_keys(keys, none_ok):
     return list(keys)
 
 
+def _apply_each(mec, f, args, targets, timeout):
+    """A PendingResult of f(*args) on each engine of the list targets (f
+    a function the engines can import); its value: one result per target,
+    in their order."""
+    def post(rs, order):
+        return _engine_results(rs, lambda meta, parts: _serialize.loads(parts[1:]), _name_of(f), order)
+
+    return mec._request(_c.K_APPLY, _serialize.dumps((f, tuple(args), {})), list(targets), post, False, timeout)
+
+
+def _name_of(f):
+    return getattr(f, "__name__", "apply")
