@@ -48,7 +48,13 @@ def hosts(tmp_path_factory):
         ns_add(a, b)
         ns_link(a, va, ADDR_A, b, vb, ADDR_B)
         os.makedirs("/run/sshd", exist_ok=True)
-        sh("ip", "netns", "exec", b, "/usr/sbin/sshd", "-f", str(tmp / "sshd_config"))
+        # B is a host of its own: its own /dev/shm (Open MPI's shared-memory
+        # segments and ipmpi's node-shared arrays are per node; in the
+        # machine's /dev/shm B's segments would collide with A's) and its
+        # own host name, for sshd and everything started through it.
+        sh("ip", "netns", "exec", b, "unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
+           "mount -t tmpfs -o mode=1777 tmpfs /dev/shm && hostname ipmpi-host-b && "
+           "exec /usr/sbin/sshd -f %s" % (tmp / "sshd_config"))
         wait_for(lambda: os.path.exists(pidfile), 10, what="sshd in namespace B")
         ssh = ("ssh -F /dev/null -i %s -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
                "-o BatchMode=yes -o ConnectTimeout=3 -o LogLevel=ERROR" % key)
@@ -131,6 +137,61 @@ def test_unreachable_host_is_named_with_ssh_words_and_nothing_starts(hosts):
         assert ("ssh: connect to host %s" % ADDR_NONE) in r.stderr, r.stderr
         assert ADDR_B + ":" not in r.stderr
         assert processes_with("--ipmpi-dir " + d) == []
+    finally:
+        kill_dir_jobs(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+SHARED_CLIENT = r"""
+import sys
+import numpy as np
+from ipmpi import client
+
+def segment_pss(pid):
+    total, inside = 0, False
+    for line in open("/proc/%d/smaps" % pid):
+        first = line.split(" ", 1)[0]
+        if "-" in first and ":" not in first:
+            inside = "/dev/shm/ipmpi-shared-" in line
+        elif inside and line.startswith("Pss:"):
+            total += int(line.split()[1])
+    return total
+
+mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+info = {d["id"]: d for d in mec.engine_info()}
+a = np.arange(2 << 20, dtype=np.float64)   # 16 MiB
+report = mec.push(dict(a=a), shared=True)
+print("REPORT", sorted((v["engines"], v["bytes"]) for v in report.values()))
+print("SUMS", sorted(set(r["stdout"] for r in mec.execute("print(a.sum() == %r)" % float(a.sum())))))
+for host, v in sorted(report.items()):
+    print("HOSTPSS", v["engines"], sum(segment_pss(info[i]["pid"]) for i in v["engines"]))
+mec.reset()
+print("AFTER", sum(segment_pss(d["pid"]) for d in info.values()))
+mec.close()
+"""
+
+
+def test_a_shared_array_is_held_once_on_each_host(hosts):
+    # Two engines on A (with the controller) and two on B: two nodes, each
+    # holding the array once (issue: node-shared data across nodes).
+    d = new_dir()
+    try:
+        cf = clusterfile(hosts, {ADDR_A: 2, ADDR_B: 2}, "shared.py")
+        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--client-ip", ADDR_A,
+                               "--ipmpi-dir", d])
+        assert r.returncode == 0, r.stdout + r.stderr
+        c = in_ns(hosts["a"], [PYTHON, "-c", SHARED_CLIENT, os.path.join(d, "security", "ipcontroller-mec.furl")])
+        assert c.returncode == 0, c.stdout + c.stderr
+        mib16 = 16 << 20
+        assert "REPORT [([0, 1], %d), ([2, 3], %d)]" % (mib16, mib16) in c.stdout, c.stdout
+        assert "SUMS ['True\\n']" in c.stdout, c.stdout
+        for line in c.stdout.splitlines():
+            if line.startswith("HOSTPSS"):
+                kb = int(line.split()[-1])
+                assert abs(kb - 16 * 1024) < 512, line
+        assert "AFTER 0" in c.stdout, c.stdout
+        st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
+        assert st.returncode == 0, st.stdout + st.stderr
     finally:
         kill_dir_jobs(d)
         shutil.rmtree(d, ignore_errors=True)
