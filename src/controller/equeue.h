@@ -115,6 +115,9 @@ typedef struct ipmpi_req {
     /* The request's IPMPI_F_SHM_OK and IPMPI_F_VM_OK: how the client allows
      * its replies' large parts to come (memfds; process memory). */
     uint16_t reply_flags;
+    /* Its kept result (results.h), while it runs; NULL: none. Borrowed:
+     * the record and the request point at each other until it is done. */
+    struct ipmpi_result *res;
 } ipmpi_req_t;
 
 /* Allocates a request owning payload (taken on success). NULL on ENOMEM. */
