@@ -172,6 +172,16 @@ static void send_kept(ipmpi_session_t *s, uint64_t req, uint16_t flags, const ip
                                  "controller out of memory for the reply");
 }
 
+/* 1 when some kept part of res lives in a memfd of the controller's
+ * (a reply for a same-host client, doc/protocol.md section 5). */
+static int in_memfds(const ipmpi_result_t *res)
+{
+    for (uint32_t i = 0; res->reps && i < res->nrep; i++)
+        if (res->reps[i].parts && res->reps[i].parts->back)
+            return 1;
+    return 0;
+}
+
 /* Every reply of res is in: it becomes an entry of the store. */
 static void finish(ipmpi_ctl_t *c, ipmpi_result_t *res)
 {
@@ -187,6 +197,12 @@ static void finish(ipmpi_ctl_t *c, ipmpi_result_t *res)
     free(res->subs);
     res->subs = NULL;
     res->nsubs = 0;
+    if (got && in_memfds(res)) {
+        /* Delivered through memfds: the client on this host has it, and
+         * keeping it would pin memfds the shm path bounds (their pool). */
+        record_remove(rs, res, 1);
+        return;
+    }
     ipmpi_rstore_count(&rs->st, -(int64_t)res->bytes);
     ipmpi_rstore_add(&rs->st, &res->e, res->bytes);
     if (got)
@@ -288,7 +304,9 @@ static void do_fetch(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
     }
     for (uint32_t i = 0; i < res->nrep; i++)
         send_kept(s, h->req_id, flags, res, &res->reps[i]);
-    if (!res->req)
+    if (!res->req && in_memfds(res))
+        record_remove(rs, res, 1); /* as in finish: delivered memfds are not kept */
+    else if (!res->req)
         ipmpi_rstore_delivered(&rs->st, &res->e);
 }
 
@@ -298,12 +316,9 @@ static void do_clear(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
     uint32_t cleared = 0;
     jbuf_t b = {0};
     if (p->n == 0) {
-        ipmpi_qlink_t *lists[2] = {&rs->st.delivered, &rs->st.kept};
-        for (int l = 0; l < 2; l++)
-            while (!ipmpi_ql_empty(lists[l])) {
-                record_remove(rs, IPMPI_CONTAINER_OF(lists[l]->next, ipmpi_result_t, e.q), 0);
-                cleared++;
-            }
+        ipmpi_rentry_t *e;
+        for (; (e = ipmpi_rstore_first(&rs->st)); cleared++)
+            record_remove(rs, IPMPI_CONTAINER_OF(e, ipmpi_result_t, e), 0);
         jb_printf(&b, "{\"cleared\": %u, \"unknown\": []}", cleared);
         ipmpi_ctl_send_json(s, h, &b);
         return;

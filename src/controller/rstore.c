@@ -120,6 +120,12 @@ static ipmpi_rentry_t *oldest(const ipmpi_qlink_t *l, const ipmpi_rentry_t *keep
     return NULL;
 }
 
+ipmpi_rentry_t *ipmpi_rstore_first(const ipmpi_rstore_t *st)
+{
+    ipmpi_rentry_t *e = oldest(&st->delivered, NULL);
+    return e ? e : oldest(&st->kept, NULL);
+}
+
 ipmpi_rentry_t *ipmpi_rstore_victim(const ipmpi_rstore_t *st, uint64_t need, const ipmpi_rentry_t *keep)
 {
     ipmpi_rentry_t *e = NULL;

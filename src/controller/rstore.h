@@ -78,6 +78,9 @@ static inline void ipmpi_rentry_init(ipmpi_rentry_t *e) { ipmpi_ql_init(&e->q); 
  * again.
  */
 ipmpi_rentry_t *ipmpi_rstore_victim(const ipmpi_rstore_t *st, uint64_t need, const ipmpi_rentry_t *keep);
+/* Some entry of the store (the oldest delivered, else the oldest kept), or
+ * NULL when it has none: for clearing it all. */
+ipmpi_rentry_t *ipmpi_rstore_first(const ipmpi_rstore_t *st);
 static inline int ipmpi_rstore_fits(const ipmpi_rstore_t *st, uint64_t need)
 {
     return st->bytes + need <= st->budget;

@@ -654,12 +654,9 @@ static void do_clear(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
     uint32_t cleared = 0;
     jbuf_t b = {0};
     if (p->n == 0) {
-        ipmpi_qlink_t *lists[2] = {&ts->st.delivered, &ts->st.kept};
-        for (int l = 0; l < 2; l++)
-            while (!ipmpi_ql_empty(lists[l])) {
-                task_drop(ts, IPMPI_CONTAINER_OF(lists[l]->next, ipmpi_task_t, done.q), 0);
-                cleared++;
-            }
+        ipmpi_rentry_t *e;
+        for (; (e = ipmpi_rstore_first(&ts->st)); cleared++)
+            task_drop(ts, IPMPI_CONTAINER_OF(e, ipmpi_task_t, done), 0);
         jb_printf(&b, "{\"cleared\": %u, \"unknown\": []}", cleared);
         ipmpi_ctl_send_json(s, h, &b);
         return;

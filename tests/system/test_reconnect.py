@@ -150,31 +150,28 @@ KILLED_MEC = textwrap.dedent("""
 """)
 
 
-def spawn(script, *args):
-    return subprocess.Popen([PYTHON, "-c", script] + [str(a) for a in args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env())
-
-
-def first_line(p):
-    line = p.stdout.readline()
-    if not line:
-        p.kill()
-        raise AssertionError("client process said nothing: %s" % p.stderr.read())
-    return json.loads(line)
-
-
-def test_a_killed_clients_results_are_fetched_by_a_new_client_with_the_same_furl(cluster):
-    p = spawn(KILLED_MEC, cluster.mec_furl)
+def run_and_kill(script, *args):
+    """Runs script in a client process of its own until it prints its first
+    line (JSON), then SIGKILLs it, as a crash or `kill -9` would; the line."""
+    p = subprocess.Popen([PYTHON, "-c", script] + [str(a) for a in args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=child_env())
     try:
-        a, b, c = first_line(p)
+        line = p.stdout.readline()
+        if not line:
+            raise AssertionError("client process said nothing: %s" % p.stderr.read())
         p.send_signal(signal.SIGKILL)
         p.wait(T)
+        return json.loads(line)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(T)
         p.stdout.close()
         p.stderr.close()
+
+
+def test_a_killed_clients_results_are_fetched_by_a_new_client_with_the_same_furl(cluster):
+    a, b, c = run_and_kill(KILLED_MEC, cluster.mec_furl)
     with client.MultiEngineClient(cluster.mec_furl, timeout=T) as mec:
         ra = mec.get_result_by_id(a)        # still running when the client died
         assert isinstance(ra, client.ResultList) and len(ra) == 1
@@ -202,17 +199,7 @@ KILLED_TC = textwrap.dedent("""
 
 
 def test_a_killed_clients_task_is_fetched_by_a_new_task_client(cluster):
-    p = spawn(KILLED_TC, cluster.tc_furl)
-    try:
-        tid = first_line(p)
-        p.send_signal(signal.SIGKILL)
-        p.wait(T)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(T)
-        p.stdout.close()
-        p.stderr.close()
+    tid = run_and_kill(KILLED_TC, cluster.tc_furl)
     with client.TaskClient(cluster.tc_furl, timeout=T) as tc:
         assert tc.get_task_result(tid, block=True) == 42
 
@@ -227,6 +214,7 @@ def test_pending_results_arrive_after_reconnect_when_the_link_dropped(cluster, r
         slow = mec.execute("import time; time.sleep(2); z = y * 3", block=False)
         pulled = mec.pull(("y", "z"), block=False)          # queued behind it
         ids = slow.req_ids + pulled.req_ids
+        mec.get_ids()   # a round trip: the requests before it reached the controller
         relay.cut()
         with pytest.raises(ConnectionError):
             slow.get_result(timeout=T)
@@ -240,14 +228,22 @@ def test_pending_results_arrive_after_reconnect_when_the_link_dropped(cluster, r
 
 
 def test_a_blocking_call_cut_off_names_the_ids_to_fetch(cluster, relay):
+    def cut_while_it_runs():
+        # Another client (not through the relay) sees engine 0 run it.
+        with client.MultiEngineClient(cluster.mec_furl, timeout=T) as watcher:
+            deadline = time.monotonic() + T
+            while watcher.queue_status(targets=0)[0][1]["running"] != "execute" and time.monotonic() < deadline:
+                time.sleep(0.05)
+        relay.cut()
+
     with client.MultiEngineClient(relay.furl, timeout=T) as mec:
-        t = threading.Timer(1.0, relay.cut)
+        t = threading.Thread(target=cut_while_it_runs)
         t.start()
         try:
             with pytest.raises(ConnectionError) as ei:
                 mec.execute("import time; time.sleep(3); v = 9", targets=0)
         finally:
-            t.join()
+            t.join(T)
         m = re.search(r"get_result_by_id\('([^']+)'\)", str(ei.value))
         assert m, str(ei.value)
         mec.reconnect()
@@ -260,6 +256,7 @@ def test_modern_client_reconnect_keeps_async_results(cluster, relay):
     try:
         ar = rc[:].apply_async(lambda: __import__("time").sleep(2) or 6 * 7)
         assert ar.msg_ids and all(ID_RE.match(i) for i in ar.msg_ids)
+        rc.ids   # a round trip: the request before it reached the controller
         relay.cut()
         rc.reconnect()
         assert ar.get(timeout=T) == [42, 42]
@@ -272,6 +269,7 @@ def test_task_client_reconnect_gets_tasks_submitted_before(cluster):
     try:
         with client.TaskClient(r.furl, timeout=T) as tc:
             tid = tc.run(client.StringTask("import time; time.sleep(1); c = 6 * 7", pull="c"))
+            tc.queue_status()   # a round trip: the task reached the controller
             r.cut()
             tc.reconnect()
             assert tc.get_task_result(tid, block=True).ns.c == 42
