@@ -553,8 +553,8 @@ class _Base:
             raise ConnectionError("this client is closed")
         return self._conn.send(kind, target, parts, targets)
 
-    def _finish(self, req_ids, post, block, timeout, targets=None):
-        pr = PendingResult(self, req_ids, post)
+    def _finish(self, req_ids, post, block, timeout, targets=None, ids=None):
+        pr = PendingResult(self, req_ids, post, ids)
         pr.targets = targets
         if block is None:
             block = self.block
@@ -570,7 +570,8 @@ class _Base:
     def _controller(self, kind, post, block=True, timeout=None, targets="all"):
         target, tlist, _single = _parse_targets(targets)
         rid = self._send(kind, target, [], tlist)
-        return self._finish([rid], lambda replies: post(_controller_json(replies)), block, timeout)
+        # The controller answers these itself and keeps no result: no id.
+        return self._finish([rid], lambda replies: post(_controller_json(replies)), block, timeout, ids=[None])
 
     def get_ids(self, block=True, timeout=None):
         """The ids of the engines alive now, ascending."""

@@ -80,8 +80,8 @@ class MultiEngineClient(_Base):
             block = self._block
         return targets, _check_block(block)
 
-    def _finish(self, req_ids, post, block, timeout, targets=None):
-        pr = PendingResult(self, req_ids, post)
+    def _finish(self, req_ids, post, block, timeout, targets=None, ids=None):
+        pr = PendingResult(self, req_ids, post, ids)
         pr.targets = targets
         if not block:
             self._pending_results.add(pr)
@@ -237,7 +237,7 @@ class MultiEngineClient(_Base):
                 return {"cleared": 0, "unknown": []}
             parts = [b"".join(_parse_id(i) for i in ids)]
         rid = self._send(_c.K_RESULT_CLEAR, _c.TARGET_CONTROLLER, parts)
-        return self._finish([rid], _controller_json, True, timeout)
+        return self._finish([rid], _controller_json, True, timeout, ids=[None])
 
     def _relink(self, old_instance):
         for pr in list(self._pending_results):

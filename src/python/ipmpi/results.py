@@ -299,6 +299,12 @@ class PendingResult:
         if self._done or not self._pending:
             return
         first = len(self._ids) - len(self._pending)
+        if None in self._ids[first:]:
+            # A request the controller answers itself: nothing kept to fetch.
+            self._pending, self._replies, self._done = [], None, True
+            self._error = ConnectionError("the link this request went on was lost, and the controller keeps "
+                                          "no result for it (only engine requests have ids): send it again")
+            return
         fresh = []
         try:
             for gid in self._ids[first:]:
