@@ -26,6 +26,7 @@ typedef struct ipmpi_opts {
     ipmpi_limits_t limits;    /* --max-message bytes per frame */
     double ready_timeout;     /* --ready-timeout: seconds the controller waits for engines */
     uint64_t task_memory;     /* --task-memory: bytes of queued tasks and kept results */
+    uint64_t result_memory;   /* --result-memory: bytes of kept MultiEngine request results */
     uint32_t task_depth;      /* --task-depth: tasks waiting ahead on a busy engine */
 } ipmpi_opts_t;
 

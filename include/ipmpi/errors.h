@@ -28,7 +28,7 @@
     XX(EMPI, -17, "MPI error")                                                     \
     XX(EPMIX, -18, "PMIx error")                                                   \
     XX(EPYTHON, -19, "Python error")                                               \
-    XX(EEVICTED, -20, "result evicted: the controller's task memory budget made room") \
+    XX(EEVICTED, -20, "result evicted: the controller's memory budget for results made room") \
     XX(EREJECT, -21, "the task's depend refused this engine")
 
 enum ipmpi_errno {

@@ -137,6 +137,8 @@
     XX(TASK_RESERVE, 24, "task_reserve", IPMPI_KW_TC)                \
     XX(PROPS, 25, "props", IPMPI_KW_MEC_ENGINE)                      \
     XX(INTERRUPT, 26, "interrupt", IPMPI_KW_MEC)                     \
+    XX(RESULT_FETCH, 27, "result_fetch", IPMPI_KW_MEC)               \
+    XX(RESULT_CLEAR, 28, "result_clear", IPMPI_KW_MEC)               \
     XX(READY, 32, "ready", IPMPI_KW_INTERNAL)                        \
     XX(EXIT, 33, "exit", IPMPI_KW_INTERNAL)
 

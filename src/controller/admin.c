@@ -40,6 +40,7 @@ void ipmpi_ctl_do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h
     ipmpi_log(IPMPI_LOG_INFO, "client %s connected with capability %s", s->peer,
               cap == IPMPI_CAP_MEC ? "mec" : "tc");
     s->cap = cap;
+    s->sno = ++c->next_sno; /* 0 after 2^32 sessions: no request ids any more */
     s->stream_begin = cap == IPMPI_CAP_MEC ? ipmpi_ctl_stream_begin : NULL;
     if (RAND_bytes(s->shm_nonce, sizeof s->shm_nonce) != 1)
         c->host_id[0] = '\0'; /* no randomness, no shared memory: never offered again */
@@ -52,7 +53,8 @@ void ipmpi_ctl_do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h
             jb_printf(&b, first ? "%d" : ", %d", i);
             first = 0;
         }
-    jb_printf(&b, "], \"version\": %d", IPMPI_PROTO_VERSION);
+    jb_printf(&b, "], \"version\": %d, \"session\": %u, \"instance\": \"%016llx\"", IPMPI_PROTO_VERSION, s->sno,
+              (unsigned long long)c->instance);
     if (c->host_id[0]) {
         jb_printf(&b, ", \"host\": ");
         jb_str(&b, c->host_id);

@@ -352,7 +352,8 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
         c->eng[i].id = i;
         c->eng[i].rank = i + 1;
     }
-    if (ipmpi_sched_init(&c->sched, c->nengines, o->task_depth) != 0 || ipmpi_ctl_tasks_init(c) != 0)
+    if (ipmpi_sched_init(&c->sched, c->nengines, o->task_depth) != 0 || ipmpi_ctl_tasks_init(c) != 0 ||
+        ipmpi_ctl_results_init(c) != 0)
         return IPMPI_ENOMEM;
     ipmpi_reqtab_init(&c->reqs);
     /* A send to a dead rank must come back as an error, not abort rank 0. */
@@ -548,6 +549,7 @@ static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
 static void teardown(ipmpi_ctl_t *c)
 {
     ipmpi_ctl_tasks_fini(c);
+    ipmpi_ctl_results_fini(c);
     ipmpi_sched_fini(&c->sched);
     for (int i = 0; c->eng && i < c->nengines; i++)
         free(c->eng[i].props);

@@ -16,6 +16,7 @@
 #include "furlfile.h"
 #include "json.h"
 #include "mpilink.h"
+#include "results.h"
 #include "runtime.h"
 #include "session.h"
 #include "sched.h"
@@ -56,6 +57,9 @@ typedef struct ipmpi_ctl {
     uint64_t next_req;     /* dispatch ids of requests and task attempts */
     ipmpi_sched_t sched;   /* what each engine runs next: queues, in flight */
     ipmpi_tasks_t tasks;   /* the task store (tasks.c) */
+    ipmpi_results_t results; /* kept results of MultiEngine requests (results.c) */
+    uint64_t instance;     /* random, names this controller in request ids */
+    uint32_t next_sno;     /* session numbers handed out at HELLO */
 
     ipmpi_mpilink_t link;
     ipmpi_ctl_watch_t watch;
@@ -193,6 +197,18 @@ void ipmpi_ctl_task_lost(ipmpi_ctl_t *c, ipmpi_task_t *t, int32_t engine, int st
 void ipmpi_ctl_tasks_fail_all(ipmpi_ctl_t *c, int status, const char *msg);
 /* s goes away: its scheduler record loses the session's reference. */
 void ipmpi_ctl_tasks_session_closed(ipmpi_ctl_t *c, ipmpi_session_t *s);
+
+/* results.c */
+int ipmpi_ctl_results_init(ipmpi_ctl_t *c);
+void ipmpi_ctl_results_fini(ipmpi_ctl_t *c);
+/* r (an engine request of mec session s) gets a kept result under its id. */
+void ipmpi_ctl_result_open(ipmpi_ctl_t *c, const ipmpi_session_t *s, ipmpi_req_t *r);
+/* One final reply of r for target (parts borrowed; NULL: none): kept and
+ * sent to whoever fetches r meanwhile. owner_got: r's own session got it. */
+void ipmpi_ctl_result_reply(ipmpi_ctl_t *c, ipmpi_req_t *r, int32_t target, int32_t status, ipmpi_parts_t *parts,
+                            int owner_got);
+/* RESULT_FETCH or RESULT_CLEAR from a mec session; p borrowed. */
+void ipmpi_ctl_result_frame(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p);
 
 /* Holds cl's tasks back (its session has more than IPMPI_OUT_HOLD_BYTES of
  * unread replies) until ipmpi_ctl_release_held sees it read them. */

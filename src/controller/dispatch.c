@@ -31,9 +31,14 @@ static void req_release(ipmpi_ctl_t *c, ipmpi_req_t *r)
  * client an error reply for that engine and drop the engine's reference. */
 void ipmpi_ctl_req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int status, const char *msg)
 {
-    ipmpi_session_t *s = ipmpi_ctl_session(c, r->session);
-    if (s && !r->quiet)
+    ipmpi_session_t *s = r->quiet ? NULL : ipmpi_ctl_session(c, r->session);
+    if (s)
         ipmpi_session_send_error(s, r->kind, r->client_req, engine, r->total, status, msg);
+    if (r->res) {
+        ipmpi_parts_t *p = ipmpi_parts_from(msg, strlen(msg));
+        ipmpi_ctl_result_reply(c, r, engine, status, p, s != NULL);
+        ipmpi_parts_unref(p);
+    }
     if (--r->pending == 0)
         req_release(c, r);
 }
@@ -433,6 +438,8 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
             ipmpi_session_send_error(s, r->kind, r->client_req, e->id, r->total, IPMPI_ENOMEM,
                                      "controller out of memory for the reply");
     }
+    /* Kept for a client that fetches it by id (results.h). */
+    ipmpi_ctl_result_reply(c, r, e->id, h->status, parts, s != NULL);
     /* A KILL whose frame was aborted did not run. */
     int killed = r->kind == IPMPI_K_KILL && h->status != IPMPI_EABORTED;
     if (--r->pending == 0)

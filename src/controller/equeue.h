@@ -120,6 +120,9 @@ typedef struct ipmpi_req {
     /* Streamed output (IPMPI_F_MORE replies) dropped because the client
      * was not reading: bytes, told to the client before the last reply. */
     uint64_t out_dropped;
+    /* Its kept result (results.h), while it runs; NULL: none. Borrowed:
+     * the record and the request point at each other until it is done. */
+    struct ipmpi_result *res;
 } ipmpi_req_t;
 
 /* Allocates a request owning payload (taken on success). NULL on ENOMEM. */

@@ -167,6 +167,7 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     r->pending = (uint32_t)n;
     r->reply_flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK);
     r->eng_flags = h->flags & IPMPI_F_STREAM;
+    ipmpi_ctl_result_open(c, s, r);
     char msg[256];
     /* r may be freed by the last req_fail_one; nothing reads it after that. */
     for (int i = 0; i < n; i++) {
@@ -186,6 +187,7 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
             ipmpi_hdr_t rh = {.kind = h->kind, .flags = IPMPI_F_REPLY, .req_id = h->req_id, .target = e->id,
                               .total = (uint32_t)n};
             ipmpi_session_send(s, &rh, NULL);
+            ipmpi_ctl_result_reply(c, r, e->id, 0, NULL, 1);
             if (--r->pending == 0) {
                 ipmpi_reqtab_del(&c->reqs, r->id);
                 ipmpi_req_free(r);
@@ -297,6 +299,10 @@ void ipmpi_ctl_route(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, i
         break;
     case IPMPI_K_SHM_PROBE:
         ipmpi_ctl_do_shm_probe(s, h, p);
+        break;
+    case IPMPI_K_RESULT_FETCH:
+    case IPMPI_K_RESULT_CLEAR:
+        ipmpi_ctl_result_frame(c, s, h, p);
         break;
     case IPMPI_K_SHUTDOWN: {
         ipmpi_log(IPMPI_LOG_INFO, "SHUTDOWN requested by client %s", s->peer);

@@ -70,6 +70,7 @@ typedef ipmpi_session_stream_t *(*ipmpi_session_stream_cb)(void *arg, ipmpi_sess
 
 struct ipmpi_session {
     uint64_t id;        /* unique for the controller's life; requests keep it */
+    uint32_t sno;       /* session number HELLO reported (request ids, results.h); 0: none */
     int fd;
     SSL *ssl;
     char peer[80];      /* "addr:port", for logs */

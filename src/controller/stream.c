@@ -164,6 +164,7 @@ static ipmpi_session_stream_t *stream_try(ipmpi_ctl_t *c, ipmpi_session_t *s, co
     r->eng_flags = h->flags & IPMPI_F_STREAM;
     if (ipmpi_reqtab_put(&c->reqs, r) != 0)
         goto free_r;
+    ipmpi_ctl_result_open(c, s, r);
     ipmpi_hdr_t eh = {.kind = r->kind, .flags = r->eng_flags, .req_id = r->id, .target = e->id};
     if (ipmpi_mpilink_stream_start(&c->link, e->rank, &eh, parts, &st->op) != 0)
         goto del_r;

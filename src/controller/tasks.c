@@ -30,64 +30,10 @@ typedef struct twait {
     } links[];
 } twait_t;
 
-/* ---- the set of evicted ids ---- */
-
-static uint32_t slot_of(uint64_t id, uint32_t cap)
-{
-    return (uint32_t)((id * 0x9e3779b97f4a7c15ull) >> 32) & (cap - 1);
-}
-
 /* The table of tasks by id is an ipmpi_idtab_t (equeue.h): a task's first
  * member is its ipmpi_stask_t, whose first member is the id. */
 _Static_assert(offsetof(ipmpi_task_t, s) == 0 && offsetof(ipmpi_stask_t, id) == 0,
                "a task must begin with its id (ipmpi_idtab_t)");
-
-/* The evicted set stores id + 1, so that 0 marks an empty slot. */
-static int evicted_has(const ipmpi_tasks_t *ts, uint64_t id)
-{
-    if (ts->ecap == 0)
-        return 0;
-    for (uint32_t i = slot_of(id + 1, ts->ecap);; i = (i + 1) & (ts->ecap - 1)) {
-        if (ts->evicted[i] == 0)
-            return 0;
-        if (ts->evicted[i] == id + 1)
-            return 1;
-    }
-}
-
-static void evicted_add(ipmpi_tasks_t *ts, uint64_t id)
-{
-    if (ts->elen >= IPMPI_TASK_EVICTED_MAX) {
-        /* Bounded: the oldest memories go all at once (those ids then
-         * read as unknown). */
-        memset(ts->evicted, 0, (size_t)ts->ecap * sizeof *ts->evicted);
-        ts->elen = 0;
-    }
-    if ((ts->elen + 1) * 2 > ts->ecap) {
-        uint32_t ncap = ts->ecap ? 2 * ts->ecap : 1024;
-        uint64_t *n = calloc(ncap, sizeof *n);
-        if (!n)
-            return; /* the id will read as unknown: no harm beyond the wording */
-        for (uint32_t i = 0; i < ts->ecap; i++) {
-            if (!ts->evicted[i])
-                continue;
-            uint32_t k = slot_of(ts->evicted[i], ncap);
-            while (n[k])
-                k = (k + 1) & (ncap - 1);
-            n[k] = ts->evicted[i];
-        }
-        free(ts->evicted);
-        ts->evicted = n;
-        ts->ecap = ncap;
-    }
-    uint32_t k = slot_of(id + 1, ts->ecap);
-    while (ts->evicted[k] && ts->evicted[k] != id + 1)
-        k = (k + 1) & (ts->ecap - 1);
-    if (!ts->evicted[k]) {
-        ts->evicted[k] = id + 1;
-        ts->elen++;
-    }
-}
 
 /* ---- task records ---- */
 
@@ -95,7 +41,7 @@ static void task_free_stages(ipmpi_tasks_t *ts, ipmpi_task_t *t)
 {
     for (uint32_t i = 0; t->stage && i < t->nstages; i++) {
         if (t->stage[i]) {
-            ts->bytes -= ipmpi_parts_bytes(t->stage[i]);
+            ipmpi_rstore_count(&ts->st, -(int64_t)ipmpi_parts_bytes(t->stage[i]));
             ipmpi_parts_unref(t->stage[i]);
         }
     }
@@ -109,12 +55,8 @@ static void task_free_stages(ipmpi_tasks_t *ts, ipmpi_task_t *t)
 static void task_free(ipmpi_tasks_t *ts, ipmpi_task_t *t)
 {
     task_free_stages(ts, t);
-    if (t->result) {
-        ts->bytes -= ipmpi_parts_bytes(t->result);
-        ipmpi_parts_unref(t->result);
-    }
-    if (ipmpi_ql_linked(&t->done))
-        ipmpi_ql_remove(&t->done);
+    ipmpi_rstore_del(&ts->st, &t->done);
+    ipmpi_parts_unref(t->result);
     ipmpi_stask_fini(&t->s);
     free(t);
 }
@@ -128,37 +70,31 @@ static void task_drop(ipmpi_tasks_t *ts, ipmpi_task_t *t, int evicted)
         ts->nfailed--;
     ipmpi_idtab_del(&ts->tab, t->s.id);
     if (evicted)
-        evicted_add(ts, t->s.id);
+        ipmpi_idset_add(&ts->st.evicted, t->s.id);
     task_free(ts, t);
 }
 
-/* Evicts finished results, delivered ones first, oldest first, until
- * `need` more bytes fit in the budget (or nothing is left to evict).
- * `keep` is never evicted. Returns 1 when they fit. */
+/* Evicts finished results (rstore.h's order: delivered ones first, oldest
+ * first) until `need` more bytes fit in the budget (or nothing is left to
+ * evict). `keep` is never evicted. Returns 1 when they fit. */
 static int make_room(ipmpi_tasks_t *ts, uint64_t need, const ipmpi_task_t *keep)
 {
-    ipmpi_qlink_t *lists[2] = {&ts->done_delivered, &ts->done_kept};
-    for (int l = 0; l < 2 && ts->bytes + need > ts->budget; l++) {
-        ipmpi_qlink_t *q = lists[l]->next;
-        while (q != lists[l] && ts->bytes + need > ts->budget) {
-            ipmpi_task_t *t = IPMPI_CONTAINER_OF(q, ipmpi_task_t, done);
-            q = q->next;
-            if (t == keep)
-                continue;
-            ipmpi_log(IPMPI_LOG_INFO, "task %llu: result evicted (task memory budget)", (unsigned long long)t->s.id);
-            task_drop(ts, t, 1);
-        }
+    ipmpi_rentry_t *e;
+    while ((e = ipmpi_rstore_victim(&ts->st, need, keep ? &keep->done : NULL))) {
+        ipmpi_task_t *t = IPMPI_CONTAINER_OF(e, ipmpi_task_t, done);
+        ipmpi_log(IPMPI_LOG_INFO, "task %llu: result evicted (task memory budget)", (unsigned long long)t->s.id);
+        task_drop(ts, t, 1);
     }
-    return ts->bytes + need <= ts->budget;
+    return ipmpi_rstore_fits(&ts->st, need);
 }
 
 int ipmpi_ctl_tasks_init(ipmpi_ctl_t *c)
 {
     ipmpi_tasks_t *ts = &c->tasks;
     memset(ts, 0, sizeof *ts);
-    ts->budget = c->o->task_memory;
-    ipmpi_ql_init(&ts->done_delivered);
-    ipmpi_ql_init(&ts->done_kept);
+    /* Delivered results have no bound of their own here: a task's
+     * result is kept until clear(), as IPython 0.10's were. */
+    ipmpi_rstore_init(&ts->st, c->o->task_memory, c->o->task_memory);
     return 0;
 }
 
@@ -181,7 +117,7 @@ void ipmpi_ctl_tasks_fini(ipmpi_ctl_t *c)
         task_free(ts, t);
     }
     ipmpi_idtab_fini(&ts->tab);
-    free(ts->evicted);
+    ipmpi_rstore_fini(&ts->st);
     memset(ts, 0, sizeof *ts);
     for (uint32_t i = 0; i < c->nheld_tc; i++)
         ipmpi_sched_client_unref(c->held_tc[i]);
@@ -202,11 +138,7 @@ static void send_result(ipmpi_ctl_t *c, ipmpi_session_t *s, ipmpi_task_t *t, uin
                                  "controller out of memory for the task's result");
         return;
     }
-    if (!t->delivered) {
-        t->delivered = 1;
-        ipmpi_ql_remove(&t->done);
-        ipmpi_ql_push_back(&c->tasks.done_delivered, &t->done);
-    }
+    ipmpi_rstore_delivered(&c->tasks.st, &t->done);
 }
 
 static void barrier_done(ipmpi_ctl_t *c, twait_t *w)
@@ -238,13 +170,11 @@ static void task_finish(ipmpi_ctl_t *c, ipmpi_task_t *t, int status, int32_t eng
     if (!result)
         result = ipmpi_parts_new(0, NULL);
     t->result = result;
-    if (result)
-        ts->bytes += ipmpi_parts_bytes(result);
     if (status == 0)
         ts->nsucceeded++;
     else
         ts->nfailed++;
-    ipmpi_ql_push_back(&ts->done_kept, &t->done);
+    ipmpi_rstore_add(&ts->st, &t->done, result ? ipmpi_parts_bytes(result) : 0);
     ipmpi_session_t *s = ipmpi_ctl_session(c, t->session);
     if (s && t->result) {
         send_result(c, s, t, IPMPI_K_TASK_SUBMIT, t->client_req);
@@ -269,8 +199,7 @@ static void task_finish(ipmpi_ctl_t *c, ipmpi_task_t *t, int status, int32_t eng
         }
     }
     /* Over budget now: older results make room (never this one). */
-    if (ts->bytes > ts->budget)
-        make_room(ts, 0, t);
+    make_room(ts, 0, t);
 }
 
 /* A message result of the controller's own (aborted, died, shut down). */
@@ -318,7 +247,7 @@ static void task_failed(ipmpi_ctl_t *c, ipmpi_task_t *t, int32_t engine, int sta
                   (unsigned long long)t->s.id, engine, t->left);
     } else if (t->cur + 1 < t->nstages) {
         /* The failed stage's payload is done with. */
-        c->tasks.bytes -= ipmpi_parts_bytes(t->stage[t->cur]);
+        ipmpi_rstore_count(&c->tasks.st, -(int64_t)ipmpi_parts_bytes(t->stage[t->cur]));
         ipmpi_parts_unref(t->stage[t->cur]);
         t->stage[t->cur] = NULL;
         t->cur++;
@@ -467,7 +396,7 @@ static void do_submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, 
                             (unsigned long long)id);
         goto drop;
     }
-    if (ipmpi_idtab_get(&ts->tab, id) || evicted_has(ts, id)) {
+    if (ipmpi_idtab_get(&ts->tab, id) || ipmpi_idset_has(&ts->st.evicted, id)) {
         ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "TASK_SUBMIT: task id %llu is already in use", (unsigned long long)id);
         goto drop;
     }
@@ -476,7 +405,7 @@ static void do_submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, 
         ipmpi_ctl_reply_err(s, h, IPMPI_E2BIG,
                             "task %llu refused: the controller's task memory (--task-memory %llu MiB) is full of queued "
                             "tasks and unfetched results; collect or clear() some",
-                            (unsigned long long)id, (unsigned long long)(ts->budget >> 20));
+                            (unsigned long long)id, (unsigned long long)(ts->st.budget >> 20));
         goto drop;
     }
     if (!s->tclient && !(s->tclient = ipmpi_sched_client_new(s->id))) {
@@ -487,7 +416,7 @@ static void do_submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, 
     if (!t)
         goto oom;
     ipmpi_stask_init(&t->s, id);
-    ipmpi_ql_init(&t->done);
+    ipmpi_rentry_init(&t->done);
     ipmpi_ql_init(&t->waiters);
     t->session = s->id;
     t->client_req = h->req_id;
@@ -507,7 +436,7 @@ static void do_submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, 
     }
     if (ipmpi_idtab_put(&ts->tab, t) != 0)
         goto oom;
-    ts->bytes += bytes;
+    ipmpi_rstore_count(&ts->st, (int64_t)bytes);
     t->left = t->retries[0];
     t->state = IPMPI_TASK_SCHEDULED;
     ts->nsched++;
@@ -538,7 +467,7 @@ drop:
 /* "no task 7 ..." for an id that is not in the table. */
 static void reply_missing(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, uint64_t id)
 {
-    if (evicted_has(&c->tasks, id))
+    if (ipmpi_idset_has(&c->tasks.st.evicted, id))
         ipmpi_ctl_reply_err(s, h, IPMPI_EEVICTED,
                             "task %llu's result was evicted: the controller's task memory (--task-memory) needed room",
                             (unsigned long long)id);
@@ -725,12 +654,9 @@ static void do_clear(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
     uint32_t cleared = 0;
     jbuf_t b = {0};
     if (p->n == 0) {
-        ipmpi_qlink_t *lists[2] = {&ts->done_delivered, &ts->done_kept};
-        for (int l = 0; l < 2; l++)
-            while (!ipmpi_ql_empty(lists[l])) {
-                task_drop(ts, IPMPI_CONTAINER_OF(lists[l]->next, ipmpi_task_t, done), 0);
-                cleared++;
-            }
+        ipmpi_rentry_t *e;
+        for (; (e = ipmpi_rstore_first(&ts->st)); cleared++)
+            task_drop(ts, IPMPI_CONTAINER_OF(e, ipmpi_task_t, done), 0);
         jb_printf(&b, "{\"cleared\": %u, \"unknown\": []}", cleared);
         ipmpi_ctl_send_json(s, h, &b);
         return;

@@ -7,10 +7,10 @@
  *
  * Memory: queued stage payloads and kept results count against the
  * budget (--task-memory). When a submission or a result would exceed it,
- * finished results are evicted, those already delivered to a client
- * first, oldest first; the ids of evicted results are remembered (up to
- * IPMPI_TASK_EVICTED_MAX) so a later request for one says "evicted", not
- * "unknown".
+ * finished results are evicted in rstore.h's order (those already
+ * delivered to a client first, oldest first); the ids of evicted results
+ * are remembered (up to IPMPI_EVICTED_MAX) so a later request for one
+ * says "evicted", not "unknown".
  *
  * Thread safety: none; the controller's loop thread only.
  */
@@ -21,10 +21,10 @@
 
 #include "codec.h"
 #include "equeue.h"
+#include "rstore.h"
 #include "sched.h"
 
 #define IPMPI_TASK_RESERVE_MAX 65536u
-#define IPMPI_TASK_EVICTED_MAX (1u << 20)
 
 enum ipmpi_task_state {
     IPMPI_TASK_SCHEDULED = 1, /* waiting in the scheduler */
@@ -46,19 +46,16 @@ typedef struct ipmpi_task {
     int32_t engine;           /* the engine of the last attempt, or -2 */
     int32_t status;           /* when done: 0, EREMOTE, EABORTED, EDEAD... */
     ipmpi_parts_t *result;    /* when done: owned */
-    uint64_t bytes;           /* counted against the budget */
-    int delivered;            /* the result went to some client */
-    ipmpi_qlink_t done;       /* in a finished list, oldest first */
+    ipmpi_rentry_t done;      /* once finished: its result in the store (bytes, delivered) */
     ipmpi_qlink_t waiters;    /* struct ipmpi_twait_link: blocked TASK_RESULT / BARRIER */
 } ipmpi_task_t;
 
 typedef struct ipmpi_tasks {
     ipmpi_idtab_t tab;        /* the tasks by id */
-    uint64_t *evicted;        /* open addressing set of evicted ids (0 = empty slot: ids start at 1) */
-    uint32_t ecap, elen;
     uint64_t next_id;         /* next id to reserve; ids start at 1... see tasks.c */
-    uint64_t bytes, budget;
-    ipmpi_qlink_t done_delivered, done_kept; /* finished tasks, oldest first */
+    /* --task-memory: queued stage payloads (counted) and finished
+     * results (entries), evicted in rstore.h's order */
+    ipmpi_rstore_t st;
     uint32_t nsched, npending, nsucceeded, nfailed;
 } ipmpi_tasks_t;
 

@@ -2,6 +2,7 @@
 base class both clients share.
 """
 import atexit
+import json
 import numbers
 import os
 import re
@@ -470,7 +471,48 @@ class _Base:
         self.block = True
         self._conn = None
         self._tunnel = None
+        self._link_args = (furl_file, connect_timeout, shm, sshserver, sshkey)
         self._conn, self._tunnel = _connect(furl_file, self._capability, connect_timeout, shm, sshserver, sshkey)
+        self._hello_ids()
+
+    def _hello_ids(self):
+        """The controller instance and session number of this link (HELLO),
+        from which request ids are made (doc/protocol.md section 7)."""
+        try:
+            hello = json.loads(self._conn.hello)
+        except (TypeError, ValueError):
+            hello = {}
+        self._instance = hello.get("instance")
+        self._session = hello.get("session")
+
+    def _rid(self, local):
+        """The user-visible id of request local of this link:
+        'INSTANCE:SESSION:REQ' (None when the controller gives no ids)."""
+        if not self._instance or not self._session or local > 0xFFFFFFFF:
+            return None
+        return "%s:%d:%d" % (self._instance, self._session, local)
+
+    def reconnect(self, timeout=None):
+        """Opens a new link to the controller (same furl, tunnel and
+        options) in place of this one, e.g. after the network dropped;
+        results still to come are then fetched by their ids, so pending
+        results and get_result calls go on as if nothing happened (the
+        controller keeps them, see doc/multiengine.rst). Raises what
+        connecting raises; the old link is closed either way."""
+        furl_file, connect_timeout, shm, sshserver, sshkey = self._link_args
+        old_conn, old_tunnel, old_instance = self._conn, self._tunnel, self._instance
+        if old_conn is not None:
+            old_conn.close()
+        if old_tunnel is not None:
+            old_tunnel.close()
+        self._conn, self._tunnel = _connect(furl_file, self._capability, timeout or connect_timeout, shm,
+                                            sshserver, sshkey)
+        self._hello_ids()
+        self._relink(old_instance)
+
+    def _relink(self, old_instance):
+        """A new link replaced the old one: the subclass moves what was in
+        flight on the old one."""
 
     @property
     def tunnel(self):
@@ -511,8 +553,8 @@ class _Base:
             raise ConnectionError("this client is closed")
         return self._conn.send(kind, target, parts, targets, stream)
 
-    def _finish(self, req_ids, post, block, timeout, targets=None):
-        pr = PendingResult(self, req_ids, post)
+    def _finish(self, req_ids, post, block, timeout, targets=None, ids=None):
+        pr = PendingResult(self, req_ids, post, ids)
         pr.targets = targets
         if block is None:
             block = self.block
@@ -528,7 +570,8 @@ class _Base:
     def _controller(self, kind, post, block=True, timeout=None, targets="all"):
         target, tlist, _single = _parse_targets(targets)
         rid = self._send(kind, target, [], tlist)
-        return self._finish([rid], lambda replies: post(_controller_json(replies)), block, timeout)
+        # The controller answers these itself and keeps no result: no id.
+        return self._finish([rid], lambda replies: post(_controller_json(replies)), block, timeout, ids=[None])
 
     def get_ids(self, block=True, timeout=None):
         """The ids of the engines alive now, ascending."""

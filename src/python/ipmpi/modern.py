@@ -35,7 +35,7 @@ from . import output as _output
 from .output import in_jupyter as _in_jupyter
 from .connect import _concatenate, _is_int, _map_chunk, _parse_targets, _partition, _sized, default_furl_file
 from .errors import CompositeError, EngineError, RemoteError
-from .results import _composite, _split
+from .results import _composite, _fetch_error, _split
 
 __all__ = ["Client", "DirectView", "LoadBalancedView", "AsyncResult", "AsyncMapResult",
            "RemoteFunction", "ParallelFunction", "CompositeError", "RemoteError"]
@@ -150,6 +150,8 @@ class _Direct:
         self.client, self.rid, self.engines, self.value = client, rid, list(engines), value
         self.streamed = streamed   # sent with stream=True: the AsyncResult sets printer
         self.printer = None
+        self.msg_id = client._mec._rid(rid)   # the request's id (results kept by the controller)
+        self.fetched = False       # rid is a RESULT_FETCH of msg_id on a new link
         self.slots = len(self.engines)
         self.submitted = datetime.datetime.now()
         self.received = None
@@ -171,6 +173,9 @@ class _Direct:
                 raise TimeoutError("request %d is not complete" % self.rid)
         replies = conn.recv(self.rid, timeout)
         self.received = datetime.datetime.now()
+        err = _fetch_error(replies) if self.fetched else None
+        if err is not None:
+            raise err
         ok, errors = _split(replies)
         by_id = {}
         for eid, meta, parts in ok:
@@ -191,6 +196,13 @@ class _Direct:
         if conn is not None:
             _output.follow(conn, self.rid, self.printer, _now())
 
+    def relink(self):
+        """The MultiEngine link was replaced (Client.reconnect): the replies
+        come again, fetched by the request's id."""
+        if self.outcomes is None and self.msg_id is not None:
+            self.rid = self.client._mec._fetch(self.msg_id)
+            self.fetched = True
+
     def forget(self):
         conn = self.client._mec._conn
         if self.outcomes is None and conn is not None:
@@ -208,6 +220,7 @@ class _Task:
 
     def __init__(self, client, tid):
         self.client, self.tid = client, tid
+        self.msg_id = tid
         self.submitted = datetime.datetime.now()
         self.received = None
         self.outcomes = None
@@ -275,6 +288,14 @@ class AsyncResult:
     # -- state
     def __len__(self):
         return sum(c.slots for c in self._children)
+
+    @property
+    def msg_ids(self):
+        """The ids of this result's requests: 'INSTANCE:SESSION:REQ' strs
+        of MultiEngine requests (their results stay in the controller, see
+        Client.reconnect and MultiEngineClient.get_result_by_id), task ids
+        (ints) of tasks."""
+        return [c.msg_id for c in self._children]
 
     def ready(self):
         """True when every engine (or task) answered; never blocks."""
@@ -1223,6 +1244,18 @@ class Client:
             return self._mec.shutdown()
         self._mec.kill(targets=targets)
         return None
+
+    def reconnect(self, timeout=None):
+        """New links to the controller in place of the present ones (after
+        the network dropped, say); results still to come arrive all the
+        same: the controller kept them, and they are fetched by id."""
+        self._mec.reconnect(timeout)
+        for ar in list(self._outstanding):
+            for c in ar._children:
+                if isinstance(c, _Direct):
+                    c.relink()
+        if self._tc is not None:
+            self._tc.reconnect(timeout)
 
     def close(self, linger=None):
         """Closes the connections; the cluster keeps running."""

@@ -10,7 +10,8 @@ from . import output as _output
 from . import task as _task
 from .connect import _Base, _concatenate, _is_int, _map_chunk, _parse_targets, _partition, _sized
 from .errors import EngineError
-from .results import PendingResult, ResultList, _engine_results, _identity, _none, _now, _result_dict
+from .results import (PendingResult, ResultList, _controller_json, _engine_results, _fetch_checked, _fetched,
+                      _identity, _none, _now, _parse_id, _result_dict)
 
 
 
@@ -86,14 +87,22 @@ class MultiEngineClient(_Base):
             block = self._block
         return targets, _check_block(block)
 
-    def _finish(self, req_ids, post, block, timeout, targets=None, printer=None):
-        pr = PendingResult(self, req_ids, post)
+    def _finish(self, req_ids, post, block, timeout, targets=None, ids=None, printer=None):
+        pr = PendingResult(self, req_ids, post, ids)
         pr.targets = targets
         pr._printer = printer
         if not block:
             self._pending_results.add(pr)
             return pr
-        return pr.get_result(timeout=timeout)
+        try:
+            return pr.get_result(timeout=timeout)
+        except ConnectionError as e:
+            ids = [i for i in pr.req_ids if i]
+            if not ids or pr._done:
+                raise
+            raise type(e)("%s; the controller keeps the result of request%s %s: after mec.reconnect(), "
+                          "mec.get_result_by_id(%r) gets it" % (e, "s" if len(ids) > 1 else "", ", ".join(ids),
+                                                               ids[0] if len(ids) == 1 else ids)) from None
 
     def _request(self, kind, parts, targets, post, block, timeout, printer=None):
         """Sends one request to targets; post(replies, order) makes its
@@ -101,7 +110,7 @@ class MultiEngineClient(_Base):
         the request's output to it while it runs."""
         target, tlist, _single = _parse_targets(targets)
         rid = self._send(kind, target, parts, tlist, printer is not None)
-        return self._finish([rid], lambda rs: post(rs, tlist), block, timeout, targets, printer)
+        return self._finish([rid], lambda rs: post(rs, tlist), block, timeout, targets, printer=printer)
 
     def _each(self, kind, parts, targets, block, timeout, method, value=None):
         """A request whose result is one value(meta, parts) per target (None
@@ -177,6 +186,72 @@ class MultiEngineClient(_Base):
         self._pending_results = weakref.WeakSet()
 
     clear_pending_results = flush
+
+    # -- results by id: after a lost link, or from another client
+    def _fetch(self, gid):
+        """Sends RESULT_FETCH for request id gid; the local req_id whose
+        replies (those of gid, as the controller keeps them) come back."""
+        return self._send(_c.K_RESULT_FETCH, _c.TARGET_CONTROLLER, [_parse_id(gid)])
+
+    def get_pending_result(self, req_ids):
+        """A PendingResult for the request id req_ids (a str from
+        pr.req_ids, from any client of this controller, also one that
+        died), or a list of them for a list of ids. Its result is one
+        value per engine, by engine id: a ResultList for execute, the
+        return value for apply, the list of values for pull (one per name
+        asked), None for push and the like. An id the controller does not
+        know, or one of another controller, raises InvalidDeferredID when
+        the result is asked for; one whose result the --result-memory
+        budget evicted, EvictedError."""
+        if isinstance(req_ids, PendingResult):
+            req_ids = req_ids.req_ids
+        if not isinstance(req_ids, str) and hasattr(req_ids, "__iter__"):
+            return [self.get_pending_result(i) for i in req_ids]
+        rid = self._fetch(req_ids)
+        pr = PendingResult(self, [rid], _fetch_checked(_fetched), ids=[req_ids])
+        self._pending_results.add(pr)
+        return pr
+
+    def get_result_by_id(self, req_ids, block=True, timeout=None):
+        """The result of the request with id req_ids (see
+        get_pending_result); a list of them for a list of ids. block=False
+        gives the PendingResult(s). Results stay in the controller until
+        purge_results() or its memory budget evicts them."""
+        prs = self.get_pending_result(req_ids)
+        if not _check_block(block):
+            return prs
+        if isinstance(prs, PendingResult):
+            return prs.get_result(timeout=timeout)
+        deadline = None if (timeout if timeout is not None else self._timeout) is None else \
+            _now() + (timeout if timeout is not None else self._timeout)
+        return [pr.get_result(timeout=None if deadline is None else max(0.0, deadline - _now())) for pr in prs]
+
+    def get_pending_deferred(self, deferredID, block=True):
+        """IPython 0.10's name: get_result_by_id(deferredID, block)."""
+        return self.get_result_by_id(deferredID, block)
+
+    def purge_results(self, jobs="all", timeout=None):
+        """Drops results kept in the controller (ipyparallel's name): jobs
+        'all' (every finished result, of every client) or request ids /
+        PendingResults. Returns {'cleared': n, 'unknown': [ids]} (unknown:
+        not kept, still running, or of another controller)."""
+        if isinstance(jobs, str) and jobs == "all":
+            parts = []
+        else:
+            if isinstance(jobs, (str, PendingResult)):
+                jobs = [jobs]
+            ids = []
+            for j in jobs:
+                ids.extend(j.req_ids if isinstance(j, PendingResult) else [j])
+            if not ids:
+                return {"cleared": 0, "unknown": []}
+            parts = [b"".join(_parse_id(i) for i in ids)]
+        rid = self._send(_c.K_RESULT_CLEAR, _c.TARGET_CONTROLLER, parts)
+        return self._finish([rid], _controller_json, True, timeout, ids=[None])
+
+    def _relink(self, old_instance):
+        for pr in list(self._pending_results):
+            pr._relink(self)
 
     # -- code
     def execute(self, lines, targets=None, block=None, timeout=None, stream=False, merge=False):

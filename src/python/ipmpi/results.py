@@ -3,12 +3,14 @@ form), PendingResult (block=False), and the helpers that turn replies into
 values or errors.
 """
 import json
+import re
+import struct
 import time
 
 from . import _serialize
 from . import _ipmpi as _c
 from . import output as _output
-from .errors import (CompositeError, EngineError, InvalidDeferredID, RemoteError, _ERROR_CLASSES,
+from .errors import (CompositeError, EngineError, EvictedError, InvalidDeferredID, RemoteError, _ERROR_CLASSES,
                      _rebuild_exception)
 
 
@@ -193,10 +195,14 @@ class PendingResult:
     blocks.
     """
 
-    def __init__(self, client, req_ids, post):
+    def __init__(self, client, req_ids, post, ids=None):
         self.client = client
         self._client = client
         self._pending = list(req_ids)
+        # The user-visible ids ('INSTANCE:SESSION:REQ'), one per request;
+        # ids[k] is the request whose replies _pending[k - done] collects.
+        rid = getattr(client, "_rid", None)
+        self._ids = list(ids) if ids is not None else [rid(r) if rid else None for r in self._pending]
         self.targets = None  # the targets of the request, when one request
         self.result_id = self._pending[0] if self._pending else None
         self._replies = []
@@ -290,7 +296,39 @@ class PendingResult:
 
     @property
     def req_ids(self):
-        return list(self._pending)
+        """The ids of this result's requests ('INSTANCE:SESSION:REQ'): the
+        controller keeps the replies under them, so that after a lost link
+        mec.reconnect() -- or another client with the same furl, with
+        mec.get_result_by_id(ids) -- still gets this result."""
+        return list(self._ids)
+
+    #: ipyparallel's name (AsyncResult.msg_ids).
+    msg_ids = req_ids
+
+    def _relink(self, client):
+        """client has a new link: the requests not yet collected are fetched
+        again by id on it (all their replies: those already received on the
+        old link went with it)."""
+        if self._done or not self._pending:
+            return
+        first = len(self._ids) - len(self._pending)
+        if None in self._ids[first:]:
+            # A request the controller answers itself: nothing kept to fetch.
+            self._pending, self._replies, self._done = [], None, True
+            self._error = ConnectionError("the link this request went on was lost, and the controller keeps "
+                                          "no result for it (only engine requests have ids): send it again")
+            return
+        fresh = []
+        try:
+            for gid in self._ids[first:]:
+                fresh.append(client._fetch(gid))
+        except BaseException:
+            for r in fresh:
+                client._conn.forget(r)
+            raise
+        self._pending = fresh
+        if not getattr(self._post, "_fetch_checked", False):
+            self._post = _fetch_checked(self._post)
 
     def __repr__(self):
         # IPython 0.10's form (<ipmpi.client.PendingResult object at 0x...>),
@@ -329,3 +367,64 @@ def _no_value(replies):
 
 def _identity(x):
     return x
+
+
+# ---------------------------------------------------------------- request ids
+
+_ID_RE = re.compile(r"^([0-9a-f]{16}):(\d+):(\d+)$")
+_FETCH_ID = struct.Struct("<QQ")
+
+
+def _parse_id(gid):
+    """16 bytes for RESULT_FETCH from a request id 'INSTANCE:SESSION:REQ'."""
+    m = _ID_RE.match(gid) if isinstance(gid, str) else None
+    if not m or int(m.group(2)) > 0xFFFFFFFF or int(m.group(3)) > 0xFFFFFFFF:
+        raise ValueError("not a request id: %r (ids look like '0123456789abcdef:3:17': pr.req_ids gives them)"
+                         % (gid,))
+    return _FETCH_ID.pack(int(m.group(1), 16), (int(m.group(2)) << 32) | int(m.group(3)))
+
+
+def _fetch_error(replies):
+    """The error a RESULT_FETCH got from the controller itself, or None:
+    unknown id and id of another controller: InvalidDeferredID; evicted:
+    EvictedError."""
+    for target, status, parts in replies:
+        if target != _c.TARGET_CONTROLLER or status >= 0:
+            continue
+        if status == _c.EEVICTED:
+            return EvictedError(_message(parts))
+        if status in (_c.ENOENT, _c.EINVAL):
+            return InvalidDeferredID(_message(parts))
+    return None
+
+
+def _fetch_checked(post):
+    """post, raising the fetch's own error first."""
+    def checked(replies):
+        err = _fetch_error(replies)
+        if err is not None:
+            raise err
+        return post(replies)
+    checked._fetch_checked = True
+    return checked
+
+
+def _any_value(meta, parts):
+    """A value from an engine reply without knowing the call that made it:
+    execute and get_result give their result dict, others what the engine
+    sent (pull: the list of values, one per name asked), or None."""
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if kind in ("execute", "get_result"):
+        return _result_dict(meta)
+    if len(parts) > 1:
+        return _serialize.loads(parts[1:])
+    return None
+
+
+def _fetched(replies):
+    """The result of one fetched request: one value per engine, by engine
+    id (a ResultList for execute)."""
+    values = _engine_results(replies, _any_value, "get_result_by_id")
+    if values and all(isinstance(v, _Result) for v in values):
+        return ResultList(values)
+    return values

@@ -38,7 +38,8 @@ import cloudpickle
 from . import _ipmpi as _c
 from . import _serialize
 from .connect import _Base, _is_int
-from .errors import EngineError, EvictedError, TaskTimeoutError, _ERROR_CLASSES, _rebuild_exception
+from .errors import (EngineError, EvictedError, InvalidDeferredID, TaskTimeoutError, _ERROR_CLASSES,
+                     _rebuild_exception)
 from .results import _controller_json, _message, _now
 
 __all__ = ["BaseTask", "StringTask", "MapTask", "Task", "ResultNS", "TaskResult",
@@ -587,6 +588,19 @@ class TaskClient(_Base):
         self._sent = {}             # taskid -> (req_id, kind, submit time): submitted here, not yet received
         self._done = {}             # taskid -> (ok, value): received, kept until clear()
         self._fncache = FunctionCache()
+        self._foreign = set()       # ids of tasks submitted to a controller this one replaced
+
+    def _relink(self, old_instance):
+        """A new link (reconnect): tasks submitted on the old one are asked
+        for by id (TASK_RESULT), and ids are reserved anew (a block belongs
+        to the session that reserved it). Tasks of another controller (a
+        restarted one) are not asked for: their ids mean other tasks there."""
+        with self._id_lock:
+            self._next = self._end = self._count = 0
+            self._reserve_rid = None
+            sent, self._sent = self._sent, {}
+            if old_instance and self._instance != old_instance:
+                self._foreign.update(sent)
 
     # -- task ids
     def _prefetch(self):
@@ -663,6 +677,9 @@ class TaskClient(_Base):
             if not keep:
                 self._done.pop(taskid, None)
             return r
+        if taskid in self._foreign:
+            raise InvalidDeferredID("task %d belongs to another controller: this client submitted it before "
+                                    "reconnect(), to a controller that has been replaced since" % taskid)
         if timeout is None:
             timeout = self._timeout
         conn = self._conn
