@@ -20,6 +20,9 @@ from conftest import (IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir, ns_a
 
 ADDR_A, ADDR_B, ADDR_NONE = "198.51.100.1", "198.51.100.2", "198.51.100.3"
 NET = "198.51.100.0/24"
+# Host B's /dev/shm (a tmpfs of its own): room for Open MPI's segments and
+# a 16 MiB shared array, not for a 96 MiB one.
+B_SHM_MIB = 64
 
 
 
@@ -53,8 +56,8 @@ def hosts(tmp_path_factory):
         # machine's /dev/shm B's segments would collide with A's) and its
         # own host name, for sshd and everything started through it.
         sh("ip", "netns", "exec", b, "unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
-           "mount -t tmpfs -o mode=1777 tmpfs /dev/shm && hostname ipmpi-host-b && "
-           "exec /usr/sbin/sshd -f %s" % (tmp / "sshd_config"))
+           "mount -t tmpfs -o mode=1777,size=%dm tmpfs /dev/shm && hostname ipmpi-host-b && "
+           "exec /usr/sbin/sshd -f %s" % (B_SHM_MIB, tmp / "sshd_config"))
         wait_for(lambda: os.path.exists(pidfile), 10, what="sshd in namespace B")
         ssh = ("ssh -F /dev/null -i %s -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
                "-o BatchMode=yes -o ConnectTimeout=3 -o LogLevel=ERROR" % key)
@@ -167,6 +170,13 @@ for host, v in sorted(report.items()):
     print("HOSTPSS", v["engines"], sum(segment_pss(info[i]["pid"]) for i in v["engines"]))
 mec.reset()
 print("AFTER", sum(segment_pss(d["pid"]) for d in info.values()))
+big = np.zeros(12 << 20)   # 96 MiB: more than host B's /dev/shm
+try:
+    mec.push(dict(big=big), shared=True)
+except client.RemoteError as e:
+    print("TOOBIG", str(e).replace("\n", " | "))
+print("KEYS", [("big" in k) for k in mec.keys()])
+print("LEFT", sum(segment_pss(d["pid"]) for d in info.values()))
 mec.close()
 """
 
@@ -190,6 +200,12 @@ def test_a_shared_array_is_held_once_on_each_host(hosts):
                 kb = int(line.split()[-1])
                 assert abs(kb - 16 * 1024) < 512, line
         assert "AFTER 0" in c.stdout, c.stdout
+        # Too big for B's shared memory: an error naming B and its limit,
+        # nothing bound anywhere, A's segment gone too.
+        assert "TOOBIG engine 2: MemoryError" in c.stdout, c.stdout
+        assert "node ipmpi-host-b: /dev/shm has" in c.stdout and "of %d MiB" % B_SHM_MIB in c.stdout, c.stdout
+        assert "the shared arrays need 96 MiB" in c.stdout, c.stdout
+        assert "KEYS [False, False, False, False]" in c.stdout and "LEFT 0" in c.stdout, c.stdout
         st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
         assert st.returncode == 0, st.stdout + st.stderr
     finally:

@@ -53,7 +53,15 @@ def _create(seg, values):
     layout, size = _layout(values)
     fd = os.open(_path(seg), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
     try:
-        os.ftruncate(fd, size)
+        try:
+            # Reserve the pages now: a tmpfs short of room answers ENOSPC
+            # here, where writing into a sparse file would die of SIGBUS.
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            st = os.statvfs(SHM_DIR)
+            raise MemoryError("%s: %s has %.0f MiB free of %.0f MiB; the shared arrays need %.0f MiB (%s)"
+                              % (_host(), SHM_DIR, st.f_bavail * st.f_frsize / 2**20,
+                                 st.f_blocks * st.f_frsize / 2**20, size / 2**20, e.strerror)) from None
         with mmap.mmap(fd, size) as mm:
             for (_name, off, _shape, _dt, n), a in zip(layout, values.values()):
                 if n:
@@ -79,6 +87,22 @@ def _bind(seg, layout, size):
     ns = sys.modules["__main__"].__dict__
     for name, off, shape, dt, _n in layout:
         ns[name] = np.ndarray(shape, dtype=np.dtype(dt), buffer=mm, offset=off)
+    return None
+
+
+def _host():
+    import socket
+    return "node %s" % socket.gethostname()
+
+
+def _drop(names):
+    """Unbinds the names that hold arrays over a shared segment (after a
+    failed shared push)."""
+    ns = sys.modules["__main__"].__dict__
+    for name in names:
+        v = ns.get(name)
+        if v is not None and isinstance(getattr(v, "base", None), mmap.mmap):
+            del ns[name]
     return None
 
 
@@ -121,6 +145,7 @@ def push(mec, namespace, targets, timeout):
     leaders = {host: min(eids) for host, eids in nodes.items()}
     made = []
     report = {}
+    ok = False
     try:
         created = {host: _apply_each(mec, _create, (segs[host], values), [leaders[host]], timeout)
                    for host in nodes}
@@ -133,7 +158,13 @@ def push(mec, namespace, targets, timeout):
             pr.get_result(timeout=timeout)
         for host in nodes:
             report[host] = {"engines": sorted(nodes[host]), "bytes": results[host][1]}
+        ok = True
     finally:
+        if not ok and made:
+            try:
+                _apply_each(mec, _drop, (list(values),), ids, timeout).get_result(timeout=timeout)
+            except Exception:
+                pass
         unlinks = [_apply_each(mec, _unlink, (segs[host],), [leaders[host]], timeout) for host in made]
         for pr in unlinks:
             try:
