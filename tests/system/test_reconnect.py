@@ -204,6 +204,27 @@ def test_a_killed_clients_task_is_fetched_by_a_new_task_client(cluster):
         assert tc.get_task_result(tid, block=True) == 42
 
 
+def test_modern_get_result_by_msg_ids_of_a_killed_client(cluster):
+    import ipmpi
+    a, b, c = run_and_kill(KILLED_MEC, cluster.mec_furl)
+    tid = run_and_kill(KILLED_TC, cluster.tc_furl)
+    rc = ipmpi.Client(cluster.mec_furl, progress=False, stream_output=False)
+    try:
+        assert rc.get_result(b, block=True) == [42]          # one pull on one engine: the values asked
+        ar = rc.get_result([a, c])
+        assert isinstance(ar, ipmpi.AsyncResult) and ar.msg_ids == [a, c]
+        assert ar.get(timeout=T) == [None, None, None]        # execute: None per engine
+        assert ar.stdout == ["slept\n", "all 7\n", "all 7\n"]
+        assert rc.get_result(tid, block=True) == 42          # a task id
+        bogus = a.rsplit(":", 1)[0] + ":99999"
+        with pytest.raises(client.InvalidDeferredID):
+            rc.get_result(bogus, block=True)
+        with pytest.raises(TypeError):
+            rc.get_result()
+    finally:
+        rc.close()
+
+
 # ---------------------------------------------------------------- a dropped link, same process
 
 def test_pending_results_arrive_after_reconnect_when_the_link_dropped(cluster, relay):

@@ -228,12 +228,12 @@ class _Task:
     def ready(self):
         if self.outcomes is not None:
             return True
-        tc = self.client._tc
+        tc = self.client._taskclient()
         e = tc._sent.get(self.tid)
         return e is None or (tc._conn is not None and tc._conn.ready(e[0]))
 
     def collect(self, timeout):
-        ok, value = self.client._tc._result(self.tid, True, timeout, False)
+        ok, value = self.client._taskclient()._result(self.tid, True, timeout, False)
         self.received = datetime.datetime.now()
         eid = None if ok else getattr(value, "engine_id", None)
         self.outcomes = [(eid, ok, value, {})]
@@ -1245,6 +1245,39 @@ class Client:
         self._mec.kill(targets=targets)
         return None
 
+    def get_result(self, indices_or_msg_ids=None, block=None, owner=True):
+        """The AsyncResult (block False, the default as self.block) or the
+        result of earlier requests by id: msg_ids of this or any other
+        client of this controller (ar.msg_ids; MultiEngine ids are
+        'INSTANCE:SESSION:REQ' strs, task ids ints), also of a client that
+        died. A direct request's result is one value per engine that ran
+        it (None for execute). Unknown ids raise InvalidDeferredID, evicted
+        ones EvictedError, when the result is asked for. ipyparallel's
+        history indices do not exist here: give ids."""
+        if indices_or_msg_ids is None:
+            raise TypeError("get_result needs msg_ids (ar.msg_ids): ipmpi keeps no history of indices")
+        single = isinstance(indices_or_msg_ids, (str, int))
+        ids = [indices_or_msg_ids] if single else list(indices_or_msg_ids)
+        children = []
+        try:
+            for mid in ids:
+                if _is_int(mid):
+                    children.append(_Task(self, int(mid)))
+                    continue
+                c = _Direct(self, self._mec._fetch(mid), [None], _kept_value)
+                c.msg_id, c.fetched = mid, True
+                children.append(c)
+        except BaseException:
+            for c in children:
+                c.forget()
+            raise
+        ar = AsyncResult(self, children, "get_result", single=single and not _is_int(indices_or_msg_ids),
+                         kind="task" if all(isinstance(c, _Task) for c in children) else "apply")
+        if single and _is_int(indices_or_msg_ids):
+            ar._single = True
+        ar.owner = owner
+        return ar.get() if (self.block if block is None else block) else ar
+
     def reconnect(self, timeout=None):
         """New links to the controller in place of the present ones (after
         the network dropped, say); results still to come arrive all the
@@ -1281,6 +1314,14 @@ def _name(f):
 
 
 def _loads_value(meta, parts):
+    return _serialize.loads(parts[1:])
+
+
+def _kept_value(meta, parts):
+    """The value of a request fetched by id: what apply returned, the list
+    pull sent, None for execute and the like."""
+    if isinstance(meta, dict) and meta.get("kind") == "execute" or len(parts) < 2:
+        return None
     return _serialize.loads(parts[1:])
 
 
