@@ -47,6 +47,8 @@ static void usage(FILE *f, const char *prog)
             "  --ready-timeout SEC  how long the controller waits for engines (default 300)\n"
             "  --task-memory BYTES  memory for queued tasks and kept task results (default 1 GiB)\n"
             "  --task-depth N       short tasks that may wait ahead on a busy engine (default 4)\n"
+            "  --client-queue-bytes BYTES  bytes of one client's requests the controller holds\n"
+            "                       before it stops reading that client (default 1 GiB)\n"
             "  --log-level N        0 error, 1 warn, 2 info, 3 debug (default 2)\n"
             "  --log-to-stderr      log to stderr instead of DIR/log/\n"
             "  -h, --help           this text\n"
@@ -75,6 +77,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         {"ready-timeout", required_argument, 0, 'r'}, {"log-level", required_argument, 0, 'l'},
         {"log-to-stderr", no_argument, 0, 'e'},     {"help", no_argument, 0, 'h'},
         {"task-memory", required_argument, 0, 'T'}, {"task-depth", required_argument, 0, 'D'},
+        {"client-queue-bytes", required_argument, 0, 'Q'},
         {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
     const char *env = getenv("IPMPI_DIR"), *home = getenv("HOME");
@@ -91,6 +94,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
     o->ready_timeout = 300;
     o->task_memory = (uint64_t)1 << 30;
     o->task_depth = 4;
+    o->client_queue_bytes = (uint64_t)1 << 30;
 
     int c;
     uint64_t v;
@@ -141,6 +145,11 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
             if (parse_u64(optarg, &v) || v < (1u << 20))
                 return fprintf(stderr, "ipmpi: --task-memory must be at least 1048576 bytes\n"), -1;
             o->task_memory = v;
+            break;
+        case 'Q':
+            if (parse_u64(optarg, &v) || v < (1u << 20))
+                return fprintf(stderr, "ipmpi: --client-queue-bytes must be at least 1048576 bytes\n"), -1;
+            o->client_queue_bytes = v;
             break;
         case 'D':
             if (parse_u64(optarg, &v) || v > 64)

@@ -26,6 +26,7 @@
 
 #include "codec.h"
 #include "equeue.h"
+#include "gate.h"
 #include "shmbuf.h"
 
 enum ipmpi_sess_state {
@@ -78,6 +79,22 @@ struct ipmpi_session {
     uint64_t t_open;    /* accept time (ns), for the HELLO deadline */
     uint64_t t_close;   /* when CLOSING began (ns), for the flush deadline */
     int read_more;      /* the read budget ran out with input possibly left */
+
+    /* Before HELLO (controller.c): refusals are logged through the gate
+     * (borrowed, may be NULL), and the session is on the controller's
+     * list of connections before HELLO, oldest first. */
+    ipmpi_gate_t *gate;
+    int pending;
+    ipmpi_session_t *pend_prev, *pend_next;
+
+    /* Back-pressure on requests (doc/protocol.md section 1): the bytes of
+     * this session's frames the controller still holds (queued for
+     * engines, being sent, running) are charged to `charge` (MultiEngine
+     * sessions only; NULL: not counted). Over q_max, no further frame is
+     * read (q_paused) until the owner sees the charge fall back. */
+    ipmpi_charge_t *charge;
+    uint64_t q_max;
+    int q_paused;
 
     /* input */
     int in_stage;       /* 0 header, 1 lengths, 2 parts */
@@ -141,6 +158,10 @@ ipmpi_session_t *ipmpi_session_new(int fd, SSL_CTX *ctx, const char *peer, uint6
 
 /* Events to poll() for. */
 short ipmpi_session_events(const ipmpi_session_t *s);
+
+/* 1 if s is paused for back-pressure and its charge has fallen to
+ * q_max or below: then input resumes (read_more is set). Loop thread. */
+int ipmpi_session_q_resume(ipmpi_session_t *s);
 
 /*
  * Makes progress: handshake, then input (frames to cb, at most a bounded
