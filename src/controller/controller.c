@@ -315,6 +315,9 @@ static uint64_t session_deadlines(ipmpi_ctl_t *c, uint64_t now)
                 }
             }
         }
+        /* Paused for back-pressure: its next allowance is due then. */
+        if (s->q_paused && s->t_trickle + IPMPI_Q_TRICKLE_NS < d)
+            d = s->t_trickle + IPMPI_Q_TRICKLE_NS;
         /* Mappings of the client's memfds are let go after a while unused,
          * so the memory the client freed is not kept alive here. */
         uint64_t e = ipmpi_shmcache_trim(&s->shm_peer, now);
@@ -567,7 +570,7 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             if (!s)
                 continue;
             /* Back-pressure ends once its requests went below the bound. */
-            ipmpi_session_q_resume(s);
+            ipmpi_session_q_resume(s, now);
             more |= s->read_more;
             pfd[n].fd = s->fd;
             pfd[n].events = ipmpi_session_events(s);

@@ -67,14 +67,15 @@ void ipmpi_gate_source(const char *peer, char *src, unsigned cap)
     src[n] = '\0';
 }
 
-/* FNV-1a, seeded: the bucket of src (and reason, which is a literal:
- * its address is its identity). */
+/* FNV-1a, seeded: the bucket of src and reason (NULL: none). */
 static uint32_t bucket(const ipmpi_gate_t *g, const char *src, const char *reason)
 {
     uint64_t h = 0xcbf29ce484222325ull ^ g->seed;
     for (const unsigned char *p = (const unsigned char *)src; *p; p++)
         h = (h ^ *p) * 0x100000001b3ull;
-    h = (h ^ (uint64_t)(uintptr_t)reason) * 0x100000001b3ull;
+    h = (h ^ 0xff) * 0x100000001b3ull;
+    for (const unsigned char *p = (const unsigned char *)(reason ? reason : ""); *p; p++)
+        h = (h ^ *p) * 0x100000001b3ull;
     return (uint32_t)(h ^ (h >> 29)) & (NBUCKETS - 1);
 }
 
@@ -138,7 +139,7 @@ static struct rnode *find_refusal(ipmpi_gate_t *g, const char *src, const char *
 {
     uint32_t b = bucket(g, src, reason);
     for (struct rnode *r = g->refs[b]; r; r = r->next)
-        if (r->reason == reason && strcmp(r->src, src) == 0)
+        if (strcmp(r->reason, reason) == 0 && strcmp(r->src, src) == 0)
             return r;
     if (g->nrefs >= IPMPI_GATE_MAX_SOURCES && strcmp(src, "other addresses") != 0)
         return find_refusal(g, "other addresses", reason, now);

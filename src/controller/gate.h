@@ -59,7 +59,7 @@ void ipmpi_gate_pending_del(ipmpi_gate_t *g, const char *peer);
 /*
  * peer was refused for reason (a short fixed phrase that names the kind
  * of refusal in the summary line, e.g. "wrong key"; borrowed: a string
- * literal). Logs fmt at IPMPI_LOG_WARN if it is among the first few of
+ * literal, as it is kept until the summary). Logs fmt at IPMPI_LOG_WARN if it is among the first few of
  * its address and reason in this interval, else counts it for the
  * summary.
  */

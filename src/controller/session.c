@@ -125,10 +125,25 @@ short ipmpi_session_events(const ipmpi_session_t *s)
     return ev ? ev : s->q_paused ? 0 : POLLIN;
 }
 
-int ipmpi_session_q_resume(ipmpi_session_t *s)
+/* Bytes of frames the session completed that the controller still holds
+ * (the frame being read is not counted: it is always read to its end). */
+static uint64_t q_held(const ipmpi_session_t *s)
 {
-    if (!s->q_paused || s->charge->bytes > s->q_max)
+    uint64_t cur = s->in_stage == 2 && s->in_parts && s->in_parts->charge ? s->in_parts->charged : 0;
+    return s->charge->bytes - cur;
+}
+
+int ipmpi_session_q_resume(ipmpi_session_t *s, uint64_t now)
+{
+    if (!s->q_paused)
         return 0;
+    if (q_held(s) <= s->q_max)
+        s->q_allow = 0;
+    else if (now - s->t_trickle >= IPMPI_Q_TRICKLE_NS)
+        s->q_allow = IPMPI_Q_TRICKLE_BYTES;
+    else
+        return 0;
+    s->t_trickle = now;
     s->q_paused = 0;
     s->read_more = 1;
     return 1;
@@ -401,7 +416,10 @@ static int do_input(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_session
     while (s->state == IPMPI_SESS_OPEN) {
         if (s->in_paused)
             return 0; /* resumed by the owner, with read_more set */
-        if (s->in_stage == 0 && s->in_off == 0 && s->q_max && s->charge->bytes > s->q_max) {
+        int over = s->q_max && q_held(s) > s->q_max;
+        if (over && s->q_allow == 0) {
+            if (!s->q_paused)
+                s->t_trickle = ipmpi_now_ns();
             s->q_paused = 1; /* resumed by ipmpi_session_q_resume */
             return 0;
         }
@@ -429,6 +447,8 @@ static int do_input(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_session
             /* The piece is complete only when all of want arrived; the
              * budget may cut this read shorter than that. */
             size_t chunk = want > budget ? (size_t)budget : want;
+            if (over && chunk > s->q_allow)
+                chunk = (size_t)s->q_allow;
             long r = sread(s, dst, chunk);
             if (r < 0) {
                 if (r == IPMPI_ECLOSED && (s->in_stage > 0 || s->in_off > 0))
@@ -443,6 +463,8 @@ static int do_input(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_session
                 return 0;
             s->in_off += (size_t)r;
             budget -= (uint64_t)r;
+            if (over)
+                s->q_allow -= (uint64_t)r;
             if ((size_t)r < want) {
                 if (s->in_stream && s->in_stage == 2)
                     s->in_stream->feed(s->in_stream, s->in_part, s->in_off);
