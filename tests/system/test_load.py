@@ -31,31 +31,16 @@ import numpy
 import pytest
 
 from conftest import PYTHON, child_env, parse_furl, running_cluster, wait_for
+from test_chaos import controller_pid, rss_bytes
 
 LOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unauth_load.py")
 QUEUE_BYTES = 64 << 20     # --client-queue-bytes of the back-pressure cluster
-
-
-def controller_pid(cluster):
-    for name in os.listdir(cluster.log_dir):
-        m = re.match(r"ipcontroller-(\d+)\.log$", name)
-        if m:
-            return int(m.group(1))
-    raise AssertionError("no controller log in %s" % cluster.log_dir)
 
 
 def controller_log(cluster):
     with open(os.path.join(cluster.log_dir, "ipcontroller-%d.log" % controller_pid(cluster)),
               errors="replace") as f:
         return f.read().splitlines()
-
-
-def rss_bytes(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS for pid %d" % pid)
 
 
 def round_trips(mec, seconds, target=0, ids=None):
