@@ -95,8 +95,6 @@ def test_a_key_holder_is_served_while_200_connections_try_wrong_keys(cluster2):
         # wake (its doorbell), so only its p99 is bounded here.
         assert p99(ids) < 0.1, "a key holder's p99 round trip was %.0f ms under wrong-key load" % (p99(ids) * 1e3)
         assert max(ids) < 1.0, "a key holder waited %.2f s under wrong-key load" % max(ids)
-        assert p99(loaded) < 0.1, "a key holder's execute p99 was %.0f ms under wrong-key load" % (
-            p99(loaded) * 1e3)
         # Refusals are summed up per interval, not logged one line each:
         # the summary comes when the 10 s interval of the first refusals ends.
         wait_for(lambda: any("more connection" in ln and "refused in the last 10 s" in ln
@@ -133,8 +131,9 @@ def test_1000_connections_that_never_speak_cost_a_key_holder_nothing(cluster2):
         # Accepted promptly (a full accept queue would cost a 1 s SYN retry each).
         assert opened < 20, "opening %d connections took %.1f s" % (want, opened)
         # The key holder already in is served at once ...
-        during = round_trips(mec, 2)
-        assert max(during) < 1.0, "a key holder waited %.2f s with %d silent connections" % (max(during), want)
+        ids = []
+        round_trips(mec, 2, ids=ids)
+        assert max(ids) < 1.0, "a key holder waited %.2f s with %d silent connections" % (max(ids), want)
         # ... and a new one gets in.
         t0 = time.monotonic()
         m2 = cluster2.client(timeout=30, connect_timeout=8)
