@@ -49,6 +49,8 @@ static void usage(FILE *f, const char *prog)
             "  --task-depth N       short tasks that may wait ahead on a busy engine (default 4)\n"
             "  --result-memory BYTES  memory for kept MultiEngine results, fetched by request id\n"
             "                       after a reconnect (default 1 GiB; delivered ones use 1/8 of it)\n"
+            "  --client-queue-bytes BYTES  bytes of one client's requests the controller holds\n"
+            "                       before it stops reading that client (default 1 GiB)\n"
             "  --log-level N        0 error, 1 warn, 2 info, 3 debug (default 2)\n"
             "  --log-to-stderr      log to stderr instead of DIR/log/\n"
             "  -h, --help           this text\n"
@@ -78,6 +80,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         {"log-to-stderr", no_argument, 0, 'e'},     {"help", no_argument, 0, 'h'},
         {"task-memory", required_argument, 0, 'T'}, {"task-depth", required_argument, 0, 'D'},
         {"result-memory", required_argument, 0, 'R'},
+        {"client-queue-bytes", required_argument, 0, 'Q'},
         {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
     const char *env = getenv("IPMPI_DIR"), *home = getenv("HOME");
@@ -95,6 +98,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
     o->task_memory = (uint64_t)1 << 30;
     o->task_depth = 4;
     o->result_memory = (uint64_t)1 << 30;
+    o->client_queue_bytes = (uint64_t)1 << 30;
 
     int c;
     uint64_t v;
@@ -150,6 +154,11 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
             if (parse_u64(optarg, &v) || v < (1u << 20))
                 return fprintf(stderr, "ipmpi: --result-memory must be at least 1048576 bytes\n"), -1;
             o->result_memory = v;
+            break;
+        case 'Q':
+            if (parse_u64(optarg, &v) || v < (1u << 20))
+                return fprintf(stderr, "ipmpi: --client-queue-bytes must be at least 1048576 bytes\n"), -1;
+            o->client_queue_bytes = v;
             break;
         case 'D':
             if (parse_u64(optarg, &v) || v > 64)

@@ -28,6 +28,7 @@ typedef struct ipmpi_opts {
     uint64_t task_memory;     /* --task-memory: bytes of queued tasks and kept results */
     uint64_t result_memory;   /* --result-memory: bytes of kept MultiEngine request results */
     uint32_t task_depth;      /* --task-depth: tasks waiting ahead on a busy engine */
+    uint64_t client_queue_bytes; /* --client-queue-bytes: a client's requests held before its input pauses */
 } ipmpi_opts_t;
 
 typedef struct ipmpi_job {

@@ -32,7 +32,7 @@ void ipmpi_ctl_do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h
         cap = mec ? IPMPI_CAP_MEC : tc ? IPMPI_CAP_TC : IPMPI_CAP_NONE;
     }
     if (cap == IPMPI_CAP_NONE) {
-        ipmpi_log(IPMPI_LOG_WARN, "client %s refused: wrong key", s->peer);
+        ipmpi_gate_refused(c->gate, ipmpi_now_ns(), s->peer, "wrong key", "client %s refused: wrong key", s->peer);
         ipmpi_ctl_reply_err(s, h, IPMPI_EACCES, "access denied: wrong key");
         ipmpi_session_close_after_flush(s, ipmpi_now_ns());
         return;

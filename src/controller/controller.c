@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -44,6 +45,17 @@
 #define WATCH_BUSY_NS (250ull * 1000000ull)
 #define WATCH_IDLE_NS (2000ull * 1000000ull)
 #define MAX_SESSIONS 4096u
+/* Connections accepted per loop turn at most: a connect flood waits in the
+ * kernel's accept queue instead of holding the loop. */
+#define ACCEPT_PER_TURN 64
+/* Time per loop turn for connections before HELLO (TLS handshakes cost
+ * ~0.1-0.5 ms of CPU each): key holders' sessions are served first each
+ * turn, and then strangers' for at most this long, so a key holder's
+ * request waits at most about this plus one handshake, however many
+ * handshakes are under way. */
+#define PREAUTH_BUDGET_NS (1000000ull)
+/* Out of file descriptors with nothing to evict: accepting pauses this long. */
+#define ACCEPT_PAUSE_NS (100ull * 1000000ull)
 
 /* Set by SIGTERM/SIGINT; the only state a signal handler may touch. */
 static volatile sig_atomic_t stop_signal;
@@ -78,9 +90,56 @@ static int wait_fds(struct pollfd *fds, nfds_t n, uint64_t timeout_ns, const sig
 
 /* ---- sessions table ---- */
 
+/* ---- connections before HELLO ---- */
+
+static void pend_add(ipmpi_ctl_t *c, ipmpi_session_t *s)
+{
+    s->pending = 1;
+    s->pend_next = NULL;
+    s->pend_prev = c->pend_tail;
+    if (c->pend_tail)
+        c->pend_tail->pend_next = s;
+    else
+        c->pend_head = s;
+    c->pend_tail = s;
+}
+
+/* s said HELLO or goes away: no longer counted before HELLO. */
+static void pend_del(ipmpi_ctl_t *c, ipmpi_session_t *s)
+{
+    if (!s->pending)
+        return;
+    s->pending = 0;
+    if (s->pend_prev)
+        s->pend_prev->pend_next = s->pend_next;
+    else
+        c->pend_head = s->pend_next;
+    if (s->pend_next)
+        s->pend_next->pend_prev = s->pend_prev;
+    else
+        c->pend_tail = s->pend_prev;
+    s->pend_prev = s->pend_next = NULL;
+    ipmpi_gate_pending_del(c->gate, s->peer);
+}
+
+/* 1 if peers a and b ("addr:port") have the same address. */
+static int same_source(const char *a, const char *b)
+{
+    const char *ca = strrchr(a, ':'), *cb = strrchr(b, ':');
+    size_t na = ca ? (size_t)(ca - a) : strlen(a), nb = cb ? (size_t)(cb - b) : strlen(b);
+    return na == nb && memcmp(a, b, na) == 0;
+}
+
+static uint32_t session_slot(const ipmpi_session_t *s)
+{
+    return (uint32_t)s->id;
+}
+
+/* ---- sessions table ---- */
+
 static int add_session(ipmpi_ctl_t *c, int fd, const char *peer, uint64_t now)
 {
-    uint32_t slot = 0;
+    uint32_t slot = c->sfree;
     while (slot < c->scap && c->sess[slot])
         slot++;
     if (slot == c->scap) {
@@ -105,13 +164,25 @@ static int add_session(ipmpi_ctl_t *c, int fd, const char *peer, uint64_t now)
     ipmpi_session_t *s = ipmpi_session_new(fd, c->ssl, peer, id, now);
     if (!s)
         return IPMPI_ENOMEM;
+    if (ipmpi_gate_pending_add(c->gate, peer) < 0) {
+        s->fd = -1; /* stays the caller's */
+        ipmpi_session_free(s);
+        return IPMPI_ENOMEM;
+    }
+    s->gate = c->gate;
+    s->q_max = c->o->client_queue_bytes;
+    pend_add(c, s);
     c->sess[slot] = s;
+    c->sfree = slot + 1;
     c->nsess++;
     return 0;
 }
 
 static void drop_session(ipmpi_ctl_t *c, uint32_t slot)
 {
+    pend_del(c, c->sess[slot]);
+    if (slot < c->sfree)
+        c->sfree = slot;
     ipmpi_ctl_vmjob_drop(c->sess[slot]);
     ipmpi_ctl_tasks_session_closed(c, c->sess[slot]);
     ipmpi_session_free(c->sess[slot]);
@@ -121,61 +192,79 @@ static void drop_session(ipmpi_ctl_t *c, uint32_t slot)
 }
 
 /*
- * The session table is full: makes room by closing the oldest connection
- * that has not yet said HELLO. Anyone who can reach the port can open
- * connections, but only key holders get past HELLO; without this, a flood
- * of silent connections would lock every key holder out for as long as it
- * lasts. Returns 1 if a slot was freed.
+ * Makes room by closing the oldest connection that has not said HELLO
+ * (of peer's address when peer is not NULL). Anyone who can reach the
+ * port can open connections, but only key holders get past HELLO; without
+ * this, a flood of silent connections would lock every key holder out
+ * for as long as it lasts. Returns 1 if one was closed.
  */
-static int evict_unauthenticated(ipmpi_ctl_t *c)
+static int evict_unauthenticated(ipmpi_ctl_t *c, const char *peer, const char *reason, uint64_t now)
 {
-    uint32_t victim = UINT32_MAX;
-    for (uint32_t i = 0; i < c->scap; i++) {
-        ipmpi_session_t *s = c->sess[i];
-        if (s && s->cap == IPMPI_CAP_NONE && (victim == UINT32_MAX || s->t_open < c->sess[victim]->t_open))
-            victim = i;
-    }
-    if (victim == UINT32_MAX)
+    ipmpi_session_t *v = c->pend_head;
+    while (v && peer && !same_source(v->peer, peer))
+        v = v->pend_next;
+    if (!v)
         return 0;
-    ipmpi_log(IPMPI_LOG_WARN, "session table full: closing %s, which has not said HELLO", c->sess[victim]->peer);
-    drop_session(c, victim);
+    ipmpi_gate_refused(c->gate, now, v->peer, reason, "client %s closed before HELLO: %s", v->peer, reason);
+    drop_session(c, session_slot(v));
     return 1;
+}
+
+/* The address:port of ss in peer. */
+static void peer_name(const struct sockaddr_storage *ss, char *peer, size_t cap)
+{
+    char addr[INET6_ADDRSTRLEN] = "?";
+    int port = 0;
+    if (ss->ss_family == AF_INET) {
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, addr, sizeof addr);
+        port = ntohs(((const struct sockaddr_in *)ss)->sin_port);
+    } else if (ss->ss_family == AF_INET6) {
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, addr, sizeof addr);
+        port = ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
+    }
+    snprintf(peer, cap, "%s:%d", addr, port);
 }
 
 static void accept_clients(ipmpi_ctl_t *c, uint64_t now)
 {
-    for (;;) {
+    for (int k = 0; k < ACCEPT_PER_TURN; k++) {
         struct sockaddr_storage ss;
         socklen_t sl = sizeof ss;
         int fd = accept4(c->lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            if (errno == EMFILE || errno == ENFILE) {
+                /* The pending connection stays in the kernel's queue (and
+                 * keeps the socket readable): free a descriptor, or stop
+                 * looking at the socket for a while. */
+                if (evict_unauthenticated(c, NULL, "out of file descriptors", now))
+                    continue;
+                ipmpi_gate_refused(c->gate, now, "(accept):0", "out of file descriptors",
+                                   "cannot accept connections: %s; %u sessions open", strerror(errno), c->nsess);
+                c->accept_resume = now + ACCEPT_PAUSE_NS;
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED) {
                 ipmpi_log(IPMPI_LOG_WARN, "accept failed: %s", strerror(errno));
+            }
             return;
         }
-        char addr[INET6_ADDRSTRLEN] = "?", peer[80];
-        int port = 0;
-        if (ss.ss_family == AF_INET) {
-            inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, addr, sizeof addr);
-            port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-        } else if (ss.ss_family == AF_INET6) {
-            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, addr, sizeof addr);
-            port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-        }
-        snprintf(peer, sizeof peer, "%s:%d", addr, port);
+        char peer[80];
+        peer_name(&ss, peer, sizeof peer);
         /* A client whose link silently died is dropped within ~30 s
          * (its results stay in the controller). */
         ipmpi_tcp_tune(fd, 24);
         int rc = add_session(c, fd, peer, now);
-        if (rc == IPMPI_EAGAIN && evict_unauthenticated(c))
+        if (rc == IPMPI_EAGAIN && evict_unauthenticated(c, NULL, "session table full", now))
             rc = add_session(c, fd, peer, now);
         if (rc != 0) {
-            ipmpi_log(IPMPI_LOG_WARN, "connection from %s refused: %s", peer,
-                      rc == IPMPI_EAGAIN ? "too many sessions" : ipmpi_strerror(rc));
+            ipmpi_gate_refused(c->gate, now, peer, "too many sessions", "connection from %s refused: %s", peer,
+                               rc == IPMPI_EAGAIN ? "too many sessions" : ipmpi_strerror(rc));
             close(fd);
             continue;
         }
-        ipmpi_log(IPMPI_LOG_INFO, "connection from %s", peer);
+        ipmpi_log(IPMPI_LOG_DEBUG, "connection from %s", peer);
+        /* One address may hold only so many connections before HELLO:
+         * its oldest gives way to the new one. */
+        if (ipmpi_gate_pending(c->gate, peer) > IPMPI_GATE_PENDING_PER_SOURCE)
+            evict_unauthenticated(c, peer, "too many connections before HELLO from this address", now);
     }
 }
 
@@ -184,9 +273,12 @@ static void session_step(ipmpi_ctl_t *c, uint32_t slot)
 {
     ipmpi_session_t *s = c->sess[slot];
     int rc = ipmpi_session_io(s, &c->o->limits, ipmpi_ctl_client_frame, c);
+    if (s->pending && s->cap != IPMPI_CAP_NONE)
+        pend_del(c, s); /* it said HELLO with a key */
     if (rc < 0) {
         if (rc != IPMPI_ECLOSED || s->state != IPMPI_SESS_CLOSING)
-            ipmpi_log(IPMPI_LOG_INFO, "client %s: connection closed", s->peer);
+            ipmpi_log(s->cap == IPMPI_CAP_NONE ? IPMPI_LOG_DEBUG : IPMPI_LOG_INFO, "client %s: connection closed",
+                      s->peer);
         drop_session(c, slot);
     }
 }
@@ -210,7 +302,8 @@ static uint64_t session_deadlines(ipmpi_ctl_t *c, uint64_t now)
         } else if (s->cap == IPMPI_CAP_NONE) {
             d = s->t_open + HELLO_TIMEOUT_NS;
             if (now >= d) {
-                ipmpi_log(IPMPI_LOG_WARN, "client %s refused: no HELLO within 10 s", s->peer);
+                ipmpi_gate_refused(c->gate, now, s->peer, "no HELLO within 10 s", "client %s refused: no HELLO within 10 s",
+                                   s->peer);
                 if (s->state == IPMPI_SESS_OPEN) {
                     ipmpi_session_send_error(s, IPMPI_K_HELLO, 0, IPMPI_TARGET_CONTROLLER, 1, IPMPI_EACCES,
                                              "access denied: no HELLO within 10 s");
@@ -222,6 +315,9 @@ static uint64_t session_deadlines(ipmpi_ctl_t *c, uint64_t now)
                 }
             }
         }
+        /* Paused for back-pressure: its next allowance is due then. */
+        if (s->q_paused && s->t_trickle + IPMPI_Q_TRICKLE_NS < d)
+            d = s->t_trickle + IPMPI_Q_TRICKLE_NS;
         /* Mappings of the client's memfds are let go after a while unused,
          * so the memory the client freed is not kept alive here. */
         uint64_t e = ipmpi_shmcache_trim(&s->shm_peer, now);
@@ -334,6 +430,29 @@ static int wait_ready(ipmpi_ctl_t *c, const sigset_t *waitmask)
     }
 }
 
+/*
+ * Every session holds a descriptor, and strangers can open sessions: with
+ * the common soft limit of 1024, a thousand silent connections would leave
+ * no descriptor for a key holder (accept fails with EMFILE). The hard
+ * limit is the user's to have, so the soft one goes up to it (bounded:
+ * the session table holds MAX_SESSIONS; the rest is for MPI and memfds).
+ */
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return;
+    rlim_t want = 2 * MAX_SESSIONS + 1024;
+    if (rl.rlim_max != RLIM_INFINITY && want > rl.rlim_max)
+        want = rl.rlim_max;
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want) {
+        rl.rlim_cur = want;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+            ipmpi_log(IPMPI_LOG_WARN, "cannot raise the open file limit to %llu: %s", (unsigned long long)want,
+                      strerror(errno));
+    }
+}
+
 static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
 {
     memset(c, 0, sizeof *c);
@@ -366,6 +485,11 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
         c->host_id[0] = '\0'; /* no /proc: clients use TLS only */
     ipmpi_ctl_watch_init(&c->watch, job->have_pmix, job->jobid);
     c->watch.next_ns = ipmpi_now_ns() + WATCH_IDLE_NS;
+
+    c->gate = ipmpi_gate_new();
+    if (!c->gate)
+        return IPMPI_ENOMEM;
+    raise_fd_limit();
 
     int rc = ipmpi_security_setup(&c->sec, o->dir, job->hostname, o->client_port != 0);
     if (rc != 0)
@@ -415,6 +539,12 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         trim_in = shm_in < trim_in ? shm_in : trim_in;
         if (trim_in != UINT64_MAX && now + trim_in < next_deadline)
             next_deadline = now + trim_in;
+        /* Summaries of refusals whose interval ended. */
+        uint64_t gate_due = ipmpi_gate_tick(c->gate, now);
+        if (gate_due < next_deadline)
+            next_deadline = gate_due;
+        if (c->accept_resume > now && c->accept_resume < next_deadline)
+            next_deadline = c->accept_resume;
 
         if (pcap < c->scap + 1) {
             pcap = c->scap + 1;
@@ -431,7 +561,7 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             }
         }
         nfds_t n = 0;
-        pfd[n].fd = c->lfd;
+        pfd[n].fd = c->accept_resume > now ? -1 : c->lfd;
         pfd[n].events = POLLIN;
         pfd[n].revents = 0;
         n++;
@@ -440,6 +570,8 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             ipmpi_session_t *s = c->sess[i];
             if (!s)
                 continue;
+            /* Back-pressure ends once its requests went below the bound. */
+            ipmpi_session_q_resume(s, now);
             more |= s->read_more;
             pfd[n].fd = s->fd;
             pfd[n].events = ipmpi_session_events(s);
@@ -476,12 +608,33 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             ipmpi_backoff_busy(&bo, now);
         if (pfd[0].revents & POLLIN)
             accept_clients(c, now);
+        /* Key holders first, every one of them each turn. */
         for (nfds_t k = 1; k < n; k++) {
-            uint32_t slot = pslot[k];
-            ipmpi_session_t *s = c->sess[slot];
-            if (!s || (!pfd[k].revents && !s->read_more))
+            ipmpi_session_t *s = c->sess[pslot[k]];
+            if (!s || s->cap == IPMPI_CAP_NONE || (!pfd[k].revents && !s->read_more))
                 continue;
-            session_step(c, slot);
+            if (s->q_paused && (pfd[k].revents & (POLLHUP | POLLERR)) && !s->out_head) {
+                /* Not reading it, so its socket's end shows only here. */
+                ipmpi_log(IPMPI_LOG_INFO, "client %s: connection closed while its input was paused", s->peer);
+                drop_session(c, pslot[k]);
+                continue;
+            }
+            session_step(c, pslot[k]);
+        }
+        /* Then connections before HELLO, within the turn's budget,
+         * starting where the last turn stopped so each gets its turn;
+         * those left out are still ready at the next ppoll(). */
+        uint64_t budget_end = ipmpi_now_ns() + PREAUTH_BUDGET_NS;
+        for (nfds_t j = 0; j + 1 < n; j++) {
+            nfds_t k = 1 + (c->hs_rot + j) % (n - 1);
+            ipmpi_session_t *s = c->sess[pslot[k]];
+            if (!s || s->cap != IPMPI_CAP_NONE || s->fd != pfd[k].fd || (!pfd[k].revents && !s->read_more))
+                continue;
+            if (ipmpi_now_ns() >= budget_end) {
+                c->hs_rot = (uint32_t)(k - 1);
+                break;
+            }
+            session_step(c, pslot[k]);
         }
     }
     free(pfd);
@@ -562,6 +715,7 @@ static void teardown(ipmpi_ctl_t *c)
     ipmpi_mpilink_fini(&c->link);
     SSL_CTX_free(c->ssl);
     ipmpi_security_fini(&c->sec);
+    ipmpi_gate_free(c->gate);
 }
 
 int ipmpi_controller_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)

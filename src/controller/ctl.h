@@ -76,6 +76,15 @@ typedef struct ipmpi_ctl {
     uint32_t *sgen;
     uint32_t scap;
     uint32_t nsess;
+    uint32_t sfree;  /* no free slot below this one */
+
+    /* Connections before HELLO (controller.c): their per-address counts
+     * and rate-limited refusal logs, and the list of them, oldest first,
+     * which give way when an address or the table has too many. */
+    ipmpi_gate_t *gate;
+    ipmpi_session_t *pend_head, *pend_tail;
+    uint32_t hs_rot;          /* where the next turn's handshakes start */
+    uint64_t accept_resume;   /* out of fds: no accept before this (ns) */
 
     int stopping; /* SHUTDOWN received or shutdown under way */
     char host_id[IPMPI_HOST_ID_MAX]; /* ipmpi_host_id(), "" if unknown: HELLO tells clients */

@@ -142,6 +142,38 @@ ipmpi_parts_t *ipmpi_parts_from(const void *data, size_t len)
     return p;
 }
 
+ipmpi_charge_t *ipmpi_charge_new(void)
+{
+    ipmpi_charge_t *ch = calloc(1, sizeof *ch);
+    if (ch)
+        ch->refs = 1;
+    return ch;
+}
+
+void ipmpi_charge_unref(ipmpi_charge_t *ch)
+{
+    if (ch && --ch->refs == 0)
+        free(ch);
+}
+
+void ipmpi_parts_charge(ipmpi_parts_t *p, ipmpi_charge_t *ch)
+{
+    p->charge = ch;
+    ch->refs++;
+    p->charged = ipmpi_parts_bytes(p);
+    ch->bytes += p->charged;
+}
+
+/* p's parts changed: its charge follows its size. */
+static void recharge(ipmpi_parts_t *p)
+{
+    if (!p->charge)
+        return;
+    uint64_t now = ipmpi_parts_bytes(p);
+    p->charge->bytes = p->charge->bytes - p->charged + now;
+    p->charged = now;
+}
+
 ipmpi_parts_t *ipmpi_parts_ref(ipmpi_parts_t *p)
 {
     p->refs++;
@@ -157,6 +189,10 @@ void ipmpi_parts_unref(ipmpi_parts_t *p)
             ipmpi_backing_unref(p->back[i]);
         else
             part_free(p->bufs[i], p->lens[i]);
+    }
+    if (p->charge) {
+        p->charge->bytes -= p->charged;
+        ipmpi_charge_unref(p->charge);
     }
     free(p->back);
     free(p->bufs);
@@ -179,6 +215,7 @@ int ipmpi_parts_set_backing(ipmpi_parts_t *p, uint32_t i, ipmpi_backing_t *b, ui
     p->back[i] = b;
     p->bufs[i] = buf;
     p->lens[i] = len;
+    recharge(p);
     return 0;
 }
 
@@ -195,6 +232,7 @@ int ipmpi_parts_resize(ipmpi_parts_t *p, uint32_t i, uint64_t len)
     }
     p->bufs[i] = buf;
     p->lens[i] = len;
+    recharge(p);
     return 0;
 }
 
@@ -206,6 +244,7 @@ void ipmpi_parts_drop_last(ipmpi_parts_t *p)
     else
         part_free(p->bufs[i], p->lens[i]);
     p->n--;
+    recharge(p);
 }
 
 void ipmpi_parts_drop_first(ipmpi_parts_t *p)
@@ -219,6 +258,7 @@ void ipmpi_parts_drop_first(ipmpi_parts_t *p)
     memmove(p->bufs, p->bufs + 1, (size_t)(p->n - 1) * sizeof *p->bufs);
     memmove(p->lens, p->lens + 1, (size_t)(p->n - 1) * sizeof *p->lens);
     p->n--;
+    recharge(p);
 }
 
 ipmpi_parts_t *ipmpi_parts_take(ipmpi_parts_t *p, uint32_t first, uint32_t n)
@@ -261,6 +301,7 @@ ipmpi_parts_t *ipmpi_parts_take(ipmpi_parts_t *p, uint32_t first, uint32_t n)
     }
     q->n = n;
     free(empty);
+    recharge(p);
     return q;
 }
 

@@ -39,6 +39,22 @@ static inline void ipmpi_backing_unref(ipmpi_backing_t *b)
         b->release(b);
 }
 
+/*
+ * A byte count that payloads are charged to (the bytes one client has
+ * sent that the controller still holds: back-pressure, session.h).
+ * Reference-counted: the session holds one, each charged payload one, so
+ * a payload may outlive its session.
+ */
+typedef struct ipmpi_charge {
+    unsigned refs;
+    uint64_t bytes;
+} ipmpi_charge_t;
+
+/* A new charge of 0 bytes, refs = 1 (caller owns). NULL on ENOMEM. */
+ipmpi_charge_t *ipmpi_charge_new(void);
+/* Drops one reference (NULL is ignored); frees at zero. */
+void ipmpi_charge_unref(ipmpi_charge_t *ch);
+
 typedef struct ipmpi_parts {
     unsigned refs;
     uint32_t n;
@@ -47,7 +63,16 @@ typedef struct ipmpi_parts {
     /* NULL, or n entries: back[i] != NULL means bufs[i] points into that
      * backing (one reference held) instead of an own buffer. */
     ipmpi_backing_t **back;
+    /* NULL, or the charge this payload's bytes count in (one reference
+     * held): `charged` bytes, kept equal to ipmpi_parts_bytes() by the
+     * functions below that change parts, until the payload is freed. */
+    ipmpi_charge_t *charge;
+    uint64_t charged;
 } ipmpi_parts_t;
+
+/* Counts p's bytes in ch (a reference is taken) until p is freed; p must
+ * not be charged yet. */
+void ipmpi_parts_charge(ipmpi_parts_t *p, ipmpi_charge_t *ch);
 
 /*
  * Makes a payload of n parts with the given lengths, each buffer allocated

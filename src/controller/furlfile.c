@@ -262,7 +262,7 @@ int ipmpi_listen_open(const char *client_ip, int port, int *fd_out, char host[IP
         }
         int one = 1;
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, p->ai_addr, p->ai_addrlen) == 0 && listen(fd, 128) == 0) {
+        if (bind(fd, p->ai_addr, p->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0) {
             loopback = is_loopback_sa(p->ai_addr);
             break;
         }

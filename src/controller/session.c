@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,26 @@ struct ipmpi_outframe {
     uint64_t off;          /* bytes of the current piece already written */
 };
 
+/*
+ * A refusal or failure of s worth a warning. Before HELLO anyone may cause
+ * it at will, so it goes through the gate's rate limit, counted under
+ * reason; after HELLO it is a key holder's and always logged.
+ */
+static void refusal(const ipmpi_session_t *s, const char *reason, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void refusal(const ipmpi_session_t *s, const char *reason, const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (s->cap == IPMPI_CAP_NONE && s->gate)
+        ipmpi_gate_refused(s->gate, ipmpi_now_ns(), s->peer, reason, "%s", line);
+    else
+        ipmpi_log(IPMPI_LOG_WARN, "%s", line);
+}
+
 static void log_ssl_errors(const ipmpi_session_t *s, const char *what)
 {
     unsigned long e;
@@ -45,11 +66,13 @@ static void log_ssl_errors(const ipmpi_session_t *s, const char *what)
     int any = 0;
     while ((e = ERR_get_error()) != 0) {
         ERR_error_string_n(e, buf, sizeof buf);
-        ipmpi_log(IPMPI_LOG_WARN, "client %s: %s: %s", s->peer, what, buf);
+        /* Before HELLO, one line per failure: the first error names it. */
+        if (!any || s->cap != IPMPI_CAP_NONE)
+            refusal(s, what, "client %s: %s: %s", s->peer, what, buf);
         any = 1;
     }
     if (!any)
-        ipmpi_log(IPMPI_LOG_WARN, "client %s: %s: %s", s->peer, what, errno ? strerror(errno) : "connection lost");
+        refusal(s, what, "client %s: %s: %s", s->peer, what, errno ? strerror(errno) : "connection lost");
 }
 
 ipmpi_session_t *ipmpi_session_new(int fd, SSL_CTX *ctx, const char *peer, uint64_t id, uint64_t now)
@@ -58,7 +81,9 @@ ipmpi_session_t *ipmpi_session_new(int fd, SSL_CTX *ctx, const char *peer, uint6
     if (!s)
         return NULL;
     s->ssl = SSL_new(ctx);
-    if (!s->ssl || SSL_set_fd(s->ssl, fd) != 1) {
+    s->charge = ipmpi_charge_new();
+    if (!s->ssl || !s->charge || SSL_set_fd(s->ssl, fd) != 1) {
+        ipmpi_charge_unref(s->charge);
         SSL_free(s->ssl);
         free(s);
         return NULL;
@@ -90,12 +115,38 @@ short ipmpi_session_events(const ipmpi_session_t *s)
     if (s->state == IPMPI_SESS_HANDSHAKE)
         return s->hs_want;
     short ev = 0;
-    if (s->state == IPMPI_SESS_OPEN)
+    /* Paused for back-pressure: the socket's input stays in the kernel
+     * (the client's sends block) and must not wake the loop. */
+    if (s->state == IPMPI_SESS_OPEN && !s->q_paused)
         ev |= s->rd_want;
     if (s->out_head)
         ev |= s->wr_want;
     /* A closing session with nothing to write still wants to notice a hang-up. */
-    return ev ? ev : POLLIN;
+    return ev ? ev : s->q_paused ? 0 : POLLIN;
+}
+
+/* Bytes of frames the session completed that the controller still holds
+ * (the frame being read is not counted: it is always read to its end). */
+static uint64_t q_held(const ipmpi_session_t *s)
+{
+    uint64_t cur = s->in_stage == 2 && s->in_parts && s->in_parts->charge ? s->in_parts->charged : 0;
+    return s->charge->bytes - cur;
+}
+
+int ipmpi_session_q_resume(ipmpi_session_t *s, uint64_t now)
+{
+    if (!s->q_paused)
+        return 0;
+    if (q_held(s) <= s->q_max)
+        s->q_allow = 0;
+    else if (now - s->t_trickle >= IPMPI_Q_TRICKLE_NS)
+        s->q_allow = IPMPI_Q_TRICKLE_BYTES;
+    else
+        return 0;
+    s->t_trickle = now;
+    s->q_paused = 0;
+    s->read_more = 1;
+    return 1;
 }
 
 static void free_frame(ipmpi_outframe_t *f)
@@ -211,6 +262,7 @@ void ipmpi_session_close_after_flush(ipmpi_session_t *s, uint64_t now)
     s->state = IPMPI_SESS_CLOSING;
     s->t_close = now;
     s->read_more = 0;
+    s->q_paused = 0;
     reset_input(s);
 }
 
@@ -221,8 +273,8 @@ static void bad_frame(ipmpi_session_t *s, int status, const char *why)
     if (kind == 0 || kind >= IPMPI_K_MAX_)
         kind = IPMPI_K_HELLO;
     uint64_t req = s->in_off >= 16 || s->in_stage > 0 ? ipmpi_get_u64(s->in_hdr + 8) : 0;
-    ipmpi_log(IPMPI_LOG_WARN, "client %s: bad frame (%s): %s; closing the connection", s->peer,
-              ipmpi_errname(status), why);
+    refusal(s, "bad frame", "client %s: bad frame (%s): %s; closing the connection", s->peer,
+            ipmpi_errname(status), why);
     ipmpi_session_send_error(s, kind, req, IPMPI_TARGET_CONTROLLER, 1, status, why);
     ipmpi_session_close_after_flush(s, ipmpi_now_ns());
 }
@@ -278,7 +330,8 @@ static int got_header(ipmpi_session_t *s, const ipmpi_limits_t *lim)
     }
     if (s->cap == IPMPI_CAP_NONE &&
         (s->in_h.kind != IPMPI_K_HELLO || s->in_h.nparts != 1 || (s->in_h.flags & IPMPI_F_REPLY))) {
-        ipmpi_log(IPMPI_LOG_WARN, "client %s: refused: frame of kind %u before HELLO", s->peer, s->in_h.kind);
+        refusal(s, "frame before HELLO", "client %s: refused: frame of kind %u before HELLO", s->peer,
+                s->in_h.kind);
         ipmpi_session_send_error(s, s->in_h.kind, s->in_h.req_id, IPMPI_TARGET_CONTROLLER, 1, IPMPI_EACCES,
                                  "access denied: the first frame must be HELLO with the key from the furl");
         ipmpi_session_close_after_flush(s, ipmpi_now_ns());
@@ -313,8 +366,8 @@ static int got_lens(ipmpi_session_t *s, const ipmpi_limits_t *lim, void *arg)
         }
     }
     if (s->cap == IPMPI_CAP_NONE && s->in_lens[0] != IPMPI_KEY_HEX_LEN) {
-        ipmpi_log(IPMPI_LOG_WARN, "client %s: refused: HELLO key of %llu bytes", s->peer,
-                  (unsigned long long)s->in_lens[0]);
+        refusal(s, "wrong key", "client %s: refused: HELLO key of %llu bytes", s->peer,
+                (unsigned long long)s->in_lens[0]);
         ipmpi_session_send_error(s, IPMPI_K_HELLO, s->in_h.req_id, IPMPI_TARGET_CONTROLLER, 1, IPMPI_EACCES,
                                  "access denied: wrong key");
         ipmpi_session_close_after_flush(s, ipmpi_now_ns());
@@ -325,6 +378,11 @@ static int got_lens(ipmpi_session_t *s, const ipmpi_limits_t *lim, void *arg)
         bad_frame(s, IPMPI_ENOMEM, "out of memory for the frame's parts");
         return -1;
     }
+    /* Counted from here, before its bytes arrive: the frame is read to its
+     * end whatever the count (pausing mid-frame could never resume), but
+     * the next one waits while the count is over the bound. */
+    if (s->cap == IPMPI_CAP_MEC)
+        ipmpi_parts_charge(s->in_parts, s->charge);
     s->in_stage = 2;
     s->in_part = 0;
     s->in_off = 0;
@@ -358,6 +416,13 @@ static int do_input(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_session
     while (s->state == IPMPI_SESS_OPEN) {
         if (s->in_paused)
             return 0; /* resumed by the owner, with read_more set */
+        int over = s->q_max && q_held(s) > s->q_max;
+        if (over && s->q_allow == 0) {
+            if (!s->q_paused)
+                s->t_trickle = ipmpi_now_ns();
+            s->q_paused = 1; /* resumed by ipmpi_session_q_resume */
+            return 0;
+        }
         if (budget == 0) {
             s->read_more = 1;
             return 0;
@@ -382,18 +447,24 @@ static int do_input(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_session
             /* The piece is complete only when all of want arrived; the
              * budget may cut this read shorter than that. */
             size_t chunk = want > budget ? (size_t)budget : want;
+            if (over && chunk > s->q_allow)
+                chunk = (size_t)s->q_allow;
             long r = sread(s, dst, chunk);
             if (r < 0) {
                 if (r == IPMPI_ECLOSED && (s->in_stage > 0 || s->in_off > 0))
-                    ipmpi_log(IPMPI_LOG_WARN, "client %s disconnected in the middle of a frame", s->peer);
+                    refusal(s, "disconnected in the middle of a frame",
+                            "client %s disconnected in the middle of a frame", s->peer);
                 else if (r == IPMPI_ECLOSED)
-                    ipmpi_log(IPMPI_LOG_INFO, "client %s disconnected", s->peer);
+                    ipmpi_log(s->cap == IPMPI_CAP_NONE ? IPMPI_LOG_DEBUG : IPMPI_LOG_INFO,
+                              "client %s disconnected", s->peer);
                 return (int)r;
             }
             if (r == 0)
                 return 0;
             s->in_off += (size_t)r;
             budget -= (uint64_t)r;
+            if (over)
+                s->q_allow -= (uint64_t)r;
             if ((size_t)r < want) {
                 if (s->in_stream && s->in_stage == 2)
                     s->in_stream->feed(s->in_stream, s->in_part, s->in_off);
@@ -525,5 +596,6 @@ void ipmpi_session_free(ipmpi_session_t *s)
         ipmpi_backing_unref(s->lent[i].b);
     free(s->lent);
     ipmpi_shmcache_clear(&s->shm_peer);
+    ipmpi_charge_unref(s->charge);
     free(s);
 }

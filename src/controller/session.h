@@ -26,6 +26,7 @@
 
 #include "codec.h"
 #include "equeue.h"
+#include "gate.h"
 #include "shmbuf.h"
 
 enum ipmpi_sess_state {
@@ -79,6 +80,28 @@ struct ipmpi_session {
     uint64_t t_open;    /* accept time (ns), for the HELLO deadline */
     uint64_t t_close;   /* when CLOSING began (ns), for the flush deadline */
     int read_more;      /* the read budget ran out with input possibly left */
+
+    /* Before HELLO (controller.c): refusals are logged through the gate
+     * (borrowed, may be NULL), and the session is on the controller's
+     * list of connections before HELLO, oldest first. */
+    ipmpi_gate_t *gate;
+    int pending;
+    ipmpi_session_t *pend_prev, *pend_next;
+
+    /* Back-pressure on requests (doc/protocol.md section 1): the bytes of
+     * this session's frames the controller still holds (queued for
+     * engines, being sent, running) are charged to `charge` (MultiEngine
+     * sessions only). While the frames it completed hold more than q_max,
+     * input stops (q_paused) until the owner sees the charge fall back,
+     * except for IPMPI_Q_TRICKLE_BYTES every IPMPI_Q_TRICKLE_NS (q_allow):
+     * a client's kernel ends a connection whose receive window stays shut
+     * for its TCP_USER_TIMEOUT (~11 s, ipmpi_tcp_tune), also when the
+     * peer is alive and answers the probes. */
+    ipmpi_charge_t *charge;
+    uint64_t q_max;
+    int q_paused;
+    uint64_t q_allow;    /* bytes that may still be read while over */
+    uint64_t t_trickle;  /* when the last allowance was given (ns) */
 
     /* input */
     int in_stage;       /* 0 header, 1 lengths, 2 parts */
@@ -142,6 +165,15 @@ ipmpi_session_t *ipmpi_session_new(int fd, SSL_CTX *ctx, const char *peer, uint6
 
 /* Events to poll() for. */
 short ipmpi_session_events(const ipmpi_session_t *s);
+
+#define IPMPI_Q_TRICKLE_BYTES ((uint64_t)1 << 20)
+#define IPMPI_Q_TRICKLE_NS (3ull * 1000000000ull)
+
+/* For a session paused for back-pressure: resumes its input (read_more is
+ * set) when its charge has fallen to q_max or below, or for one allowance
+ * when the last one is IPMPI_Q_TRICKLE_NS old. Returns 1 if it resumed.
+ * Loop thread. */
+int ipmpi_session_q_resume(ipmpi_session_t *s, uint64_t now);
 
 /*
  * Makes progress: handshake, then input (frames to cb, at most a bounded
