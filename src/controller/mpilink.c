@@ -198,6 +198,11 @@ static int progress_sends(ipmpi_mpilink_t *l)
         return 0;
     for (int k = 0; k < outcount; k++) {
         ipmpi_sendop_t *op = l->sop[l->sidx[k]];
+        /* A send completes once its bytes are in the engine's reach; one
+         * that MPI queued (the peer's shared-memory queue was full) got
+         * there after post_header's ring, maybe after the engine's last
+         * look before it fell asleep: ring again now. Cheap when awake. */
+        ipmpi_doorbell_ring(l->bell, op->rank);
         if (--op->left > 0)
             continue;
         if (!op->open) {
