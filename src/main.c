@@ -48,7 +48,7 @@ static void usage(FILE *f, const char *prog)
             "  --task-memory BYTES  memory for queued tasks and kept task results (default 1 GiB)\n"
             "  --task-depth N       short tasks that may wait ahead on a busy engine (default 4)\n"
             "  --result-memory BYTES  memory for kept MultiEngine results, fetched by request id\n"
-            "                       after a reconnect (default 1 GiB; delivered ones use 1/8 of it)\n"
+            "                       after a reconnect (default 1 GiB; delivered ones use 1/64 of it)\n"
             "  --client-queue-bytes BYTES  bytes of one client's requests the controller holds\n"
             "                       before it stops reading that client (default 1 GiB)\n"
             "  --log-level N        0 error, 1 warn, 2 info, 3 debug (default 2)\n"

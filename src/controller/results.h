@@ -28,7 +28,7 @@
 /* Sessions that may wait on one running request (a fetch each). */
 #define IPMPI_RESULT_SUBS_MAX 64u
 /* Delivered results keep at most budget / this. */
-#define IPMPI_RESULT_DELIVERED_SHARE 8u
+#define IPMPI_RESULT_DELIVERED_SHARE 64u
 
 typedef struct ipmpi_rreply {
     int32_t target, status;
