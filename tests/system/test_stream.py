@@ -9,15 +9,13 @@ What "while the code runs" means here: the code prints, sleeps 2 s and
 prints again; the first line must have been seen at least 1 s before the
 call returned (the whole result came with the reply before streaming).
 """
-import json
 import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 
 import pytest
@@ -313,3 +311,47 @@ def test_px_streams_in_a_jupyter_kernel(cluster4):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+CTRL_C_TWICE = """
+import signal, sys, time
+from ipmpi import client
+signal.signal(signal.SIGINT, signal.default_int_handler)
+mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+print("READY", flush=True)
+t0 = time.monotonic()
+try:
+    mec.execute("import time\\nfor i in range(600):\\n    print('tick', i)\\n    time.sleep(0.1)", stream=True)
+    print("RETURNED")
+except KeyboardInterrupt:
+    print("CTRL-C %.2f" % (time.monotonic() - t0), flush=True)
+try:
+    time.sleep(2)
+except KeyboardInterrupt:
+    print("SECOND", flush=True)
+r = mec.execute("print('after')", timeout=20)
+print("AFTER", [x["stdout"] for x in r], "%.2f" % (time.monotonic() - t0), flush=True)
+"""
+
+
+def test_ctrl_c_twice_while_streaming(cluster4):
+    # Two SIGINTs 50 ms apart, as a user who presses Ctrl-C twice: the
+    # client returns, the engines were interrupted (the next request is
+    # answered at once) and nothing hangs.
+    p = subprocess.Popen([PYTHON, "-c", CTRL_C_TWICE, cluster4.mec_furl], env=child_env(),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert p.stdout.readline().startswith("READY")
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=T)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "CTRL-C" in out and "[0] tick 0" in out, out
+    assert float(out.split("CTRL-C ")[1].split()[0]) < 3.0, out
+    assert "AFTER ['after\\n', 'after\\n', 'after\\n', 'after\\n']" in out, out
+    assert float(out.split("AFTER ")[1].split()[-1]) < 10.0, out

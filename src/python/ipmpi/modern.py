@@ -1229,10 +1229,7 @@ class Client:
         engines = sorted({e for c in ar._children if c.outcomes is None
                           for e in getattr(c, "engines", ()) if e is not None})
         if engines:
-            try:
-                self._mec.interrupt(engines)
-            except Exception:
-                pass
+            self._mec._interrupt_quietly(engines)
 
     def shutdown(self, targets="all", restart=False, hub=False, block=None):
         """Stops engines: hub=True (or targets 'all' with hub=True) stops the

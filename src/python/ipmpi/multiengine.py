@@ -620,10 +620,24 @@ class MultiEngineClient(_Base):
         """Ctrl-C hook of PendingResult: interrupts what pr started."""
         if not self.interrupt_on_ctrl_c or self._conn is None:
             return
+        self._interrupt_quietly(pr.targets if pr.targets is not None else self._targets)
+
+    def _interrupt_quietly(self, targets):
+        """The interrupt a Ctrl-C sends: a second Ctrl-C meanwhile waits
+        until it is sent (SIGINT held back in the main thread, then raised
+        as usual), so the engines are interrupted whatever the user
+        presses; errors (a closed link) are dropped."""
+        import signal
+        import threading
+        main = threading.current_thread() is threading.main_thread()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
         try:
-            self.interrupt(pr.targets if pr.targets is not None else self._targets, timeout=5)
-        except BaseException:  # a second Ctrl-C, a closed link: the first one wins
+            self.interrupt(targets, timeout=5)
+        except Exception:
             pass
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def shutdown(self, block=True, timeout=None):
         """Stops the whole cluster: controller and every engine."""
