@@ -43,16 +43,6 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])   # utime, stime
 
 
-def segment_pss_kb(pid):
-    total, inside = 0, False
-    with open("/proc/%d/smaps" % pid) as f:
-        for line in f:
-            first = line.split(" ", 1)[0]
-            if "-" in first and ":" not in first:
-                inside = "/dev/shm/ipmpi-shared-" in line
-            elif inside and line.startswith("Pss:"):
-                total += int(line.split()[1])
-    return total
 
 
 def controller_pid(cluster):
@@ -108,6 +98,7 @@ def ipmpi_at(n, a):
             mec.push(dict(big=big), shared=True)
             out["shared_s"] = time.perf_counter() - t
             mec.execute("s = float(big.sum())")   # every engine touches every page
+            from ipmpi.shared import segment_pss_kb
             out["shared_pss"] = sum(segment_pss_kb(p) for p in pids) / 1024.0
             mec.execute("del big")
         finally:

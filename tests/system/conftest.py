@@ -9,6 +9,8 @@ of its session. Every wait is bounded.
 """
 import hashlib
 import os
+import pty
+import select
 import shutil
 import signal
 import socket
@@ -299,3 +301,58 @@ def run_record(d):
     import json
     with open(os.path.join(d, "run", "ipcluster.json")) as f:
         return json.load(f)
+
+
+def pty_run(argv, env, timeout, stdin_text=None):
+    """Runs argv with stdout and stderr a pty (a terminal, as a user's), stdin
+    stdin_text (or nothing); returns (exit status, [(time.monotonic(), text)]
+    of what it wrote, as it came). Killed after timeout s."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
+                         stdout=slave, stderr=slave, env=env, close_fds=True, text=True)
+    os.close(slave)
+    if stdin_text is not None:
+        p.stdin.write(stdin_text)
+        p.stdin.close()
+    seen = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            r, _w, _x = select.select([master], [], [], 0.5)
+            if r:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                seen.append((time.monotonic(), data.decode("utf-8", "replace")))
+            elif p.poll() is not None:
+                break
+        p.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        os.close(master)
+    return p.returncode, seen
+
+
+def run_ctrl_c(argv, delays, timeout):
+    """Runs argv (a client that prints READY when it is waiting), then sends
+    it SIGINT after each of delays (seconds, one after the other), as a user
+    pressing Ctrl-C; returns its output (stdout and stderr)."""
+    p = subprocess.Popen(argv, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        first = p.stdout.readline()
+        assert first.startswith("READY"), first + p.stdout.read()
+        for d in delays:
+            time.sleep(d)
+            p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return out

@@ -4,16 +4,12 @@ also in a comm.barrier() that one engine never joins; engines that run
 nothing are left alone, so an interrupt while idle never breaks the next
 request; the engines live on.
 """
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 
-from conftest import PYTHON, child_env, running_cluster
+from conftest import PYTHON, run_ctrl_c, running_cluster
 from ipmpi import client
 
 T = 60
@@ -105,17 +101,7 @@ def test_ctrl_c_in_the_client_returns_and_interrupts_the_engines(cluster, tmp_pa
         r = mec.execute("print('after')")
         print("AFTER", [x["stdout"] for x in r], "%.2f" % (time.monotonic() - t0), flush=True)
     """))
-    p = subprocess.Popen([PYTHON, str(script), cluster.mec_furl], env=child_env(), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert p.stdout.readline().startswith("READY")
-        time.sleep(1.0)
-        p.send_signal(signal.SIGINT)
-        out, _ = p.communicate(timeout=T)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    out = run_ctrl_c([PYTHON, str(script), cluster.mec_furl], [1.0], T)
     assert "CTRL-C" in out, out
     assert float(out.split("CTRL-C ")[1].split()[0]) < 3.0, out
     # The engines were interrupted: the next request answers at once, not after 60 s.

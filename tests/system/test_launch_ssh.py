@@ -149,16 +149,7 @@ SHARED_CLIENT = r"""
 import sys
 import numpy as np
 from ipmpi import client
-
-def segment_pss(pid):
-    total, inside = 0, False
-    for line in open("/proc/%d/smaps" % pid):
-        first = line.split(" ", 1)[0]
-        if "-" in first and ":" not in first:
-            inside = "/dev/shm/ipmpi-shared-" in line
-        elif inside and line.startswith("Pss:"):
-            total += int(line.split()[1])
-    return total
+from ipmpi.shared import segment_pss_kb as segment_pss
 
 mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
 info = {d["id"]: d for d in mec.engine_info()}

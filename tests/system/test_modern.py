@@ -7,16 +7,14 @@ but for the import line. The progress test runs a client in a real pty.
 Every wait is bounded.
 """
 import os
-import pty
 import re
-import select
 import subprocess
 import time
 
 import pytest
 
 import ipmpi
-from conftest import PYTHON, child_env
+from conftest import PYTHON, child_env, pty_run
 
 T = 60
 
@@ -254,32 +252,8 @@ def test_interrupt_stops_an_async_result_and_the_engines_answer_after(rc):
 
 def _pty_run(code, env, timeout=T):
     """Runs PYTHON -c code with stdout and stderr a pty; its output."""
-    master, slave = pty.openpty()
-    p = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                         env=env, close_fds=True)
-    os.close(slave)
-    out = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([master], [], [], 0.5)
-            if r:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                out += data
-            elif p.poll() is not None:
-                break
-        p.wait(timeout=max(1, deadline - time.monotonic()))
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-        os.close(master)
-    return p.returncode, out.decode("utf-8", "replace")
+    rc, seen = pty_run([PYTHON, "-c", code], env, timeout)
+    return rc, "".join(s for _t, s in seen)
 
 
 PROGRESS_CODE = """

@@ -12,23 +12,13 @@ import numpy as np
 import pytest
 
 from ipmpi import client
+from ipmpi.shared import segment_pss_kb
 
 T = 120
 MiB = 1 << 20
 
 
-def segment_pss(pid):
-    """kB of proportional set size of pid's mappings of ipmpi shared segments."""
-    total = 0
-    inside = False
-    with open("/proc/%d/smaps" % pid) as f:
-        for line in f:
-            first = line.split(" ", 1)[0]
-            if "-" in first and ":" not in first:          # a mapping's header line
-                inside = "/dev/shm/ipmpi-shared-" in line
-            elif inside and line.startswith("Pss:"):
-                total += int(line.split()[1])
-    return total
+segment_pss = segment_pss_kb
 
 
 def leftover_segments():

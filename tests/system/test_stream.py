@@ -10,17 +10,13 @@ prints again; the first line must have been seen at least 1 s before the
 call returned (the whole result came with the reply before streaming).
 """
 import os
-import pty
 import re
-import select
-import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import PYTHON, child_env
+from conftest import PYTHON, child_env, pty_run, run_ctrl_c
 
 from ipmpi import _consts, _serialize, client
 
@@ -230,33 +226,9 @@ def test_px_streams_in_ipython_on_a_terminal(cluster4):
     # IPython's stdout is a terminal (a pty), so %px streams by default.
     env = child_env()
     env["IPMPI_DIR"] = cluster4.ipmpi_dir
-    master, slave = pty.openpty()
     argv = [PYTHON, "-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False",
             "--TerminalInteractiveShell.confirm_exit=False", "--simple-prompt"]
-    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=slave, stderr=slave, env=env, text=True)
-    os.close(slave)
-    p.stdin.write(PX_SESSION)
-    p.stdin.close()
-    seen = []  # (time, text)
-    deadline = time.monotonic() + T
-    try:
-        while time.monotonic() < deadline:
-            r, _w, _x = select.select([master], [], [], 0.5)
-            if r:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                seen.append((time.monotonic(), data.decode("utf-8", "replace")))
-            elif p.poll() is not None:
-                break
-    finally:
-        os.close(master)
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=30)
+    _rc, seen = pty_run(argv, env, T, stdin_text=PX_SESSION)
     text = "".join(s for _t, s in seen)
 
     def when(needle):
@@ -338,19 +310,7 @@ def test_ctrl_c_twice_while_streaming(cluster4):
     # Two SIGINTs 50 ms apart, as a user who presses Ctrl-C twice: the
     # client returns, the engines were interrupted (the next request is
     # answered at once) and nothing hangs.
-    p = subprocess.Popen([PYTHON, "-c", CTRL_C_TWICE, cluster4.mec_furl], env=child_env(),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert p.stdout.readline().startswith("READY")
-        time.sleep(1.0)
-        p.send_signal(signal.SIGINT)
-        time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
-        out, _ = p.communicate(timeout=T)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    out = run_ctrl_c([PYTHON, "-c", CTRL_C_TWICE, cluster4.mec_furl], [1.0, 0.05], T)
     assert "CTRL-C" in out and "[0] tick 0" in out, out
     assert float(out.split("CTRL-C ")[1].split()[0]) < 3.0, out
     assert "AFTER ['after\\n', 'after\\n', 'after\\n', 'after\\n']" in out, out

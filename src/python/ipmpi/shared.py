@@ -115,6 +115,22 @@ def _unlink(seg):
     return None
 
 
+def segment_pss_kb(pid):
+    """kB of proportional set size of process pid's mappings of ipmpi
+    shared segments (/proc/PID/smaps): summed over the engines of a node,
+    the memory the node holds for them (pages counted once the engines
+    touched them)."""
+    total, inside = 0, False
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            first = line.split(" ", 1)[0]
+            if "-" in first and ":" not in first:          # a mapping's header line
+                inside = os.path.join(SHM_DIR, "ipmpi-shared-") in line
+            elif inside and line.startswith("Pss:"):
+                total += int(line.split()[1])
+    return total
+
+
 def _check(namespace):
     import numpy as np
     if not isinstance(namespace, dict):
