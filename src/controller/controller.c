@@ -530,6 +530,8 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
          * resume them once it catches up, and look again each second for
          * one that stalled for good. */
         ipmpi_ctl_release_held(c, now);
+        if (busy)
+            ipmpi_ctl_rering(c, now);
         if ((c->nheld || c->nheld_tc) && now + 1000000000ull < next_deadline)
             next_deadline = now + 1000000000ull;
         /* Cached payload buffers go back to the system after a while

@@ -52,6 +52,7 @@ typedef struct ipmpi_ctl {
     uint32_t *mark; /* per engine, for duplicate checks in target lists */
     uint32_t markgen;
     int *targets;   /* scratch: resolved target ids (nengines) */
+    uint64_t rering_at; /* next ipmpi_ctl_rering */
 
     ipmpi_reqtab_t reqs;
     uint64_t next_req;     /* dispatch ids of requests and task attempts */
@@ -125,6 +126,11 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
 #define IPMPI_OUT_STREAM_BYTES ((uint64_t)16 << 20)
 #define IPMPI_OUT_STALL_NS (30ull * 1000000000ull)
 void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now);
+
+/* Rings again, at most every IPMPI_RERING_NS, the doorbell of every engine
+ * that has work in flight (see dispatch.c). Returns when to call again. */
+#define IPMPI_RERING_NS (2000000ull)
+uint64_t ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now);
 /* requests.c: replies. send_json sends b (and frees its text) as the
  * JSON reply to req, or an ENOMEM error if building it ran out of
  * memory; reply_err sends an error reply with a formatted message. */

@@ -13,6 +13,7 @@
 
 #include "backoff.h"
 #include "ctl.h"
+#include "doorbell.h"
 #include "ipmpi/errors.h"
 #include "json.h"
 #include "log.h"
@@ -204,6 +205,28 @@ void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now)
             ipmpi_ctl_dispatch(c, e);
         }
     }
+}
+
+/*
+ * A ring can come before the frame it announces is where the engine looks:
+ * MPI may complete a small send by copying it aside and put it into the
+ * engine's shared-memory queue only in a later progress call (its queue or
+ * the sender's fragments full), after the engine's last look before it
+ * fell asleep; the engine then sleeps until its 2 s watch. An engine with
+ * work in flight is never asleep otherwise, so every engine with work in
+ * flight is rung again every IPMPI_RERING_NS while the loop is busy: a
+ * fence and a load each when awake (the usual case), a wake-up when one
+ * was lost.
+ */
+uint64_t ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
+{
+    if (now < c->rering_at)
+        return c->rering_at;
+    c->rering_at = now + IPMPI_RERING_NS;
+    for (int i = 0; i < c->nengines; i++)
+        if (!c->eng[i].dead && ipmpi_sched_inflight(&c->sched, i))
+            ipmpi_doorbell_ring(c->link.bell, c->eng[i].rank);
+    return c->rering_at;
 }
 
 /* Takes back everything of engine e: in flight and queued, settled with
