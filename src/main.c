@@ -241,6 +241,7 @@ int main(int argc, char **argv)
     ipmpi_opts_t opts;
     ipmpi_job_t job;
     memset(&job, 0, sizeof job);
+    job.t.main = ipmpi_log_clock();
 
     char prog[PATH_MAX];
     snprintf(prog, sizeof prog, "%s", argv[0]);
@@ -264,7 +265,10 @@ int main(int argc, char **argv)
     }
     MPI_Comm_rank(MPI_COMM_WORLD, &job.world_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &job.world_size);
+    job.t.mpi = ipmpi_log_clock();
+    job.t.cpu_mpi = ipmpi_log_cpu();
     describe_job(&job);
+    job.t.pmix = ipmpi_log_clock();
 
     if ((role == ROLE_CONTROLLER && job.world_rank != 0) || (role == ROLE_ENGINE && job.world_rank == 0)) {
         fprintf(stderr,
@@ -318,6 +322,8 @@ int main(int argc, char **argv)
         MPI_Comm_rank(bell.node, &job.local_rank);
         MPI_Comm_size(bell.node, &job.local_size);
     }
+    job.t.node = ipmpi_log_clock();
+    job.t.cpu_node = ipmpi_log_cpu();
     int rc = is_controller ? ipmpi_controller_run(&opts, &job, comm) : ipmpi_engine_run(&opts, &job, comm);
     /* The roles never return when a rank died: they _exit() instead of
      * trusting MPI_Finalize (ENVIRONMENT.md: it can hang after a death). */

@@ -715,6 +715,7 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
         lsize = job->local_rank + 1;
     if (ipmpi_eng_bind(o->bind, job->local_rank, lsize, &pl) != 0)
         ipmpi_log(IPMPI_LOG_WARN, "binding unknown: hwloc failed");
+    double t_bound = ipmpi_log_clock(), cpu_bound = ipmpi_log_cpu();
     set_thread_env("OMP_NUM_THREADS", pl.cores);
     set_thread_env("OPENBLAS_NUM_THREADS", pl.cores);
     set_thread_env("MKL_NUM_THREADS", pl.cores);
@@ -728,6 +729,7 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
         fflush(NULL);
         _exit(1);
     }
+    double t_python = ipmpi_log_clock(), cpu_python = ipmpi_log_cpu();
 
     PyObject *comm_arg = use_mpi4py ? PyLong_FromLong((long)fint) : Py_NewRef(Py_None);
     PyObject *ready = comm_arg ? make_engine(&e, &pl, comm_arg) : NULL;
@@ -747,6 +749,12 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
     h.nparts = 1;
     uint64_t len = (uint64_t)PyBytes_GET_SIZE(ready);
     const void *p = PyBytes_AS_STRING(ready);
+    /* One line that says where this engine's start-up went (wall clock
+     * stamps; tools/startup_phases.py reads them). */
+    ipmpi_log(IPMPI_LOG_INFO, "start-up: main=%.6f mpi=%.6f pmix=%.6f node=%.6f bound=%.6f python=%.6f "
+              "engine=%.6f cpu_mpi=%.4f cpu_node=%.4f cpu_bound=%.4f cpu_python=%.4f cpu=%.4f", job->t.main,
+              job->t.mpi, job->t.pmix, job->t.node, t_bound, t_python, ipmpi_log_clock(), job->t.cpu_mpi,
+              job->t.cpu_node, cpu_bound, cpu_python, ipmpi_log_cpu());
     ipmpi_log(IPMPI_LOG_INFO, "ready: %s", PyBytes_AS_STRING(ready));
     /* The controller may have given up already (a start-up error): the
      * watch ends this engine instead of a send that never completes. */
