@@ -625,6 +625,12 @@ static int serve_loop(engine_t *e)
     int rc = 0;
 
     ipmpi_backoff_init(&b, e->o->wait_spin_us, e->o->wait_max_us, ipmpi_now_ns());
+    /* Idle from the start: no request comes before every engine is ready
+     * and a client connected, and engines spinning after READY took the
+     * cores from those still starting (64 x 10 ms at 64 engines). The
+     * doorbell, or the back-off's first short sleeps, answer the first
+     * request. */
+    b.last_busy -= b.spin_ns;
     ipmpi_eng_watch_init(&w, e->job, ipmpi_now_ns());
     e->watch = &w;
     lens = malloc(sizeof *lens * ((size_t)e->o->limits.max_parts + 1));
