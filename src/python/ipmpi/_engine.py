@@ -24,12 +24,14 @@ import builtins
 import collections
 import collections.abc
 import io
-import signal
 import sys
 import threading
 import time
 import types
 
+# The C module under signal: the same functions, without signal.py's enums
+# (enum is ~2 ms of each engine's start-up; see _OnFirstUse).
+import _signal as signal
 from ipmpi import _serialize
 
 
