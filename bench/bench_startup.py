@@ -10,7 +10,8 @@ For each N (default 4, 16, 64), in the same run:
   qsub      the same with mode="pbs" (qsub of pbs/ipmpi.pbs, Slurm's wrapper)
   ipyparallel  ipyparallel 7.1 Cluster(n=N, engine_launcher_class="mpi",
             delay=0, 0.5 s heartbeat, --oversubscribe) until wait_for_engines(N)
-Each ipmpi time is also given as a ratio to bare of the same run. Then,
+bare and ipmpi mpirun runs alternate (a load that comes and goes weighs
+on both), and each ipmpi time is also given as a ratio to bare. Then,
 for each N, where the time of the median ipmpi mpirun run went, step by
 step, from every rank's "start-up:" log line (tools/startup_phases.py,
 which also reads the logs of any one start by hand).
@@ -144,11 +145,19 @@ def main():
     for n in sizes:
         breakdown = []
         res = {}
-        if "bare" in modes:
-            res["bare"] = benchlib.measure("bare mpirun %d" % n, runs, bare_once, n, a.runs)
-        if "mpirun" in modes:
-            res["mpirun"] = benchlib.measure("ipmpi mpirun %d" % n, runs, ipmpi_once, n, a.runs, "mpirun",
-                                             breakdown)
+        # bare and ipmpi mpirun alternate, so that a load that comes and
+        # goes on a shared machine weighs on both alike; pairs[i] is the
+        # ratio of the i-th ipmpi run to the bare run just before it.
+        pairs = []
+        for _ in range(a.runs):
+            b = benchlib.measure("bare mpirun %d" % n, bare_once, n) if "bare" in modes else None
+            m = benchlib.measure("ipmpi mpirun %d" % n, ipmpi_once, n, "mpirun", breakdown) \
+                if "mpirun" in modes else None
+            for k, v in (("bare", b), ("mpirun", m)):
+                if v is not None:
+                    res.setdefault(k, []).append(v)
+            if b and m:
+                pairs.append(m / b)
         if "sbatch" in modes:
             res["sbatch"] = benchlib.measure("ipmpi sbatch %d" % n, runs, ipmpi_once, n, a.runs, "slurm")
         if "qsub" in modes:
@@ -167,6 +176,9 @@ def main():
         if n == 4 and res.get("mpirun"):
             print("  target 4 engines < 1 s under mpirun (median): %s"
                   % ("met" if benchlib.median(res["mpirun"]) < 1.0 else "NOT met"))
+        if pairs:
+            print("  ipmpi / bare, run by run (each ipmpi run against the bare run before it): median "
+                  "x%.2f (%s)" % (benchlib.median(pairs), ", ".join("%.2f" % r for r in pairs)))
         if n == 64 and res.get("mpirun") and bare:
             print("  target within 1.25x of bare at 64 (median): %s"
                   % ("met" if benchlib.median(res["mpirun"]) <= 1.25 * bare else "NOT met"))
