@@ -115,7 +115,7 @@ def ipyparallel_once(n):
 
 def phases(d, c):
     """The phase table of one start (tools/startup_phases.py) as text lines."""
-    t = c.startup_times
+    t = getattr(c, "startup_times", {})  # an ipmpi older than the stamps: logs only
     try:
         return startup_phases.table(os.path.join(d, "log"), t.get("launch"), t.get("furl"), t.get("answered"))
     except (OSError, ValueError) as e:
