@@ -10,10 +10,11 @@ For each N (default 4, 16, 64), in the same run:
   qsub      the same with mode="pbs" (qsub of pbs/ipmpi.pbs, Slurm's wrapper)
   ipyparallel  ipyparallel 7.1 Cluster(n=N, engine_launcher_class="mpi",
             delay=0, 0.5 s heartbeat, --oversubscribe) until wait_for_engines(N)
-Then where the time goes for 4 engines under mpirun, from the rank logs'
-timestamps (ms): mpirun + MPI_Init until each rank's first log line,
-Python start-up until each engine's READY, the controller's furl, the
-client's connect and get_ids.
+bare and ipmpi mpirun runs alternate (a load that comes and goes weighs
+on both), and each ipmpi time is also given as a ratio to bare. Then,
+for each N, where the time of the median ipmpi mpirun run went, step by
+step, from every rank's "start-up:" log line (tools/startup_phases.py,
+which also reads the logs of any one start by hand).
 
 sbatch/qsub need Slurm (`slurm/local-slurm.sh start`; SLURM_CONF is taken
 from the environment, else local-slurm.sh's path); without it they are
@@ -25,16 +26,15 @@ Environment: the build tree first on PYTHONPATH and PATH (make bench).
 Exit status 1 if any measurement failed.
 """
 import argparse
-import datetime
-import glob
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 
 import benchlib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import startup_phases  # noqa: E402
 
 os.environ.setdefault("SLURM_CONF", "/var/tmp/ipmpi-slurm/slurm.conf")
 MPI_INIT_ONLY = r"""
@@ -69,7 +69,6 @@ def ipmpi_once(n, mode="mpirun", keep=None):
     from ipmpi.cluster import Cluster
     with benchlib.tmpdir("ipmpi-bench-") as d:
         c = Cluster(n=n, ipmpi_dir=d, mode=mode)
-        t_wall = time.time()
         t0 = time.perf_counter()
         try:
             c.start(timeout=600)
@@ -82,7 +81,7 @@ def ipmpi_once(n, mode="mpirun", keep=None):
             if sorted(ids) != list(range(n)):
                 raise RuntimeError("get_ids() answered %r, expected 0..%d" % (ids, n - 1))
             if keep is not None:
-                keep.append(phases(d, t_wall, dt))
+                keep.append((dt, phases(d, c)))
         finally:
             c.stop()
         return dt
@@ -114,29 +113,13 @@ def ipyparallel_once(n):
                 benchlib.kill_descendants()
 
 
-_TS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z")
-
-
-def _stamps(path, pattern):
-    out = []
-    with open(path) as f:
-        for line in f:
-            m = _TS.match(line)
-            if m and re.search(pattern, line):
-                t = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f")
-                out.append(t.replace(tzinfo=datetime.timezone.utc).timestamp())
-    return out
-
-
-def phases(d, t_wall, total):
-    """Seconds from start to: first rank up (after MPI_Init), last rank up,
-    last engine READY, furl written, client answered."""
-    logs = glob.glob(os.path.join(d, "log", "ip*.log"))
-    up = [s for p in logs for s in _stamps(p, r"INFO: rank \d+ of")[:1]]
-    ready = [s for p in logs if "ipengine-" in p for s in _stamps(p, r"INFO: ready:")[:1]]
-    furl = [s for p in logs if "ipcontroller-" in p for s in _stamps(p, r"wrote .*mec\.furl")]
-    return {"first rank up": min(up) - t_wall, "last rank up": max(up) - t_wall,
-            "last READY": max(ready) - t_wall, "furl written": max(furl) - t_wall, "client answered": total}
+def phases(d, c):
+    """The phase table of one start (tools/startup_phases.py) as text lines."""
+    t = getattr(c, "startup_times", {})  # an ipmpi older than the stamps: logs only
+    try:
+        return startup_phases.table(os.path.join(d, "log"), t.get("launch"), t.get("furl"), t.get("answered"))
+    except (OSError, ValueError) as e:
+        return ["  (no phase table: %s)" % e]
 
 
 def runs(fn, n, count, *args):
@@ -159,14 +142,22 @@ def main():
     a = ap.parse_args()
     modes = a.modes.split(",")
     sizes = [int(x) for x in a.engines.split(",")]
-    breakdown = []
     for n in sizes:
+        breakdown = []
         res = {}
-        if "bare" in modes:
-            res["bare"] = benchlib.measure("bare mpirun %d" % n, runs, bare_once, n, a.runs)
-        if "mpirun" in modes:
-            res["mpirun"] = benchlib.measure("ipmpi mpirun %d" % n, runs, ipmpi_once, n, a.runs, "mpirun",
-                                             breakdown if n == 4 else None)
+        # bare and ipmpi mpirun alternate, so that a load that comes and
+        # goes on a shared machine weighs on both alike; pairs[i] is the
+        # ratio of the i-th ipmpi run to the bare run just before it.
+        pairs = []
+        for _ in range(a.runs):
+            b = benchlib.measure("bare mpirun %d" % n, bare_once, n) if "bare" in modes else None
+            m = benchlib.measure("ipmpi mpirun %d" % n, ipmpi_once, n, "mpirun", breakdown) \
+                if "mpirun" in modes else None
+            for k, v in (("bare", b), ("mpirun", m)):
+                if v is not None:
+                    res.setdefault(k, []).append(v)
+            if b and m:
+                pairs.append(m / b)
         if "sbatch" in modes:
             res["sbatch"] = benchlib.measure("ipmpi sbatch %d" % n, runs, ipmpi_once, n, a.runs, "slurm")
         if "qsub" in modes:
@@ -185,14 +176,21 @@ def main():
         if n == 4 and res.get("mpirun"):
             print("  target 4 engines < 1 s under mpirun (median): %s"
                   % ("met" if benchlib.median(res["mpirun"]) < 1.0 else "NOT met"))
+        if pairs:
+            print("  ipmpi / bare, run by run (each ipmpi run against the bare run before it): median "
+                  "x%.2f (%s)" % (benchlib.median(pairs), ", ".join("%.2f" % r for r in pairs)))
         if n == 64 and res.get("mpirun") and bare:
             print("  target within 1.25x of bare at 64 (median): %s"
                   % ("met" if benchlib.median(res["mpirun"]) <= 1.25 * bare else "NOT met"))
+        if breakdown:
+            # The run with the median time (the lower one of an even count).
+            breakdown.sort(key=lambda b: b[0])
+            dt, lines = breakdown[(len(breakdown) - 1) // 2]
+            print("  where the time goes, ipmpi mpirun %d engines, the run of %.3f s "
+                  "(tools/startup_phases.py):" % (n, dt))
+            for ln in lines:
+                print("  " + ln)
         sys.stdout.flush()
-    if breakdown:
-        print("where the time goes, 4 engines under mpirun (median over runs, s since Cluster.start):")
-        for k in breakdown[0]:
-            print("  %-18s %.3f" % (k, benchlib.median([b[k] for b in breakdown])))
     return benchlib.finish()
 
 

@@ -31,6 +31,17 @@ typedef struct ipmpi_opts {
     uint64_t client_queue_bytes; /* --client-queue-bytes: a client's requests held before its input pauses */
 } ipmpi_opts_t;
 
+/* When main's start-up steps ended (ipmpi_log_clock(): wall seconds), for
+ * the "start-up:" line each process logs once it is ready
+ * (tools/startup_phases.py turns them into a table). */
+typedef struct ipmpi_startup {
+    double main;                /* main() entered (after exec and dynamic linking) */
+    double mpi;                 /* MPI_Init_thread returned */
+    double pmix;                /* PMIx asked about the job */
+    double node;                /* private communicator and node doorbells made */
+    double cpu_mpi, cpu_node;   /* this process's CPU time (ipmpi_log_cpu()) at mpi and node */
+} ipmpi_startup_t;
+
 typedef struct ipmpi_job {
     int world_rank, world_size; /* in MPI_COMM_WORLD */
     int local_rank, local_size; /* on this node (PMIx, else environment, else 0/1) */
@@ -38,6 +49,7 @@ typedef struct ipmpi_job {
     char jobid[256];            /* PMIx namespace, or "singleton" */
     int have_pmix;              /* PMIx_Init succeeded: proc table queries possible */
     struct ipmpi_doorbell *bell; /* this node's doorbells (doorbell.h), set up by main */
+    ipmpi_startup_t t;          /* start-up stamps */
 } ipmpi_job_t;
 
 /* Each returns the process exit status. comm is the private duplicate. */

@@ -17,5 +17,11 @@ void ipmpi_log_setup(const char *role, int level);
  * when also_stdout. Returns 0 or IPMPI_EIO. */
 int ipmpi_log_open(const char *path, int also_stdout);
 void ipmpi_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The wall clock the log's timestamps use, in seconds since the epoch with
+ * microseconds: start-up steps are stamped with it so that one start's
+ * logs from every process line up (tools/startup_phases.py). */
+double ipmpi_log_clock(void);
+/* This process's CPU time so far (user + system), in seconds. */
+double ipmpi_log_cpu(void);
 
 #endif

@@ -32,6 +32,7 @@
 #include "doorbell.h"
 #include "engine.h"
 #include "ipmpi/errors.h"
+#include "json.h"
 #include "log.h"
 
 /* An idle engine asks whether its controller still lives this often. */
@@ -465,12 +466,35 @@ static void set_thread_env(const char *name, int cores)
     setenv(name, v, 0);
 }
 
+/* READY's JSON: the fields of make_engine's props, built here because the
+ * json module would import re, ~2 ms of each engine's start-up. Returns a
+ * new bytes object, or NULL with MemoryError set. GIL held. */
+static PyObject *ready_json(const engine_t *e, const ipmpi_eng_place_t *pl, const char *version)
+{
+    jbuf_t b = {0};
+    jb_printf(&b, "{\"id\": %d, \"rank\": %d, \"mpi_rank\": %d, \"pid\": %d, \"host\": ", e->eid,
+              e->job->world_rank, e->job->world_rank, (int)getpid());
+    jb_str(&b, e->job->hostname);
+    jb_printf(&b, ", \"local_rank\": %d, \"local_size\": %d, \"cpuset\": ", e->job->local_rank, pl->local_size);
+    jb_str(&b, pl->cpuset ? pl->cpuset : "");
+    /* numa is bind.c's list of indexes, "0,2": a JSON array's inside. */
+    jb_printf(&b, ", \"cores\": %d, \"numa\": [%s], \"bound\": %s, \"oversubscribed\": %s, \"jobid\": ",
+              pl->cores, pl->numa ? pl->numa : "", pl->bound ? "true" : "false",
+              pl->oversubscribed ? "true" : "false");
+    jb_str(&b, e->job->jobid);
+    jb_printf(&b, ", \"python\": ");
+    jb_str(&b, version);
+    jb_printf(&b, "}");
+    PyObject *r = b.oom ? PyErr_NoMemory() : PyBytes_FromStringAndSize(b.s, (Py_ssize_t)b.len);
+    free(b.s);
+    return r;
+}
+
 /* Creates the Engine object and returns the READY JSON (new reference to a
  * bytes object). GIL held. */
 static PyObject *make_engine(engine_t *e, const ipmpi_eng_place_t *pl, PyObject *comm_fint)
 {
-    PyObject *mod = NULL, *cls = NULL, *props = NULL, *json = NULL, *eng = NULL, *text = NULL,
-             *ready = NULL;
+    PyObject *mod = NULL, *cls = NULL, *props = NULL, *eng = NULL, *ready = NULL;
     const char *version = Py_GetVersion();
 
     /* READY: where this engine runs (ipcluster status prints it, engine_info
@@ -518,21 +542,13 @@ static PyObject *make_engine(engine_t *e, const ipmpi_eng_place_t *pl, PyObject 
     e->failure = PyObject_GetAttrString(eng, "failure");
     if (!e->handle || !e->failure)
         goto decref;
-    json = PyImport_ImportModule("json");
-    if (!json)
-        goto decref;
-    text = PyObject_CallMethod(json, "dumps", "O", props);
-    if (!text)
-        goto decref;
-    ready = PyUnicode_AsUTF8String(text);
+    ready = ready_json(e, pl, version);
 
 decref:
     if (!ready) {
         Py_CLEAR(e->handle);
         Py_CLEAR(e->failure);
     }
-    Py_XDECREF(text);
-    Py_XDECREF(json);
     Py_XDECREF(eng); /* the bound methods keep it alive */
     Py_XDECREF(cls);
     Py_XDECREF(mod);
@@ -625,6 +641,12 @@ static int serve_loop(engine_t *e)
     int rc = 0;
 
     ipmpi_backoff_init(&b, e->o->wait_spin_us, e->o->wait_max_us, ipmpi_now_ns());
+    /* Idle from the start: no request comes before every engine is ready
+     * and a client connected, and engines spinning after READY took the
+     * cores from those still starting (64 x 10 ms at 64 engines). The
+     * doorbell, or the back-off's first short sleeps, answer the first
+     * request. */
+    b.last_busy -= b.spin_ns;
     ipmpi_eng_watch_init(&w, e->job, ipmpi_now_ns());
     e->watch = &w;
     lens = malloc(sizeof *lens * ((size_t)e->o->limits.max_parts + 1));
@@ -715,6 +737,7 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
         lsize = job->local_rank + 1;
     if (ipmpi_eng_bind(o->bind, job->local_rank, lsize, &pl) != 0)
         ipmpi_log(IPMPI_LOG_WARN, "binding unknown: hwloc failed");
+    double t_bound = ipmpi_log_clock(), cpu_bound = ipmpi_log_cpu();
     set_thread_env("OMP_NUM_THREADS", pl.cores);
     set_thread_env("OPENBLAS_NUM_THREADS", pl.cores);
     set_thread_env("MKL_NUM_THREADS", pl.cores);
@@ -728,6 +751,7 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
         fflush(NULL);
         _exit(1);
     }
+    double t_python = ipmpi_log_clock(), cpu_python = ipmpi_log_cpu();
 
     PyObject *comm_arg = use_mpi4py ? PyLong_FromLong((long)fint) : Py_NewRef(Py_None);
     PyObject *ready = comm_arg ? make_engine(&e, &pl, comm_arg) : NULL;
@@ -747,6 +771,12 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
     h.nparts = 1;
     uint64_t len = (uint64_t)PyBytes_GET_SIZE(ready);
     const void *p = PyBytes_AS_STRING(ready);
+    /* One line that says where this engine's start-up went (wall clock
+     * stamps; tools/startup_phases.py reads them). */
+    ipmpi_log(IPMPI_LOG_INFO, "start-up: main=%.6f mpi=%.6f pmix=%.6f node=%.6f bound=%.6f python=%.6f "
+              "engine=%.6f cpu_mpi=%.4f cpu_node=%.4f cpu_bound=%.4f cpu_python=%.4f cpu=%.4f", job->t.main,
+              job->t.mpi, job->t.pmix, job->t.node, t_bound, t_python, ipmpi_log_clock(), job->t.cpu_mpi,
+              job->t.cpu_node, cpu_bound, cpu_python, ipmpi_log_cpu());
     ipmpi_log(IPMPI_LOG_INFO, "ready: %s", PyBytes_AS_STRING(ready));
     /* The controller may have given up already (a start-up error): the
      * watch ends this engine instead of a send that never completes. */

@@ -1,5 +1,5 @@
 /*
- * The controller's JSON text builder (json.h). Loop thread only.
+ * The JSON text builder (json.h). A builder belongs to one thread.
  */
 #include <stdarg.h>
 #include <stdio.h>

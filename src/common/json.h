@@ -1,11 +1,11 @@
 /*
- * A small JSON text builder for the controller's replies: snprintf into a
- * growing buffer; an allocation failure sets oom and later calls do
- * nothing, so callers check once at the end. The caller frees s.
+ * A small JSON text builder (the controller's replies, an engine's READY):
+ * snprintf into a growing buffer; an allocation failure sets oom and later
+ * calls do nothing, so callers check once at the end. The caller frees s.
  * Thread safety: none needed; each builder belongs to one caller.
  */
-#ifndef IPMPI_CTL_JSON_H
-#define IPMPI_CTL_JSON_H
+#ifndef IPMPI_JSON_H
+#define IPMPI_JSON_H
 
 #include <stddef.h>
 
