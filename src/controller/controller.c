@@ -467,6 +467,12 @@ static void raise_fd_limit(void)
     }
 }
 
+/* mpilink's wake hook: a frame was posted to rank (wake.c). */
+static void wake_hook(void *arg, int rank)
+{
+    ipmpi_ctl_wake(arg, rank);
+}
+
 static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
 {
     memset(c, 0, sizeof *c);
@@ -484,7 +490,9 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     for (int i = 0; i < c->nengines; i++) {
         c->eng[i].id = i;
         c->eng[i].rank = i + 1;
+        c->eng[i].wake_fd = -1;
     }
+    c->wake_fd4 = c->wake_fd6 = -1;
     if (ipmpi_sched_init(&c->sched, c->nengines, o->task_depth) != 0 || ipmpi_ctl_tasks_init(c) != 0 ||
         ipmpi_ctl_results_init(c) != 0)
         return IPMPI_ENOMEM;
@@ -495,6 +503,8 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     c->link.alloc = ipmpi_ctl_engine_alloc;
     c->link.alloc_arg = c;
     c->link.bell = job->bell;
+    c->link.wake = wake_hook;
+    c->link.wake_arg = c;
     if (ipmpi_host_id(c->host_id, sizeof c->host_id) != 0)
         c->host_id[0] = '\0'; /* no /proc: clients use TLS only */
     ipmpi_ctl_watch_init(&c->watch, job->have_pmix, job->jobid);
@@ -719,6 +729,7 @@ static void teardown(ipmpi_ctl_t *c)
 {
     ipmpi_ctl_tasks_fini(c);
     ipmpi_ctl_results_fini(c);
+    ipmpi_ctl_wake_fini(c);
     ipmpi_sched_fini(&c->sched);
     for (int i = 0; c->eng && i < c->nengines; i++)
         free(c->eng[i].props);

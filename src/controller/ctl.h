@@ -8,6 +8,7 @@
 #define IPMPI_CTL_H
 
 #include <stdint.h>
+#include <sys/socket.h>
 
 #include <mpi.h>
 #include <openssl/ssl.h>
@@ -31,6 +32,11 @@ typedef struct ipmpi_engine_slot {
     char why[128];        /* PMIx state (or reason) of its death */
     char *props;          /* READY JSON, NUL-terminated */
     int held;             /* head request waits: its client is not reading (dispatch.c) */
+    /* On another node: where its wake-up datagrams go (wake.c); fd -1: none. */
+    int wake_fd;
+    struct sockaddr_storage wake_addr;
+    socklen_t wake_len;
+    uint64_t wake_key, wake_gap, wake_due;
 } ipmpi_engine_slot_t;
 
 typedef struct ipmpi_ctl {
@@ -53,6 +59,7 @@ typedef struct ipmpi_ctl {
     uint32_t markgen;
     int *targets;   /* scratch: resolved target ids (nengines) */
     uint64_t rering_at; /* next ipmpi_ctl_rering */
+    int wake_fd4, wake_fd6; /* UDP sockets for wake-ups (wake.c), -1 until needed */
 
     ipmpi_reqtab_t reqs;
     uint64_t next_req;     /* dispatch ids of requests and task attempts */
@@ -131,6 +138,16 @@ void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now);
  * that has work in flight (see dispatch.c). Returns when to call again. */
 #define IPMPI_RERING_NS (2000000ull)
 uint64_t ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now);
+
+/* ---- wake.c: engines on other nodes sleep on a UDP socket ---- */
+
+/* READY's second part "wake PORT KEY HOST": where e's wake-ups go. */
+void ipmpi_ctl_wake_register(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *text, size_t len);
+/* A frame was posted to rank: send its wake-up (mpilink's wake hook). */
+void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank);
+/* e's work is still unanswered: send again when its back-off is due. */
+void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now);
+void ipmpi_ctl_wake_fini(ipmpi_ctl_t *c);
 /* requests.c: replies. send_json sends b (and frees its text) as the
  * JSON reply to req, or an ENOMEM error if building it ran out of
  * memory; reply_err sends an error reply with a formatted message. */

@@ -223,9 +223,13 @@ uint64_t ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
     if (now < c->rering_at)
         return c->rering_at;
     c->rering_at = now + IPMPI_RERING_NS;
-    for (int i = 0; i < c->nengines; i++)
-        if (!c->eng[i].dead && ipmpi_sched_inflight(&c->sched, i))
-            ipmpi_doorbell_ring(c->link.bell, c->eng[i].rank);
+    for (int i = 0; i < c->nengines; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[i];
+        if (e->dead || !ipmpi_sched_inflight(&c->sched, i))
+            continue;
+        ipmpi_doorbell_ring(c->link.bell, e->rank);
+        ipmpi_ctl_wake_again(c, e, now);
+    }
     return c->rering_at;
 }
 
@@ -306,6 +310,8 @@ static void store_ready(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_parts_t *p
     }
     free(e->props);
     e->props = props;
+    if (p->n >= 2 && e->wake_fd < 0)
+        ipmpi_ctl_wake_register(c, e, (const char *)p->bufs[1], (size_t)p->lens[1]);
     if (!e->ready)
         ipmpi_log(IPMPI_LOG_DEBUG, "engine %d (rank %d) ready: %s", e->id, e->rank, props ? props : "");
     if (!e->ready) {

@@ -132,6 +132,8 @@ static int post_header(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi
     /* An idle engine on this node sleeps on its doorbell: wake it now
      * that its header is posted. */
     ipmpi_doorbell_ring(l->bell, rank);
+    if (l->wake)
+        l->wake(l->wake_arg, rank);
     *out = op;
     return 0;
 }

@@ -43,6 +43,10 @@ typedef struct ipmpi_mpilink {
     void *alloc_arg;
     /* Rung after every header posted (doorbell.h); NULL: none. Set by the owner. */
     const struct ipmpi_doorbell *bell;
+    /* Called after every header posted, with the rank (engines on other
+     * nodes: a wake-up datagram); NULL: none. Set by the owner. */
+    void (*wake)(void *arg, int rank);
+    void *wake_arg;
 } ipmpi_mpilink_t;
 
 /* Called with each complete frame from an engine; takes ownership of parts. */

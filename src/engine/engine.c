@@ -60,6 +60,7 @@ typedef struct engine {
     PyObject *handle;       /* bound method Engine.handle (owned) */
     PyObject *failure;      /* bound method Engine.failure (owned) */
     ipmpi_eng_watch_t *watch; /* serve_loop's controller watch (borrowed) */
+    ipmpi_eng_wake_t wake;    /* on a node without the controller: its wake-ups (fd -1: none) */
     ipmpi_backoff_t part_bo;  /* waiting inside a part (part_wait) */
     pid_t pid;              /* this engine's process: a fork of it must not answer */
 } engine_t;
@@ -627,6 +628,14 @@ static int wait_header(engine_t *e, ipmpi_backoff_t *b, ipmpi_eng_watch_t *w, Py
                 ipmpi_backoff_busy(b, ipmpi_now_ns());
             continue;
         }
+        if (e->wake.fd >= 0) {
+            /* Another node: sleep until the controller's datagram says a
+             * frame was posted (wake.c), waking for the watch. */
+            if (ipmpi_eng_wake_sleep(&e->wake, WATCH_INTERVAL_NS, (uint64_t)e->o->wait_max_us * 1000u,
+                                     header_pending, e))
+                ipmpi_backoff_busy(b, ipmpi_now_ns());
+            continue;
+        }
         struct timespec tsl = {(time_t)(d / 1000000000u), (long)(d % 1000000000u)};
         nanosleep(&tsl, NULL);
     }
@@ -721,7 +730,7 @@ static int serve_loop(engine_t *e)
 
 int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
 {
-    engine_t e = {.o = o, .job = job, .comm = comm, .eid = job->world_rank - 1, .pid = getpid()};
+    engine_t e = {.o = o, .job = job, .comm = comm, .eid = job->world_rank - 1, .pid = getpid(), .wake = {.fd = -1}};
     ipmpi_eng_place_t pl;
     MPI_Fint fint = 0;
     int use_mpi4py = strcmp(o->mpi_mode, "mpi4py") == 0;
@@ -765,12 +774,20 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
 
     ipmpi_eng_pymod_bind(comm, e.eid, job->bell, controller_gone, &e);
 
+    /* READY: the JSON, and on a node without the controller a second part
+     * "wake PORT KEY HOST" (wake.c) for the controller's wake-up datagrams
+     * (HOST: this node's name as the launcher knows it). */
+    e.wake.fd = -1;
+    char wake[320] = "";
+    if (!ipmpi_doorbell_reaches(job->bell, 0) && ipmpi_eng_wake_open(&e.wake) == 0)
+        snprintf(wake, sizeof wake, "wake %u %016llx %s", (unsigned)e.wake.port, (unsigned long long)e.wake.key,
+                 job->hostname);
     ipmpi_hdr_t h = {0};
     h.kind = IPMPI_K_READY;
     h.target = e.eid;
-    h.nparts = 1;
-    uint64_t len = (uint64_t)PyBytes_GET_SIZE(ready);
-    const void *p = PyBytes_AS_STRING(ready);
+    h.nparts = wake[0] ? 2 : 1;
+    uint64_t lens2[2] = {(uint64_t)PyBytes_GET_SIZE(ready), strlen(wake)};
+    const void *bufs2[2] = {PyBytes_AS_STRING(ready), wake};
     /* One line that says where this engine's start-up went (wall clock
      * stamps; tools/startup_phases.py reads them). */
     ipmpi_log(IPMPI_LOG_INFO, "start-up: main=%.6f mpi=%.6f pmix=%.6f node=%.6f bound=%.6f python=%.6f "
@@ -783,7 +800,7 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
     ipmpi_eng_watch_t w;
     ipmpi_eng_watch_init(&w, job, ipmpi_now_ns());
     e.watch = &w;
-    int rc = ipmpi_eng_link_send(comm, 0, &h, &len, &p, controller_gone, &e);
+    int rc = ipmpi_eng_link_send(comm, 0, &h, lens2, bufs2, controller_gone, &e);
     e.watch = NULL;
     Py_DECREF(ready);
     if (rc != 0) {

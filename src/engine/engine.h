@@ -57,6 +57,32 @@ void ipmpi_eng_py_log_error(const char *what);
  * is lost when the process ends with _exit. GIL held. */
 void ipmpi_eng_py_flush(void);
 
+/* ---- wake.c: wake-ups of an engine on a node without the controller ---- */
+
+typedef struct ipmpi_eng_wake {
+    int fd;         /* UDP socket, -1 when none */
+    uint16_t port;  /* its port, told to the controller with READY */
+    uint64_t key;   /* random; a datagram must hold it to count */
+    int proven;     /* a datagram with the key came: the controller reaches us */
+} ipmpi_eng_wake_t;
+
+/* Opens the socket (any address, a free port) and draws the key. Returns 0
+ * or IPMPI_EIO (logged; the engine then polls with back-off). */
+int ipmpi_eng_wake_open(ipmpi_eng_wake_t *w);
+void ipmpi_eng_wake_close(ipmpi_eng_wake_t *w);
+
+/*
+ * Sleeps in poll() on the socket for at most timeout_ns (at most
+ * unproven_ns until a datagram with the key proved that the controller
+ * reaches this socket: a controller that cannot resolve this host or is
+ * firewalled off costs back-off polling, not 2 s answers), after a last
+ * pending(arg) (is a frame there?) made once every older datagram was
+ * read. Returns 1 when a frame is there or a datagram with the key came,
+ * 0 on timeout.
+ */
+int ipmpi_eng_wake_sleep(ipmpi_eng_wake_t *w, uint64_t timeout_ns, uint64_t unproven_ns, int (*pending)(void *arg),
+                         void *arg);
+
 /* ---- pymod.c: the built-in module _ipmpi_engine (see there) ---- */
 
 struct ipmpi_doorbell;

@@ -202,3 +202,51 @@ def test_a_shared_array_is_held_once_on_each_host(hosts):
     finally:
         kill_dir_jobs(d)
         shutil.rmtree(d, ignore_errors=True)
+
+
+WAKE_CLIENT = r"""
+import statistics, sys, time
+from ipmpi import client
+mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+info = mec.engine_info()
+lat = {}
+for d in info:
+    mec.execute("pass", targets=d["id"])
+    samples = []
+    for _ in range(12):
+        time.sleep(0.3)                      # past the engine's spin window: it sleeps
+        t = time.perf_counter()
+        mec.execute("pass", targets=d["id"])
+        samples.append(time.perf_counter() - t)
+    lat[d["host"]] = statistics.median(samples)
+time.sleep(0.5)
+wchan = sorted(set(open("/proc/%d/wchan" % d["pid"]).read() for d in info))
+print("LAT", " ".join("%s=%.2f" % (h, v * 1e3) for h, v in sorted(lat.items())))
+print("WCHAN", wchan)
+mec.close()
+"""
+
+
+def test_idle_engines_on_another_host_sleep_and_wake_at_once(hosts):
+    # Engines on B cannot be rung through the controller's node-shared
+    # doorbell; they sleep in poll() on a UDP socket and the controller's
+    # datagram wakes them: a request after an idle is answered in about the
+    # time of a busy one, not at the next poll of a back-off (up to 25 ms).
+    d = new_dir()
+    try:
+        cf = clusterfile(hosts, {ADDR_A: 1, ADDR_B: 2}, "wake.py")
+        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--client-ip", ADDR_A,
+                               "--ipmpi-dir", d])
+        assert r.returncode == 0, r.stdout + r.stderr
+        c = in_ns(hosts["a"], [PYTHON, "-c", WAKE_CLIENT, os.path.join(d, "security", "ipcontroller-mec.furl")])
+        assert c.returncode == 0, c.stdout + c.stderr
+        print(c.stdout)
+        lat = dict(kv.split("=") for kv in c.stdout.split("LAT ")[1].splitlines()[0].split())
+        assert set(lat) == {ADDR_B, next(h for h in lat if h != ADDR_B)}, c.stdout
+        assert float(lat[ADDR_B]) < 5.0, "an idle engine on the other host answered in %s ms (median)" % lat[ADDR_B]
+        assert "poll" in c.stdout.split("WCHAN ")[1], c.stdout
+        st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
+        assert st.returncode == 0, st.stdout + st.stderr
+    finally:
+        kill_dir_jobs(d)
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,101 @@
+/*
+ * Wake-up datagrams for engines on other nodes (src/engine/wake.c): an
+ * idle engine there sleeps in poll() on a UDP socket whose port and key
+ * came with its READY; after posting a frame to it the controller sends
+ * the key. While the engine's work is unanswered the datagram is sent
+ * again after 2, 4, 8 ... ms (at most every second), since one may be lost
+ * or come before the frame is where the engine looks. Loop thread only.
+ */
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "backoff.h"
+#include "ctl.h"
+#include "log.h"
+
+#define WAKE_FIRST_GAP_NS (2000000ull)
+#define WAKE_MAX_GAP_NS (1000000000ull)
+
+void ipmpi_ctl_wake_register(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *text, size_t len)
+{
+    char buf[320], host[256];
+    unsigned port = 0;
+    unsigned long long key = 0;
+    if (len >= sizeof buf)
+        goto bad;
+    memcpy(buf, text, len);
+    buf[len] = '\0';
+    if (sscanf(buf, "wake %u %llx %255s", &port, &key, host) != 3 || port == 0 || port > 65535)
+        goto bad;
+    char service[8];
+    snprintf(service, sizeof service, "%u", port);
+    struct addrinfo hints = {.ai_socktype = SOCK_DGRAM, .ai_flags = AI_NUMERICSERV}, *res = NULL;
+    int g = getaddrinfo(host, service, &hints, &res);
+    if (g != 0 || !res) {
+        ipmpi_log(IPMPI_LOG_WARN, "engine %d: cannot resolve its host %s (%s): it polls when idle", e->id, host,
+                  gai_strerror(g));
+        return;
+    }
+    int *fd = res->ai_family == AF_INET6 ? &c->wake_fd6 : &c->wake_fd4;
+    if (*fd < 0)
+        *fd = socket(res->ai_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (*fd < 0 || res->ai_addrlen > sizeof e->wake_addr) {
+        ipmpi_log(IPMPI_LOG_WARN, "engine %d: no UDP socket for its wake-ups (%s): it polls when idle", e->id,
+                  strerror(errno));
+        freeaddrinfo(res);
+        return;
+    }
+    memcpy(&e->wake_addr, res->ai_addr, res->ai_addrlen);
+    e->wake_len = (socklen_t)res->ai_addrlen;
+    e->wake_fd = *fd;
+    e->wake_key = (uint64_t)key;
+    freeaddrinfo(res);
+    ipmpi_log(IPMPI_LOG_DEBUG, "engine %d wakes by UDP at %s:%u", e->id, host, port);
+    return;
+bad:
+    ipmpi_log(IPMPI_LOG_WARN, "engine %d: malformed wake-up part in READY; it polls when idle", e->id);
+}
+
+static void send_key(ipmpi_engine_slot_t *e)
+{
+    /* The engine compares the bytes as they are in its memory: same node
+     * architecture assumed, as for MPI itself. */
+    (void)sendto(e->wake_fd, &e->wake_key, sizeof e->wake_key, MSG_DONTWAIT, (struct sockaddr *)&e->wake_addr,
+                 e->wake_len);
+}
+
+void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank)
+{
+    if (rank < 1 || rank > c->nengines)
+        return;
+    ipmpi_engine_slot_t *e = &c->eng[rank - 1];
+    if (e->wake_fd < 0 || e->dead)
+        return;
+    send_key(e);
+    e->wake_gap = WAKE_FIRST_GAP_NS;
+    e->wake_due = ipmpi_now_ns() + e->wake_gap;
+}
+
+void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now)
+{
+    (void)c;
+    if (e->wake_fd < 0 || now < e->wake_due)
+        return;
+    send_key(e);
+    e->wake_gap = e->wake_gap * 2 < WAKE_MAX_GAP_NS ? e->wake_gap * 2 : WAKE_MAX_GAP_NS;
+    e->wake_due = now + e->wake_gap;
+}
+
+void ipmpi_ctl_wake_fini(ipmpi_ctl_t *c)
+{
+    if (c->wake_fd4 >= 0)
+        close(c->wake_fd4);
+    if (c->wake_fd6 >= 0)
+        close(c->wake_fd6);
+    c->wake_fd4 = c->wake_fd6 = -1;
+}
