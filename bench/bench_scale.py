@@ -5,12 +5,12 @@ ipyparallel 7.1 at the N it reaches, in the same run.
 For each N (default 16, 64):
   ready        Cluster(n=N).start() until the engines answer (ipcluster mpirun)
   idle busy    share of the machine (all cores) the controller and engines
-               use while idle for --idle seconds (utime+stime from /proc)
+               use while idle for --idle seconds (/proc/PID/schedstat)
   wake-up      execute('pass') on engine 0 after that idle (the first request
                after a long idle; the doorbell's work)
   execute all  execute('pass') on every engine: median of --requests
-  ctl CPU/req  the controller's CPU time per execute-on-all (its utime+stime
-               over the --requests requests, / requests): flat or O(log N) is
+  ctl CPU/req  the controller's CPU time per execute-on-all (schedstat over
+               the --requests requests, / requests): flat or O(log N) is
                the goal, O(N) is what N point-to-point sends cost
   push 2 MB    push of a 2 MB array to every engine: median of 5
   shared 64 MB push(..., shared=True) of a 64 MB array: seconds, and the
@@ -37,10 +37,10 @@ import benchlib
 MiB = 1 << 20
 
 
-def cpu_ticks(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])   # utime, stime
+def cpu_seconds(pid):
+    """CPU time of pid so far, in ns resolution (/proc/PID/schedstat)."""
+    with open("/proc/%d/schedstat" % pid) as f:
+        return int(f.read().split()[0]) / 1e9
 
 
 
@@ -58,7 +58,6 @@ def controller_pid(cluster):
 def ipmpi_at(n, a):
     import numpy as np
     out = {}
-    hz = os.sysconf("SC_CLK_TCK")
     ncpu = os.cpu_count()
     with benchlib.ipmpi_cluster(n, start_timeout=900) as (c, ready):
         out["ready"] = ready
@@ -69,21 +68,21 @@ def ipmpi_at(n, a):
             ranks = pids + ([ctl] if ctl else [])
             mec.execute("pass")
             t0 = time.monotonic()
-            before = sum(cpu_ticks(p) for p in ranks)
+            before = sum(cpu_seconds(p) for p in ranks)
             time.sleep(a.idle)
-            used = (sum(cpu_ticks(p) for p in ranks) - before) / hz
+            used = sum(cpu_seconds(p) for p in ranks) - before
             out["idle"] = used / ((time.monotonic() - t0) * ncpu)
             t = time.perf_counter()
             mec.execute("pass", targets=0)
             out["wake"] = time.perf_counter() - t
             lat = []
-            c0 = cpu_ticks(ctl) if ctl else None
+            c0 = cpu_seconds(ctl) if ctl else None
             for _ in range(a.requests):
                 t = time.perf_counter()
                 mec.execute("pass")
                 lat.append(time.perf_counter() - t)
             if ctl:
-                out["ctl_cpu"] = (cpu_ticks(ctl) - c0) / hz / a.requests
+                out["ctl_cpu"] = (cpu_seconds(ctl) - c0) / a.requests
             out["exec_all"] = benchlib.median(lat)
             arr = np.ones(2 * MiB // 8)
             ps = []
