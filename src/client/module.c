@@ -102,12 +102,14 @@ static int hook_interrupted(void *ctx)
     return r < 0;
 }
 
-/* The memory of a part object (only the probe's small bytearray is ever
- * asked); its owner holds a reference, so no GIL is needed. */
+/* The memory of a part object (the probe's parts: a bytearray, or a big
+ * buffer for its IPMPI_SHM_MIN-byte part); its owner holds a reference, so
+ * no GIL is needed. */
 static const char *hook_data(void *ctx, void *obj)
 {
     (void)ctx;
-    return PyByteArray_Check((PyObject *)obj) ? PyByteArray_AS_STRING((PyObject *)obj) : NULL;
+    PyObject *o = obj;
+    return PyByteArray_Check(o) ? PyByteArray_AS_STRING(o) : ipmpi_bigbuf_data(o);
 }
 
 #define HOOKS(g)                                                                                      \

@@ -96,6 +96,11 @@ static PyType_Spec spec = {
     .slots = slots,
 };
 
+const char *ipmpi_bigbuf_data(PyObject *o)
+{
+    return bigbuf_type && Py_TYPE(o) == bigbuf_type ? ((bigbuf_t *)o)->base : NULL;
+}
+
 int ipmpi_bigbuf_init(void)
 {
     if (bigbuf_type)

@@ -21,8 +21,11 @@
 #include <Python.h>
 #include <stdint.h>
 
-/* Parts at least this large get a big buffer; smaller ones a bytearray. */
-#define IPMPI_BIGBUF_MIN ((uint64_t)4 << 20)
+/* Parts at least this large get a big buffer; smaller ones a bytearray.
+ * 1 MiB: a 2 MB array pushed to 64 engines took 42 ms with fresh memory
+ * for each part (4 MiB threshold) and 17 ms with warm buffers
+ * (bench_scale.py --engines 64). */
+#define IPMPI_BIGBUF_MIN ((uint64_t)1 << 20)
 
 /* Makes the type; call once (module init / engine start). 0 or -1. */
 int ipmpi_bigbuf_init(void);
@@ -30,6 +33,10 @@ int ipmpi_bigbuf_init(void);
 /* A new buffer object of len bytes (contents undefined), its memory in
  * *data; NULL with an exception set on failure. GIL held. */
 PyObject *ipmpi_bigbuf_new(uint64_t len, char **data);
+
+/* The memory of o if it is a buffer of this type, else NULL. Needs no GIL
+ * (the caller holds a reference). */
+const char *ipmpi_bigbuf_data(PyObject *o);
 
 /* Unmaps cached buffers unused for 10 s. Any thread. */
 void ipmpi_bigbuf_trim(void);
