@@ -279,6 +279,37 @@ def ns_del(*names):
         sh("ip", "netns", "del", ns, check=False)
 
 
+def need_sshd():
+    """ip, ssh, ssh-keygen and sshd, or a failure naming the package."""
+    for tool, pkg in (("ip", "iproute2"), ("ssh", "openssh-client"), ("ssh-keygen", "openssh-client")):
+        if shutil.which(tool) is None:
+            raise RuntimeError("%s is missing: apt-get install %s" % (tool, pkg))
+    if not os.path.exists("/usr/sbin/sshd"):
+        raise RuntimeError("/usr/sbin/sshd is missing: apt-get install openssh-server")
+
+
+def sshd_config(tmp, listen, hostkey, extra=""):
+    """Writes tmp/sshd_config for a test sshd on address listen (keys only,
+    root allowed, the client keys in tmp/authorized_keys); returns (its
+    path, the pid file it will write)."""
+    pidfile = str(tmp / "sshd.pid")
+    (tmp / "sshd_config").write_text(
+        "ListenAddress %s\nHostKey %s\nAuthorizedKeysFile %s\nPidFile %s\nStrictModes no\n"
+        "UsePAM no\nPermitRootLogin yes\nPasswordAuthentication no\n%s"
+        % (listen, hostkey, tmp / "authorized_keys", pidfile, extra))
+    os.makedirs("/run/sshd", exist_ok=True)
+    return str(tmp / "sshd_config"), pidfile
+
+
+def stop_sshd(pidfile):
+    """Ends the sshd that wrote pidfile, if it did."""
+    try:
+        with open(pidfile) as f:
+            os.kill(int(f.read().strip()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+
+
 # ---- profile directories for ipcluster runs -------------------------------
 
 @pytest.fixture

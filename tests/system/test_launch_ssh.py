@@ -8,15 +8,15 @@ detected while the job goes on, and leave nothing behind.
 Needs root, iproute2 and openssh-server (sshd); without them the tests
 fail, they never skip.
 """
+import contextlib
 import os
 import shutil
-import signal
 import subprocess
 
 import pytest
 
-from conftest import (IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir, ns_add, ns_del, ns_link,
-                      processes_with, sh, wait_for)
+from conftest import (IPCLUSTER, PYTHON, child_env, kill_dir_jobs, need_sshd, new_dir, ns_add, ns_del, ns_link,
+                      processes_with, sh, sshd_config, stop_sshd, wait_for)
 
 ADDR_A, ADDR_B, ADDR_NONE = "198.51.100.1", "198.51.100.2", "198.51.100.3"
 NET = "198.51.100.0/24"
@@ -29,11 +29,7 @@ B_SHM_MIB = 64
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    for tool, pkg in (("ip", "iproute2"), ("ssh", "openssh-client"), ("ssh-keygen", "openssh-client")):
-        if shutil.which(tool) is None:
-            raise RuntimeError("%s is missing: apt-get install %s" % (tool, pkg))
-    if not os.path.exists("/usr/sbin/sshd"):
-        raise RuntimeError("/usr/sbin/sshd is missing: apt-get install openssh-server")
+    need_sshd()
     tmp = tmp_path_factory.mktemp("sshbed")
     tag = str(os.getpid())
     a, b = "ipmpi-sa-" + tag, "ipmpi-sb-" + tag
@@ -42,32 +38,23 @@ def hosts(tmp_path_factory):
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hostkey)
     shutil.copy(key + ".pub", str(tmp / "authorized_keys"))
-    pidfile = str(tmp / "sshd.pid")
-    (tmp / "sshd_config").write_text(
-        "ListenAddress %s\nHostKey %s\nAuthorizedKeysFile %s\nPidFile %s\nStrictModes no\n"
-        "UsePAM no\nPermitRootLogin yes\nPasswordAuthentication no\n"
-        % (ADDR_B, hostkey, tmp / "authorized_keys", pidfile))
+    config, pidfile = sshd_config(tmp, ADDR_B, hostkey)
     try:
         ns_add(a, b)
         ns_link(a, va, ADDR_A, b, vb, ADDR_B)
-        os.makedirs("/run/sshd", exist_ok=True)
         # B is a host of its own: its own /dev/shm (Open MPI's shared-memory
         # segments and ipmpi's node-shared arrays are per node; in the
         # machine's /dev/shm B's segments would collide with A's) and its
         # own host name, for sshd and everything started through it.
         sh("ip", "netns", "exec", b, "unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
            "mount -t tmpfs -o mode=1777,size=%dm tmpfs /dev/shm && hostname ipmpi-host-b && "
-           "exec /usr/sbin/sshd -f %s" % (B_SHM_MIB, tmp / "sshd_config"))
+           "exec /usr/sbin/sshd -f %s" % (B_SHM_MIB, config))
         wait_for(lambda: os.path.exists(pidfile), 10, what="sshd in namespace B")
         ssh = ("ssh -F /dev/null -i %s -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
                "-o BatchMode=yes -o ConnectTimeout=3 -o LogLevel=ERROR" % key)
         yield {"a": a, "b": b, "ssh": ssh, "tmp": tmp}
     finally:
-        try:
-            with open(pidfile) as f:
-                os.kill(int(f.read().strip()), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+        stop_sshd(pidfile)
         ns_del(a, b)
 
 
@@ -75,6 +62,32 @@ def in_ns(ns, argv, timeout=180):
     return subprocess.run(["ip", "netns", "exec", ns] + argv, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           timeout=timeout, env=child_env())
+
+
+@contextlib.contextmanager
+def ssh_cluster(hosts, engines, name):
+    """`ipcluster ssh` from A with the clusterfile engines (host -> count);
+    yields (profile directory, ipcluster's output), then stops it and
+    checks that nothing is left on either host; always cleans up."""
+    d = new_dir()
+    try:
+        cf = clusterfile(hosts, engines, name)
+        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--client-ip", ADDR_A, "--ipmpi-dir", d])
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield d, r.stdout
+        st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
+        assert st.returncode == 0, st.stdout + st.stderr
+        wait_for(lambda: processes_with("--ipmpi-dir " + d) == [], 15, what="nothing left on either host")
+    finally:
+        kill_dir_jobs(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def client_in_a(hosts, code, d):
+    """Runs Python code in A with the cluster's mec furl as argument; its output."""
+    c = in_ns(hosts["a"], [PYTHON, "-c", code, os.path.join(d, "security", "ipcontroller-mec.furl")])
+    assert c.returncode == 0, c.stdout + c.stderr
+    return c.stdout
 
 
 def clusterfile(hosts, engines, name="cluster.py"):
@@ -105,29 +118,17 @@ mec.close()
 
 
 def test_engines_on_the_second_host_are_reached_and_a_death_is_detected(hosts):
-    d = new_dir()
-    try:
-        cf = clusterfile(hosts, {ADDR_B: 2})
-        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--client-ip", ADDR_A,
-                               "--ipmpi-dir", d])
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert "2 engines ready" in r.stdout and ADDR_B in r.stdout
+    with ssh_cluster(hosts, {ADDR_B: 2}, "cluster.py") as (d, started):
+        assert "2 engines ready" in started and ADDR_B in started
         b_ns = in_ns(hosts["b"], ["readlink", "/proc/self/ns/net"]).stdout.strip()
         a_ns = in_ns(hosts["a"], ["readlink", "/proc/self/ns/net"]).stdout.strip()
         assert b_ns != a_ns
-        c = in_ns(hosts["a"], [PYTHON, "-c", CLIENT, os.path.join(d, "security", "ipcontroller-mec.furl")])
-        assert c.returncode == 0, c.stdout + c.stderr
-        assert "IDS [0, 1]" in c.stdout and "HOSTS ['%s']" % ADDR_B in c.stdout, c.stdout
-        assert "NS ['%s']" % b_ns in c.stdout, c.stdout
-        assert "AFTER [1]" in c.stdout and "PULL [9]" in c.stdout, c.stdout
+        out = client_in_a(hosts, CLIENT, d)
+        assert "IDS [0, 1]" in out and "HOSTS ['%s']" % ADDR_B in out, out
+        assert "NS ['%s']" % b_ns in out, out
+        assert "AFTER [1]" in out and "PULL [9]" in out, out
         s = in_ns(hosts["a"], [IPCLUSTER, "status", "--ipmpi-dir", d])
         assert s.returncode == 0 and "1 of 2 engines alive" in s.stdout, s.stdout + s.stderr
-        st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
-        assert st.returncode == 0, st.stdout + st.stderr
-        wait_for(lambda: processes_with("--ipmpi-dir " + d) == [], 15, what="nothing left on either host")
-    finally:
-        kill_dir_jobs(d)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_unreachable_host_is_named_with_ssh_words_and_nothing_starts(hosts):
@@ -175,33 +176,22 @@ mec.close()
 def test_a_shared_array_is_held_once_on_each_host(hosts):
     # Two engines on A (with the controller) and two on B: two nodes, each
     # holding the array once (issue: node-shared data across nodes).
-    d = new_dir()
-    try:
-        cf = clusterfile(hosts, {ADDR_A: 2, ADDR_B: 2}, "shared.py")
-        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--client-ip", ADDR_A,
-                               "--ipmpi-dir", d])
-        assert r.returncode == 0, r.stdout + r.stderr
-        c = in_ns(hosts["a"], [PYTHON, "-c", SHARED_CLIENT, os.path.join(d, "security", "ipcontroller-mec.furl")])
-        assert c.returncode == 0, c.stdout + c.stderr
+    with ssh_cluster(hosts, {ADDR_A: 2, ADDR_B: 2}, "shared.py") as (d, _started):
+        out = client_in_a(hosts, SHARED_CLIENT, d)
         mib16 = 16 << 20
-        assert "REPORT [([0, 1], %d), ([2, 3], %d)]" % (mib16, mib16) in c.stdout, c.stdout
-        assert "SUMS ['True\\n']" in c.stdout, c.stdout
-        for line in c.stdout.splitlines():
+        assert "REPORT [([0, 1], %d), ([2, 3], %d)]" % (mib16, mib16) in out, out
+        assert "SUMS ['True\\n']" in out, out
+        for line in out.splitlines():
             if line.startswith("HOSTPSS"):
                 kb = int(line.split()[-1])
                 assert abs(kb - 16 * 1024) < 512, line
-        assert "AFTER 0" in c.stdout, c.stdout
+        assert "AFTER 0" in out, out
         # Too big for B's shared memory: an error naming B and its limit,
         # nothing bound anywhere, A's segment gone too.
-        assert "TOOBIG engine 2: MemoryError" in c.stdout, c.stdout
-        assert "node ipmpi-host-b: /dev/shm has" in c.stdout and "of %d MiB" % B_SHM_MIB in c.stdout, c.stdout
-        assert "the shared arrays need 96 MiB" in c.stdout, c.stdout
-        assert "KEYS [False, False, False, False]" in c.stdout and "LEFT 0" in c.stdout, c.stdout
-        st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
-        assert st.returncode == 0, st.stdout + st.stderr
-    finally:
-        kill_dir_jobs(d)
-        shutil.rmtree(d, ignore_errors=True)
+        assert "TOOBIG engine 2: MemoryError" in out, out
+        assert "node ipmpi-host-b: /dev/shm has" in out and "of %d MiB" % B_SHM_MIB in out, out
+        assert "the shared arrays need 96 MiB" in out, out
+        assert "KEYS [False, False, False, False]" in out and "LEFT 0" in out, out
 
 
 WAKE_CLIENT = r"""
@@ -232,21 +222,10 @@ def test_idle_engines_on_another_host_sleep_and_wake_at_once(hosts):
     # doorbell; they sleep in poll() on a UDP socket and the controller's
     # datagram wakes them: a request after an idle is answered in about the
     # time of a busy one, not at the next poll of a back-off (up to 25 ms).
-    d = new_dir()
-    try:
-        cf = clusterfile(hosts, {ADDR_A: 1, ADDR_B: 2}, "wake.py")
-        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--client-ip", ADDR_A,
-                               "--ipmpi-dir", d])
-        assert r.returncode == 0, r.stdout + r.stderr
-        c = in_ns(hosts["a"], [PYTHON, "-c", WAKE_CLIENT, os.path.join(d, "security", "ipcontroller-mec.furl")])
-        assert c.returncode == 0, c.stdout + c.stderr
-        print(c.stdout)
-        lat = dict(kv.split("=") for kv in c.stdout.split("LAT ")[1].splitlines()[0].split())
-        assert set(lat) == {ADDR_B, next(h for h in lat if h != ADDR_B)}, c.stdout
+    with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 2}, "wake.py") as (d, _started):
+        out = client_in_a(hosts, WAKE_CLIENT, d)
+        print(out)
+        lat = dict(kv.split("=") for kv in out.split("LAT ")[1].splitlines()[0].split())
+        assert set(lat) == {ADDR_B, next(h for h in lat if h != ADDR_B)}, out
         assert float(lat[ADDR_B]) < 5.0, "an idle engine on the other host answered in %s ms (median)" % lat[ADDR_B]
-        assert "poll" in c.stdout.split("WCHAN ")[1], c.stdout
-        st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
-        assert st.returncode == 0, st.stdout + st.stderr
-    finally:
-        kill_dir_jobs(d)
-        shutil.rmtree(d, ignore_errors=True)
+        assert "poll" in out.split("WCHAN ")[1], out

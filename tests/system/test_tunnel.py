@@ -19,13 +19,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 
 import pytest
 
-from conftest import (IPCLUSTER, PYTHON, child_env, kill_dir_jobs, new_dir, ns_add, ns_del, ns_link,
-                      processes_with, sh, wait_for)
+from conftest import (IPCLUSTER, PYTHON, child_env, kill_dir_jobs, need_sshd, new_dir, ns_add, ns_del, ns_link,
+                      processes_with, sh, sshd_config, stop_sshd, wait_for)
 
 ADDR_L, ADDR_GL = "192.0.2.1", "192.0.2.2"
 ADDR_GC, ADDR_C = "203.0.113.2", "203.0.113.1"
@@ -35,11 +34,7 @@ ADDR_GC, ADDR_C = "203.0.113.2", "203.0.113.1"
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    for tool, pkg in (("ip", "iproute2"), ("ssh", "openssh-client"), ("ssh-keygen", "openssh-client")):
-        if shutil.which(tool) is None:
-            raise RuntimeError("%s is missing: apt-get install %s" % (tool, pkg))
-    if not os.path.exists("/usr/sbin/sshd"):
-        raise RuntimeError("/usr/sbin/sshd is missing: apt-get install openssh-server")
+    need_sshd()
     tmp = tmp_path_factory.mktemp("tunnelbed")
     tag = str(os.getpid())
     lap, login, clu = "ipmpi-tl-" + tag, "ipmpi-tg-" + tag, "ipmpi-tc-" + tag
@@ -53,11 +48,7 @@ def net(tmp_path_factory):
     # login node's key, nothing from the machine's own ~/.ssh.
     (tmp / "ssh_config").write_text("UserKnownHostsFile %s\nStrictHostKeyChecking yes\nGlobalKnownHostsFile /dev/null\n"
                                     % (tmp / "known_hosts"))
-    pidfile = str(tmp / "sshd.pid")
-    (tmp / "sshd_config").write_text(
-        "ListenAddress %s\nHostKey %s\nAuthorizedKeysFile %s\nPidFile %s\nStrictModes no\n"
-        "UsePAM no\nPermitRootLogin yes\nPasswordAuthentication no\nAllowTcpForwarding yes\n"
-        % (ADDR_GL, hostkey, tmp / "authorized_keys", pidfile))
+    config, pidfile = sshd_config(tmp, ADDR_GL, hostkey, "AllowTcpForwarding yes\n")
     links = (("l" + tag[-8:], lap, ADDR_L, "gl" + tag[-8:], login, ADDR_GL),
              ("gc" + tag[-8:], login, ADDR_GC, "c" + tag[-8:], clu, ADDR_C))
     try:
@@ -66,17 +57,12 @@ def net(tmp_path_factory):
             ns_link(n1, d1, a1, n2, d2, a2)
         # The login node routes nothing (a new namespace has forwarding off):
         assert sh("ip", "netns", "exec", login, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0"
-        os.makedirs("/run/sshd", exist_ok=True)
-        sh("ip", "netns", "exec", login, "/usr/sbin/sshd", "-f", str(tmp / "sshd_config"))
+        sh("ip", "netns", "exec", login, "/usr/sbin/sshd", "-f", config)
         wait_for(lambda: os.path.exists(pidfile), 10, what="sshd on the login node")
         yield {"laptop": lap, "login": login, "cluster": clu, "tmp": tmp, "key": key, "wrong": wrong,
                "ssh": "ssh -F %s" % (tmp / "ssh_config")}
     finally:
-        try:
-            with open(pidfile) as f:
-                os.kill(int(f.read().strip()), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+        stop_sshd(pidfile)
         ns_del(lap, login, clu)
 
 
