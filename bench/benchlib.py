@@ -171,11 +171,9 @@ def kill_descendants(grace=3.0):
 
 
 def ompi_env():
-    env = dict(os.environ)
-    if os.geteuid() == 0:
-        env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
-        env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-    return env
+    """The environment for mpirun: ipcluster's own (Open MPI as root allowed)."""
+    from ipmpi.launchers.mpirun import child_env
+    return child_env()
 
 
 def run_checked(cmd, timeout, **kw):

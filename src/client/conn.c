@@ -462,6 +462,22 @@ static void rx_shm_resolve(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
     }
 }
 
+/* Appends rep to the array *arr of *n replies (capacity *cap, doubled
+ * when full). Returns 0, or IPMPI_ENOMEM with nothing changed. */
+static int append_reply(ipmpi_cl_reply_t **arr, uint32_t *n, uint32_t *cap, const ipmpi_cl_reply_t *rep)
+{
+    if (*n == *cap) {
+        uint32_t ncap = *cap ? *cap * 2 : 4;
+        ipmpi_cl_reply_t *a = realloc(*arr, ncap * sizeof *a);
+        if (!a)
+            return IPMPI_ENOMEM;
+        *arr = a;
+        *cap = ncap;
+    }
+    (*arr)[(*n)++] = *rep;
+    return 0;
+}
+
 /* Keeps a non-final reply (streamed output) of e for
  * ipmpi_cl_wait_output, within IPMPI_CL_OUT_MAX bytes. mu held. */
 static void store_output(ipmpi_cl_t *c, ipmpi_cl_entry_t *e, ipmpi_cl_reply_t *rep, const ipmpi_cl_hooks_t *hooks)
@@ -469,23 +485,12 @@ static void store_output(ipmpi_cl_t *c, ipmpi_cl_entry_t *e, ipmpi_cl_reply_t *r
     uint64_t bytes = 0;
     for (uint32_t i = 0; i < rep->nparts; i++)
         bytes += rep->lens[i];
-    if (e->out_bytes + bytes > IPMPI_CL_OUT_MAX || rep->status != 0) {
+    if (e->out_bytes + bytes > IPMPI_CL_OUT_MAX || rep->status != 0 ||
+        append_reply(&e->outs, &e->nout, &e->outcap, rep) != 0) {
         e->out_dropped += bytes;
         reply_release(rep, hooks);
         return;
     }
-    if (e->nout == e->outcap) {
-        uint32_t ncap = e->outcap ? e->outcap * 2 : 4;
-        ipmpi_cl_reply_t *n = realloc(e->outs, ncap * sizeof *n);
-        if (!n) {
-            e->out_dropped += bytes;
-            reply_release(rep, hooks);
-            return;
-        }
-        e->outs = n;
-        e->outcap = ncap;
-    }
-    e->outs[e->nout++] = *rep;
     e->out_bytes += bytes;
     pthread_cond_broadcast(&c->cond);
 }
@@ -524,18 +529,11 @@ static void rx_deliver(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
         store_output(c, e, &rep, hooks);
         goto done;
     }
-    if (e->nrep == e->cap) {
-        uint32_t ncap = e->cap ? e->cap * 2 : 4;
-        ipmpi_cl_reply_t *n = realloc(e->reps, ncap * sizeof *n);
-        if (!n) {
-            reply_release(&rep, hooks);
-            set_broken(c, IPMPI_ENOMEM, "out of memory storing a reply");
-            goto done;
-        }
-        e->reps = n;
-        e->cap = ncap;
+    if (append_reply(&e->reps, &e->nrep, &e->cap, &rep) != 0) {
+        reply_release(&rep, hooks);
+        set_broken(c, IPMPI_ENOMEM, "out of memory storing a reply");
+        goto done;
     }
-    e->reps[e->nrep++] = rep;
     /* total comes with every reply; a controller reply says 1. */
     e->total = rx->h.total ? rx->h.total : 1;
     pthread_cond_broadcast(&c->cond);

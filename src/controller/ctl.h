@@ -135,9 +135,9 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
 void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now);
 
 /* Rings again, at most every IPMPI_RERING_NS, the doorbell of every engine
- * that has work in flight (see dispatch.c). Returns when to call again. */
+ * that has work in flight (see dispatch.c); called each busy loop turn. */
 #define IPMPI_RERING_NS (2000000ull)
-uint64_t ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now);
+void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now);
 
 /* ---- wake.c: engines on other nodes sleep on a UDP socket ---- */
 
@@ -146,7 +146,7 @@ void ipmpi_ctl_wake_register(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char 
 /* A frame was posted to rank: send its wake-up (mpilink's wake hook). */
 void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank);
 /* e's work is still unanswered: send again when its back-off is due. */
-void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now);
+void ipmpi_ctl_wake_again(ipmpi_engine_slot_t *e, uint64_t now);
 void ipmpi_ctl_wake_fini(ipmpi_ctl_t *c);
 /* requests.c: replies. send_json sends b (and frees its text) as the
  * JSON reply to req, or an ENOMEM error if building it ran out of

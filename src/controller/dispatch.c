@@ -218,19 +218,18 @@ void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now)
  * fence and a load each when awake (the usual case), a wake-up when one
  * was lost.
  */
-uint64_t ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
+void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
 {
     if (now < c->rering_at)
-        return c->rering_at;
+        return;
     c->rering_at = now + IPMPI_RERING_NS;
     for (int i = 0; i < c->nengines; i++) {
         ipmpi_engine_slot_t *e = &c->eng[i];
         if (e->dead || !ipmpi_sched_inflight(&c->sched, i))
             continue;
         ipmpi_doorbell_ring(c->link.bell, e->rank);
-        ipmpi_ctl_wake_again(c, e, now);
+        ipmpi_ctl_wake_again(e, now);
     }
-    return c->rering_at;
 }
 
 /* Takes back everything of engine e: in flight and queued, settled with

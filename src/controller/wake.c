@@ -81,9 +81,8 @@ void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank)
     e->wake_due = ipmpi_now_ns() + e->wake_gap;
 }
 
-void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now)
+void ipmpi_ctl_wake_again(ipmpi_engine_slot_t *e, uint64_t now)
 {
-    (void)c;
     if (e->wake_fd < 0 || now < e->wake_due)
         return;
     send_key(e);

@@ -69,7 +69,6 @@ typedef struct ipmpi_eng_wake {
 /* Opens the socket (any address, a free port) and draws the key. Returns 0
  * or IPMPI_EIO (logged; the engine then polls with back-off). */
 int ipmpi_eng_wake_open(ipmpi_eng_wake_t *w);
-void ipmpi_eng_wake_close(ipmpi_eng_wake_t *w);
 
 /*
  * Sleeps in poll() on the socket for at most timeout_ns (at most

@@ -69,13 +69,6 @@ int ipmpi_eng_wake_open(ipmpi_eng_wake_t *w)
     return 0;
 }
 
-void ipmpi_eng_wake_close(ipmpi_eng_wake_t *w)
-{
-    if (w->fd >= 0)
-        close(w->fd);
-    w->fd = -1;
-}
-
 /* Reads every datagram waiting; 1 if one held the key. */
 static int drain(ipmpi_eng_wake_t *w)
 {

@@ -18,9 +18,6 @@ T = 120
 MiB = 1 << 20
 
 
-segment_pss = segment_pss_kb
-
-
 def leftover_segments():
     return [n for n in os.listdir("/dev/shm") if n.startswith("ipmpi-shared-%d-" % os.getpid())]
 
@@ -39,7 +36,7 @@ def test_one_copy_per_node_read_only_with_the_values(mec, pids):
     assert [r["stdout"] for r in sums] == ["%r 11 False int32\n" % float(a.sum())] * 4
     # Every engine read every page: each maps all 64 MiB, and the node holds
     # them once (PSS splits shared pages between the processes mapping them).
-    pss = sum(segment_pss(p) for p in pids.values())
+    pss = sum(segment_pss_kb(p) for p in pids.values())
     assert abs(pss - 64 * 1024) < 1024, "the node holds %d kB of the segment, not 64 MiB" % pss
     with pytest.raises(client.CompositeError) as ei:
         mec.execute("a[0] = 1.0", timeout=T)
@@ -47,11 +44,11 @@ def test_one_copy_per_node_read_only_with_the_values(mec, pids):
     assert leftover_segments() == []
     # Dropped by some engines: still there for the others.
     mec.execute("del a, b", targets=[0, 1], timeout=T)
-    assert [segment_pss(pids[i]) for i in (0, 1)] == [0, 0]
+    assert [segment_pss_kb(pids[i]) for i in (0, 1)] == [0, 0]
     assert mec.pull("b", targets=3, timeout=T)[0].tolist() == b.tolist()
     # Dropped by all: gone (nothing maps it, its name was removed).
     mec.reset(targets=[2, 3], timeout=T)
-    assert sum(segment_pss(p) for p in pids.values()) == 0
+    assert sum(segment_pss_kb(p) for p in pids.values()) == 0
     assert "a" not in mec.keys(targets=2, timeout=T)[0]
 
 
@@ -63,9 +60,9 @@ def test_a_subset_of_engines_and_a_second_push_replacing_the_first(mec, pids):
     report = mec.push(dict(x=x * 2), targets=[1, 2], shared=True, timeout=T)
     assert mec.execute("print(int(x.sum()))", targets=[1, 2], timeout=T)[0]["stdout"] == "%d\n" % (2 * MiB)
     # The first segment went with the names rebound.
-    assert all(segment_pss(pids[i]) <= 1024 + 4 for i in (1, 2))
+    assert all(segment_pss_kb(pids[i]) <= 1024 + 4 for i in (1, 2))
     mec.reset(targets=[1, 2], timeout=T)
-    assert sum(segment_pss(p) for p in pids.values()) == 0
+    assert sum(segment_pss_kb(p) for p in pids.values()) == 0
     assert leftover_segments() == []
 
 

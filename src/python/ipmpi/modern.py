@@ -701,7 +701,7 @@ class DirectView(View):
     def _one_each(self, kind, parts_of, engines, value, fname, single, cls=AsyncResult, **kw):
         """One request per engine (so progress and timings are per engine)."""
         mec = self.client._mec
-        stream = self.client._streaming() and kind in (_c.K_EXECUTE, _c.K_APPLY)
+        stream = self.client._streaming(kind)
         children = []
         try:
             for i, eid in enumerate(engines):
@@ -718,7 +718,7 @@ class DirectView(View):
     def _together(self, kind, parts, engines, value, fname, single):
         """One request for all engines (the payload is held once by the controller)."""
         target, tlist, _s = _parse_targets(engines)
-        stream = self.client._streaming() and kind in (_c.K_EXECUTE, _c.K_APPLY)
+        stream = self.client._streaming(kind)
         rid = self.client._mec._send(kind, target, parts, tlist, stream)
         return AsyncResult(self.client, [_Direct(self.client, rid, engines, value, stream)], fname, single)
 
@@ -1094,10 +1094,13 @@ class Client:
     def _progress_mode(self):
         return _progress_mode(self.progress)
 
-    def _streaming(self):
-        """Whether views stream the output of what they run: stream_output,
-        or when None (the default) whenever a person reads it (stdout is
-        a terminal, or Jupyter)."""
+    def _streaming(self, kind=_c.K_APPLY):
+        """Whether views stream the output of a request of kind (only code
+        that runs prints: EXECUTE and APPLY): stream_output, or when None
+        (the default) whenever a person reads it (stdout is a terminal, or
+        Jupyter)."""
+        if kind not in (_c.K_EXECUTE, _c.K_APPLY):
+            return False
         s = self._stream_output
         return _output.interactive() if s is None else bool(s)
 

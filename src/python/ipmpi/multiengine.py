@@ -765,15 +765,11 @@ def _prop_keys(keys, none_ok):
     return list(keys)
 
 
-def _apply_each(mec, f, args, targets, timeout):
+def _apply_each(mec, f, args, targets, timeout, method):
     """A PendingResult of f(*args) on each engine of the list targets (f
     a function the engines can import); its value: one result per target,
-    in their order."""
+    in their order; errors name method (the user's call)."""
     def post(rs, order):
-        return _engine_results(rs, lambda meta, parts: _serialize.loads(parts[1:]), _name_of(f), order)
+        return _engine_results(rs, lambda meta, parts: _serialize.loads(parts[1:]), method, order)
 
     return mec._request(_c.K_APPLY, _serialize.dumps((f, tuple(args), {})), list(targets), post, False, timeout)
-
-
-def _name_of(f):
-    return getattr(f, "__name__", "apply")

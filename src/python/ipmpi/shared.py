@@ -163,12 +163,12 @@ def push(mec, namespace, targets, timeout):
     report = {}
     ok = False
     try:
-        created = {host: _apply_each(mec, _create, (segs[host], values), [leaders[host]], timeout)
+        created = {host: _apply_each(mec, _create, (segs[host], values), [leaders[host]], timeout, "push")
                    for host in nodes}
         made = list(nodes)
         results = {host: pr.get_result(timeout=timeout)[0] for host, pr in created.items()}
         bound = [_apply_each(mec, _bind, (segs[host],) + tuple(results[host]),
-                             [e for e in nodes[host] if e != leaders[host]], timeout)
+                             [e for e in nodes[host] if e != leaders[host]], timeout, "push")
                  for host in nodes if len(nodes[host]) > 1]
         for pr in bound:
             pr.get_result(timeout=timeout)
@@ -178,10 +178,11 @@ def push(mec, namespace, targets, timeout):
     finally:
         if not ok and made:
             try:
-                _apply_each(mec, _drop, (list(values),), ids, timeout).get_result(timeout=timeout)
+                _apply_each(mec, _drop, (list(values),), ids, timeout, "push").get_result(timeout=timeout)
             except Exception:
                 pass
-        unlinks = [_apply_each(mec, _unlink, (segs[host],), [leaders[host]], timeout) for host in made]
+        unlinks = [_apply_each(mec, _unlink, (segs[host],), [leaders[host]], timeout, "push")
+                   for host in made]
         for pr in unlinks:
             try:
                 pr.get_result(timeout=timeout)
