@@ -17,8 +17,10 @@
 
 enum { AWAKE = 0, ASLEEP = 1 };
 
-/* A slot: the doorbell word, then (8-aligned) the interrupt's request id. */
+/* A slot: the doorbell word, then (8-aligned) the interrupt's request id
+ * and the count of INTERRUPTs sent to this rank. */
 #define INTR_OFFSET 8
+#define INTR_SEQ_OFFSET 16
 
 /* Each word on a cache line of its own: a ring must not make the other
  * sleepers' lines bounce. */
@@ -137,12 +139,20 @@ void ipmpi_doorbell_set_interrupt(const ipmpi_doorbell_t *d, int rank, uint64_t 
 {
     if (!ipmpi_doorbell_reaches(d, rank))
         return;
-    atomic_store((_Atomic uint64_t *)((char *)d->word[rank] + INTR_OFFSET), req_id);
+    char *slot = (char *)d->word[rank];
+    /* The id first: a reader that sees the new count sees this id. */
+    atomic_store((_Atomic uint64_t *)(slot + INTR_OFFSET), req_id);
+    atomic_fetch_add((_Atomic uint64_t *)(slot + INTR_SEQ_OFFSET), 1);
 }
 
-uint64_t ipmpi_doorbell_interrupt(const ipmpi_doorbell_t *d)
+uint64_t ipmpi_doorbell_interrupt(const ipmpi_doorbell_t *d, uint64_t *seq)
 {
+    if (seq)
+        *seq = 0;
     if (!d || !d->ok)
         return 0;
-    return atomic_load((_Atomic uint64_t *)((char *)d->mine + INTR_OFFSET));
+    const char *slot = (const char *)d->mine;
+    if (seq)
+        *seq = atomic_load((_Atomic uint64_t *)(slot + INTR_SEQ_OFFSET));
+    return atomic_load((_Atomic uint64_t *)(slot + INTR_OFFSET));
 }

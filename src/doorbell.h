@@ -44,14 +44,17 @@ typedef struct ipmpi_doorbell {
 } ipmpi_doorbell_t;
 
 /*
- * Next to each word, the request id an INTERRUPT is for (0: none): the
- * controller writes it before it sends SIGINT, and the engine raises
- * KeyboardInterrupt only in that request, also when the signal came
- * before the engine picked the request up, and never in a later one.
+ * Next to each word, the request id an INTERRUPT is for (0: none) and the
+ * number of INTERRUPTs sent: the controller writes both before it sends
+ * SIGINT, and the engine raises KeyboardInterrupt only in that request,
+ * also when the signal came before the engine picked the request up,
+ * never in a later one, and once per INTERRUPT (the count tells a signal
+ * already acted on at the request's start from a new one).
  */
 void ipmpi_doorbell_set_interrupt(const ipmpi_doorbell_t *d, int rank, uint64_t req_id);
-/* The request id this rank's slot names (0: none). Async-signal-safe. */
-uint64_t ipmpi_doorbell_interrupt(const ipmpi_doorbell_t *d);
+/* The request id this rank's slot names (0: none), and in *seq (if not
+ * NULL) the INTERRUPTs sent so far. Async-signal-safe. */
+uint64_t ipmpi_doorbell_interrupt(const ipmpi_doorbell_t *d, uint64_t *seq);
 
 /*
  * Sets up the doorbells of this node; collective over comm (every rank

@@ -17,6 +17,7 @@
  * that calls MPI (MPI_THREAD_FUNNELED).
  */
 #include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -67,22 +68,35 @@ typedef struct engine {
 
 /*
  * INTERRUPT (doorbell.h): the controller writes the id of the request it
- * means into this engine's doorbell slot, then sends SIGINT. The handler
- * turns it into KeyboardInterrupt (PyErr_SetInterruptEx, async-signal-
- * safe) only while that request is this engine's current one; a request
- * that arrives with its id already in the slot is interrupted at its
- * start. Signal handlers see only globals: these are the engine's current
- * request and its doorbell, written by the main thread.
+ * means into this engine's doorbell slot, counts it, then sends SIGINT.
+ * The handler turns it into KeyboardInterrupt (PyErr_SetInterruptEx,
+ * async-signal-safe) only while that request is this engine's current
+ * one; a request that arrives with its id already in the slot is
+ * interrupted at its start. Each INTERRUPT raises once: the signal of an
+ * INTERRUPT already raised at the start must not raise a second
+ * KeyboardInterrupt (it would land in the engine's own error handling).
+ * Signal handlers see only globals: these are the engine's current
+ * request and its doorbell, written by the main thread, and the count of
+ * the last INTERRUPT raised, written by both (atomic exchange).
  */
 static const ipmpi_doorbell_t *g_bell;
 static volatile sig_atomic_t g_in_request;
 static volatile uint64_t g_req_id;
+static _Atomic uint64_t g_intr_done;
+
+/* Raises KeyboardInterrupt if an INTERRUPT not yet raised names req_id. */
+static void interrupt_if_meant(uint64_t req_id)
+{
+    uint64_t seq = 0;
+    if (req_id != 0 && ipmpi_doorbell_interrupt(g_bell, &seq) == req_id && atomic_exchange(&g_intr_done, seq) != seq)
+        PyErr_SetInterruptEx(SIGINT);
+}
 
 static void on_sigint(int sig)
 {
     (void)sig;
-    if (g_in_request && g_req_id != 0 && ipmpi_doorbell_interrupt(g_bell) == g_req_id)
-        PyErr_SetInterruptEx(SIGINT);
+    if (g_in_request)
+        interrupt_if_meant(g_req_id);
 }
 
 /* The request that starts now (0: none); interrupts it if it was meant. */
@@ -91,8 +105,7 @@ static void current_request(uint64_t req_id)
     g_in_request = 0;
     g_req_id = req_id;
     g_in_request = req_id != 0;
-    if (req_id != 0 && ipmpi_doorbell_interrupt(g_bell) == req_id)
-        PyErr_SetInterruptEx(SIGINT);
+    interrupt_if_meant(req_id);
 }
 
 /* ipmpi_eng_link_send's question while a send does not complete: is the

@@ -606,10 +606,16 @@ class Engine:
                 meta["started"] = meta["completed"] = time.time()
             _describe_error(meta, exc)
             return EREMOTE, [pickle.dumps(meta, protocol=5)], False
-        except BaseException:
+        except BaseException as again:
+            # No room to describe exc (MemoryError), or a second exception
+            # while doing so: name the first one, if that still works.
+            try:
+                etype = type(exc).__name__
+            except BaseException:
+                etype = type(again).__name__
             meta = {"id": self.id, "kind": _META_KINDS.get(kind, str(kind)), "number": None,
-                    "input": "", "stdout": "", "stderr": "", "etype": "MemoryError",
-                    "evalue": "", "traceback": "MemoryError\n"}
+                    "input": "", "stdout": "", "stderr": "", "etype": etype,
+                    "evalue": "", "traceback": etype + "\n"}
             return EREMOTE, [pickle.dumps(meta, protocol=5)], False
 
     # ---- dispatch ----
