@@ -51,6 +51,11 @@ static void usage(FILE *f, const char *prog)
             "                       after a reconnect (default 1 GiB; delivered ones use 1/64 of it)\n"
             "  --client-queue-bytes BYTES  bytes of one client's requests the controller holds\n"
             "                       before it stops reading that client (default 1 GiB)\n"
+            "  --accept-joins FILE  engines of later jobs may join: the controller writes its MPI\n"
+            "                       port to FILE (both mpiruns need the same --ompi-server)\n"
+            "  --max-engines N      engines at most, joined ones included (default: the job's + 1024)\n"
+            "  --join FILE          every rank of this job is an engine joining the running\n"
+            "                       controller whose port FILE holds (ipcluster engines)\n"
             "  --log-level N        0 error, 1 warn, 2 info, 3 debug (default 2)\n"
             "  --log-to-stderr      log to stderr instead of DIR/log/\n"
             "  -h, --help           this text\n"
@@ -81,6 +86,8 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         {"task-memory", required_argument, 0, 'T'}, {"task-depth", required_argument, 0, 'D'},
         {"result-memory", required_argument, 0, 'R'},
         {"client-queue-bytes", required_argument, 0, 'Q'},
+        {"accept-joins", required_argument, 0, 'J'}, {"join", required_argument, 0, 'j'},
+        {"max-engines", required_argument, 0, 'N'},
         {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
     const char *env = getenv("IPMPI_DIR"), *home = getenv("HOME");
@@ -173,6 +180,19 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         case 'e':
             o->log_to_stderr = 1;
             break;
+        case 'J':
+            if (snprintf(o->accept_joins, sizeof o->accept_joins, "%s", optarg) >= (int)sizeof o->accept_joins)
+                return fprintf(stderr, "ipmpi: --accept-joins: path too long\n"), -1;
+            break;
+        case 'j':
+            if (snprintf(o->join, sizeof o->join, "%s", optarg) >= (int)sizeof o->join)
+                return fprintf(stderr, "ipmpi: --join: path too long\n"), -1;
+            break;
+        case 'N':
+            if (parse_u64(optarg, &v) || v < 1 || v > 1000000)
+                return fprintf(stderr, "ipmpi: --max-engines must be 1..1000000\n"), -1;
+            o->max_engines = (int)v;
+            break;
         case 'h':
             usage(stdout, argv[0]);
             exit(0);
@@ -245,6 +265,80 @@ static void describe_job(ipmpi_job_t *job)
     }
 }
 
+/* Rank 0 of its job, as the launcher says before MPI_Init (unknown: yes). */
+static int rank_zero_by_env(void)
+{
+    static const char *const vars[] = {"PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        const char *v = getenv(vars[i]);
+        if (v && *v)
+            return strcmp(v, "0") == 0;
+    }
+    return 1;
+}
+
+/* Opens this process's log under dir/log (role_name, file name part). */
+static void open_log(const ipmpi_opts_t *o, const char *role_name, const char *file)
+{
+    char path[PATH_MAX];
+    ipmpi_log_setup(role_name, o->log_level);
+    snprintf(path, sizeof path, "%s/log", o->dir);
+    if (make_dir(o->dir) != 0 || make_dir(path) != 0) {
+        fprintf(stderr, "ipmpi: cannot create %s: %s\n", path, strerror(errno));
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    if (!o->log_to_stderr) {
+        snprintf(path, sizeof path, "%s/log/%s-%d.log", o->dir, file, (int)getpid());
+        if (ipmpi_log_open(path, 1) != 0)
+            fprintf(stderr, "ipmpi: cannot open log %s; logging to stderr\n", path);
+    }
+}
+
+/* `ipmpi --join FILE`: every rank is an engine of a running controller
+ * (engine/join.c), with the next ids; no doorbells (the controller is not
+ * in this job: it wakes these engines by datagram). */
+static int join_main(const ipmpi_opts_t *o, ipmpi_job_t *job, enum role role)
+{
+    if (role == ROLE_CONTROLLER) {
+        fprintf(stderr, "ipmpi: ipcontroller cannot --join: only engines join a running controller\n");
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    MPI_Comm comm = MPI_COMM_NULL;
+    int rc = ipmpi_eng_join(o, job, &comm);
+    if (rc != 0) {
+        fflush(NULL);
+        MPI_Finalize();
+        return rc == IPMPI_EACCES ? 4 : 3;
+    }
+    int id = job->join_first + job->world_rank;
+    char role_name[48], file[64];
+    snprintf(role_name, sizeof role_name, "engine %d", id);
+    snprintf(file, sizeof file, "ipengine-%d", id);
+    open_log(o, role_name, file);
+    ipmpi_log(IPMPI_LOG_INFO, "rank %d of %d on %s (local rank %d of %d), job %s, pid %d: joined the controller as "
+              "engine %d", job->world_rank, job->world_size, job->hostname, job->local_rank, job->local_size,
+              job->jobid, (int)getpid(), id);
+    ipmpi_doorbell_t bell;
+    memset(&bell, 0, sizeof bell);
+    bell.node = MPI_COMM_NULL;
+    bell.win = MPI_WIN_NULL;
+    job->bell = &bell;
+    job->t.node = ipmpi_log_clock();
+    job->t.cpu_node = ipmpi_log_cpu();
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    rc = ipmpi_engine_run(o, job, comm);
+    /* The controller never disconnects (a blocking call its loop cannot
+     * make): free, then finalize. */
+    MPI_Comm_free(&comm);
+    MPI_Comm_free(&job->join_inter);
+    if (job->live_fd >= 0)
+        close(job->live_fd);
+    if (job->have_pmix)
+        PMIx_Finalize(NULL, 0);
+    MPI_Finalize();
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     ipmpi_opts_t opts;
@@ -264,8 +358,17 @@ int main(int argc, char **argv)
     if (parse_opts(argc, argv, &opts) != 0)
         return 2;
 
-    int provided;
-    if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+    if (opts.accept_joins[0] && opts.join[0]) {
+        fprintf(stderr, "ipmpi: --accept-joins is for the controller's job, --join for a later engines' job: "
+                        "not both\n");
+        return 2;
+    }
+    /* The controller accepts joining jobs on a thread of its own
+     * (controller/join.c); engines call MPI from their main thread only. */
+    int provided, want = MPI_THREAD_FUNNELED;
+    if (opts.accept_joins[0] && rank_zero_by_env())
+        want = MPI_THREAD_MULTIPLE;
+    if (MPI_Init_thread(&argc, &argv, want, &provided) != MPI_SUCCESS) {
         fprintf(stderr, "ipmpi: MPI_Init_thread failed\n");
         return 1;
     }
@@ -276,6 +379,8 @@ int main(int argc, char **argv)
     describe_job(&job);
     job.t.pmix = ipmpi_log_clock();
 
+    if (opts.join[0])
+        return join_main(&opts, &job, role);
     if ((role == ROLE_CONTROLLER && job.world_rank != 0) || (role == ROLE_ENGINE && job.world_rank == 0)) {
         fprintf(stderr,
                 "ipmpi: %s started as rank %d; the controller must be rank 0 "
@@ -291,26 +396,15 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    char role_name[48], path[PATH_MAX];
-    if (is_controller)
+    char role_name[48], file[64];
+    if (is_controller) {
         snprintf(role_name, sizeof role_name, "controller");
-    else
+        snprintf(file, sizeof file, "ipcontroller");
+    } else {
         snprintf(role_name, sizeof role_name, "engine %d", job.world_rank - 1);
-    ipmpi_log_setup(role_name, opts.log_level);
-    snprintf(path, sizeof path, "%s/log", opts.dir);
-    if (make_dir(opts.dir) != 0 || make_dir(path) != 0) {
-        fprintf(stderr, "ipmpi: cannot create %s: %s\n", path, strerror(errno));
-        MPI_Abort(MPI_COMM_WORLD, 1);
+        snprintf(file, sizeof file, "ipengine-%d", job.world_rank - 1);
     }
-    if (!opts.log_to_stderr) {
-        if (is_controller)
-            snprintf(path, sizeof path, "%s/log/ipcontroller-%d.log", opts.dir, (int)getpid());
-        else
-            snprintf(path, sizeof path, "%s/log/ipengine-%d-%d.log", opts.dir, job.world_rank - 1,
-                     (int)getpid());
-        if (ipmpi_log_open(path, 1) != 0)
-            fprintf(stderr, "ipmpi: cannot open log %s; logging to stderr\n", path);
-    }
+    open_log(&opts, role_name, file);
     ipmpi_log(IPMPI_LOG_INFO, "rank %d of %d on %s (local rank %d of %d), job %s, pid %d", job.world_rank,
               job.world_size, job.hostname, job.local_rank, job.local_size, job.jobid, (int)getpid());
 

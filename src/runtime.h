@@ -29,6 +29,9 @@ typedef struct ipmpi_opts {
     uint64_t result_memory;   /* --result-memory: bytes of kept MultiEngine request results */
     uint32_t task_depth;      /* --task-depth: tasks waiting ahead on a busy engine */
     uint64_t client_queue_bytes; /* --client-queue-bytes: a client's requests held before its input pauses */
+    char accept_joins[1024];  /* --accept-joins FILE: the controller writes its MPI port there ("" = no joins) */
+    int max_engines;          /* --max-engines: engines at most, joined ones included */
+    char join[1024];          /* --join FILE: every rank is an engine joining the controller of FILE's port */
 } ipmpi_opts_t;
 
 /* When main's start-up steps ended (ipmpi_log_clock(): wall seconds), for
@@ -49,11 +52,25 @@ typedef struct ipmpi_job {
     char jobid[256];            /* PMIx namespace, or "singleton" */
     int have_pmix;              /* PMIx_Init succeeded: proc table queries possible */
     struct ipmpi_doorbell *bell; /* this node's doorbells (doorbell.h), set up by main */
+    /* --join: this job's engines joined a running controller (join.h):
+     * rank r is engine join_first + r, the controller is rank 0 of the
+     * merged communicator, live_fd the TCP connection to it. */
+    int joined, join_first, live_fd;
+    MPI_Comm join_inter;
     ipmpi_startup_t t;          /* start-up stamps */
 } ipmpi_job_t;
 
 /* Each returns the process exit status. comm is the private duplicate. */
 int ipmpi_controller_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm);
 int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm);
+
+/*
+ * --join (engine/join.c): connects this whole job to the controller whose
+ * MPI port the file o->join holds, and opens the liveness connection
+ * (join.h). Sets job->joined, join_first, join_inter, live_fd and *merged
+ * (controller rank 0, this rank world_rank + 1). Collective over
+ * MPI_COMM_WORLD. Returns 0, or an error after printing why to stderr.
+ */
+int ipmpi_eng_join(const ipmpi_opts_t *o, ipmpi_job_t *job, MPI_Comm *merged);
 
 #endif

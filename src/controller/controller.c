@@ -482,18 +482,25 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     c->lfd = -1;
     c->nengines = job->world_size - 1;
     c->nlive = c->nengines;
-    c->eng = calloc((size_t)c->nengines, sizeof *c->eng);
-    c->mark = calloc((size_t)c->nengines, sizeof *c->mark);
-    c->targets = calloc((size_t)c->nengines, sizeof *c->targets);
+    /* Room for engines that join later, allocated now so that no slot
+     * moves (calloc'd pages cost nothing until used). */
+    c->cap_engines = c->nengines;
+    if (o->accept_joins[0])
+        c->cap_engines = o->max_engines == 0 ? c->nengines + 1024
+                         : o->max_engines > c->nengines ? o->max_engines : c->nengines;
+    c->eng = calloc((size_t)c->cap_engines, sizeof *c->eng);
+    c->mark = calloc((size_t)c->cap_engines, sizeof *c->mark);
+    c->targets = calloc((size_t)c->cap_engines, sizeof *c->targets);
     if (!c->eng || !c->mark || !c->targets)
         return IPMPI_ENOMEM;
     for (int i = 0; i < c->nengines; i++) {
         c->eng[i].id = i;
         c->eng[i].rank = i + 1;
         c->eng[i].wake_fd = -1;
+        c->eng[i].live_fd = -1;
     }
     c->wake_fd4 = c->wake_fd6 = -1;
-    if (ipmpi_sched_init(&c->sched, c->nengines, o->task_depth) != 0 || ipmpi_ctl_tasks_init(c) != 0 ||
+    if (ipmpi_sched_init_cap(&c->sched, c->nengines, c->cap_engines, o->task_depth) != 0 || ipmpi_ctl_tasks_init(c) != 0 ||
         ipmpi_ctl_results_init(c) != 0)
         return IPMPI_ENOMEM;
     ipmpi_reqtab_init(&c->reqs);
@@ -572,8 +579,9 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         if (c->accept_resume > now && c->accept_resume < next_deadline)
             next_deadline = c->accept_resume;
 
-        if (pcap < c->scap + 1) {
-            pcap = c->scap + 1;
+        uint32_t jcap = ipmpi_ctl_join_nfds(c);
+        if (pcap < c->scap + 1 + jcap) {
+            pcap = c->scap + 1 + jcap;
             struct pollfd *np = realloc(pfd, pcap * sizeof *np);
             uint32_t *ns = realloc(pslot, pcap * sizeof *ns);
             if (np)
@@ -606,6 +614,10 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             n++;
         }
 
+        /* Joins and joined engines' liveness after the sessions. */
+        nfds_t nsfd = n;
+        n += ipmpi_ctl_join_fds(c, pfd + n, pcap - (uint32_t)n);
+
         uint64_t timeout;
         busy = c->nbusy > 0 || ipmpi_mpilink_sends(&c->link) > 0;
         if (more || jobs || ipmpi_mpilink_bulk(&c->link) > 0) {
@@ -632,6 +644,9 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         now = ipmpi_now_ns();
         if (nev > 0)
             ipmpi_backoff_busy(&bo, now);
+        if (nsfd < n)
+            ipmpi_ctl_join_events(c, pfd + nsfd, (uint32_t)(n - nsfd));
+        n = nsfd;
         if (pfd[0].revents & POLLIN)
             accept_clients(c, now);
         /* Key holders first, every one of them each turn. */
@@ -671,6 +686,7 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
 static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
 {
     c->stopping = 1;
+    ipmpi_ctl_join_stop(c);
     if (stop_signal)
         ipmpi_log(IPMPI_LOG_INFO, "signal %d: shutting down", (int)stop_signal);
     ipmpi_log(IPMPI_LOG_INFO, "shutting down: %u request(s) still queued or running", c->reqs.len);
@@ -783,6 +799,9 @@ int ipmpi_controller_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm
     if (ipmpi_furls_write(&c.sec, c.host, c.port) != 0)
         abort_job(&c, 1, &waitmask);
     ipmpi_log(IPMPI_LOG_INFO, "%d engines ready", c.nlive);
+    /* Only now: a later job's engines join a cluster that is ready. */
+    if (ipmpi_ctl_join_start(&c) != 0)
+        ipmpi_log(IPMPI_LOG_ERROR, "engines cannot join this cluster later");
     /* Where the controller's start-up went (tools/startup_phases.py). */
     ipmpi_log(IPMPI_LOG_INFO, "start-up: main=%.6f mpi=%.6f pmix=%.6f node=%.6f setup=%.6f first_ready=%.6f "
               "last_ready=%.6f furl=%.6f cpu=%.3f", job->t.main, job->t.mpi, job->t.pmix, job->t.node,

@@ -7,6 +7,7 @@
 #ifndef IPMPI_CTL_H
 #define IPMPI_CTL_H
 
+#include <poll.h>
 #include <stdint.h>
 #include <sys/socket.h>
 
@@ -37,6 +38,10 @@ typedef struct ipmpi_engine_slot {
     struct sockaddr_storage wake_addr;
     socklen_t wake_len;
     uint64_t wake_key, wake_gap, wake_due;
+    /* Of a job that joined later (join.c): its engines' first id, and the
+     * TCP connection whose end says the engine is gone (-1: none yet). */
+    int join_first;
+    int live_fd;
 } ipmpi_engine_slot_t;
 
 typedef struct ipmpi_ctl {
@@ -45,6 +50,7 @@ typedef struct ipmpi_ctl {
     MPI_Comm comm;
 
     int nengines;
+    int cap_engines; /* slots allocated: more engines may join up to it (join.c) */
     ipmpi_engine_slot_t *eng;
     int nlive;     /* engines not dead */
     int nbusy;     /* engines with a request running */
@@ -94,6 +100,8 @@ typedef struct ipmpi_ctl {
     uint32_t hs_rot;          /* where the next turn's handshakes start */
     uint64_t accept_resume;   /* out of fds: no accept before this (ns) */
 
+    struct ipmpi_join *join; /* engines joining later (join.c); NULL: not accepted */
+
     int stopping; /* SHUTDOWN received or shutdown under way */
     char host_id[IPMPI_HOST_ID_MAX]; /* ipmpi_host_id(), "" if unknown: HELLO tells clients */
 } ipmpi_ctl_t;
@@ -116,6 +124,21 @@ ipmpi_parts_t *ipmpi_ctl_engine_alloc(void *arg, int rank, const ipmpi_hdr_t *h,
 void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts);
 /* The death watch found rank dead (state: its PMIx state). */
 void ipmpi_ctl_rank_dead(void *arg, int rank, const char *state);
+
+/*
+ * Engines joining later (join.c): with --accept-joins FILE the controller
+ * opens an MPI port, writes it to FILE and accepts, on a thread of its
+ * own, jobs started with `ipmpi --join FILE`; their engines get the next
+ * ids. join_start returns 0 (also when joins are off) or an error.
+ * join_fds adds the loop's descriptors to pfd (at most cap; returns how
+ * many), join_events handles what they reported; join_stop closes the
+ * port (the thread stays blocked until the process exits).
+ */
+int ipmpi_ctl_join_start(ipmpi_ctl_t *c);
+uint32_t ipmpi_ctl_join_nfds(const ipmpi_ctl_t *c);
+uint32_t ipmpi_ctl_join_fds(ipmpi_ctl_t *c, struct pollfd *pfd, uint32_t cap);
+void ipmpi_ctl_join_events(ipmpi_ctl_t *c, const struct pollfd *pfd, uint32_t n);
+void ipmpi_ctl_join_stop(ipmpi_ctl_t *c);
 /* Marks engine e dead: fails its running and queued requests with EDEAD. */
 void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *why);
 /*

@@ -45,6 +45,7 @@ void ipmpi_mpilink_init(ipmpi_mpilink_t *l, MPI_Comm comm)
 {
     memset(l, 0, sizeof *l);
     l->comm = comm;
+    MPI_Comm_size(comm, &l->comm_size);
     /* Engines are ranks of this job, not strangers: the bounds only catch
      * a corrupted header before it turns into a huge allocation. */
     l->lim.max_parts = IPMPI_MAX_PARTS;
@@ -54,6 +55,7 @@ void ipmpi_mpilink_init(ipmpi_mpilink_t *l, MPI_Comm comm)
 
 void ipmpi_mpilink_fini(ipmpi_mpilink_t *l)
 {
+    free(l->extra);
     free(l->sreq);
     free(l->sop);
     free(l->sidx);
@@ -71,6 +73,43 @@ static int has_bulk(uint32_t n, const uint64_t *lens)
 static uint32_t nchunks(uint64_t len)
 {
     return len == 0 ? 1 : (uint32_t)((len + IPMPI_MPI_CHUNK - 1) / IPMPI_MPI_CHUNK);
+}
+
+/* The communicator and rank in it that reach link rank `rank`. */
+static MPI_Comm peer(const ipmpi_mpilink_t *l, int rank, int *r)
+{
+    if (rank < l->comm_size) {
+        *r = rank;
+        return l->comm;
+    }
+    for (uint32_t i = 0; i < l->nextra; i++)
+        if (rank >= l->extra[i].base && rank < l->extra[i].base + l->extra[i].n) {
+            *r = rank - l->extra[i].base + 1;
+            return l->extra[i].comm;
+        }
+    *r = MPI_PROC_NULL;
+    return l->comm;
+}
+
+int ipmpi_mpilink_add_comm(ipmpi_mpilink_t *l, MPI_Comm comm, int base, int n)
+{
+    if (l->nextra == l->extra_cap) {
+        uint32_t ncap = l->extra_cap ? 2 * l->extra_cap : 4;
+        ipmpi_mpilink_comm_t *ne = realloc(l->extra, ncap * sizeof *ne);
+        if (!ne)
+            return IPMPI_ENOMEM;
+        l->extra = ne;
+        l->extra_cap = ncap;
+    }
+    l->extra[l->nextra++] = (ipmpi_mpilink_comm_t){comm, base, n, 1};
+    return 0;
+}
+
+void ipmpi_mpilink_close_comm(ipmpi_mpilink_t *l, int base)
+{
+    for (uint32_t i = 0; i < l->nextra; i++)
+        if (l->extra[i].base == base)
+            l->extra[i].open = 0;
 }
 
 static int grow_sends(ipmpi_mpilink_t *l, uint32_t more)
@@ -120,7 +159,9 @@ static int post_header(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi
         return IPMPI_ENOMEM;
     }
     ipmpi_hdr_encode(&hh, parts ? parts->lens : NULL, op->hdr, hl);
-    if (MPI_Isend(op->hdr, (int)hl, MPI_BYTE, rank, IPMPI_TAG_HDR, l->comm, &l->sreq[l->ns]) != MPI_SUCCESS) {
+    int pr;
+    MPI_Comm pc = peer(l, rank, &pr);
+    if (MPI_Isend(op->hdr, (int)hl, MPI_BYTE, pr, IPMPI_TAG_HDR, pc, &l->sreq[l->ns]) != MPI_SUCCESS) {
         free(op->hdr);
         free(op);
         return IPMPI_EMPI;
@@ -152,11 +193,13 @@ int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi
         return rc;
     op->bulk = parts && has_bulk(parts->n, parts->lens);
     l->nbulk += (uint32_t)op->bulk;
+    int pr;
+    MPI_Comm pc = peer(l, rank, &pr);
     for (uint32_t i = 0; parts && i < parts->n; i++) {
         uint64_t len = parts->lens[i], off = 0;
         do {
             uint64_t n = len - off < IPMPI_MPI_CHUNK ? len - off : IPMPI_MPI_CHUNK;
-            if (MPI_Isend(parts->bufs[i] + off, (int)n, MPI_BYTE, rank, IPMPI_TAG_PART, l->comm,
+            if (MPI_Isend(parts->bufs[i] + off, (int)n, MPI_BYTE, pr, IPMPI_TAG_PART, pc,
                           &l->sreq[l->ns]) != MPI_SUCCESS)
                 return IPMPI_EMPI;
             l->sop[l->ns++] = op;
@@ -226,8 +269,9 @@ static int stream_post(ipmpi_mpilink_t *l, ipmpi_sendop_t *op, const void *buf, 
     int rc = grow_sends(l, 1);
     if (rc)
         return rc;
-    if (MPI_Isend((void *)buf, (int)n, MPI_BYTE, op->rank, IPMPI_TAG_PART, l->comm, &l->sreq[l->ns]) !=
-        MPI_SUCCESS)
+    int pr;
+    MPI_Comm pc = peer(l, op->rank, &pr);
+    if (MPI_Isend((void *)buf, (int)n, MPI_BYTE, pr, IPMPI_TAG_PART, pc, &l->sreq[l->ns]) != MPI_SUCCESS)
         return IPMPI_EMPI;
     l->sop[l->ns++] = op;
     op->left++;
@@ -302,9 +346,9 @@ int ipmpi_mpilink_stream_abort(ipmpi_mpilink_t *l, ipmpi_sendop_t *op)
 }
 
 /* A header arrived: take it and post receives for all its parts. */
-static int start_recv(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st)
+static int start_recv(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st, MPI_Comm comm, int base)
 {
-    int count = 0, src = st->MPI_SOURCE;
+    int count = 0, src = st->MPI_SOURCE; /* in comm: ranks 1.. are link ranks base.. */
     MPI_Get_count(st, MPI_BYTE, &count);
     uint8_t *buf = malloc(count > 0 ? (size_t)count : 1);
     if (!buf)
@@ -332,7 +376,7 @@ static int start_recv(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st)
     op = calloc(1, sizeof *op);
     if (!op)
         goto bad;
-    op->parts = l->alloc ? l->alloc(l->alloc_arg, src, &h, lens) : ipmpi_parts_new(h.nparts, lens);
+    op->parts = l->alloc ? l->alloc(l->alloc_arg, base + src - 1, &h, lens) : ipmpi_parts_new(h.nparts, lens);
     if (!op->parts)
         goto bad;
     uint32_t nreq = 0;
@@ -341,14 +385,14 @@ static int start_recv(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st)
     op->reqs = malloc(((size_t)nreq + 1) * sizeof *op->reqs);
     if (!op->reqs)
         goto bad;
-    op->rank = src;
+    op->rank = base + src - 1;
     op->h = h;
     op->bulk = has_bulk(h.nparts, lens);
     for (uint32_t i = 0; i < h.nparts; i++) {
         uint64_t off = 0;
         do {
             uint64_t n = lens[i] - off < IPMPI_MPI_CHUNK ? lens[i] - off : IPMPI_MPI_CHUNK;
-            if (MPI_Irecv(op->parts->bufs[i] + off, (int)n, MPI_BYTE, src, IPMPI_TAG_PART, l->comm,
+            if (MPI_Irecv(op->parts->bufs[i] + off, (int)n, MPI_BYTE, src, IPMPI_TAG_PART, comm,
                           &op->reqs[op->nreq]) != MPI_SUCCESS) {
                 rc = IPMPI_EMPI;
                 goto bad;
@@ -370,7 +414,8 @@ bad:
         free(op->reqs);
         free(op);
     }
-    ipmpi_log(IPMPI_LOG_ERROR, "bad frame from rank %d (%d bytes of header): %s", src, count, ipmpi_strerror(rc));
+    ipmpi_log(IPMPI_LOG_ERROR, "bad frame from rank %d (%d bytes of header): %s", base + src - 1, count,
+              ipmpi_strerror(rc));
     free(lens);
     free(buf);
     return rc;
@@ -382,18 +427,26 @@ int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg)
     if (events < 0)
         return events;
 
-    for (;;) {
-        int flag = 0;
-        MPI_Message msg;
-        MPI_Status st;
-        if (MPI_Improbe(MPI_ANY_SOURCE, IPMPI_TAG_HDR, l->comm, &flag, &msg, &st) != MPI_SUCCESS)
-            return IPMPI_EMPI;
-        if (!flag)
-            break;
-        int rc = start_recv(l, &msg, &st);
-        if (rc == IPMPI_EMPI)
-            return rc;
-        events++;
+    /* The job's own engines, then those that joined later (each job on
+     * its communicator, ranks 1.. there). */
+    for (uint32_t c = 0; c <= l->nextra; c++) {
+        MPI_Comm comm = c == 0 ? l->comm : l->extra[c - 1].comm;
+        int base = c == 0 ? 1 : l->extra[c - 1].base;
+        if (c > 0 && !l->extra[c - 1].open)
+            continue;
+        for (;;) {
+            int flag = 0;
+            MPI_Message msg;
+            MPI_Status st;
+            if (MPI_Improbe(MPI_ANY_SOURCE, IPMPI_TAG_HDR, comm, &flag, &msg, &st) != MPI_SUCCESS)
+                return IPMPI_EMPI;
+            if (!flag)
+                break;
+            int rc = start_recv(l, &msg, &st, comm, base);
+            if (rc == IPMPI_EMPI)
+                return rc;
+            events++;
+        }
     }
 
     /* Unlink the complete frames first, then hand them over, so the

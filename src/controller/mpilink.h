@@ -26,8 +26,19 @@
 typedef struct ipmpi_sendop ipmpi_sendop_t;
 typedef struct ipmpi_recvop ipmpi_recvop_t;
 
+/* Engines of a job that joined later: link ranks base..base+n-1 are
+ * ranks 1..n of comm (the controller is its rank 0). */
+typedef struct ipmpi_mpilink_comm {
+    MPI_Comm comm;
+    int base, n;
+    int open; /* 0 once the job left: its headers are not probed any more */
+} ipmpi_mpilink_comm_t;
+
 typedef struct ipmpi_mpilink {
     MPI_Comm comm;
+    int comm_size; /* link ranks below it are ranks of comm */
+    ipmpi_mpilink_comm_t *extra;
+    uint32_t nextra, extra_cap;
     /* All outstanding send requests, flat for MPI_Testsome; sop[i] is the
      * frame that request i belongs to. */
     MPI_Request *sreq;
@@ -62,6 +73,15 @@ void ipmpi_mpilink_fini(ipmpi_mpilink_t *l);
  * IPMPI_ENOMEM or IPMPI_EMPI.
  */
 int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts);
+
+/*
+ * Engines that joined later (join.c): link ranks base..base+n-1 (base at
+ * or above comm's size) are ranks 1..n of comm from now on. Returns 0 or
+ * IPMPI_ENOMEM. close_comm stops probing the communicator of base (its
+ * job left); the caller frees the communicator.
+ */
+int ipmpi_mpilink_add_comm(ipmpi_mpilink_t *l, MPI_Comm comm, int base, int n);
+void ipmpi_mpilink_close_comm(ipmpi_mpilink_t *l, int base);
 
 /*
  * One round of progress: completes finished sends, starts receiving every

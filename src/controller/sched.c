@@ -13,42 +13,67 @@
  * tasks after long ones turn look-ahead back on quickly. */
 #define EWMA_SHIFT 2
 
+/* Sets up engines [from, to): empty queues, in-flight rings of cap. */
+static int engines_init(ipmpi_sched_t *s, int from, int to)
+{
+    /* One request, or 1 + depth tasks, are in flight at most. */
+    uint32_t cap = 1;
+    while (cap < s->depth + 1)
+        cap <<= 1;
+    for (int i = from; i < to; i++) {
+        ipmpi_sengine_t *e = &s->eng[i];
+        ipmpi_equeue_init(&e->q);
+        ipmpi_ql_init(&e->open);
+        e->fly_cap = cap;
+        e->fly = calloc(cap, sizeof *e->fly);
+        if (!e->fly) {
+            for (int j = from; j < i; j++) {
+                free(s->eng[j].fly);
+                s->eng[j].fly = NULL;
+            }
+            return IPMPI_ENOMEM;
+        }
+    }
+    return 0;
+}
+
 int ipmpi_sched_init(ipmpi_sched_t *s, int nengines, uint32_t depth)
 {
+    return ipmpi_sched_init_cap(s, nengines, nengines, depth);
+}
+
+int ipmpi_sched_init_cap(ipmpi_sched_t *s, int nengines, int capacity, uint32_t depth)
+{
     memset(s, 0, sizeof *s);
-    if (nengines < 0 || depth > IPMPI_SCHED_DEPTH_MAX)
+    if (nengines < 0 || capacity < nengines || depth > IPMPI_SCHED_DEPTH_MAX)
         return IPMPI_EINVAL;
     ipmpi_ql_init(&s->ring);
     ipmpi_ql_init(&s->parked);
     ipmpi_ql_init(&s->open);
     s->depth = depth;
     s->nengines = nengines;
-    if (nengines == 0)
+    s->capacity = capacity;
+    if (capacity == 0)
         return 0;
-    s->eng = calloc((size_t)nengines, sizeof *s->eng);
+    s->eng = calloc((size_t)capacity, sizeof *s->eng);
     if (!s->eng)
         return IPMPI_ENOMEM;
-    /* One request, or 1 + depth tasks, are in flight at most. */
-    uint32_t cap = 1;
-    while (cap < depth + 1)
-        cap <<= 1;
-    for (int i = 0; i < nengines; i++) {
-        ipmpi_sengine_t *e = &s->eng[i];
-        ipmpi_equeue_init(&e->q);
-        ipmpi_ql_init(&e->open);
-        e->fly_cap = cap;
-        e->fly = calloc(cap, sizeof *e->fly);
-        if (!e->fly)
-            goto free_engines;
+    if (engines_init(s, 0, nengines) != 0) {
+        free(s->eng);
+        s->eng = NULL;
+        return IPMPI_ENOMEM;
     }
     return 0;
+}
 
-free_engines:
-    for (int i = 0; i < nengines; i++)
-        free(s->eng[i].fly);
-    free(s->eng);
-    s->eng = NULL;
-    return IPMPI_ENOMEM;
+int ipmpi_sched_add_engines(ipmpi_sched_t *s, int n)
+{
+    if (n < 0 || n > s->capacity - s->nengines)
+        return IPMPI_EINVAL;
+    int rc = engines_init(s, s->nengines, s->nengines + n);
+    if (rc == 0)
+        s->nengines += n;
+    return rc;
 }
 
 void ipmpi_sched_fini(ipmpi_sched_t *s)

@@ -133,6 +133,7 @@ typedef struct ipmpi_sengine {
 
 typedef struct ipmpi_sched {
     int nengines;
+    int capacity;           /* engines eng[] has room for (joins add up to it) */
     ipmpi_sengine_t *eng;
     int nlive;
     uint32_t depth;         /* tasks that may wait ahead on a busy engine */
@@ -149,6 +150,11 @@ typedef struct ipmpi_sched {
  * (nothing to free then).
  */
 int ipmpi_sched_init(ipmpi_sched_t *s, int nengines, uint32_t depth);
+/* The same with room for capacity engines: ipmpi_sched_add_engines adds
+ * n more (not yet live; ids continue) without moving the others. Returns
+ * 0, IPMPI_EINVAL (no room) or IPMPI_ENOMEM. */
+int ipmpi_sched_init_cap(ipmpi_sched_t *s, int nengines, int capacity, uint32_t depth);
+int ipmpi_sched_add_engines(ipmpi_sched_t *s, int n);
 /* Frees what the scheduler owns. Requests and tasks still queued or in
  * flight are the caller's to settle first (their links are not touched). */
 void ipmpi_sched_fini(ipmpi_sched_t *s);

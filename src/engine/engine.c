@@ -425,8 +425,16 @@ free_all:
 /* Builds the engines-only communicator for --mpi=mpi4py: world ranks 1..N,
  * rank = engine id. Collective over the engines only; the controller never
  * joins. Returns 0 and *fint (its Fortran handle), or IPMPI_EMPI. */
-static int make_user_comm(MPI_Fint *fint)
+static int make_user_comm(const ipmpi_job_t *job, MPI_Fint *fint)
 {
+    if (job->joined) {
+        /* A job that joined later: its whole world is engines. */
+        MPI_Comm ucomm = MPI_COMM_NULL;
+        if (MPI_Comm_dup(MPI_COMM_WORLD, &ucomm) != MPI_SUCCESS)
+            return IPMPI_EMPI;
+        *fint = MPI_Comm_c2f(ucomm);
+        return 0;
+    }
     MPI_Group world = MPI_GROUP_NULL, engines = MPI_GROUP_NULL;
     MPI_Comm ucomm = MPI_COMM_NULL;
     int rc = IPMPI_EMPI;
@@ -529,7 +537,8 @@ static PyObject *make_engine(engine_t *e, const ipmpi_eng_place_t *pl, PyObject 
     cls = PyObject_GetAttrString(mod, "Engine");
     if (!cls)
         goto decref;
-    eng = PyObject_CallFunction(cls, "iiOO", e->eid, e->job->world_size - 1, props, comm_fint);
+    eng = PyObject_CallFunction(cls, "iiOO", e->eid, e->job->joined ? e->job->world_size : e->job->world_size - 1,
+                                props, comm_fint);
     if (!eng)
         goto decref;
     PyObject *mp = PyLong_FromUnsignedLong(e->o->limits.max_parts);
@@ -743,7 +752,8 @@ static int serve_loop(engine_t *e)
 
 int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
 {
-    engine_t e = {.o = o, .job = job, .comm = comm, .eid = job->world_rank - 1, .pid = getpid(), .wake = {.fd = -1}};
+    engine_t e = {.o = o, .job = job, .comm = comm, .pid = getpid(), .wake = {.fd = -1},
+                  .eid = job->joined ? job->join_first + job->world_rank : job->world_rank - 1};
     ipmpi_eng_place_t pl;
     MPI_Fint fint = 0;
     int use_mpi4py = strcmp(o->mpi_mode, "mpi4py") == 0;
@@ -765,7 +775,7 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
     set_thread_env("MKL_NUM_THREADS", pl.cores);
     /* Before Python starts, so that every engine reaches this collective
      * even if its Python later fails to start. */
-    if (use_mpi4py && make_user_comm(&fint) != 0) {
+    if (use_mpi4py && make_user_comm(job, &fint) != 0) {
         ipmpi_log(IPMPI_LOG_ERROR, "cannot create the engines' communicator");
         _exit(1);
     }

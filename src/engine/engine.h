@@ -136,6 +136,11 @@ typedef int (*ipmpi_eng_link_wait_cb)(void *arg, int first);
 int ipmpi_eng_link_recv_part(MPI_Comm comm, int src, void *buf, uint64_t len, ipmpi_eng_link_wait_cb wait,
                              void *warg);
 
+/* ---- join.c (ipmpi_eng_join: runtime.h) ---- */
+
+/* 1 when the liveness connection fd ended (the controller is gone). */
+int ipmpi_eng_join_gone(int fd);
+
 /* ---- watch.c ---- */
 
 typedef struct ipmpi_eng_watch {

@@ -64,6 +64,15 @@ int ipmpi_eng_watch_controller_gone(ipmpi_eng_watch_t *w, uint64_t now)
         ipmpi_log(IPMPI_LOG_ERROR, "the launcher (pid %d) is gone", (int)w->ppid);
         return 1;
     }
+    if (w->job->joined) {
+        /* Rank 0 of this job is an engine: the controller's liveness
+         * connection tells instead (join.h). */
+        if (ipmpi_eng_join_gone(w->job->live_fd)) {
+            ipmpi_log(IPMPI_LOG_ERROR, "the controller is gone (its liveness connection closed)");
+            return 1;
+        }
+        return 0;
+    }
     if (!w->job->have_pmix || w->pmix_state < 0)
         return 0;
     return pmix_says_gone(w);

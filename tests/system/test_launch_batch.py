@@ -125,6 +125,46 @@ def test_engine_killed_inside_the_job_is_detected_and_the_job_goes_on(ipdir, mod
     assert_job_over(jobid, ipdir)
 
 
+@pytest.mark.parametrize("first,mode", [("slurm", "slurm"), ("mpirun", "pbs")])
+def test_engines_join_from_a_later_batch_job_and_leave(ipdir, first, mode):
+    # A second allocation's engines join the running controller (its job's
+    # ompi-server: started by the job step inside the first batch job, or
+    # by ipcluster next to mpirun), then leave; the first job goes on.
+    r = ipcluster(first, "-n", "1", "--client-ip", LOOPBACK, "--timeout", "120", ipmpi_dir=ipdir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first_job = record(ipdir)["job_id"] if first == "slurm" else None
+    j = ipcluster("engines", "-n", "2", "--mode", mode, "--timeout", "120", ipmpi_dir=ipdir)
+    assert j.returncode == 0, j.stdout + j.stderr
+    joined = run_record(ipdir)["joined"]
+    assert [x["ids"] for x in joined] == [[1, 2]] and joined[0]["mode"] == mode, joined
+    jobid = joined[0]["job"]
+    SUBMITTED.append(str(jobid))
+    assert "ids 1..2 (%s job %s)" % (mode, jobid) in j.stdout, j.stdout
+    assert job_state(jobid) == "RUNNING"
+    mec = mec_of(ipdir)
+    try:
+        assert mec.get_ids() == [0, 1, 2]
+        mec.execute("import os; j = os.environ.get('SLURM_JOB_ID')")
+        # Engines 1 and 2 run in the later allocation.
+        assert mec.pull("j")[1:] == [str(jobid)] * 2
+        s = ipcluster("status", ipmpi_dir=ipdir)
+        assert "joined: %s job %s, ids 1..2" % (mode, jobid) in s.stdout, s.stdout
+        st = ipcluster("stop", "--engines", str(jobid), ipmpi_dir=ipdir)
+        assert st.returncode == 0, st.stdout + st.stderr
+        wait_for(lambda: job_state(jobid) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"), 30,
+                 what="joined job %s to end" % jobid)
+        assert mec.get_ids() == [0]
+        assert [x["stdout"] for x in mec.execute("print('still')")] == ["still\n"]
+        if first_job:
+            assert job_state(first_job) == "RUNNING"
+    finally:
+        mec.close()
+    assert ipcluster("stop", ipmpi_dir=ipdir).returncode == 0
+    if first_job:
+        assert_job_over(first_job, ipdir)
+    wait_for(lambda: processes_with(ipdir) == [], 20, what="nothing of %s left (ranks, ompi-server)" % ipdir)
+
+
 @pytest.mark.parametrize("mode,flag", [("slurm", "-p"), ("pbs", "-q")])
 def test_queue_that_does_not_exist_is_refused_with_the_schedulers_words(ipdir, mode, flag):
     r = ipcluster(mode, "-n", "1", flag, "nosuchqueue", ipmpi_dir=ipdir)

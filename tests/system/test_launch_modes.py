@@ -149,7 +149,6 @@ def test_logdir_holds_every_log(ipdir, tmp_path):
 @pytest.mark.parametrize("argv,words", [
     (["sge", "-n", "2"], "mode sge is not supported"),
     (["lsf", "-n", "2", "-s", "x.sh"], "mode lsf is not supported"),
-    (["engines", "-n", "2"], "not available yet"),
     (["mpirun", "-n", "1", "-x"], "-x/-y"),
     (["mpirun", "-n", "1", "-y"], "-x/-y"),
     (["mpirun", "-n", "1", "-r"], "needs --client-port"),

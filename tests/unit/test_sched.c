@@ -157,6 +157,38 @@ static void test_init_rejects_bad_depth_and_engine_count(void **state)
     ipmpi_sched_fini(&s);
 }
 
+static void test_engines_added_later_get_the_next_ids_and_work_while_the_others_stay_put(void **state)
+{
+    (void)state;
+    ipmpi_sched_t s;
+    assert_int_equal(ipmpi_sched_init_cap(&s, 2, 1, 0), IPMPI_EINVAL); /* capacity below the engines */
+    assert_int_equal(ipmpi_sched_init_cap(&s, 2, 5, 1), 0);
+    ipmpi_sched_engine_ready(&s, 0);
+    ipmpi_sched_engine_ready(&s, 1);
+    const ipmpi_sengine_t *first = &s.eng[0];
+    ipmpi_req_t *r0 = mkreq(1, 1);
+    assert_int_equal(ipmpi_sched_queue_req(&s, 1, r0), 0);
+    /* Engine 2 does not exist yet: nothing can be queued on it. */
+    ipmpi_req_t *r2 = mkreq(2, 1);
+    assert_int_not_equal(ipmpi_sched_queue_req(&s, 2, r2), 0);
+    assert_int_equal(ipmpi_sched_add_engines(&s, 4), IPMPI_EINVAL); /* 2 + 4 > 5 */
+    assert_int_equal(ipmpi_sched_add_engines(&s, 3), 0);
+    assert_int_equal(s.nengines, 5);
+    assert_ptr_equal(&s.eng[0], first); /* nothing moved: links into it stay valid */
+    assert_int_equal(s.nlive, 2);       /* added engines are not live before READY */
+    ipmpi_sched_engine_ready(&s, 4);
+    assert_int_equal(s.nlive, 3);
+    assert_int_equal(ipmpi_sched_queue_req(&s, 4, r2), 0);
+    assert_ptr_equal(next_req(&s, 4, 7), r2);
+    assert_ptr_equal(next_req(&s, 1, 8), r0);
+    assert_ptr_equal(done_req(&s, 4, 9), r2);
+    assert_ptr_equal(done_req(&s, 1, 9), r0);
+    assert_int_equal(ipmpi_sched_add_engines(&s, 1), IPMPI_EINVAL); /* full */
+    ipmpi_sched_fini(&s);
+    ipmpi_req_free(r0);
+    ipmpi_req_free(r2);
+}
+
 static void test_init_starts_with_no_live_engine_and_nothing_queued(void **state)
 {
     (void)state;
@@ -1496,6 +1528,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_engine_finds_the_task_it_accepts_behind_scan_max_minus_one_refused),
         cmocka_unit_test(test_client_lives_while_a_task_or_the_session_holds_it),
         cmocka_unit_test(test_client_unref_at_one_frees_the_record),
+        cmocka_unit_test(test_engines_added_later_get_the_next_ids_and_work_while_the_others_stay_put),
         cmocka_unit_test(test_stask_fini_frees_refusals_and_the_client_reference),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

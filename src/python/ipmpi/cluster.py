@@ -125,7 +125,7 @@ class Cluster:
     def __init__(self, n=4, ipmpi_dir=None, mpirun_args=(), client_ip=None, client_port=None,
                  engine_args=(), ipmpi_bin=None, mode="mpirun", mpi=None, bind=None, script=None,
                  queue=None, template=None, walltime=None, job_name=None, scheduler_args=(),
-                 clusterfile=None, logdir=None):
+                 clusterfile=None, logdir=None, join=None):
         self.mode = mode
         self.launcher_cls = launcher_class(mode)
         if int(n) < 1:
@@ -152,6 +152,11 @@ class Cluster:
                                queue=queue, template=template, walltime=walltime, job_name=job_name,
                                scheduler_args=_split_args(scheduler_args), clusterfile=clusterfile,
                                python=sys.executable)
+        # Engines may join later (ipmpi.joining): off in the ssh mode, whose
+        # hosts would each need to reach this host's ompi-server.
+        self.join = (mode != "ssh") if join is None else bool(join)
+        self.spec.join = self.join
+        self.joined = []   # jobs of engines that joined (records, ipmpi.joining)
         self.launcher = None
         self._started_at = None
         # Wall-clock times (time.time()) of this process's start-up steps:
@@ -198,6 +203,8 @@ class Cluster:
         c.tc_furl = rec.get("tc_furl", c.tc_furl)
         c._started_at = rec.get("started")
         c.script = rec.get("script")
+        c.join = c.spec.join = bool(rec.get("join", False))
+        c.joined = list(rec.get("joined", []))
         c.launcher = c.launcher_cls.from_record(c.spec, lrec)
         return c
 
@@ -207,7 +214,7 @@ class Cluster:
                "job_id": self.launcher.job_id(), "mec_furl": self.mec_furl, "tc_furl": self.tc_furl,
                "ipmpi_dir": self.ipmpi_dir, "mpirun_log": self.mpirun_log, "started": self._started_at,
                "script": self.script, "command": getattr(self.launcher, "command", None),
-               "launcher": self.launcher.record()}
+               "launcher": self.launcher.record(), "join": self.join, "joined": self.joined}
         tmp = self.run_file + ".tmp.%d" % os.getpid()
         with open(tmp, "w") as f:
             json.dump(rec, f, indent=1)
@@ -253,6 +260,9 @@ class Cluster:
             args += ["--mpi", self.mpi]
         if self.bind:
             args += ["--bind", self.bind]
+        if self.join:
+            from ipmpi.joining import port_file
+            args += ["--accept-joins", port_file(self)]
         return args + self.engine_args
 
     def _prepare_spec(self):
@@ -325,8 +335,9 @@ class Cluster:
         os.chmod(self.security_dir, 0o700)
         # A furl or job record left by a job that died must not be taken for
         # the new one's.
+        from ipmpi.joining import port_file
         for p in (self.mec_furl, self.tc_furl, os.path.join(self.run_dir, JOB_INFO),
-                  os.path.join(self.run_dir, SCRIPT_STATUS)):
+                  os.path.join(self.run_dir, SCRIPT_STATUS), port_file(self), self.spec.ompi_uri):
             try:
                 os.unlink(p)
             except FileNotFoundError:
@@ -435,6 +446,18 @@ class Cluster:
             raise ClusterError("only %d of %d engines started (ids %s)\n%s"
                                % (len(ids), self.n, ids, self.diagnostics()))
 
+    def add_engines(self, n, **kw):
+        """Starts a job of n more engines that join this running cluster
+        (ipmpi.joining.add_engines: mode=, timeout=, mpi=, ...); returns its
+        record ({"job", "ids", ...}) once they answer."""
+        from ipmpi.joining import add_engines
+        return add_engines(self, n, **kw)
+
+    def remove_engines(self, job, timeout=20.0):
+        """The engines of joined job `job` leave; returns their ids."""
+        from ipmpi.joining import remove_engines
+        return remove_engines(self, job, timeout=timeout)
+
     def client(self, **kw):
         """A MultiEngineClient connected to this cluster (caller closes it)."""
         from ipmpi import client
@@ -512,10 +535,15 @@ class Cluster:
         if self.running():
             clean = False
         # Whatever is left (engines that outlive mpirun, a job that never
-        # answered, a batch job still queued): the launcher ends it.
+        # answered, a batch job still queued): the launcher ends it, and
+        # the jobs of engines that joined later.
         self.launcher.stop(timeout=30)
-        for p in (self.mec_furl, self.tc_furl):
-            # A furl of a stopped job only misleads clients.
+        if self.joined:
+            from ipmpi.joining import stop_all
+            stop_all(self)
+        from ipmpi.joining import port_file
+        for p in (self.mec_furl, self.tc_furl, port_file(self), self.spec.ompi_uri):
+            # A furl (or join port) of a stopped job only misleads clients.
             try:
                 os.unlink(p)
             except FileNotFoundError:
@@ -547,7 +575,9 @@ ipcluster mpirun -n N [options]   start a controller and N engines on this host
        ipcluster pbs -n N [-q QUEUE] [-s SCRIPT]   as a qsub job
        ipcluster ssh --clusterfile FILE  engines on the hosts the file names
        ipcluster -n N [options]          the same as ipcluster mpirun
+       ipcluster engines -n N [--mode M] more engines joining the running cluster
        ipcluster stop [--ipmpi-dir D]    stop the cluster running in D
+       ipcluster stop --engines JOB      only the engines of a joined job leave
        ipcluster status [--ipmpi-dir D]  the job, its scheduler state and its engines
        ipcluster MODE --help             the options of one mode
 
@@ -584,7 +614,7 @@ def _parser():
     p = argparse.ArgumentParser(prog="ipcluster", usage=_USAGE,
                                 description="Start and stop ipmpi clusters (one MPI job: "
                                             "controller on rank 0, engines on ranks 1..N).")
-    sub = p.add_subparsers(dest="cmd", metavar="{local,mpirun,mpiexec,slurm,pbs,ssh,stop,status}",
+    sub = p.add_subparsers(dest="cmd", metavar="{local,mpirun,mpiexec,slurm,pbs,ssh,engines,stop,status}",
                            prog="ipcluster")
     sub.required = True
 
@@ -626,6 +656,9 @@ def _parser():
                        help="refused: engines reach the controller over MPI, with no furl to secure")
         m.add_argument("--ipmpi-bin", default=None, metavar="PATH",
                        help="the ipmpi executable (default $IPMPI_BIN, then the installed one)")
+        if mode != "ssh":
+            m.add_argument("--no-join", dest="join", action="store_false",
+                           help="no engines can join later (no ompi-server, no --accept-joins)")
         if mode in ("slurm", "pbs"):
             letter, word = ("-p", "--partition") if mode == "slurm" else ("-q", "--queue")
             names = [letter, word] + (["-q"] if mode == "slurm" else [])
@@ -654,9 +687,28 @@ def _parser():
     for mode, why in sorted(REFUSED.items()):
         r = sub.add_parser(mode, help="not supported (says why)", description=why, add_help=False)
         r.add_argument("rest", nargs=argparse.REMAINDER)
-    e = sub.add_parser("engines", help="not supported yet: engines joining a running controller",
-                       add_help=False)
-    e.add_argument("rest", nargs=argparse.REMAINDER)
+    e = sub.add_parser("engines", help="start more engines that join the running cluster",
+                       description="Start a second MPI job of N engines that join the running "
+                                   "controller (MPI_Comm_connect through the cluster's ompi-server); "
+                                   "their ids continue after the existing ones. Returns once they "
+                                   "answer; `ipcluster stop --engines JOB` makes them leave.")
+    e.add_argument("-n", "--n", type=int, default=4, metavar="N", help="number of engines (default 4)")
+    e.add_argument("--mode", choices=("mpirun", "local", "mpiexec", "slurm", "pbs", "ssh"), default=None,
+                   help="how to start them (default: the cluster's own mode; ssh is refused)")
+    e.add_argument("--mpi", choices=("mpi4py", "none"), default=None,
+                   help="mpi4py: `comm` is the communicator of this job's engines")
+    e.add_argument("--mpirun-args", default="", metavar="ARGS", help="extra arguments for mpirun")
+    e.add_argument("--engine-args", default="", metavar="ARGS", help="extra arguments for every rank")
+    e.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="seconds to wait for them (default 120; batch modes 300)")
+    e.add_argument("-p", "--partition", "-q", "--queue", dest="queue", default=None, metavar="QUEUE",
+                   help="slurm partition or pbs queue")
+    e.add_argument("-s", dest="template", default=None, metavar="SCRIPT", help="your job script template")
+    e.add_argument("--walltime", default=None, metavar="HH:MM:SS")
+    e.add_argument("--job-name", default=None, metavar="NAME")
+    e.add_argument("--scheduler-args", "--sbatch-args", "--qsub-args", dest="scheduler_args", default="",
+                   metavar="ARGS", help="extra arguments for sbatch or qsub")
+    common(e)
 
     s = sub.add_parser("stop", help="stop the cluster",
                        description="Ask the controller to shut the cluster down; after the timeout, "
@@ -664,6 +716,9 @@ def _parser():
                                    "SIGKILL), or scancel/qdel a batch job.")
     s.add_argument("--timeout", type=float, default=20.0, metavar="S",
                    help="seconds to wait for a clean shutdown before ending the job by force (default 20)")
+    s.add_argument("--engines", default=None, metavar="JOB",
+                   help="stop only the engines of this joined job (ipcluster engines printed its "
+                        "id), or of every joined job: --engines all")
     common(s)
     st = sub.add_parser("status", help="show the job and its engines",
                         description="Print the job, its scheduler id and state, and a table of the "
@@ -723,7 +778,8 @@ def _cmd_start(a):
     c = Cluster(n=a.n or 4, ipmpi_dir=a.ipmpi_dir, mpirun_args=a.mpirun_args, client_ip=a.client_ip,
                 client_port=a.client_port, engine_args=a.engine_args, ipmpi_bin=a.ipmpi_bin,
                 mode=a.cmd, mpi=a.mpi, bind=a.bind, script=a.script,
-                clusterfile=getattr(a, "clusterfile", None), logdir=a.logdir, **kw)
+                clusterfile=getattr(a, "clusterfile", None), logdir=a.logdir,
+                join=getattr(a, "join", False), **kw)
     c.spec.n_given = a.n is not None
     t0 = time.monotonic()
     c.start(timeout=timeout)
@@ -748,8 +804,38 @@ def _cmd_start(a):
     return 0
 
 
+def _cmd_engines(a):
+    c = Cluster.attach(a.ipmpi_dir)
+    mode = a.mode or ("mpirun" if c.mode in ("local", "mpiexec") else c.mode)
+    timeout = a.timeout if a.timeout is not None else (300.0 if mode in ("slurm", "pbs") else 120.0)
+    t0 = time.monotonic()
+    rec = c.add_engines(a.n, mode=a.mode, timeout=timeout, mpi=a.mpi, engine_args=a.engine_args,
+                        mpirun_args=a.mpirun_args, queue=a.queue, template=a.template,
+                        walltime=a.walltime, job_name=a.job_name, scheduler_args=a.scheduler_args)
+    ids = rec["ids"]
+    stop = "ipcluster stop --engines %s" % rec["job"]
+    if os.path.abspath(os.path.expanduser(default_ipmpi_dir())) != c.ipmpi_dir:
+        stop += " --ipmpi-dir %s" % shlex.quote(c.ipmpi_dir)
+    print("ipcluster: %d engines joined after %.1f s: ids %s (%s job %s)\nthey leave with: %s"
+          % (len(ids), time.monotonic() - t0, _id_range(ids), rec["mode"], rec["job"], stop))
+    return 0
+
+
+def _id_range(ids):
+    return "%d..%d" % (ids[0], ids[-1]) if ids and ids == list(range(ids[0], ids[-1] + 1)) else str(ids)
+
+
 def _cmd_stop(a):
     c = Cluster.attach(a.ipmpi_dir)
+    if a.engines is not None:
+        jobs = [r["job"] for r in c.joined] if a.engines == "all" else [a.engines]
+        if not jobs:
+            print("ipcluster: no engines joined the cluster in %s" % c.ipmpi_dir)
+        for job in jobs:
+            ids = c.remove_engines(job, timeout=a.timeout)
+            print("ipcluster: the engines of joined job %s (ids %s) left the cluster in %s"
+                  % (job, _id_range(ids), c.ipmpi_dir))
+        return 0
     what = c.launcher.describe()
     if not c.running():
         c.stop(timeout=0)
@@ -804,9 +890,11 @@ def _cmd_status(a):
               % (what, c.ipmpi_dir, type(e).__name__, e), file=sys.stderr)
         return 1
     print("ipcluster: running in %s: %s, %d of %d engines alive, ids %s"
-          % (c.ipmpi_dir, what, len(ids), c.n, ids))
+          % (c.ipmpi_dir, what, len(ids), c.n + sum(r["n"] for r in c.joined), ids))
     if sched:
         print(sched)
+    for rec in c.joined:
+        print("ipcluster: joined: %s job %s, ids %s" % (rec["mode"], rec["job"], _id_range(rec["ids"])))
     if infos:
         print(_engine_table(infos))
     print("furl: %s" % c.mec_furl)
@@ -827,15 +915,12 @@ def main(argv=None, bindir=None):
         print("ipcluster: error: mode %s is not supported: %s" % (argv[0], REFUSED[argv[0]]),
               file=sys.stderr)
         return 2
-    if argv and argv[0] == "engines":
-        print("ipcluster: error: `ipcluster engines` (engines joining a running controller) is not "
-              "available yet: the controller does not accept a second MPI job; start the cluster "
-              "with all its engines (-n N)", file=sys.stderr)
-        return 2
     a = _parser().parse_args(argv)
     try:
         if a.cmd in MODES:
             return _cmd_start(a)
+        if a.cmd == "engines":
+            return _cmd_engines(a)
         if a.cmd == "stop":
             return _cmd_stop(a)
         return _cmd_status(a)

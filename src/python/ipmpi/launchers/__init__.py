@@ -9,10 +9,10 @@ mode name, waits for the engines and keeps the run file.
     pbs                      batch.py    qsub of pbs/ipmpi.pbs
     ssh                      ssh.py      one MPI job over a clusterfile's hosts
 
-A mode for engines that join a running controller later (`ipcluster
-engines`) would be one more launcher: it starts a second MPI job whose
-ranks are all engines and connect to the controller's published port; see
-REFUSED for what is not offered.
+Engines that join a running controller later (`ipcluster engines`,
+ipmpi.joining) are started by join.py's launchers, the same ones with a
+second MPI job whose ranks are all engines; ompiserver.py runs the
+ompi-server both jobs' mpiruns name. See REFUSED for what is not offered.
 """
 from .base import ClusterError, LaunchSpec, Launcher, PLACEHOLDERS
 from .batch import PbsLauncher, SlurmLauncher

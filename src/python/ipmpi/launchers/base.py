@@ -66,6 +66,17 @@ class LaunchSpec:
         self.python = python
         self.ready_timeout = ready_timeout
         self.n_given = True     # False when -n was left at its default (ssh takes the clusterfile's)
+        # Engines may join later (`ipcluster engines`): the job runs an
+        # ompi-server (launchers/ompiserver.py) and its mpirun names it.
+        self.join = False
+        # For a job of engines that join a running controller (join.py):
+        # the ompi-server URI file of that controller's job.
+        self.use_ompi_server = None
+
+    @property
+    def ompi_uri(self):
+        from .ompiserver import uri_path
+        return uri_path(self.run_dir)
 
     @property
     def ranks(self):

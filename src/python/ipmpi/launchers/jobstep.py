@@ -32,6 +32,7 @@ import time
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from ipmpi.launchers import ompiserver  # noqa: E402
 from ipmpi.launchers.base import kill_session, signal_session  # noqa: E402
 
 INFO = "job-info.json"
@@ -128,26 +129,48 @@ def main(argv=None):
     ap.add_argument("--engines", type=int, required=True)
     ap.add_argument("--script", default=None)
     ap.add_argument("--ready-timeout", type=float, default=600.0)
+    ap.add_argument("--ompi-server-uri", default=None,
+                    help="start an ompi-server writing its URI here and name it to mpirun "
+                         "(engines may join this job later)")
+    ap.add_argument("--use-ompi-server", default=None,
+                    help="name this running server's URI file to mpirun: a job of engines that "
+                         "join a running controller (records nothing in job-info.json)")
     a = ap.parse_args(argv[:cut])
     cmd = argv[cut + 1:]
     run_dir = os.path.join(a.ipmpi_dir, "run")
     os.makedirs(run_dir, exist_ok=True)
-    info = job_info()
-    info["command"] = cmd
-    _write_json(os.path.join(run_dir, INFO), info)
-    _say("job %s on %s: %s" % (info["scheduler_id"] or "(no scheduler)", info["host"], " ".join(cmd)))
-
     env = dict(os.environ)
     if os.geteuid() == 0:
         env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
         env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
     env["IPMPI_DIR"] = a.ipmpi_dir
+    server = None
+    if a.use_ompi_server:
+        cmd = ompiserver.with_server(cmd, a.use_ompi_server)
+    elif a.ompi_server_uri:
+        try:
+            server = ompiserver.start(os.path.dirname(a.ompi_server_uri), env)
+        except RuntimeError as e:
+            _say("%s; engines cannot join this job later" % e)
+        else:
+            cmd = ompiserver.with_server(cmd, a.ompi_server_uri)
+    info = job_info()
+    info["command"] = cmd
+    if not a.use_ompi_server:
+        _write_json(os.path.join(run_dir, INFO), info)
+    _say("job %s on %s: %s" % (info["scheduler_id"] or "(no scheduler)", info["host"], " ".join(cmd)))
+
     sys.stdout.flush()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    def end_server():
+        if server is not None:
+            kill_session(server.pid, server)
 
     def forward(signum, frame):
         signal_session(proc.pid, signal.SIGTERM)
         kill_session(proc.pid, proc, term_wait=2.0)
+        end_server()
         sys.exit(128 + signum)
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -156,6 +179,7 @@ def main(argv=None):
     if not a.script:
         rc = proc.wait()
         kill_session(proc.pid, proc)
+        end_server()
         _say("MPI job ended with status %d" % rc)
         return rc
 
@@ -166,6 +190,7 @@ def main(argv=None):
         _write_json(os.path.join(run_dir, SCRIPT_STATUS), {"script": a.script, "status": None,
                                                             "error": str(e)})
         kill_session(proc.pid, proc)
+        end_server()
         return 1
     python = os.environ.get("IPMPI_PYTHON") or sys.executable
     _say("%d engines ready; running %s" % (a.engines, a.script))
@@ -175,6 +200,7 @@ def main(argv=None):
     _say("script %s exited with status %d after %.1f s" % (a.script, rc, time.monotonic() - t0))
     _write_json(os.path.join(run_dir, SCRIPT_STATUS), {"script": a.script, "status": rc})
     _shutdown(a.ipmpi_dir, proc)
+    end_server()
     return rc
 
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+from . import ompiserver
 from .base import ClusterError, Launcher, kill_session, session_leader_alive
 
 JOBSTEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jobstep.py")
@@ -30,6 +31,10 @@ def jobstep_command(spec, python=None):
     """The job step around an MPI command (see jobstep.py), as a list."""
     cmd = [python or spec.python or sys.executable, JOBSTEP, "--ipmpi-dir", spec.ipmpi_dir,
            "--engines", str(spec.n)]
+    if spec.use_ompi_server:
+        cmd += ["--use-ompi-server", spec.use_ompi_server]
+    elif spec.join:
+        cmd += ["--ompi-server-uri", spec.ompi_uri]
     if spec.script:
         cmd += ["--script", os.path.abspath(spec.script)]
     if spec.ready_timeout:
@@ -49,17 +54,24 @@ class MpirunLauncher(Launcher):
     mode = "mpirun"
     program = "mpirun"
 
+    what = "mpirun"   # the log's name: log/ipcluster-<what>-PID.log
+
     def __init__(self, spec):
         super().__init__(spec)
         self.pid = None
         self.log = None
         self.command = None
         self._proc = None
+        self.server_pid = None   # the job's ompi-server, when this launcher started it
 
     def build_command(self):
         cmd = mpirun_command(self.spec, self.program)
         if self.spec.script:
-            cmd = jobstep_command(self.spec) + cmd
+            return jobstep_command(self.spec) + cmd
+        if self.spec.use_ompi_server:
+            return ompiserver.with_server(cmd, self.spec.use_ompi_server)
+        if self.spec.join:
+            return ompiserver.with_server(cmd, self.spec.ompi_uri)
         return cmd
 
     def popen(self, cmd, env=None, what="mpirun"):
@@ -82,7 +94,18 @@ class MpirunLauncher(Launcher):
         self.command = cmd
 
     def start(self):
-        self.popen(self.build_command())
+        if self.spec.join and not self.spec.script and not self.spec.use_ompi_server:
+            # With a script the job step starts the server (jobstep.py).
+            os.makedirs(self.spec.run_dir, mode=0o700, exist_ok=True)
+            try:
+                self.server_pid = ompiserver.start(self.spec.run_dir, child_env()).pid
+            except RuntimeError as e:
+                raise ClusterError(str(e)) from None
+        try:
+            self.popen(self.build_command(), what=self.what)
+        except BaseException:
+            kill_session(self.server_pid)
+            raise
 
     def job_id(self):
         return str(self.pid)
@@ -124,12 +147,14 @@ class MpirunLauncher(Launcher):
 
     def stop(self, timeout=10.0):
         kill_session(self.pid, self._proc)
+        kill_session(self.server_pid)
 
     def logs(self):
         return [self.log] if self.log else []
 
     def record(self):
-        return {"mode": self.mode, "pid": self.pid, "log": self.log, "command": self.command}
+        return {"mode": self.mode, "pid": self.pid, "log": self.log, "command": self.command,
+                "server_pid": self.server_pid}
 
     @classmethod
     def from_record(cls, spec, rec):
@@ -137,6 +162,7 @@ class MpirunLauncher(Launcher):
         lc.pid = rec.get("pid")
         lc.log = rec.get("log")
         lc.command = rec.get("command")
+        lc.server_pid = rec.get("server_pid")
         return lc
 
     def describe(self):
