@@ -86,6 +86,11 @@
  * "stdout" or "stderr"; part 1 UTF-8 text, whole lines); the final reply
  * follows and still counts as the target's one reply. */
 #define IPMPI_F_MORE 0x0080u
+/* MPI link only, engine to controller: the parts follow the length table
+ * in the same IPMPI_TAG_HDR message (a frame of at most IPMPI_PACK_MAX
+ * bytes: one message instead of 1 + nparts). Never on the TLS link. */
+#define IPMPI_F_PACKED 0x0100u
+#define IPMPI_PACK_MAX 4096u
 
 /*
  * Kinds: one table makes the enum, the names, who may send each kind and

@@ -654,7 +654,7 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             ipmpi_session_t *s = c->sess[pslot[k]];
             if (!s || s->cap == IPMPI_CAP_NONE || (!pfd[k].revents && !s->read_more))
                 continue;
-            if (s->q_paused && (pfd[k].revents & (POLLHUP | POLLERR)) && !s->out_head) {
+            if (s->q_paused && (pfd[k].revents & (POLLHUP | POLLERR)) && !ipmpi_session_has_output(s)) {
                 /* Not reading it, so its socket's end shows only here. */
                 ipmpi_log(IPMPI_LOG_INFO, "client %s: connection closed while its input was paused", s->peer);
                 drop_session(c, pslot[k]);

@@ -362,7 +362,8 @@ static int start_recv(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st, MPI_
     uint64_t *lens = NULL, total = 0;
     ipmpi_recvop_t *op = NULL;
     if (ipmpi_hdr_decode(buf, (size_t)count, &l->lim, &h) != IPMPI_HDR_SIZE ||
-        (size_t)count != ipmpi_hdr_wire_size(h.nparts))
+        (size_t)count < ipmpi_hdr_wire_size(h.nparts) ||
+        (!(h.flags & IPMPI_F_PACKED) && (size_t)count != ipmpi_hdr_wire_size(h.nparts)))
         goto bad;
     lens = malloc(((size_t)h.nparts + 1) * sizeof *lens);
     rc = IPMPI_ENOMEM;
@@ -387,6 +388,23 @@ static int start_recv(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st, MPI_
         goto bad;
     op->rank = base + src - 1;
     op->h = h;
+    if (h.flags & IPMPI_F_PACKED) {
+        /* A small frame whose parts came in this message: done now. */
+        size_t at = ipmpi_hdr_wire_size(h.nparts);
+        rc = IPMPI_EPROTO;
+        if ((size_t)count - at != total)
+            goto bad;
+        for (uint32_t i = 0; i < h.nparts; i++) {
+            memcpy(op->parts->bufs[i], buf + at, (size_t)lens[i]);
+            at += (size_t)lens[i];
+        }
+        op->h.flags &= (uint16_t)~IPMPI_F_PACKED;
+        op->next = l->recv_head;
+        l->recv_head = op;
+        free(lens);
+        free(buf);
+        return 0;
+    }
     op->bulk = has_bulk(h.nparts, lens);
     for (uint32_t i = 0; i < h.nparts; i++) {
         uint64_t off = 0;

@@ -22,6 +22,9 @@
 /* Frames up to this size are copied into one buffer: one TLS record
  * instead of one per part, and copying that little costs nothing. */
 #define SMALL_FRAME 16384u
+/* Small frames packed into one TLS write at most this many bytes (a TLS
+ * record holds 16 KiB; OpenSSL splits larger writes into records). */
+#define PACK_MAX 65536u
 /* Bytes read from one session per call, so one busy client cannot starve
  * the others or the MPI side. */
 #define READ_BUDGET (16u << 20)
@@ -119,7 +122,7 @@ short ipmpi_session_events(const ipmpi_session_t *s)
      * (the client's sends block) and must not wake the loop. */
     if (s->state == IPMPI_SESS_OPEN && !s->q_paused)
         ev |= s->rd_want;
-    if (s->out_head)
+    if (ipmpi_session_has_output(s))
         ev |= s->wr_want;
     /* A closing session with nothing to write still wants to notice a hang-up. */
     return ev ? ev : s->q_paused ? 0 : POLLIN;
@@ -488,9 +491,70 @@ static int do_input(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_session
     return 0;
 }
 
+/* Moves whole small frames from the head of the queue into s->pack, as
+ * many as fit (at least two, or nothing is packed). */
+static void pack_small(ipmpi_session_t *s)
+{
+    ipmpi_outframe_t *f = s->out_head;
+    if (!f || f->parts || f->off || !f->next || f->next->parts)
+        return;
+    if (!s->pack && !(s->pack = malloc(PACK_MAX)))
+        return;
+    uint32_t n = 0;
+    while ((f = s->out_head) && !f->parts && f->off == 0 && n + f->hlen <= PACK_MAX) {
+        memcpy(s->pack + n, f->hdr, f->hlen);
+        n += (uint32_t)f->hlen;
+        s->out_head = f->next;
+        if (!s->out_head)
+            s->out_tail = NULL;
+        free_frame(f);
+    }
+    s->pack_len = n;
+    s->pack_off = 0;
+}
+
+/* Writes the packed frames; 1 when all went, 0 when the socket is full,
+ * or IPMPI_EIO. */
+static int write_pack(ipmpi_session_t *s)
+{
+    while (s->pack_off < s->pack_len) {
+        ERR_clear_error();
+        errno = 0;
+        int r = SSL_write(s->ssl, s->pack + s->pack_off, (int)(s->pack_len - s->pack_off));
+        if (r <= 0) {
+            switch (SSL_get_error(s->ssl, r)) {
+            case SSL_ERROR_WANT_WRITE:
+                s->wr_want = POLLOUT;
+                return 0;
+            case SSL_ERROR_WANT_READ:
+                s->wr_want = POLLIN;
+                return 0;
+            default:
+                log_ssl_errors(s, "write failed");
+                return IPMPI_EIO;
+            }
+        }
+        s->pack_off += (uint32_t)r;
+        s->out_bytes -= (uint64_t)r;
+        s->t_out_progress = ipmpi_now_ns();
+    }
+    s->pack_len = s->pack_off = 0;
+    return 1;
+}
+
 static int do_output(ipmpi_session_t *s)
 {
-    while (s->out_head) {
+    for (;;) {
+        if (s->pack_len == 0)
+            pack_small(s);
+        if (s->pack_len > 0) {
+            int rc = write_pack(s);
+            if (rc <= 0)
+                return rc;
+            continue;
+        }
+        if (!s->out_head)
+            break;
         ipmpi_outframe_t *f = s->out_head;
         const uint8_t *src;
         uint64_t len;
@@ -570,7 +634,7 @@ int ipmpi_session_io(ipmpi_session_t *s, const ipmpi_limits_t *lim, ipmpi_sessio
     int rc = do_output(s);
     if (rc < 0)
         return rc;
-    if (s->state == IPMPI_SESS_CLOSING && !s->out_head)
+    if (s->state == IPMPI_SESS_CLOSING && !ipmpi_session_has_output(s))
         return IPMPI_ECLOSED;
     return 0;
 }
@@ -592,6 +656,7 @@ void ipmpi_session_free(ipmpi_session_t *s)
         s->out_head = f->next;
         free_frame(f);
     }
+    free(s->pack);
     for (uint32_t i = 0; i < s->nlent; i++)
         ipmpi_backing_unref(s->lent[i].b);
     free(s->lent);

@@ -123,6 +123,10 @@ struct ipmpi_session {
     /* output */
     ipmpi_outframe_t *out_head, *out_tail;
     uint64_t out_bytes; /* bytes queued and not yet written */
+    /* Small frames packed to go out in one TLS record (do_output): a
+     * request to N engines answers with N small replies in one turn. */
+    uint8_t *pack;
+    uint32_t pack_len, pack_off;
     uint64_t t_out_progress; /* last time output was written, or queued onto an empty queue (ns) */
 
     /* same-host shared memory (doc/protocol.md section 5) */
@@ -162,6 +166,12 @@ typedef void (*ipmpi_session_frame_cb)(void *arg, ipmpi_session_t *s, const ipmp
  * failure.
  */
 ipmpi_session_t *ipmpi_session_new(int fd, SSL_CTX *ctx, const char *peer, uint64_t id, uint64_t now);
+
+/* Frames queued or packed and not yet written. */
+static inline int ipmpi_session_has_output(const ipmpi_session_t *s)
+{
+    return s->out_head != NULL || s->pack_len > s->pack_off;
+}
 
 /* Events to poll() for. */
 short ipmpi_session_events(const ipmpi_session_t *s);

@@ -10,6 +10,7 @@
  */
 #include <sched.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "engine.h"
@@ -64,12 +65,30 @@ int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uin
     if (h->nparts > IPMPI_MAX_PARTS)
         return IPMPI_EINVAL;
     size_t hlen = ipmpi_hdr_wire_size(h->nparts);
-    uint8_t *hbuf = malloc(hlen);
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < h->nparts; i++)
+        total += lens[i];
+    /* A small frame goes as one message (IPMPI_F_PACKED): one send here,
+     * one receive at the controller, instead of 1 + nparts. */
+    int packed = dest == 0 && hlen + total <= IPMPI_PACK_MAX;
+    uint8_t *hbuf = malloc(packed ? hlen + (size_t)total : hlen);
     if (!hbuf)
         return IPMPI_ENOMEM;
     int rc = IPMPI_EMPI;
-    if (ipmpi_hdr_encode(h, lens, hbuf, hlen) < 0) {
+    ipmpi_hdr_t hh = *h;
+    if (packed)
+        hh.flags |= IPMPI_F_PACKED;
+    if (ipmpi_hdr_encode(&hh, lens, hbuf, hlen) < 0) {
         rc = IPMPI_EINVAL;
+        goto free_hbuf;
+    }
+    if (packed) {
+        size_t at = hlen;
+        for (uint32_t i = 0; i < h->nparts; i++) {
+            memcpy(hbuf + at, bufs[i], (size_t)lens[i]);
+            at += (size_t)lens[i];
+        }
+        rc = send_msg(hbuf, (int)at, dest, IPMPI_TAG_HDR, comm, gone, arg);
         goto free_hbuf;
     }
     if ((rc = send_msg(hbuf, (int)hlen, dest, IPMPI_TAG_HDR, comm, gone, arg)) != 0)
