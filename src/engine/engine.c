@@ -16,8 +16,11 @@
  * Threads: everything here runs on the process's main thread, the only one
  * that calls MPI (MPI_THREAD_FUNNELED).
  */
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <sys/socket.h>
 #include <stdint.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -750,6 +753,24 @@ static int serve_loop(engine_t *e)
     return rc;
 }
 
+/* Where the controller sends this engine's wake-ups: its host name, or
+ * for an engine that joined later the address its liveness connection
+ * to the controller comes from (a route the controller surely has; the
+ * other job's host names may not resolve there). */
+static const char *wake_host(const ipmpi_job_t *job)
+{
+    static char addr[INET6_ADDRSTRLEN];
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (!job->joined || job->live_fd < 0 || getsockname(job->live_fd, (struct sockaddr *)&ss, &len) != 0)
+        return job->hostname;
+    const void *a = ss.ss_family == AF_INET ? (const void *)&((struct sockaddr_in *)&ss)->sin_addr
+                    : ss.ss_family == AF_INET6 ? (const void *)&((struct sockaddr_in6 *)&ss)->sin6_addr : NULL;
+    if (!a || !inet_ntop(ss.ss_family, a, addr, sizeof addr))
+        return job->hostname;
+    return addr;
+}
+
 int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm comm)
 {
     engine_t e = {.o = o, .job = job, .comm = comm, .pid = getpid(), .wake = {.fd = -1},
@@ -804,7 +825,7 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
     char wake[320] = "";
     if (!ipmpi_doorbell_reaches(job->bell, 0) && ipmpi_eng_wake_open(&e.wake) == 0)
         snprintf(wake, sizeof wake, "wake %u %016llx %s", (unsigned)e.wake.port, (unsigned long long)e.wake.key,
-                 job->hostname);
+                 wake_host(job));
     ipmpi_hdr_t h = {0};
     h.kind = IPMPI_K_READY;
     h.target = e.eid;

@@ -167,11 +167,12 @@ def test_engines_are_refused_with_the_reason(ipdir, tmp_path):
     assert r.returncode != 0 and "no joined job 12345" in r.stderr, r.stderr
     assert_all_stopped(ipdir)
     # No room: the controller refuses the job, which ends with its words.
+    # (The join across hosts, --mode ssh, is in test_launch_ssh.py.)
     start(ipdir, 1, "--engine-args", "--max-engines 2")
     r = ipcluster("engines", "-n", "2", ipmpi_dir=ipdir)
     assert r.returncode != 0 and "no room for 2 more engines" in r.stderr, r.stderr
     r = ipcluster("engines", "-n", "1", "--mode", "ssh", ipmpi_dir=ipdir)
-    assert r.returncode != 0 and "cannot join in mode ssh" in r.stderr, r.stderr
+    assert r.returncode != 0 and "--mode ssh needs --clusterfile" in r.stderr, r.stderr
     job, out = join(ipdir, 1)
     assert "ids 1..1" in out, out
     assert_all_stopped(ipdir)

@@ -229,3 +229,81 @@ def test_idle_engines_on_another_host_sleep_and_wake_at_once(hosts):
         assert set(lat) == {ADDR_B, next(h for h in lat if h != ADDR_B)}, out
         assert float(lat[ADDR_B]) < 5.0, "an idle engine on the other host answered in %s ms (median)" % lat[ADDR_B]
         assert "poll" in out.split("WCHAN ")[1], out
+
+
+JOIN_CLIENT = r"""
+import os, signal, sys, time
+from ipmpi import client
+mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+print("IDS", mec.get_ids())
+info = {d["id"]: d for d in mec.engine_info()}
+print("HOSTS", [info[i]["host"] for i in sorted(info)])
+mec.execute("import os; ns = os.readlink('/proc/self/ns/net')")
+print("NS", mec.pull("ns"))
+mec.push(dict(a=list(range(5))))
+print("PULL", mec.pull("a", targets=[1, 2]))
+# Idle joined engines on B sleep and the controller's datagram wakes them.
+samples = []
+for _ in range(10):
+    time.sleep(0.3)
+    t = time.perf_counter()
+    mec.execute("pass", targets=1)
+    samples.append(time.perf_counter() - t)
+print("WAKE %.2f" % (sorted(samples)[len(samples) // 2] * 1e3))
+os.kill(info[2]["pid"], signal.SIGKILL)
+deadline = time.monotonic() + 30
+while mec.get_ids() != [0, 1] and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("AFTER", mec.get_ids())
+print("STILL", [r["stdout"] for r in mec.execute("print('on')")])
+mec.close()
+"""
+
+
+def log_tails(d):
+    """The end of every log of profile d, for a failure's message."""
+    out = []
+    for name in sorted(os.listdir(os.path.join(d, "log"))):
+        with open(os.path.join(d, "log", name), errors="replace") as f:
+            out.append("\n--- %s\n%s" % (name, "".join(f.readlines()[-15:])))
+    return "".join(out)
+
+
+def test_engines_on_the_second_host_join_a_cluster_on_the_first(hosts):
+    # The cluster (controller and one engine) runs on A; `ipcluster engines
+    # --mode ssh` starts two more on B (ssh runs mpirun there: a joining job
+    # stays on one node, open-mpi/ompi#6818), and they join through A's
+    # ompi-server and the controller's liveness port.
+    d = new_dir()
+    try:
+        r = in_ns(hosts["a"], [IPCLUSTER, "mpirun", "-n", "1", "--client-ip", ADDR_A, "--ipmpi-dir", d])
+        assert r.returncode == 0, r.stdout + r.stderr
+        cf = clusterfile(hosts, {ADDR_B: 2}, "join.py")
+        j = in_ns(hosts["a"], [IPCLUSTER, "engines", "--mode", "ssh", "--clusterfile", cf, "--ipmpi-dir", d])
+        assert j.returncode == 0, j.stdout + j.stderr + log_tails(d)
+        assert "2 engines joined" in j.stdout and "ids 1..2 (ssh job" in j.stdout, j.stdout
+        b_ns = in_ns(hosts["b"], ["readlink", "/proc/self/ns/net"]).stdout.strip()
+        a_ns = in_ns(hosts["a"], ["readlink", "/proc/self/ns/net"]).stdout.strip()
+        out = client_in_a(hosts, JOIN_CLIENT, d)
+        assert "IDS [0, 1, 2]" in out, out
+        assert "NS ['%s', '%s', '%s']" % (a_ns, b_ns, b_ns) in out, out
+        # mpirun runs on B itself (one node per joining job), so B names itself.
+        assert "HOSTS ['vm', 'ipmpi-host-b', 'ipmpi-host-b']" in out or \
+            out.split("HOSTS ")[1].splitlines()[0].count("ipmpi-host-b") == 2, out
+        assert "PULL [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]" in out, out
+        assert float(out.split("WAKE ")[1].split()[0]) < 5.0, "an idle joined engine answered late: " + out
+        # A joined engine on B killed: seen at once, the rest answer.
+        assert "AFTER [0, 1]" in out and "STILL ['on\\n', 'on\\n']" in out, out
+        st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--engines", "all", "--ipmpi-dir", d])
+        assert st.returncode == 0 and "ids 1..2" in st.stdout, st.stdout + st.stderr
+        # Nothing of the joined job is left on B; the cluster on A goes on.
+        left = in_ns(hosts["b"], ["pgrep", "-f", "--", "--ipmpi-dir %s .*--join" % d])
+        assert left.stdout.strip() == "", left.stdout
+        s = in_ns(hosts["a"], [IPCLUSTER, "status", "--ipmpi-dir", d])
+        assert s.returncode == 0 and "1 of 1 engines alive" in s.stdout, s.stdout + s.stderr
+        stop = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        wait_for(lambda: processes_with(d) == [], 15, what="nothing left on either host")
+    finally:
+        kill_dir_jobs(d)
+        shutil.rmtree(d, ignore_errors=True)

@@ -446,7 +446,7 @@ class Cluster:
             raise ClusterError("only %d of %d engines started (ids %s)\n%s"
                                % (len(ids), self.n, ids, self.diagnostics()))
 
-    def add_engines(self, n, **kw):
+    def add_engines(self, n=None, **kw):
         """Starts a job of n more engines that join this running cluster
         (ipmpi.joining.add_engines: mode=, timeout=, mpi=, ...); returns its
         record ({"job", "ids", ...}) once they answer."""
@@ -692,9 +692,12 @@ def _parser():
                                    "controller (MPI_Comm_connect through the cluster's ompi-server); "
                                    "their ids continue after the existing ones. Returns once they "
                                    "answer; `ipcluster stop --engines JOB` makes them leave.")
-    e.add_argument("-n", "--n", type=int, default=4, metavar="N", help="number of engines (default 4)")
+    e.add_argument("-n", "--n", type=int, default=None, metavar="N",
+                   help="number of engines (default 4; ssh: the clusterfile's sum)")
     e.add_argument("--mode", choices=("mpirun", "local", "mpiexec", "slurm", "pbs", "ssh"), default=None,
-                   help="how to start them (default: the cluster's own mode; ssh is refused)")
+                   help="how to start them (default: the cluster's own mode)")
+    e.add_argument("--clusterfile", default=None, metavar="FILE",
+                   help="--mode ssh: Python file with engines = {'host': count, ...}")
     e.add_argument("--mpi", choices=("mpi4py", "none"), default=None,
                    help="mpi4py: `comm` is the communicator of this job's engines")
     e.add_argument("--mpirun-args", default="", metavar="ARGS", help="extra arguments for mpirun")
@@ -811,7 +814,8 @@ def _cmd_engines(a):
     t0 = time.monotonic()
     rec = c.add_engines(a.n, mode=a.mode, timeout=timeout, mpi=a.mpi, engine_args=a.engine_args,
                         mpirun_args=a.mpirun_args, queue=a.queue, template=a.template,
-                        walltime=a.walltime, job_name=a.job_name, scheduler_args=a.scheduler_args)
+                        walltime=a.walltime, job_name=a.job_name, scheduler_args=a.scheduler_args,
+                        clusterfile=a.clusterfile)
     ids = rec["ids"]
     stop = "ipcluster stop --engines %s" % rec["job"]
     if os.path.abspath(os.path.expanduser(default_ipmpi_dir())) != c.ipmpi_dir:

@@ -31,6 +31,7 @@ def joined_jobs(cluster):
 def _launcher(cluster, rec):
     spec = JoinSpec(rec["n"], cluster.ipmpi_dir, port_file(cluster), cluster.spec.ompi_uri,
                     log_dir=cluster.log_dir, run_dir=cluster.run_dir)
+    spec.exe = rec["launcher"].get("exe")
     return join_launcher_class(rec["mode"]).from_record(spec, rec["launcher"])
 
 
@@ -42,13 +43,19 @@ def _ids(cluster, timeout=10.0):
         mec.close()
 
 
-def add_engines(cluster, n, mode=None, timeout=120.0, mpi=None, engine_args=(), mpirun_args=(),
-                queue=None, template=None, walltime=None, job_name=None, scheduler_args=()):
+def add_engines(cluster, n=None, mode=None, timeout=120.0, mpi=None, engine_args=(), mpirun_args=(),
+                queue=None, template=None, walltime=None, job_name=None, scheduler_args=(),
+                clusterfile=None):
     """Starts a job of n engines that join cluster; returns its record once
-    the controller answers with n more engines. Raises ClusterError (the
-    job is ended then), also when the cluster does not accept joins or its
-    controller does not answer."""
-    if int(n) < 1:
+    the controller answers with n more engines. mode ssh takes the hosts
+    (and, without n, the count) from an IPython 0.10 clusterfile. Raises
+    ClusterError (the job is ended then), also when the cluster does not
+    accept joins or its controller does not answer."""
+    if mode == "ssh" and not clusterfile:
+        raise ClusterError("--mode ssh needs --clusterfile FILE (engines = {'host': n, ...})")
+    n_given = n is not None
+    n = int(n) if n_given else (0 if mode == "ssh" else 4)
+    if n_given and n < 1:
         raise ClusterError("-n must be at least 1")
     if not cluster.join:
         raise ClusterError("the cluster in %s was started without joins (%s): start it again without "
@@ -70,16 +77,19 @@ def add_engines(cluster, n, mode=None, timeout=120.0, mpi=None, engine_args=(), 
     spec = JoinSpec(n, cluster.ipmpi_dir, port_file(cluster), cluster.spec.ompi_uri,
                     log_dir=cluster.log_dir, run_dir=cluster.run_dir, mpirun_args=_split_args(mpirun_args),
                     queue=queue, template=template, walltime=walltime, job_name=job_name or "ipmpi-engines",
-                    scheduler_args=_split_args(scheduler_args), python=cluster.spec.python)
+                    scheduler_args=_split_args(scheduler_args), python=cluster.spec.python,
+                    clusterfile=clusterfile)
+    spec.n_given = n_given
     spec.exe = find_ipmpi(cluster.ipmpi_bin, _script_bindir)
     spec.ipmpi_args = ["--ipmpi-dir", cluster.ipmpi_dir] + (["--mpi", mpi] if mpi else []) + \
         _split_args(engine_args)
     lc = cls(spec)
     lc.start()
-    rec = {"job": str(lc.job_id()), "mode": mode, "n": int(n), "ids": [], "launcher": lc.record(),
+    n = spec.n   # the ssh mode takes it from the clusterfile
+    rec = {"job": str(lc.job_id()), "mode": mode, "n": n, "ids": [], "launcher": lc.record(),
            "started": time.time()}
     try:
-        rec["ids"] = _wait_joined(cluster, lc, before, int(n), timeout)
+        rec["ids"] = _wait_joined(cluster, lc, before, n, timeout)
     except BaseException:
         lc.stop(timeout=30)
         raise

@@ -142,16 +142,19 @@ class SshLauncher(MpirunLauncher):
         self.write_hostfile()
         self.popen(self.build_command(), what="ssh")
 
+    def leftover_pattern(self):
+        """pgrep -f pattern of this job's ranks on a remote host."""
+        import re
+        return "^%s --ipmpi-dir %s( |$)" % (re.escape(self.spec.exe or ""), re.escape(self.spec.ipmpi_dir))
+
     def remote_leftovers(self):
         """{host: [pids]} of processes on remote hosts still naming this profile directory."""
         left = {}
         # Anchored at the executable: the ranks' command lines start with
         # it, while ipcluster's own (and this ssh's) name the directory too.
-        import re
-        exe = self.spec.exe
-        if not exe:
+        if not self.spec.exe:
             return left
-        pattern = "^%s --ipmpi-dir %s( |$)" % (re.escape(exe or ""), re.escape(self.spec.ipmpi_dir))
+        pattern = self.leftover_pattern()
         for h in self.hosts:
             if h == self.controller_host:
                 continue
