@@ -56,6 +56,8 @@ static void usage(FILE *f, const char *prog)
             "  --max-engines N      engines at most, joined ones included (default: the job's + 1024)\n"
             "  --join FILE          every rank of this job is an engine joining the running\n"
             "                       controller whose port FILE holds (ipcluster engines)\n"
+            "  --tree-min N         a request for N or more idle engines of the controller's node\n"
+            "                       travels as a broadcast tree, replies gathered (default 0: never)\n"
             "  --log-level N        0 error, 1 warn, 2 info, 3 debug (default 2)\n"
             "  --log-to-stderr      log to stderr instead of DIR/log/\n"
             "  -h, --help           this text\n"
@@ -87,7 +89,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         {"result-memory", required_argument, 0, 'R'},
         {"client-queue-bytes", required_argument, 0, 'Q'},
         {"accept-joins", required_argument, 0, 'J'}, {"join", required_argument, 0, 'j'},
-        {"max-engines", required_argument, 0, 'N'},
+        {"max-engines", required_argument, 0, 'N'}, {"tree-min", required_argument, 0, 't'},
         {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
     const char *env = getenv("IPMPI_DIR"), *home = getenv("HOME");
@@ -106,6 +108,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
     o->task_depth = 4;
     o->result_memory = (uint64_t)1 << 30;
     o->client_queue_bytes = (uint64_t)1 << 30;
+    o->tree_min = 0;
 
     int c;
     uint64_t v;
@@ -187,6 +190,11 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         case 'j':
             if (snprintf(o->join, sizeof o->join, "%s", optarg) >= (int)sizeof o->join)
                 return fprintf(stderr, "ipmpi: --join: path too long\n"), -1;
+            break;
+        case 't':
+            if (parse_u64(optarg, &v) || v > 1000000)
+                return fprintf(stderr, "ipmpi: --tree-min must be 0..1000000\n"), -1;
+            o->tree_min = (uint32_t)v;
             break;
         case 'N':
             if (parse_u64(optarg, &v) || v < 1 || v > 1000000)

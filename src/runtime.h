@@ -32,6 +32,7 @@ typedef struct ipmpi_opts {
     char accept_joins[1024];  /* --accept-joins FILE: the controller writes its MPI port there ("" = no joins) */
     int max_engines;          /* --max-engines: engines at most, joined ones included */
     char join[1024];          /* --join FILE: every rank is an engine joining the controller of FILE's port */
+    uint32_t tree_min;        /* --tree-min: requests for this many idle engines go as a broadcast tree (0: never) */
 } ipmpi_opts_t;
 
 /* When main's start-up steps ended (ipmpi_log_clock(): wall seconds), for

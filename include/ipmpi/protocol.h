@@ -91,6 +91,20 @@
  * bytes: one message instead of 1 + nparts). Never on the TLS link. */
 #define IPMPI_F_PACKED 0x0100u
 #define IPMPI_PACK_MAX 4096u
+/* MPI link only (doc/protocol.md section 3, broadcast trees). On a request:
+ * an IPMPI_TAG_TREE message of i32 ranks follows the header (this engine,
+ * then the ranks of its subtree); the engine forwards the request to its
+ * children and answers with one IPMPI_TAG_GATHER message to its parent
+ * (the sender of the request) holding its own and its subtree's replies. */
+#define IPMPI_F_TREE 0x0200u
+/* On a reply (engine to controller): part 0 holds whole reply frames of
+ * several engines back to back (header, lengths, parts each). */
+#define IPMPI_F_GATHER 0x0400u
+/* On a request: sent again because an engine relaying it died; run it
+ * only if this engine has not seen this request id, and answer directly. */
+#define IPMPI_F_RETRY 0x0800u
+#define IPMPI_TAG_TREE 3
+#define IPMPI_TAG_GATHER 4
 
 /*
  * Kinds: one table makes the enum, the names, who may send each kind and

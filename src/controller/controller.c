@@ -491,7 +491,8 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     c->eng = calloc((size_t)c->cap_engines, sizeof *c->eng);
     c->mark = calloc((size_t)c->cap_engines, sizeof *c->mark);
     c->targets = calloc((size_t)c->cap_engines, sizeof *c->targets);
-    if (!c->eng || !c->mark || !c->targets)
+    c->tree_ids = calloc((size_t)c->cap_engines, sizeof *c->tree_ids);
+    if (!c->eng || !c->mark || !c->targets || !c->tree_ids)
         return IPMPI_ENOMEM;
     for (int i = 0; i < c->nengines; i++) {
         c->eng[i].id = i;
@@ -752,6 +753,7 @@ static void teardown(ipmpi_ctl_t *c)
     free(c->eng);
     free(c->mark);
     free(c->targets);
+    free(c->tree_ids);
     free(c->sess);
     free(c->sgen);
     ipmpi_reqtab_fini(&c->reqs);

@@ -64,6 +64,7 @@ typedef struct ipmpi_ctl {
     uint32_t *mark; /* per engine, for duplicate checks in target lists */
     uint32_t markgen;
     int *targets;   /* scratch: resolved target ids (nengines) */
+    int *tree_ids;  /* scratch: the engines of a broadcast tree (requests.c) */
     uint64_t rering_at; /* next ipmpi_ctl_rering */
     int wake_fd4, wake_fd6; /* UDP sockets for wake-ups (wake.c), -1 until needed */
 
@@ -135,6 +136,20 @@ void ipmpi_ctl_rank_dead(void *arg, int rank, const char *state);
  * port (the thread stays blocked until the process exits).
  */
 int ipmpi_ctl_join_start(ipmpi_ctl_t *c);
+
+/*
+ * Broadcast trees (tree.c): tree_kind says whether requests of a kind may
+ * travel as a tree, tree_engine whether engine e can take part now (idle,
+ * on this node, of this job); tree_send starts r in flight on engines ids
+ * and sends it as a tree; tree_orphans sends it again to the engines below
+ * a relay that died (call before its death settles); tree_gathered takes
+ * an IPMPI_F_GATHER frame apart (takes parts).
+ */
+int ipmpi_ctl_tree_kind(unsigned kind);
+int ipmpi_ctl_tree_engine(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e);
+void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n);
+void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e);
+void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts);
 uint32_t ipmpi_ctl_join_nfds(const ipmpi_ctl_t *c);
 uint32_t ipmpi_ctl_join_fds(ipmpi_ctl_t *c, struct pollfd *pfd, uint32_t cap);
 void ipmpi_ctl_join_events(ipmpi_ctl_t *c, const struct pollfd *pfd, uint32_t n);

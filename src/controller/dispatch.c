@@ -251,6 +251,8 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
 {
     if (e->dead)
         return;
+    /* Engines below it in a broadcast tree get its request directly. */
+    ipmpi_ctl_tree_orphans(c, e);
     e->dead = 1;
     c->nlive--;
     c->any_died = 1;
@@ -420,6 +422,11 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
     if (rank < 1 || rank > c->nengines) {
         ipmpi_log(IPMPI_LOG_ERROR, "frame from rank %d, which is not an engine; dropped", rank);
         goto drop;
+    }
+    if (h->flags & IPMPI_F_GATHER) {
+        /* Several engines' replies, from a broadcast tree (tree.c). */
+        ipmpi_ctl_tree_gathered(c, rank, parts);
+        return;
     }
     ipmpi_engine_slot_t *e = &c->eng[rank - 1];
     if (e->dead)

@@ -333,6 +333,7 @@ void ipmpi_req_free(ipmpi_req_t *r)
     if (!r)
         return;
     ipmpi_parts_unref(r->payload);
+    free(r->tree);
     free(r);
 }
 

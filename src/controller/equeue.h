@@ -148,6 +148,10 @@ typedef struct ipmpi_req {
     /* Its kept result (results.h), while it runs; NULL: none. Borrowed:
      * the record and the request point at each other until it is done. */
     struct ipmpi_result *res;
+    /* Sent as a broadcast tree (tree.h): rank 0 (the controller), then the
+     * engines' ranks; owned, NULL: sent to each engine. */
+    int32_t *tree;
+    uint32_t ntree;
 } ipmpi_req_t;
 
 /* Allocates a request owning payload (taken on success). NULL on ENOMEM. */

@@ -179,6 +179,29 @@ static int post_header(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi
     return 0;
 }
 
+int ipmpi_mpilink_send_msg(ipmpi_mpilink_t *l, int rank, int tag, ipmpi_parts_t *parts)
+{
+    if (!parts || parts->n < 1 || parts->lens[0] > IPMPI_MPI_CHUNK)
+        return IPMPI_EINVAL;
+    int rc = grow_sends(l, 1);
+    if (rc)
+        return rc;
+    ipmpi_sendop_t *op = calloc(1, sizeof *op);
+    if (!op)
+        return IPMPI_ENOMEM;
+    int pr;
+    MPI_Comm pc = peer(l, rank, &pr);
+    if (MPI_Isend(parts->bufs[0], (int)parts->lens[0], MPI_BYTE, pr, tag, pc, &l->sreq[l->ns]) != MPI_SUCCESS) {
+        free(op);
+        return IPMPI_EMPI;
+    }
+    l->sop[l->ns++] = op;
+    op->rank = rank;
+    op->parts = ipmpi_parts_ref(parts);
+    op->left = 1;
+    return 0;
+}
+
 int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts)
 {
     uint32_t more = 0;

@@ -73,6 +73,9 @@ void ipmpi_mpilink_fini(ipmpi_mpilink_t *l);
  * IPMPI_ENOMEM or IPMPI_EMPI.
  */
 int ipmpi_mpilink_send(ipmpi_mpilink_t *l, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts);
+/* One message of tag with part 0 of parts (held until sent): the subtree
+ * that precedes a broadcast tree's request (IPMPI_TAG_TREE). */
+int ipmpi_mpilink_send_msg(ipmpi_mpilink_t *l, int rank, int tag, ipmpi_parts_t *parts);
 
 /*
  * Engines that joined later (join.c): link ranks base..base+n-1 (base at

@@ -169,6 +169,9 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     r->eng_flags = h->flags & IPMPI_F_STREAM;
     ipmpi_ctl_result_open(c, s, r);
     char msg[256];
+    /* Many idle engines of this node: one broadcast tree (tree.c). */
+    int tree = c->o->tree_min > 0 && n >= (int)c->o->tree_min && ipmpi_ctl_tree_kind(h->kind) &&
+               !(s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES), ntree = 0;
     /* r may be freed by the last req_fail_one; nothing reads it after that. */
     for (int i = 0; i < n; i++) {
         ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
@@ -193,11 +196,24 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
                 ipmpi_req_free(r);
             }
             ipmpi_ctl_engine_died(c, e, "killed by request");
+        } else if (tree && ipmpi_ctl_tree_engine(c, e)) {
+            c->tree_ids[ntree++] = e->id; /* sent below, as a tree or one by one */
         } else if (ipmpi_sched_queue_req(&c->sched, e->id, r) != 0) {
             ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_ENOMEM, "controller out of memory");
         } else {
             ipmpi_ctl_dispatch(c, e);
         }
+    }
+    if (ntree > 0 && ntree >= (int)c->o->tree_min) {
+        ipmpi_ctl_tree_send(c, r, c->tree_ids, ntree);
+        return;
+    }
+    for (int i = 0; i < ntree; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->tree_ids[i]];
+        if (ipmpi_sched_queue_req(&c->sched, e->id, r) != 0)
+            ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_ENOMEM, "controller out of memory");
+        else
+            ipmpi_ctl_dispatch(c, e);
     }
 }
 

@@ -67,6 +67,19 @@ typedef struct engine {
     ipmpi_eng_wake_t wake;    /* on a node without the controller: its wake-ups (fd -1: none) */
     ipmpi_backoff_t part_bo;  /* waiting inside a part (part_wait) */
     pid_t pid;              /* this engine's process: a fork of it must not answer */
+    int src;                /* who sent the current request: 0, or the parent in a tree */
+    int32_t *tree;          /* IPMPI_F_TREE: this engine and its subtree (NULL: none) */
+    uint32_t ntree;
+    uint64_t seen[8];       /* ids of the last tree and retry requests (tree.c) */
+    uint32_t nseen;
+    /* This engine's own reply to its last tree request, as sent up the
+     * tree: a message to a parent that died may vanish unnoticed (eager
+     * sends complete into a dead peer's queue), so a retry of that
+     * request gets it again, directly. */
+    uint64_t last_tree_id;
+    uint8_t *last_reply;
+    size_t last_reply_len;
+    ipmpi_eng_deaths_t deaths; /* this job's dead ranks, for tree waits */
 } engine_t;
 
 /*
@@ -119,6 +132,26 @@ static int controller_gone(void *arg)
     return e->watch && ipmpi_eng_watch_controller_gone(e->watch, ipmpi_now_ns());
 }
 
+/* Tree waits' question (tree.c): is rank gone? Rank 0 is the controller. */
+static int rank_gone(void *arg, int rank)
+{
+    engine_t *e = arg;
+    uint64_t now = ipmpi_now_ns();
+    if (rank == 0 || e->job->joined)
+        return e->watch && ipmpi_eng_watch_controller_gone(e->watch, now);
+    return ipmpi_eng_rank_dead(&e->deaths, rank, now);
+}
+
+/* A tree or retry request seen before (its id is among the last few). */
+static int seen_before(engine_t *e, uint64_t id)
+{
+    for (uint32_t i = 0; i < sizeof e->seen / sizeof e->seen[0]; i++)
+        if (e->seen[i] == id)
+            return 1;
+    e->seen[e->nseen++ % (sizeof e->seen / sizeof e->seen[0])] = id;
+    return 0;
+}
+
 /* ipmpi_eng_link_wait_cb for parts; runs without the GIL. */
 static int part_wait(void *arg, int first)
 {
@@ -152,7 +185,7 @@ static int recv_parts(engine_t *e, uint32_t nparts, const uint64_t *lens, char *
 {
     int rc = 0;
     for (uint32_t i = 0; i < nparts && rc == 0; i++)
-        rc = ipmpi_eng_link_recv_part(e->comm, 0, dst ? dst[i] : NULL, lens[i], part_wait, e);
+        rc = ipmpi_eng_link_recv_part(e->comm, e->src, dst ? dst[i] : NULL, lens[i], part_wait, e);
     return rc;
 }
 
@@ -285,6 +318,66 @@ static int reply_aborted(engine_t *e, const ipmpi_hdr_t *req)
                            "request aborted: the controller stopped forwarding it before it was complete");
 }
 
+/* Tree replies travel gathered, as whole frames back to back; larger ones
+ * (and those with framing flags) go to the controller directly. */
+#define TREE_REPLY_MAX 65536u
+
+/* Appends r, as the reply frame to req, to the gather buffer; 0, or 1 if
+ * it does not belong there (the caller sends it directly). */
+static int tree_add_reply(engine_t *e, const ipmpi_hdr_t *req, const reply_t *r, uint8_t **buf, size_t *len,
+                          size_t *cap)
+{
+    ipmpi_hdr_t h = reply_hdr(e, req, r->status, r->nviews, r->flags);
+    size_t hl = ipmpi_hdr_wire_size(r->nviews), total = hl;
+    for (uint32_t i = 0; i < r->nviews; i++)
+        total += (size_t)r->lens[i];
+    if (total > TREE_REPLY_MAX || (r->flags & ~(unsigned)ENGINE_REPLY_FLAGS))
+        return 1;
+    if (*len + total > *cap) {
+        size_t ncap = *cap ? *cap : 4096;
+        while (ncap < *len + total)
+            ncap *= 2;
+        uint8_t *nb = realloc(*buf, ncap);
+        if (!nb)
+            return 1;
+        *buf = nb;
+        *cap = ncap;
+    }
+    ipmpi_hdr_encode(&h, r->lens, *buf + *len, hl);
+    size_t at = *len + hl;
+    for (uint32_t i = 0; i < r->nviews; i++) {
+        memcpy(*buf + at, r->bufs[i], (size_t)r->lens[i]);
+        at += (size_t)r->lens[i];
+    }
+    *len = at;
+    return 0;
+}
+
+/* The end of a tree request: the children's gathered replies join this
+ * engine's, and all go to the parent in one message (to the controller
+ * as one IPMPI_F_GATHER frame when the parent is the controller, or has
+ * died). No GIL. */
+static int tree_finish(engine_t *e, const ipmpi_hdr_t *req, uint8_t **buf, size_t *len, size_t *cap)
+{
+    int rc = ipmpi_eng_tree_gather(e->comm, e->tree, e->ntree, buf, len, cap, rank_gone, e);
+    if (rc != 0)
+        return rc;
+    if (e->src != 0) {
+        rc = ipmpi_eng_tree_send_up(e->comm, e->src, *buf ? *buf : (const uint8_t *)"", *len, rank_gone, e);
+        if (rc != IPMPI_EDEAD)
+            return rc;
+        ipmpi_log(IPMPI_LOG_WARN, "engine %d: its parent in the tree (rank %d) is gone; replies go to the "
+                  "controller", e->eid, e->src);
+    }
+    if (*len == 0)
+        return 0;
+    ipmpi_hdr_t h = {.kind = req->kind, .flags = IPMPI_F_REPLY | IPMPI_F_GATHER, .req_id = req->req_id,
+                     .target = e->eid, .total = 1, .nparts = 1};
+    uint64_t l = *len;
+    const void *b = *buf;
+    return ipmpi_eng_link_send(e->comm, 0, &h, &l, &b, controller_gone, e);
+}
+
 /* Turns the pending Python exception into Engine.failure's reply.
  * Returns a new reference or NULL (error logged). GIL held. */
 static PyObject *failure_result(engine_t *e, int kind)
@@ -317,6 +410,8 @@ static int serve(engine_t *e, const ipmpi_hdr_t *h, const uint64_t *lens, int *e
     char **dst = NULL;
     reply_t r;
     int rc = IPMPI_ENOMEM;
+    uint8_t *gbuf = NULL; /* tree: the gathered replies */
+    size_t glen = 0, gcap = 0;
 
     *exit_after = 0;
     memset(&r, 0, sizeof r);
@@ -350,6 +445,16 @@ static int serve(engine_t *e, const ipmpi_hdr_t *h, const uint64_t *lens, int *e
         goto aborted;
     if (rc != 0)
         goto free_all;
+    if (e->tree) {
+        /* The children get the request before it runs here: nobody waits
+         * for this engine's work to get theirs. */
+        Py_BEGIN_ALLOW_THREADS
+        rc = ipmpi_eng_tree_forward(e->comm, h, lens, dst, e->tree, e->ntree, e->job->bell, rank_gone, e);
+        Py_END_ALLOW_THREADS
+        if (rc != 0)
+            ipmpi_log(IPMPI_LOG_ERROR, "engine %d: forwarding request %llu in its tree failed: %s", e->eid,
+                      (unsigned long long)h->req_id, ipmpi_strerror(rc));
+    }
     ipmpi_eng_pymod_request(h);
     result = PyObject_CallFunction(e->handle, "iO", (int)h->kind, parts);
     ipmpi_eng_pymod_request(NULL);
@@ -399,8 +504,17 @@ reply:
     } else if (!result) {
         PyErr_Clear();
     }
+    if (e->tree) {
+        e->last_tree_id = h->req_id;
+        free(e->last_reply);
+        e->last_reply = NULL;
+        e->last_reply_len = 0;
+    }
     if (result) {
-        rc = reply_send(e, h, &r);
+        if (!e->tree || tree_add_reply(e, h, &r, &gbuf, &glen, &gcap) != 0)
+            rc = reply_send(e, h, &r);
+        else if ((e->last_reply = malloc(glen)) != NULL)
+            memcpy(e->last_reply, gbuf, e->last_reply_len = glen);
         *exit_after = r.exit_after;
         reply_release(&r);
     } else {
@@ -411,6 +525,14 @@ reply:
     if (rc != 0)
         ipmpi_log(IPMPI_LOG_ERROR, "cannot send the reply to request %llu: %s",
                   (unsigned long long)h->req_id, ipmpi_strerror(rc));
+    if (e->tree && rc == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = tree_finish(e, h, &gbuf, &glen, &gcap);
+        Py_END_ALLOW_THREADS
+        if (rc != 0)
+            ipmpi_log(IPMPI_LOG_ERROR, "cannot send the gathered replies of request %llu: %s",
+                      (unsigned long long)h->req_id, ipmpi_strerror(rc));
+    }
     goto free_all;
 
 aborted:
@@ -422,6 +544,7 @@ aborted:
 free_all:
     Py_XDECREF(parts);
     free(dst);
+    free(gbuf);
     return rc;
 }
 
@@ -596,7 +719,7 @@ static int header_pending(void *arg)
 {
     const engine_t *e = arg;
     int flag = 0;
-    MPI_Iprobe(0, IPMPI_TAG_HDR, e->comm, &flag, MPI_STATUS_IGNORE);
+    MPI_Iprobe(MPI_ANY_SOURCE, IPMPI_TAG_HDR, e->comm, &flag, MPI_STATUS_IGNORE);
     return flag;
 }
 
@@ -612,9 +735,12 @@ static int wait_header(engine_t *e, ipmpi_backoff_t *b, ipmpi_eng_watch_t *w, Py
         int flag = 0;
         MPI_Message msg;
         MPI_Status st;
-        if (MPI_Improbe(0, IPMPI_TAG_HDR, e->comm, &flag, &msg, &st) != MPI_SUCCESS)
+        /* From the controller, or from a parent engine in a broadcast
+         * tree (tree.c): it is where the rest of the frame comes from. */
+        if (MPI_Improbe(MPI_ANY_SOURCE, IPMPI_TAG_HDR, e->comm, &flag, &msg, &st) != MPI_SUCCESS)
             return IPMPI_EMPI;
         if (flag) {
+            e->src = st.MPI_SOURCE;
             int n = 0;
             MPI_Get_count(&st, MPI_BYTE, &n);
             uint8_t *p = malloc(n > 0 ? (size_t)n : 1);
@@ -725,12 +851,48 @@ static int serve_loop(engine_t *e)
         }
         ipmpi_log(IPMPI_LOG_DEBUG, "request %llu kind %d, %u parts, %llu bytes", (unsigned long long)h.req_id,
                   h.kind, h.nparts, (unsigned long long)total);
+        if (h.flags & (IPMPI_F_TREE | IPMPI_F_RETRY)) {
+            int dup = seen_before(e, h.req_id);
+            if (h.flags & IPMPI_F_TREE) {
+                rc = ipmpi_eng_tree_recv(e->comm, e->src, &e->tree, &e->ntree, rank_gone, e);
+                if (rc != 0) {
+                    ipmpi_log(IPMPI_LOG_ERROR, "engine %d: no subtree with request %llu: %s", e->eid,
+                              (unsigned long long)h.req_id, ipmpi_strerror(rc));
+                    e->tree = NULL;
+                    dup = 1; /* the controller sends it again once it sees the sender gone */
+                }
+            }
+            if (dup) {
+                /* Run already (the controller sent it again while the tree
+                 * copy was under way, or the other way round): take it off
+                 * the wire; a parent waits for this subtree's message, and
+                 * a retry means the reply sent up may be lost: again. */
+                rc = recv_parts(e, h.nparts, lens, NULL);
+                if (rc == 0 && e->tree && e->src != 0)
+                    rc = ipmpi_eng_tree_send_up(e->comm, e->src, (const uint8_t *)"", 0, rank_gone, e);
+                if (rc == 0 && (h.flags & IPMPI_F_RETRY) && h.req_id == e->last_tree_id && e->last_reply) {
+                    ipmpi_hdr_t gh = {.kind = h.kind, .flags = IPMPI_F_REPLY | IPMPI_F_GATHER, .req_id = h.req_id,
+                                      .target = e->eid, .total = 1, .nparts = 1};
+                    uint64_t l = e->last_reply_len;
+                    const void *b = e->last_reply;
+                    rc = ipmpi_eng_link_send(e->comm, 0, &gh, &l, &b, controller_gone, e);
+                }
+                free(e->tree);
+                e->tree = NULL;
+                if (rc != 0 && rc != IPMPI_EDEAD)
+                    break;
+                rc = 0;
+                continue;
+            }
+        }
 
         int exit_after = 0;
         PyEval_RestoreThread(ts);
         current_request(h.req_id);
         rc = serve(e, &h, lens, &exit_after);
         current_request(0);
+        free(e->tree);
+        e->tree = NULL;
         /* An interrupt that came after the reply was made must not land in
          * the next request: run the pending handler now and drop it. */
         if (PyErr_CheckSignals() != 0)
@@ -817,6 +979,11 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
     }
 
     ipmpi_eng_pymod_bind(comm, e.eid, job->bell, controller_gone, &e);
+    /* For broadcast trees (tree.c): which ranks of this job died. */
+    e.deaths.nspace = job->jobid;
+    e.deaths.have_pmix = job->have_pmix;
+    e.deaths.size = job->world_size;
+    e.deaths.dead = calloc((size_t)job->world_size, 1);
 
     /* READY: the JSON, and on a node without the controller a second part
      * "wake PORT KEY HOST" (wake.c) for the controller's wake-up datagrams

@@ -136,6 +136,42 @@ typedef int (*ipmpi_eng_link_wait_cb)(void *arg, int first);
 int ipmpi_eng_link_recv_part(MPI_Comm comm, int src, void *buf, uint64_t len, ipmpi_eng_link_wait_cb wait,
                              void *warg);
 
+/* ---- tree.c: broadcast trees (IPMPI_F_TREE requests) ---- */
+
+/* 1 when rank (of this engine's communicator) is gone; rank 0 is the
+ * controller. Asked about once a second by every tree wait. */
+typedef int (*ipmpi_eng_rank_gone_cb)(void *arg, int rank);
+
+/* Deaths of this job's ranks from the PMIx process table, asked at most
+ * once a second; dead[] has size entries (allocated by the owner). */
+typedef struct ipmpi_eng_deaths {
+    const char *nspace;
+    int have_pmix;
+    int size;
+    uint8_t *dead;
+    uint64_t next;
+} ipmpi_eng_deaths_t;
+int ipmpi_eng_rank_dead(ipmpi_eng_deaths_t *d, int rank, uint64_t now);
+
+/* Receives the subtree (IPMPI_TAG_TREE) that follows a tree request from
+ * src; *ranks is malloc'd. IPMPI_EDEAD if src died first. */
+int ipmpi_eng_tree_recv(MPI_Comm comm, int src, int32_t **ranks, uint32_t *n, ipmpi_eng_rank_gone_cb gone,
+                        void *arg);
+/* Sends request h (its parts in bufs) to each child of ranks[0..n) with
+ * its subtree, rings its doorbell, and waits until all went (sends to a
+ * child that died are left). */
+int ipmpi_eng_tree_forward(MPI_Comm comm, const ipmpi_hdr_t *h, const uint64_t *lens, char *const *bufs,
+                           const int32_t *ranks, uint32_t n, const struct ipmpi_doorbell *bell,
+                           ipmpi_eng_rank_gone_cb gone, void *arg);
+/* Appends each child's gathered replies to *buf (length *len, capacity
+ * *cap); a child that died is skipped. */
+int ipmpi_eng_tree_gather(MPI_Comm comm, const int32_t *ranks, uint32_t n, uint8_t **buf, size_t *len,
+                          size_t *cap, ipmpi_eng_rank_gone_cb gone, void *arg);
+/* buf as one IPMPI_TAG_GATHER message to the parent engine; IPMPI_EDEAD
+ * if it died first (the caller then sends to the controller). */
+int ipmpi_eng_tree_send_up(MPI_Comm comm, int parent, const uint8_t *buf, size_t len,
+                           ipmpi_eng_rank_gone_cb gone, void *arg);
+
 /* ---- join.c (ipmpi_eng_join: runtime.h) ---- */
 
 /* 1 when the liveness connection fd ended (the controller is gone). */
