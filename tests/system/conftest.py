@@ -17,11 +17,17 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "tools"))
+from netbed import need_sshd, ns_add, ns_del, ns_link, sh, sshd_config, stop_sshd  # noqa: E402
+# The test modules take these from here (`from conftest import ...`).
+NETBED = (need_sshd, ns_add, ns_del, ns_link, sh, sshd_config, stop_sshd)
 from ipmpi import _consts, _ipmpi
 from ipmpi import cluster as ipcluster_mod
 
@@ -244,71 +250,7 @@ def closed_by_peer(s, timeout):
     return False
 
 
-# ---- hosts made of network namespaces (ENVIRONMENT.md) -------------------
-
-def sh(*argv, timeout=30, check=True, **kw):
-    """Runs argv; its output (stdout and stderr together) in .stdout. With
-    check, a failure raises AssertionError with that output."""
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        raise AssertionError("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stdout))
-    return r
-
-
-def ns_add(*names):
-    """New network namespaces with their loopback up (mpirun needs it)."""
-    if shutil.which("ip") is None:
-        raise RuntimeError("iproute2's `ip` is missing: apt-get install iproute2")
-    for ns in names:
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-
-def ns_link(ns1, dev1, addr1, ns2, dev2, addr2, prefix=24):
-    """A veth pair between two namespaces, addresses only inside them (never
-    on the machine's own interfaces)."""
-    sh("ip", "link", "add", dev1, "netns", ns1, "type", "veth", "peer", "name", dev2, "netns", ns2)
-    for ns, dev, addr in ((ns1, dev1, addr1), (ns2, dev2, addr2)):
-        sh("ip", "-n", ns, "addr", "add", "%s/%d" % (addr, prefix), "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-
-
-def ns_del(*names):
-    for ns in names:
-        sh("ip", "netns", "del", ns, check=False)
-
-
-def need_sshd():
-    """ip, ssh, ssh-keygen and sshd, or a failure naming the package."""
-    for tool, pkg in (("ip", "iproute2"), ("ssh", "openssh-client"), ("ssh-keygen", "openssh-client")):
-        if shutil.which(tool) is None:
-            raise RuntimeError("%s is missing: apt-get install %s" % (tool, pkg))
-    if not os.path.exists("/usr/sbin/sshd"):
-        raise RuntimeError("/usr/sbin/sshd is missing: apt-get install openssh-server")
-
-
-def sshd_config(tmp, listen, hostkey, extra=""):
-    """Writes tmp/sshd_config for a test sshd on address listen (keys only,
-    root allowed, the client keys in tmp/authorized_keys); returns (its
-    path, the pid file it will write)."""
-    pidfile = str(tmp / "sshd.pid")
-    (tmp / "sshd_config").write_text(
-        "ListenAddress %s\nHostKey %s\nAuthorizedKeysFile %s\nPidFile %s\nStrictModes no\n"
-        "UsePAM no\nPermitRootLogin yes\nPasswordAuthentication no\n%s"
-        % (listen, hostkey, tmp / "authorized_keys", pidfile, extra))
-    os.makedirs("/run/sshd", exist_ok=True)
-    return str(tmp / "sshd_config"), pidfile
-
-
-def stop_sshd(pidfile):
-    """Ends the sshd that wrote pidfile, if it did."""
-    try:
-        with open(pidfile) as f:
-            os.kill(int(f.read().strip()), signal.SIGTERM)
-    except (OSError, ValueError):
-        pass
-
+# ---- hosts made of network namespaces: tools/netbed.py -------------------
 
 # ---- profile directories for ipcluster runs -------------------------------
 
