@@ -513,30 +513,43 @@ static void pack_small(ipmpi_session_t *s)
     s->pack_off = 0;
 }
 
+/* One SSL_write of at most n bytes (sread's twin): the bytes written, 0
+ * when the socket cannot take more now (wr_want says what to wait for),
+ * or IPMPI_EIO. Counts what went out. */
+static long swrite(ipmpi_session_t *s, const void *buf, uint64_t n)
+{
+    if (n > IO_MAX)
+        n = IO_MAX;
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_write(s->ssl, buf, (int)n);
+    if (r <= 0) {
+        switch (SSL_get_error(s->ssl, r)) {
+        case SSL_ERROR_WANT_WRITE:
+            s->wr_want = POLLOUT;
+            return 0;
+        case SSL_ERROR_WANT_READ:
+            s->wr_want = POLLIN;
+            return 0;
+        default:
+            log_ssl_errors(s, "write failed");
+            return IPMPI_EIO;
+        }
+    }
+    s->out_bytes -= (uint64_t)r;
+    s->t_out_progress = ipmpi_now_ns();
+    return r;
+}
+
 /* Writes the packed frames; 1 when all went, 0 when the socket is full,
  * or IPMPI_EIO. */
 static int write_pack(ipmpi_session_t *s)
 {
     while (s->pack_off < s->pack_len) {
-        ERR_clear_error();
-        errno = 0;
-        int r = SSL_write(s->ssl, s->pack + s->pack_off, (int)(s->pack_len - s->pack_off));
-        if (r <= 0) {
-            switch (SSL_get_error(s->ssl, r)) {
-            case SSL_ERROR_WANT_WRITE:
-                s->wr_want = POLLOUT;
-                return 0;
-            case SSL_ERROR_WANT_READ:
-                s->wr_want = POLLIN;
-                return 0;
-            default:
-                log_ssl_errors(s, "write failed");
-                return IPMPI_EIO;
-            }
-        }
+        long r = swrite(s, s->pack + s->pack_off, s->pack_len - s->pack_off);
+        if (r <= 0)
+            return (int)r;
         s->pack_off += (uint32_t)r;
-        s->out_bytes -= (uint64_t)r;
-        s->t_out_progress = ipmpi_now_ns();
     }
     s->pack_len = s->pack_off = 0;
     return 1;
@@ -566,28 +579,10 @@ static int do_output(ipmpi_session_t *s)
             len = f->parts->lens[f->idx - 1];
         }
         if (f->off < len) {
-            uint64_t n = len - f->off;
-            if (n > IO_MAX)
-                n = IO_MAX;
-            ERR_clear_error();
-            errno = 0;
-            int r = SSL_write(s->ssl, src + f->off, (int)n);
-            if (r <= 0) {
-                switch (SSL_get_error(s->ssl, r)) {
-                case SSL_ERROR_WANT_WRITE:
-                    s->wr_want = POLLOUT;
-                    return 0;
-                case SSL_ERROR_WANT_READ:
-                    s->wr_want = POLLIN;
-                    return 0;
-                default:
-                    log_ssl_errors(s, "write failed");
-                    return IPMPI_EIO;
-                }
-            }
+            long r = swrite(s, src + f->off, len - f->off);
+            if (r <= 0)
+                return (int)r;
             f->off += (uint64_t)r;
-            s->out_bytes -= (uint64_t)r;
-            s->t_out_progress = ipmpi_now_ns();
             if (f->off < len)
                 continue;
         }
