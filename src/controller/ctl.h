@@ -154,6 +154,9 @@ uint32_t ipmpi_ctl_join_nfds(const ipmpi_ctl_t *c);
 uint32_t ipmpi_ctl_join_fds(ipmpi_ctl_t *c, struct pollfd *pfd, uint32_t cap);
 void ipmpi_ctl_join_events(ipmpi_ctl_t *c, const struct pollfd *pfd, uint32_t n);
 void ipmpi_ctl_join_stop(ipmpi_ctl_t *c);
+/* Engine e (of a joined job, else nothing) is gone: when its whole job
+ * is, the link stops probing that job's communicator. */
+void ipmpi_ctl_join_engine_gone(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e);
 /* Marks engine e dead: fails its running and queued requests with EDEAD. */
 void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *why);
 /*

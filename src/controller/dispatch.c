@@ -264,6 +264,7 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
     if (head && head->type == IPMPI_SITEM_REQ)
         ipmpi_ctl_stream_detach(head->u.req, 1);
     ipmpi_mpilink_abandon(&c->link, e->rank);
+    ipmpi_ctl_join_engine_gone(c, e);
     char msg[256];
     ipmpi_ctl_dead_msg(e, msg, sizeof msg);
     settle_engine(c, e, IPMPI_EDEAD, msg);

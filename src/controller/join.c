@@ -280,7 +280,9 @@ uint32_t ipmpi_ctl_join_fds(ipmpi_ctl_t *c, struct pollfd *pfd, uint32_t cap)
     pfd[n++] = (struct pollfd){.fd = j->lfd, .events = POLLIN};
     for (uint32_t i = 0; i < j->nhello && n < cap; i++)
         pfd[n++] = (struct pollfd){.fd = j->hello[i].fd, .events = POLLIN};
-    for (int i = 0; i < c->nengines && n < cap; i++)
+    /* Only joined engines have liveness connections: the job's own
+     * engines are not scanned on every turn of the loop. */
+    for (int i = c->job->world_size - 1; i < c->nengines && n < cap; i++)
         if (c->eng[i].live_fd >= 0)
             pfd[n++] = (struct pollfd){.fd = c->eng[i].live_fd, .events = POLLIN};
     return n;
@@ -394,5 +396,26 @@ void ipmpi_ctl_join_events(ipmpi_ctl_t *c, const struct pollfd *pfd, uint32_t n)
             ipmpi_ctl_engine_died(c, e, "its process is gone (liveness connection closed)");
             break;
         }
+    }
+}
+
+void ipmpi_ctl_join_engine_gone(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
+{
+    if (e->join_first <= 0)
+        return;
+    /* Once every engine of its job is gone, its communicator is not
+     * probed any more on each turn of the loop. */
+    int base = e->join_first + 1;
+    for (uint32_t k = 0; k < c->link.nextra; k++) {
+        const ipmpi_mpilink_comm_t *x = &c->link.extra[k];
+        if (x->base != base || !x->open)
+            continue;
+        for (int i = 0; i < x->n; i++)
+            if (!c->eng[e->join_first + i].dead)
+                return;
+        ipmpi_mpilink_close_comm(&c->link, base);
+        ipmpi_log(IPMPI_LOG_INFO, "every engine of the job that joined as %d..%d is gone", e->join_first,
+                  e->join_first + x->n - 1);
+        return;
     }
 }
