@@ -331,18 +331,9 @@ static int tree_add_reply(engine_t *e, const ipmpi_hdr_t *req, const reply_t *r,
     size_t hl = ipmpi_hdr_wire_size(r->nviews), total = hl;
     for (uint32_t i = 0; i < r->nviews; i++)
         total += (size_t)r->lens[i];
-    if (total > TREE_REPLY_MAX || (r->flags & ~(unsigned)ENGINE_REPLY_FLAGS))
+    if (total > TREE_REPLY_MAX || (r->flags & ~(unsigned)ENGINE_REPLY_FLAGS) ||
+        ipmpi_eng_tree_reserve(buf, cap, *len + total) != 0)
         return 1;
-    if (*len + total > *cap) {
-        size_t ncap = *cap ? *cap : 4096;
-        while (ncap < *len + total)
-            ncap *= 2;
-        uint8_t *nb = realloc(*buf, ncap);
-        if (!nb)
-            return 1;
-        *buf = nb;
-        *cap = ncap;
-    }
     ipmpi_hdr_encode(&h, r->lens, *buf + *len, hl);
     size_t at = *len + hl;
     for (uint32_t i = 0; i < r->nviews; i++) {
@@ -351,6 +342,17 @@ static int tree_add_reply(engine_t *e, const ipmpi_hdr_t *req, const reply_t *r,
     }
     *len = at;
     return 0;
+}
+
+/* Replies of a tree request, whole frames back to back, to the controller
+ * as one IPMPI_F_GATHER frame. No GIL needed. */
+static int send_gathered(engine_t *e, const ipmpi_hdr_t *req, const uint8_t *buf, size_t len)
+{
+    ipmpi_hdr_t h = {.kind = req->kind, .flags = IPMPI_F_REPLY | IPMPI_F_GATHER, .req_id = req->req_id,
+                     .target = e->eid, .total = 1, .nparts = 1};
+    uint64_t l = len;
+    const void *b = buf;
+    return ipmpi_eng_link_send(e->comm, 0, &h, &l, &b, controller_gone, e);
 }
 
 /* The end of a tree request: the children's gathered replies join this
@@ -369,13 +371,7 @@ static int tree_finish(engine_t *e, const ipmpi_hdr_t *req, uint8_t **buf, size_
         ipmpi_log(IPMPI_LOG_WARN, "engine %d: its parent in the tree (rank %d) is gone; replies go to the "
                   "controller", e->eid, e->src);
     }
-    if (*len == 0)
-        return 0;
-    ipmpi_hdr_t h = {.kind = req->kind, .flags = IPMPI_F_REPLY | IPMPI_F_GATHER, .req_id = req->req_id,
-                     .target = e->eid, .total = 1, .nparts = 1};
-    uint64_t l = *len;
-    const void *b = *buf;
-    return ipmpi_eng_link_send(e->comm, 0, &h, &l, &b, controller_gone, e);
+    return *len == 0 ? 0 : send_gathered(e, req, *buf, *len);
 }
 
 /* Turns the pending Python exception into Engine.failure's reply.
@@ -870,13 +866,8 @@ static int serve_loop(engine_t *e)
                 rc = recv_parts(e, h.nparts, lens, NULL);
                 if (rc == 0 && e->tree && e->src != 0)
                     rc = ipmpi_eng_tree_send_up(e->comm, e->src, (const uint8_t *)"", 0, rank_gone, e);
-                if (rc == 0 && (h.flags & IPMPI_F_RETRY) && h.req_id == e->last_tree_id && e->last_reply) {
-                    ipmpi_hdr_t gh = {.kind = h.kind, .flags = IPMPI_F_REPLY | IPMPI_F_GATHER, .req_id = h.req_id,
-                                      .target = e->eid, .total = 1, .nparts = 1};
-                    uint64_t l = e->last_reply_len;
-                    const void *b = e->last_reply;
-                    rc = ipmpi_eng_link_send(e->comm, 0, &gh, &l, &b, controller_gone, e);
-                }
+                if (rc == 0 && (h.flags & IPMPI_F_RETRY) && h.req_id == e->last_tree_id && e->last_reply)
+                    rc = send_gathered(e, &h, e->last_reply, e->last_reply_len);
                 free(e->tree);
                 e->tree = NULL;
                 if (rc != 0 && rc != IPMPI_EDEAD)

@@ -163,6 +163,9 @@ int ipmpi_eng_tree_recv(MPI_Comm comm, int src, int32_t **ranks, uint32_t *n, ip
 int ipmpi_eng_tree_forward(MPI_Comm comm, const ipmpi_hdr_t *h, const uint64_t *lens, char *const *bufs,
                            const int32_t *ranks, uint32_t n, const struct ipmpi_doorbell *bell,
                            ipmpi_eng_rank_gone_cb gone, void *arg);
+/* Room for need bytes in *buf (capacity *cap, doubling from 4 KiB);
+ * 0 or IPMPI_ENOMEM (then *buf is unchanged). */
+int ipmpi_eng_tree_reserve(uint8_t **buf, size_t *cap, size_t need);
 /* Appends each child's gathered replies to *buf (length *len, capacity
  * *cap); a child that died is skipped. */
 int ipmpi_eng_tree_gather(MPI_Comm comm, const int32_t *ranks, uint32_t n, uint8_t **buf, size_t *len,

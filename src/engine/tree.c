@@ -222,7 +222,7 @@ out:
 
 /* ---- gathering ---- */
 
-static int grow(uint8_t **buf, size_t *cap, size_t need)
+int ipmpi_eng_tree_reserve(uint8_t **buf, size_t *cap, size_t need)
 {
     if (need <= *cap)
         return 0;
@@ -254,7 +254,7 @@ int ipmpi_eng_tree_gather(MPI_Comm comm, const int32_t *ranks, uint32_t n, uint8
         }
         if (rc != 0)
             return rc;
-        if (count < 0 || grow(buf, cap, *len + (size_t)count + 1) != 0)
+        if (count < 0 || ipmpi_eng_tree_reserve(buf, cap, *len + (size_t)count + 1) != 0)
             return IPMPI_ENOMEM; /* the matched message is left with MPI */
         if (MPI_Mrecv(*buf + *len, count, MPI_BYTE, &msg, MPI_STATUS_IGNORE) != MPI_SUCCESS)
             return IPMPI_EMPI;
