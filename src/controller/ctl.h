@@ -146,6 +146,9 @@ int ipmpi_ctl_join_start(ipmpi_ctl_t *c);
  * an IPMPI_F_GATHER frame apart (takes parts).
  */
 int ipmpi_ctl_tree_kind(unsigned kind);
+/* 1 when session has so many unread replies that its next request waits
+ * (dispatch.c; the scheduler's hold test). */
+int ipmpi_ctl_must_hold(ipmpi_ctl_t *c, uint64_t session);
 int ipmpi_ctl_tree_engine(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e);
 void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n);
 void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e);

@@ -44,12 +44,16 @@ void ipmpi_ctl_req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int stat
         req_release(c, r);
 }
 
-/* The scheduler's hold test: 1 when the session has too many unread
- * replies for its next request to run now. */
+int ipmpi_ctl_must_hold(ipmpi_ctl_t *c, uint64_t session)
+{
+    const ipmpi_session_t *s = ipmpi_ctl_session(c, session);
+    return s && s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES;
+}
+
+/* ipmpi_sched_next's hold callback. */
 static int must_hold(void *arg, uint64_t session)
 {
-    const ipmpi_session_t *s = ipmpi_ctl_session(arg, session);
-    return s && s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES;
+    return ipmpi_ctl_must_hold(arg, session);
 }
 
 static void set_held(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, int held)

@@ -149,6 +149,16 @@ static int kill_now(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
     return 1;
 }
 
+/* Queues r on engine e and hands e what is next, or settles r for e when
+ * there is no memory for it. */
+static void queue_on(ipmpi_ctl_t *c, ipmpi_req_t *r, ipmpi_engine_slot_t *e)
+{
+    if (ipmpi_sched_queue_req(&c->sched, e->id, r) != 0)
+        ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_ENOMEM, "controller out of memory");
+    else
+        ipmpi_ctl_dispatch(c, e);
+}
+
 /* Queues an engine-kind request on every target engine: one shared payload. */
 static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p, int n)
 {
@@ -171,7 +181,7 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     char msg[256];
     /* Many idle engines of this node: one broadcast tree (tree.c). */
     int tree = c->o->tree_min > 0 && n >= (int)c->o->tree_min && ipmpi_ctl_tree_kind(h->kind) &&
-               !(s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES), ntree = 0;
+               !ipmpi_ctl_must_hold(c, s->id), ntree = 0;
     /* r may be freed by the last req_fail_one; nothing reads it after that. */
     for (int i = 0; i < n; i++) {
         ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
@@ -198,23 +208,16 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
             ipmpi_ctl_engine_died(c, e, "killed by request");
         } else if (tree && ipmpi_ctl_tree_engine(c, e)) {
             c->tree_ids[ntree++] = e->id; /* sent below, as a tree or one by one */
-        } else if (ipmpi_sched_queue_req(&c->sched, e->id, r) != 0) {
-            ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_ENOMEM, "controller out of memory");
         } else {
-            ipmpi_ctl_dispatch(c, e);
+            queue_on(c, r, e);
         }
     }
     if (ntree > 0 && ntree >= (int)c->o->tree_min) {
         ipmpi_ctl_tree_send(c, r, c->tree_ids, ntree);
         return;
     }
-    for (int i = 0; i < ntree; i++) {
-        ipmpi_engine_slot_t *e = &c->eng[c->tree_ids[i]];
-        if (ipmpi_sched_queue_req(&c->sched, e->id, r) != 0)
-            ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_ENOMEM, "controller out of memory");
-        else
-            ipmpi_ctl_dispatch(c, e);
-    }
+    for (int i = 0; i < ntree; i++)
+        queue_on(c, r, &c->eng[c->tree_ids[i]]);
 }
 
 
