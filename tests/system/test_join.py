@@ -38,6 +38,13 @@ def join(d, n, *extra):
     return m.group(4), r.stdout
 
 
+def one_and_two_joined(d, *join_args):
+    """A cluster of one engine with two more joined; a client of it."""
+    start(d, 1)
+    join(d, 2, *join_args)
+    return mec_of(d)
+
+
 def pids(mec, targets):
     return {i["id"]: i["pid"] for i in mec.engine_info(targets)}
 
@@ -97,9 +104,7 @@ def test_engines_join_run_requests_and_leave_without_harming_the_first_job(ipdir
 
 
 def test_joined_engines_get_their_own_jobs_comm(ipdir):
-    start(ipdir, 1)
-    join(ipdir, 2, "--mpi", "mpi4py")
-    mec = mec_of(ipdir)
+    mec = one_and_two_joined(ipdir, "--mpi", "mpi4py")
     try:
         mec.execute("from mpi4py import MPI; total = comm.allreduce(comm.rank + 1, op=MPI.SUM); "
                     "size = comm.size", targets=[1, 2])
@@ -111,9 +116,7 @@ def test_joined_engines_get_their_own_jobs_comm(ipdir):
 
 
 def test_a_joined_engine_killed_is_detected_and_the_others_go_on(ipdir):
-    start(ipdir, 1)
-    join(ipdir, 2)
-    mec = mec_of(ipdir)
+    mec = one_and_two_joined(ipdir)
     try:
         victim = pids(mec, [2])[2]
         pr = mec.execute("import time; time.sleep(30)", targets=[2], block=False)
@@ -132,9 +135,7 @@ def test_a_joined_engine_killed_is_detected_and_the_others_go_on(ipdir):
 
 
 def test_joined_engines_end_when_the_controller_is_killed(ipdir):
-    start(ipdir, 1)
-    join(ipdir, 2)
-    mec = mec_of(ipdir)
+    mec = one_and_two_joined(ipdir)
     try:
         every = pids(mec, [0, 1, 2])
     finally:

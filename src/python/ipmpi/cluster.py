@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 
+from ipmpi import joining
 from ipmpi.launchers import MODES, REFUSED, launcher_class
 from ipmpi.launchers.base import (ClusterError, LaunchSpec, job_processes, proc_stat as _proc_stat,
                                   signal_session as _signal_session, tail as _tail)
@@ -261,8 +262,7 @@ class Cluster:
         if self.bind:
             args += ["--bind", self.bind]
         if self.join:
-            from ipmpi.joining import port_file
-            args += ["--accept-joins", port_file(self)]
+            args += ["--accept-joins", joining.port_file(self)]
         return args + self.engine_args
 
     def _prepare_spec(self):
@@ -335,9 +335,8 @@ class Cluster:
         os.chmod(self.security_dir, 0o700)
         # A furl or job record left by a job that died must not be taken for
         # the new one's.
-        from ipmpi.joining import port_file
         for p in (self.mec_furl, self.tc_furl, os.path.join(self.run_dir, JOB_INFO),
-                  os.path.join(self.run_dir, SCRIPT_STATUS), port_file(self), self.spec.ompi_uri):
+                  os.path.join(self.run_dir, SCRIPT_STATUS), joining.port_file(self), self.spec.ompi_uri):
             try:
                 os.unlink(p)
             except FileNotFoundError:
@@ -450,13 +449,11 @@ class Cluster:
         """Starts a job of n more engines that join this running cluster
         (ipmpi.joining.add_engines: mode=, timeout=, mpi=, ...); returns its
         record ({"job", "ids", ...}) once they answer."""
-        from ipmpi.joining import add_engines
-        return add_engines(self, n, **kw)
+        return joining.add_engines(self, n, **kw)
 
     def remove_engines(self, job, timeout=20.0):
         """The engines of joined job `job` leave; returns their ids."""
-        from ipmpi.joining import remove_engines
-        return remove_engines(self, job, timeout=timeout)
+        return joining.remove_engines(self, job, timeout=timeout)
 
     def client(self, **kw):
         """A MultiEngineClient connected to this cluster (caller closes it)."""
@@ -539,10 +536,8 @@ class Cluster:
         # the jobs of engines that joined later.
         self.launcher.stop(timeout=30)
         if self.joined:
-            from ipmpi.joining import stop_all
-            stop_all(self)
-        from ipmpi.joining import port_file
-        for p in (self.mec_furl, self.tc_furl, port_file(self), self.spec.ompi_uri):
+            joining.stop_all(self)
+        for p in (self.mec_furl, self.tc_furl, joining.port_file(self), self.spec.ompi_uri):
             # A furl (or join port) of a stopped job only misleads clients.
             try:
                 os.unlink(p)

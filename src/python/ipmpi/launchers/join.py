@@ -126,14 +126,9 @@ class JoinPbsLauncher(PbsLauncher):
 JOIN_MODES = {"mpirun": JoinMpirunLauncher, "local": JoinMpirunLauncher, "mpiexec": JoinMpirunLauncher,
               "slurm": JoinSlurmLauncher, "pbs": JoinPbsLauncher, "ssh": JoinSshLauncher}
 
-JOIN_REFUSED = {}
-
-
 def join_launcher_class(mode):
     try:
         return JOIN_MODES[mode]
     except KeyError:
-        if mode in JOIN_REFUSED:
-            raise ClusterError("engines cannot join in mode %s: %s" % (mode, JOIN_REFUSED[mode])) from None
         raise ClusterError("unknown mode %r for joining engines (modes: %s)"
                            % (mode, ", ".join(sorted(JOIN_MODES)))) from None
