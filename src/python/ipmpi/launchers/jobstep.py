@@ -160,17 +160,23 @@ def main(argv=None):
         _write_json(os.path.join(run_dir, INFO), info)
     _say("job %s on %s: %s" % (info["scheduler_id"] or "(no scheduler)", info["host"], " ".join(cmd)))
 
-    sys.stdout.flush()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-
-    def end_server():
+    try:
+        return _run(a, cmd, env, run_dir)
+    finally:
+        # Whichever way the step ends (also by a forwarded signal: its
+        # SystemExit comes through here), its ompi-server ends with it.
         if server is not None:
             kill_session(server.pid, server)
+
+
+def _run(a, cmd, env, run_dir):
+    """Runs cmd, and the script once the engines answer; the exit status."""
+    sys.stdout.flush()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
     def forward(signum, frame):
         signal_session(proc.pid, signal.SIGTERM)
         kill_session(proc.pid, proc, term_wait=2.0)
-        end_server()
         sys.exit(128 + signum)
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -179,7 +185,6 @@ def main(argv=None):
     if not a.script:
         rc = proc.wait()
         kill_session(proc.pid, proc)
-        end_server()
         _say("MPI job ended with status %d" % rc)
         return rc
 
@@ -190,7 +195,6 @@ def main(argv=None):
         _write_json(os.path.join(run_dir, SCRIPT_STATUS), {"script": a.script, "status": None,
                                                             "error": str(e)})
         kill_session(proc.pid, proc)
-        end_server()
         return 1
     python = os.environ.get("IPMPI_PYTHON") or sys.executable
     _say("%d engines ready; running %s" % (a.engines, a.script))
@@ -200,7 +204,6 @@ def main(argv=None):
     _say("script %s exited with status %d after %.1f s" % (a.script, rc, time.monotonic() - t0))
     _write_json(os.path.join(run_dir, SCRIPT_STATUS), {"script": a.script, "status": rc})
     _shutdown(a.ipmpi_dir, proc)
-    end_server()
     return rc
 
 
