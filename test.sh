@@ -48,7 +48,7 @@ cd ../build
 # controller to accept 4150 connections within 60 s, and the sanitizer build
 # accepts too slowly (it held 2000), so here it is deselected by name.
 if ! PYTEST_ADDOPTS="-k 'not lock_out'" ASAN_OPTIONS=detect_leaks=0 IPMPI_TEST_BIN="$(cd ../build-asan && pwd)/ipmpi" \
-     make check TESTS="tests/system/test_refusals.py tests/system/test_dead_engines.py tests/system/test_mec.py tests/system/test_shm.py tests/system/test_chaos.py tests/system/test_tasks.py tests/system/test_frames.py tests/system/test_interrupt.py tests/system/test_security_dir.py tests/system/test_stream.py tests/system/test_reconnect.py tests/system/test_shared.py tests/system/test_tree.py" \
+     make check TESTS="tests/system/test_refusals.py tests/system/test_dead_engines.py tests/system/test_mec.py tests/system/test_shm.py tests/system/test_chaos.py tests/system/test_tasks.py tests/system/test_frames.py tests/system/test_interrupt.py tests/system/test_security_dir.py tests/system/test_stream.py tests/system/test_reconnect.py tests/system/test_shared.py tests/system/test_tree.py tests/system/test_bell.py" \
      > check-asan-system.out 2>&1; then
     cat check-asan-system.out
     for log in tests/system/*.log; do echo "==== $log"; cat "$log"; done

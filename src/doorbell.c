@@ -6,9 +6,14 @@
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -21,6 +26,12 @@ enum { AWAKE = 0, ASLEEP = 1 };
  * and the count of INTERRUPTs sent to this rank. */
 #define INTR_OFFSET 8
 #define INTR_SEQ_OFFSET 16
+/* Rank 0's slot only (the controller's bell): frames announced by the
+ * node's engines, the count to wake the controller at, its socket's name. */
+#define CTL_ANNOUNCED_OFFSET 24
+#define CTL_WAKE_AT_OFFSET 32
+#define CTL_NAME_OFFSET 40
+#define CTL_BROKEN_OFFSET 48
 
 /* Each word on a cache line of its own: a ring must not make the other
  * sleepers' lines bounce. */
@@ -38,6 +49,7 @@ int ipmpi_doorbell_init(ipmpi_doorbell_t *d, MPI_Comm comm)
     memset(d, 0, sizeof *d);
     d->node = MPI_COMM_NULL;
     d->win = MPI_WIN_NULL;
+    d->ctl_fd = -1;
     MPI_Comm_size(comm, &d->world_size);
     d->word = calloc((size_t)d->world_size, sizeof *d->word);
     if (!d->word)
@@ -49,6 +61,11 @@ int ipmpi_doorbell_init(ipmpi_doorbell_t *d, MPI_Comm comm)
     int rc = MPI_Win_allocate_shared(SLOT_BYTES, 1, MPI_INFO_NULL, d->node, &base, &d->win);
     if (rc != MPI_SUCCESS)
         goto off;
+    /* The window's memory starts zeroed on every MPI we know, but nothing
+     * promises it: each rank clears its own slot (AWAKE, no interrupt, the
+     * controller's counters at 0) before any rank may use another's. */
+    memset(base, 0, SLOT_BYTES);
+    MPI_Barrier(d->node);
     int nnode = 0;
     MPI_Comm_size(d->node, &nnode);
     MPI_Group gnode, gworld;
@@ -62,7 +79,7 @@ int ipmpi_doorbell_init(ipmpi_doorbell_t *d, MPI_Comm comm)
         void *p = NULL;
         MPI_Group_translate_ranks(gnode, 1, &i, gworld, &wr);
         if (wr == MPI_UNDEFINED || MPI_Win_shared_query(d->win, i, &size, &disp, &p) != MPI_SUCCESS ||
-            size < (MPI_Aint)(INTR_OFFSET + sizeof(uint64_t)) || !p)
+            size < (MPI_Aint)SLOT_BYTES || !p)
             ok = 0;
         else
             d->word[wr] = p;
@@ -72,8 +89,6 @@ int ipmpi_doorbell_init(ipmpi_doorbell_t *d, MPI_Comm comm)
     if (!ok)
         goto off;
     d->mine = base;
-    atomic_store(d->mine, AWAKE);
-    atomic_store((_Atomic uint64_t *)((char *)base + INTR_OFFSET), 0);
     d->ok = 1;
     return 0;
 
@@ -87,6 +102,7 @@ off:
 
 void ipmpi_doorbell_fini(ipmpi_doorbell_t *d)
 {
+    ipmpi_doorbell_ctl_close(d);
     if (d->win != MPI_WIN_NULL)
         MPI_Win_free(&d->win);
     if (d->node != MPI_COMM_NULL)
@@ -155,4 +171,118 @@ uint64_t ipmpi_doorbell_interrupt(const ipmpi_doorbell_t *d, uint64_t *seq)
     if (seq)
         *seq = atomic_load((_Atomic uint64_t *)(slot + INTR_SEQ_OFFSET));
     return atomic_load((_Atomic uint64_t *)(slot + INTR_OFFSET));
+}
+
+/* ---- the controller's bell ---- */
+
+static _Atomic uint64_t *ctl_u64(const ipmpi_doorbell_t *d, size_t off)
+{
+    return (_Atomic uint64_t *)((char *)d->word[0] + off);
+}
+
+/* The abstract socket name of a nonce ("\0ipmpi-ctl-<hex>"). */
+static socklen_t ctl_addr(uint64_t nonce, struct sockaddr_un *a)
+{
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX;
+    int n = snprintf(a->sun_path + 1, sizeof a->sun_path - 1, "ipmpi-ctl-%016llx", (unsigned long long)nonce);
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n);
+}
+
+int ipmpi_doorbell_ctl_open(ipmpi_doorbell_t *d)
+{
+    if (!ipmpi_doorbell_reaches(d, 0) || d->mine != d->word[0])
+        return -1;
+    if (d->ctl_fd >= 0)
+        return d->ctl_fd;
+    uint64_t nonce = 0;
+    while (nonce == 0)
+        if (getrandom(&nonce, sizeof nonce, 0) != (ssize_t)sizeof nonce)
+            return -1;
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a;
+    socklen_t al = ctl_addr(nonce, &a);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, al) != 0) {
+        ipmpi_log(IPMPI_LOG_WARN, "no socket for the controller's bell (%s): it polls while engines work",
+                  strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    d->ctl_fd = fd;
+    atomic_store(ctl_u64(d, CTL_NAME_OFFSET), nonce);
+    return fd;
+}
+
+void ipmpi_doorbell_ctl_close(ipmpi_doorbell_t *d)
+{
+    if (!d || d->ctl_fd < 0)
+        return;
+    if (d->ok && d->word[0] && d->mine == d->word[0])
+        atomic_store(ctl_u64(d, CTL_NAME_OFFSET), 0);
+    close(d->ctl_fd);
+    d->ctl_fd = -1;
+}
+
+uint64_t ipmpi_doorbell_ctl_announced(const ipmpi_doorbell_t *d)
+{
+    return atomic_load(ctl_u64(d, CTL_ANNOUNCED_OFFSET));
+}
+
+int ipmpi_doorbell_ctl_sleep(ipmpi_doorbell_t *d, uint64_t seen, uint64_t k)
+{
+    if (d->ctl_fd < 0 || k == 0)
+        return 0;
+    if (atomic_load(ctl_u64(d, CTL_BROKEN_OFFSET))) {
+        /* An engine could not reach the socket (another network
+         * namespace on the same node?): poll as before. */
+        ipmpi_log(IPMPI_LOG_WARN, "an engine of this node cannot ring the controller's bell: the controller polls "
+                  "while engines work");
+        ipmpi_doorbell_ctl_close(d);
+        return 0;
+    }
+    atomic_store(ctl_u64(d, CTL_WAKE_AT_OFFSET), seen + k);
+    atomic_store(d->mine, ASLEEP);
+    if (atomic_load(ctl_u64(d, CTL_ANNOUNCED_OFFSET)) != seen) {
+        atomic_store(d->mine, AWAKE);
+        return 0;
+    }
+    return 1;
+}
+
+int ipmpi_doorbell_ctl_woke(ipmpi_doorbell_t *d)
+{
+    atomic_store(d->mine, AWAKE);
+    int rung = 0;
+    char b[16];
+    while (d->ctl_fd >= 0 && recv(d->ctl_fd, b, sizeof b, 0) >= 0)
+        rung = 1;
+    return rung;
+}
+
+void ipmpi_doorbell_announce(ipmpi_doorbell_t *d, int urgent)
+{
+    if (!ipmpi_doorbell_reaches(d, 0) || d->mine == d->word[0])
+        return;
+    uint64_t n = atomic_fetch_add(ctl_u64(d, CTL_ANNOUNCED_OFFSET), 1) + 1;
+    _Atomic uint32_t *w = d->word[0];
+    if (atomic_load(w) != ASLEEP)
+        return;
+    if (!urgent && n < atomic_load(ctl_u64(d, CTL_WAKE_AT_OFFSET)))
+        return;
+    if (atomic_exchange(w, AWAKE) != ASLEEP)
+        return; /* another engine rang */
+    uint64_t nonce = atomic_load(ctl_u64(d, CTL_NAME_OFFSET));
+    if (nonce == 0)
+        return;
+    if (d->ctl_fd < 0)
+        d->ctl_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a;
+    socklen_t al = ctl_addr(nonce, &a);
+    /* A full socket buffer means datagrams are already waiting there.
+     * Any other failure: the bell cannot work from here; the controller
+     * learns it at its next sleep (its timeout wakes it this time). */
+    if (d->ctl_fd < 0 || (sendto(d->ctl_fd, "", 1, MSG_DONTWAIT, (struct sockaddr *)&a, al) < 0 && errno != EAGAIN &&
+                          errno != EWOULDBLOCK))
+        atomic_store(ctl_u64(d, CTL_BROKEN_OFFSET), 1);
 }

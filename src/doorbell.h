@@ -41,6 +41,7 @@ typedef struct ipmpi_doorbell {
     int world_size;
     _Atomic uint32_t **word;   /* per rank of comm: its word if on this node, else NULL */
     _Atomic uint32_t *mine;    /* this rank's word */
+    int ctl_fd;                /* the controller's bell socket: its own (controller), for sending (engine); -1 */
 } ipmpi_doorbell_t;
 
 /*
@@ -83,5 +84,49 @@ void ipmpi_doorbell_ring(const ipmpi_doorbell_t *d, int rank);
  * pending work), 0 on timeout or a signal.
  */
 int ipmpi_doorbell_sleep(ipmpi_doorbell_t *d, uint64_t timeout_ns, int (*pending)(void *arg), void *arg);
+
+/*
+ * The controller's bell: while engines on its node run its work, the
+ * controller may sleep in ppoll() instead of polling MPI (each poll wakes
+ * a halted core, ~40 us here, and polling for the whole of a request to
+ * N engines grows with N). Rank 0's slot holds the count of frames the
+ * node's engines announced (each engine adds one before it sends a frame
+ * to the controller), the count at which the sleeping controller wants to
+ * be woken, and the name of the controller's datagram socket. An engine
+ * that announces the frame reaching that count (or an urgent one:
+ * streamed output) while the controller sleeps sends it a datagram.
+ *
+ * No wake-up is lost: the controller stores ASLEEP, then reads the count;
+ * an engine adds to the count, then reads the word (both sequentially
+ * consistent), so either the controller sees the frame announced and does
+ * not sleep, or the engine sees ASLEEP and rings. The engine announces
+ * before it sends, so a frame too large to be sent without the
+ * controller's help never waits for a sleeping controller.
+ *
+ * A frame announced but never sent (its engine died in between) keeps
+ * the announced count ahead of the frames seen: the controller then does
+ * not sleep by count until it is idle and resynchronises
+ * (ipmpi_doorbell_ctl_resync).
+ */
+
+/* Controller: opens its datagram socket (abstract Unix name, published in
+ * its slot). Returns the socket to poll, or -1 (no shared window or no
+ * socket: the controller keeps polling). */
+int ipmpi_doorbell_ctl_open(ipmpi_doorbell_t *d);
+void ipmpi_doorbell_ctl_close(ipmpi_doorbell_t *d);
+/* Frames the node's engines announced so far. */
+uint64_t ipmpi_doorbell_ctl_announced(const ipmpi_doorbell_t *d);
+/*
+ * Controller, before it sleeps: seen is the frames from the node's engines
+ * it took off the wire; it wants to wake after k more. Announces the sleep
+ * and returns 1 when every announced frame was seen (then ppoll() on the
+ * socket, and call ipmpi_doorbell_ctl_woke after), else 0 (do not sleep).
+ */
+int ipmpi_doorbell_ctl_sleep(ipmpi_doorbell_t *d, uint64_t seen, uint64_t k);
+/* After the ppoll(): awake again; reads every datagram waiting. Returns 1
+ * when one came (the ring works: the controller may trust it). */
+int ipmpi_doorbell_ctl_woke(ipmpi_doorbell_t *d);
+/* Engine on the controller's node, before it sends a frame to it. */
+void ipmpi_doorbell_announce(ipmpi_doorbell_t *d, int urgent);
 
 #endif

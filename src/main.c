@@ -41,6 +41,9 @@ static void usage(FILE *f, const char *prog)
             "  --client-port N      fixed client port; key and certificate then persist (default random)\n"
             "  --wait-spin-us N     spin (yielding the core) this long after activity (default 10000)\n"
             "  --wait-max-us N      longest idle sleep; 0 = always spin (default 25000)\n"
+            "  --busy-spin-us N|off while only engines of its node work, the controller polls this\n"
+            "                       long after the last event, then sleeps until they ring it;\n"
+            "                       off: it polls until they answer (default 200)\n"
             "  --mpi MODE           none | mpi4py: give engines `comm`, an engines-only communicator\n"
             "  --bind MODE          auto | core | none: pin engines to cores with hwloc (default auto)\n"
             "  --max-message BYTES  largest frame a client may send (default 8 GiB)\n"
@@ -90,7 +93,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         {"client-queue-bytes", required_argument, 0, 'Q'},
         {"accept-joins", required_argument, 0, 'J'}, {"join", required_argument, 0, 'j'},
         {"max-engines", required_argument, 0, 'N'}, {"tree-min", required_argument, 0, 't'},
-        {0, 0, 0, 0}};
+        {"busy-spin-us", required_argument, 0, 'B'}, {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
     const char *env = getenv("IPMPI_DIR"), *home = getenv("HOME");
     if (env && *env)
@@ -99,6 +102,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         snprintf(o->dir, sizeof o->dir, "%s/.ipmpi", home ? home : "/tmp");
     o->log_level = IPMPI_LOG_INFO;
     o->wait_spin_us = 10000;
+    o->busy_spin_us = 200;
     o->wait_max_us = 25000;
     snprintf(o->mpi_mode, sizeof o->mpi_mode, "none");
     snprintf(o->bind, sizeof o->bind, "auto");
@@ -128,6 +132,12 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         case 's':
             if (parse_u64(optarg, &o->wait_spin_us))
                 return fprintf(stderr, "ipmpi: --wait-spin-us needs a number\n"), -1;
+            break;
+        case 'B':
+            if (!strcmp(optarg, "off"))
+                o->busy_spin_us = UINT64_MAX;
+            else if (parse_u64(optarg, &o->busy_spin_us) || o->busy_spin_us > 10000000)
+                return fprintf(stderr, "ipmpi: --busy-spin-us must be 0..10000000 or off\n"), -1;
             break;
         case 'w':
             if (parse_u64(optarg, &o->wait_max_us) || o->wait_max_us > 1000000)
@@ -330,6 +340,7 @@ static int join_main(const ipmpi_opts_t *o, ipmpi_job_t *job, enum role role)
     memset(&bell, 0, sizeof bell);
     bell.node = MPI_COMM_NULL;
     bell.win = MPI_WIN_NULL;
+    bell.ctl_fd = -1;
     job->bell = &bell;
     job->t.node = ipmpi_log_clock();
     job->t.cpu_node = ipmpi_log_cpu();

@@ -21,6 +21,7 @@ typedef struct ipmpi_opts {
     int log_to_stderr;        /* --log-to-stderr: do not open files under dir/log */
     uint64_t wait_spin_us;    /* --wait-spin-us: spin window after activity */
     uint64_t wait_max_us;     /* --wait-max-us: longest idle sleep (0 = spin) */
+    uint64_t busy_spin_us;    /* --busy-spin-us: controller's poll before it sleeps on its bell (UINT64_MAX: off) */
     char mpi_mode[16];        /* --mpi: "none" or "mpi4py" (engines' user comm) */
     char bind[16];            /* --bind: "auto", "core" or "none" */
     ipmpi_limits_t limits;    /* --max-message bytes per frame */

@@ -34,6 +34,7 @@
 
 #include "backoff.h"
 #include "ctl.h"
+#include "doorbell.h"
 #include "shm.h"
 #include "shmbuf.h"
 #include "ipmpi/errors.h"
@@ -56,6 +57,10 @@
 #define PREAUTH_BUDGET_NS (1000000ull)
 /* Out of file descriptors with nothing to evict: accepting pauses this long. */
 #define ACCEPT_PAUSE_NS (100ull * 1000000ull)
+/* Longest sleep on the bell (doorbell.h) while engines work: the loop
+ * still looks at MPI this often, since a small send MPI reported complete
+ * may reach its engine only at a later progress call (dispatch.c). */
+#define BELL_MAX_NS (10000000ull)
 
 /* Set by SIGTERM/SIGINT; the only state a signal handler may touch. */
 static volatile sig_atomic_t stop_signal;
@@ -544,6 +549,11 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
     struct pollfd *pfd = NULL;
     uint32_t *pslot = NULL;
     uint32_t pcap = 0;
+    /* The controller's bell: only once the engines are ready (their
+     * READYs were announced and seen by then). */
+    if (c->o->busy_spin_us != UINT64_MAX)
+        (void)ipmpi_doorbell_ctl_open(c->job->bell);
+    uint64_t bell_spin_ns = c->o->busy_spin_us * 1000u;
 
     while (!c->stopping && !stop_signal) {
         /* Copies out of clients' memory advance a step per turn, between
@@ -581,8 +591,8 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             next_deadline = c->accept_resume;
 
         uint32_t jcap = ipmpi_ctl_join_nfds(c);
-        if (pcap < c->scap + 1 + jcap) {
-            pcap = c->scap + 1 + jcap;
+        if (pcap < c->scap + 2 + jcap) {
+            pcap = c->scap + 2 + jcap;
             struct pollfd *np = realloc(pfd, pcap * sizeof *np);
             uint32_t *ns = realloc(pslot, pcap * sizeof *ns);
             if (np)
@@ -620,10 +630,26 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         n += ipmpi_ctl_join_fds(c, pfd + n, pcap - (uint32_t)n);
 
         uint64_t timeout;
+        int bell = 0;
         busy = c->nbusy > 0 || ipmpi_mpilink_sends(&c->link) > 0;
         if (more || jobs || ipmpi_mpilink_bulk(&c->link) > 0) {
             timeout = 0;
             ipmpi_backoff_busy(&bo, now);
+        }
+        else if (busy && c->job->bell->ctl_fd >= 0 && now - bo.last_busy >= bell_spin_ns &&
+                 ipmpi_doorbell_ctl_sleep(c->job->bell, c->link.near_hdrs, ipmpi_ctl_bell_count(c))) {
+            /* Only engines of this node work: sleep until the one whose
+             * frame the loop needs rings (or a client or timer wakes it). */
+            bell = 1;
+            uint64_t d = now + BELL_MAX_NS;
+            if (c->watch.enabled && c->watch.next_ns < d)
+                d = c->watch.next_ns;
+            if (next_deadline < d)
+                d = next_deadline;
+            timeout = d > now ? d - now : 0;
+            pfd[n].fd = c->job->bell->ctl_fd;
+            pfd[n].events = POLLIN;
+            pfd[n].revents = 0;
         }
         else if (busy)
             timeout = ipmpi_backoff_next(&bo, now);
@@ -634,6 +660,11 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
              * for the spin window, yielding the core each turn. */
             timeout = 0;
         else {
+            /* Frames announced on the bell but never sent (an engine died
+             * in between) would keep the loop from sleeping on it: with
+             * nothing in flight every frame announced was seen. */
+            if (c->job->bell->ctl_fd >= 0 && !c->link.recv_head)
+                c->link.near_hdrs = ipmpi_doorbell_ctl_announced(c->job->bell);
             /* Nothing in flight for a while: sleep until a socket wakes
              * us or a timer is due, so an idle controller costs nothing. */
             uint64_t d = c->watch.enabled ? c->watch.next_ns : UINT64_MAX;
@@ -641,8 +672,11 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
                 d = next_deadline;
             timeout = d == UINT64_MAX ? UINT64_MAX : (d > now ? d - now : 0);
         }
-        int nev = wait_fds(pfd, n, timeout, waitmask);
+        int nev = wait_fds(pfd, n + (nfds_t)bell, timeout, waitmask);
         now = ipmpi_now_ns();
+        c->bell_sleeps += (uint64_t)bell;
+        if (bell && ipmpi_doorbell_ctl_woke(c->job->bell))
+            c->bell_rings++;
         if (nev > 0)
             ipmpi_backoff_busy(&bo, now);
         if (nsfd < n)
@@ -691,6 +725,8 @@ static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
     if (stop_signal)
         ipmpi_log(IPMPI_LOG_INFO, "signal %d: shutting down", (int)stop_signal);
     ipmpi_log(IPMPI_LOG_INFO, "shutting down: %u request(s) still queued or running", c->reqs.len);
+    ipmpi_log(IPMPI_LOG_INFO, "slept on its bell %llu times while engines worked, woken by a ring %llu times",
+              (unsigned long long)c->bell_sleeps, (unsigned long long)c->bell_rings);
     ipmpi_ctl_fail_all(c);
     int died = c->any_died;
     send_exit(c, died);

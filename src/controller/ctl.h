@@ -54,6 +54,8 @@ typedef struct ipmpi_ctl {
     ipmpi_engine_slot_t *eng;
     int nlive;     /* engines not dead */
     int nbusy;     /* engines with a request running */
+    int nbusy_far; /* of them, on another node or joined: they cannot ring the controller's bell */
+    uint64_t bell_sleeps, bell_rings; /* counted for the log at the end */
     int nheld;     /* engines whose next request is held back (ipmpi_ctl_release_held) */
     /* Task clients whose tasks are held back: their sessions have too many
      * unread results (tasks.c holds, ipmpi_ctl_release_held releases; one
@@ -177,6 +179,15 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
 #define IPMPI_OUT_STREAM_BYTES ((uint64_t)16 << 20)
 #define IPMPI_OUT_STALL_NS (30ull * 1000000000ull)
 void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now);
+
+/* Work sent to engine e (d = 1) or settled (d = -1): counts nbusy and
+ * nbusy_far. */
+void ipmpi_ctl_busy(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, int d);
+/* How many frames from engines of this node the loop may sleep for before
+ * it has something to do (the controller's bell, doorbell.h); 0: it may
+ * not sleep on the bell now (work on engines that cannot ring it, sends
+ * or receives under way, clients held). */
+uint64_t ipmpi_ctl_bell_count(ipmpi_ctl_t *c);
 
 /* Rings again, at most every IPMPI_RERING_NS, the doorbell of every engine
  * that has work in flight (see dispatch.c); called each busy loop turn. */

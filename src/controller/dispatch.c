@@ -93,7 +93,7 @@ static int dispatch_one(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e)
     } else {
         rc = ipmpi_ctl_task_send(c, e, IPMPI_CONTAINER_OF(it.u.task, ipmpi_task_t, s));
     }
-    c->nbusy++;
+    ipmpi_ctl_busy(c, e, 1);
     if (rc != 0) {
         /* The item is the newest in flight; nothing was posted for it. */
         char msg[160];
@@ -236,13 +236,48 @@ void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
     }
 }
 
+void ipmpi_ctl_busy(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, int d)
+{
+    c->nbusy += d;
+    if (!ipmpi_doorbell_reaches(c->link.bell, e->rank))
+        c->nbusy_far += d;
+}
+
+/*
+ * The loop may sleep until k more frames came from this node's engines
+ * when nothing else can need it before: the smallest number of replies a
+ * request in flight still waits for (each engine holds one item, all of
+ * them near). Anything else in the way (a task, a tree, an engine with
+ * more work queued behind its running request, a held client, sends or
+ * receives under way) makes it 1 or 0, which only costs wake-ups.
+ */
+uint64_t ipmpi_ctl_bell_count(ipmpi_ctl_t *c)
+{
+    if (c->job->bell->ctl_fd < 0 || c->nbusy_far > 0 || c->nheld || c->nheld_tc || ipmpi_mpilink_sends(&c->link) > 0 ||
+        c->link.recv_head || c->sched.nqueued > 0)
+        return 0;
+    uint64_t k = UINT64_MAX;
+    for (int i = 0; i < c->nengines && k > 1; i++) {
+        const ipmpi_sengine_t *se = &c->sched.eng[i];
+        if (se->fly_len == 0)
+            continue;
+        const ipmpi_sitem_t *it = ipmpi_sched_inflight(&c->sched, i);
+        if (se->fly_len > 1 || se->fly_tasks > 0 || ipmpi_equeue_len(&se->q) > 0 || it->type != IPMPI_SITEM_REQ ||
+            it->u.req->tree || it->u.req->stream)
+            k = 1;
+        else if (it->u.req->pending < k)
+            k = it->u.req->pending;
+    }
+    return k == UINT64_MAX || k == 0 ? 1 : k;
+}
+
 /* Takes back everything of engine e: in flight and queued, settled with
  * status and msg (tasks retry elsewhere when they may). */
 static void settle_engine(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, int status, const char *msg)
 {
     ipmpi_sitem_t it;
     while (ipmpi_sched_done(&c->sched, e->id, ipmpi_now_ns(), &it)) {
-        c->nbusy--;
+        ipmpi_ctl_busy(c, e, -1);
         item_lost(c, e, &it, status, msg);
     }
     ipmpi_req_t *r;
@@ -458,7 +493,7 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
     }
     ipmpi_sitem_t it;
     ipmpi_sched_done(&c->sched, e->id, ipmpi_now_ns(), &it);
-    c->nbusy--;
+    ipmpi_ctl_busy(c, e, -1);
     if (h->flags & IPMPI_F_PROPS)
         ipmpi_sched_props_changed(&c->sched, e->id);
     if (it.type == IPMPI_SITEM_TASK) {

@@ -483,6 +483,8 @@ int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg)
                 return IPMPI_EMPI;
             if (!flag)
                 break;
+            if (c == 0 && ipmpi_doorbell_reaches(l->bell, st.MPI_SOURCE))
+                l->near_hdrs++;
             int rc = start_recv(l, &msg, &st, comm, base);
             if (rc == IPMPI_EMPI)
                 return rc;

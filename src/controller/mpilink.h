@@ -54,6 +54,10 @@ typedef struct ipmpi_mpilink {
     void *alloc_arg;
     /* Rung after every header posted (doorbell.h); NULL: none. Set by the owner. */
     const struct ipmpi_doorbell *bell;
+    /* Headers taken off the wire from ranks of comm on this node: the
+     * frames seen, against those the engines announced on the
+     * controller's bell (doorbell.h). */
+    uint64_t near_hdrs;
     /* Called after every header posted, with the rank (engines on other
      * nodes: a wake-up datagram); NULL: none. Set by the owner. */
     void (*wake)(void *arg, int rank);

@@ -170,7 +170,7 @@ static ipmpi_session_stream_t *stream_try(ipmpi_ctl_t *c, ipmpi_session_t *s, co
         goto del_r;
     r->pending = 1;
     ipmpi_sched_start_req(&c->sched, e->id, r, ipmpi_now_ns()); /* e is idle: checked above */
-    c->nbusy++;
+    ipmpi_ctl_busy(c, e, 1);
     st->base.feed = stream_feed;
     st->base.end = stream_end;
     st->c = c;

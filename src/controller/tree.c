@@ -58,7 +58,7 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
     }
     for (int i = 0; i < n; i++) {
         ipmpi_sched_start_req(&c->sched, ids[i], r, now);
-        c->nbusy++;
+        ipmpi_ctl_busy(c, &c->eng[ids[i]], 1);
     }
     if (!r->tree) {
         /* No memory for the tree: each engine gets its own send. */

@@ -1002,6 +1002,7 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
     ipmpi_eng_watch_t w;
     ipmpi_eng_watch_init(&w, job, ipmpi_now_ns());
     e.watch = &w;
+    ipmpi_eng_link_set_bell(job->bell);
     int rc = ipmpi_eng_link_send(comm, 0, &h, lens2, bufs2, controller_gone, &e);
     e.watch = NULL;
     Py_DECREF(ready);

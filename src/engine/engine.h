@@ -111,6 +111,10 @@ void ipmpi_eng_pymod_request(const ipmpi_hdr_t *h);
  * IPMPI_ECLOSED. Returns 0, IPMPI_EINVAL (too many parts), IPMPI_ENOMEM,
  * IPMPI_EMPI or IPMPI_ECLOSED.
  */
+/* Frames to rank 0 of the job's own communicator are announced on
+ * bell (doorbell.h, the controller's bell); NULL (joined engines): none.
+ * Set once before the first send. */
+void ipmpi_eng_link_set_bell(struct ipmpi_doorbell *bell);
 int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uint64_t *lens,
                     const void *const *bufs, int (*gone)(void *arg), void *arg);
 

@@ -15,6 +15,7 @@
 
 #include "engine.h"
 #include "backoff.h"
+#include "doorbell.h"
 #include "ipmpi/errors.h"
 #include "log.h"
 
@@ -49,6 +50,15 @@ static int send_wait(MPI_Request *req, int (*gone)(void *arg), void *arg)
     }
 }
 
+/* The node's doorbells when the controller shares this node: every frame
+ * to it is announced first (doorbell.h, the controller's bell). */
+static ipmpi_doorbell_t *g_ctl_bell;
+
+void ipmpi_eng_link_set_bell(struct ipmpi_doorbell *bell)
+{
+    g_ctl_bell = bell;
+}
+
 static int send_msg(const void *buf, int n, int dest, int tag, MPI_Comm comm, int (*gone)(void *arg), void *arg)
 {
     MPI_Request req;
@@ -75,6 +85,11 @@ int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uin
     if (!hbuf)
         return IPMPI_ENOMEM;
     int rc = IPMPI_EMPI;
+    /* Announced before the header goes, so a sleeping controller is
+     * woken also for a frame whose send needs it (a rendezvous). Streamed
+     * output is urgent: the client reads it as it comes. */
+    if (dest == 0 && g_ctl_bell)
+        ipmpi_doorbell_announce(g_ctl_bell, (h->flags & IPMPI_F_MORE) != 0);
     ipmpi_hdr_t hh = *h;
     if (packed)
         hh.flags |= IPMPI_F_PACKED;
