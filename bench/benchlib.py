@@ -155,6 +155,18 @@ def _descendants(root):
     return out
 
 
+def warm_guest_memory(nbytes):
+    """Touches nbytes of memory in a child process that then exits.
+
+    On these VMs memory the guest has not used lately costs far more than
+    the bytes on first touch (src/pyext/bigbuf.h): the host backs it
+    again. Whoever runs right after another tool freed that much memory
+    gets it warm. Called before each tool's first large push, so that
+    first push costs every tool the same kind of memory."""
+    code = "import numpy as np; a = np.ones(%d // 8); a[::512] += 1" % int(nbytes)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def kill_descendants(grace=3.0):
     """SIGTERM, then SIGKILL, every process descended from this one."""
     import signal
