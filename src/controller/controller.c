@@ -541,6 +541,21 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
 
 /* ---- the loop ---- */
 
+/* 1 when the loop may sleep on its bell now (doorbell.h): spun enough
+ * since the last event, every engine at work can ring it, and no ring
+ * from another node is waiting (its frame may still need reading: look
+ * again first). Announces the sleep to this node's engines. */
+static int bell_may_sleep(ipmpi_ctl_t *c, int spun)
+{
+    if (!spun || c->job->bell->ctl_fd < 0)
+        return 0;
+    uint64_t far = c->nbusy_far ? ipmpi_ctl_wake_rings(c) : 0;
+    c->far_rings += far;
+    if (far)
+        return 0;
+    return ipmpi_doorbell_ctl_sleep(c->job->bell, c->link.near_hdrs, ipmpi_ctl_bell_count(c));
+}
+
 static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
 {
     ipmpi_backoff_t bo;
@@ -591,8 +606,8 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             next_deadline = c->accept_resume;
 
         uint32_t jcap = ipmpi_ctl_join_nfds(c);
-        if (pcap < c->scap + 2 + jcap) {
-            pcap = c->scap + 2 + jcap;
+        if (pcap < c->scap + 4 + jcap) {
+            pcap = c->scap + 4 + jcap;
             struct pollfd *np = realloc(pfd, pcap * sizeof *np);
             uint32_t *ns = realloc(pslot, pcap * sizeof *ns);
             if (np)
@@ -636,20 +651,23 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             timeout = 0;
             ipmpi_backoff_busy(&bo, now);
         }
-        else if (busy && c->job->bell->ctl_fd >= 0 && now - bo.last_busy >= bell_spin_ns &&
-                 ipmpi_doorbell_ctl_sleep(c->job->bell, c->link.near_hdrs, ipmpi_ctl_bell_count(c))) {
-            /* Only engines of this node work: sleep until the one whose
-             * frame the loop needs rings (or a client or timer wakes it). */
-            bell = 1;
+        else if (busy && bell_may_sleep(c, now - bo.last_busy >= bell_spin_ns)) {
+            /* Sleep until the engine whose frame the loop needs rings (or
+             * a client or timer wakes it). */
             uint64_t d = now + BELL_MAX_NS;
             if (c->watch.enabled && c->watch.next_ns < d)
                 d = c->watch.next_ns;
             if (next_deadline < d)
                 d = next_deadline;
             timeout = d > now ? d - now : 0;
-            pfd[n].fd = c->job->bell->ctl_fd;
-            pfd[n].events = POLLIN;
-            pfd[n].revents = 0;
+            /* Rings from other nodes come on the wake-up sockets. */
+            int bfd[3] = {c->job->bell->ctl_fd, c->nbusy_far ? c->wake_fd4 : -1, c->nbusy_far ? c->wake_fd6 : -1};
+            for (int j = 0; j < 3; j++) {
+                pfd[n + (nfds_t)bell].fd = bfd[j];
+                pfd[n + (nfds_t)bell].events = POLLIN;
+                pfd[n + (nfds_t)bell].revents = 0;
+                bell++;
+            }
         }
         else if (busy)
             timeout = ipmpi_backoff_next(&bo, now);
@@ -674,9 +692,13 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         }
         int nev = wait_fds(pfd, n + (nfds_t)bell, timeout, waitmask);
         now = ipmpi_now_ns();
-        c->bell_sleeps += (uint64_t)bell;
-        if (bell && ipmpi_doorbell_ctl_woke(c->job->bell))
-            c->bell_rings++;
+        if (bell) {
+            c->bell_sleeps++;
+            uint64_t far = ipmpi_ctl_wake_rings(c);
+            c->far_rings += far;
+            if (ipmpi_doorbell_ctl_woke(c->job->bell) || (far && (pfd[n + 1].revents | pfd[n + 2].revents)))
+                c->bell_rings++;
+        }
         if (nev > 0)
             ipmpi_backoff_busy(&bo, now);
         if (nsfd < n)
@@ -725,8 +747,9 @@ static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
     if (stop_signal)
         ipmpi_log(IPMPI_LOG_INFO, "signal %d: shutting down", (int)stop_signal);
     ipmpi_log(IPMPI_LOG_INFO, "shutting down: %u request(s) still queued or running", c->reqs.len);
-    ipmpi_log(IPMPI_LOG_INFO, "slept on its bell %llu times while engines worked, woken by a ring %llu times",
-              (unsigned long long)c->bell_sleeps, (unsigned long long)c->bell_rings);
+    ipmpi_log(IPMPI_LOG_INFO, "slept on its bell %llu times while engines worked, woken by a ring %llu times; "
+              "%llu rings from other nodes", (unsigned long long)c->bell_sleeps, (unsigned long long)c->bell_rings,
+              (unsigned long long)c->far_rings);
     ipmpi_ctl_fail_all(c);
     int died = c->any_died;
     send_exit(c, died);

@@ -38,6 +38,7 @@ typedef struct ipmpi_engine_slot {
     struct sockaddr_storage wake_addr;
     socklen_t wake_len;
     uint64_t wake_key, wake_gap, wake_due;
+    int rings;            /* a ring came from it (wake.c): the loop may sleep on the bell while it works */
     /* Of a job that joined later (join.c): its engines' first id, and the
      * TCP connection whose end says the engine is gone (-1: none yet). */
     int join_first;
@@ -54,8 +55,8 @@ typedef struct ipmpi_ctl {
     ipmpi_engine_slot_t *eng;
     int nlive;     /* engines not dead */
     int nbusy;     /* engines with a request running */
-    int nbusy_far; /* of them, on another node or joined: they cannot ring the controller's bell */
-    uint64_t bell_sleeps, bell_rings; /* counted for the log at the end */
+    int nbusy_far; /* of them, on another node or joined: they ring the bell by datagram (wake.c) */
+    uint64_t bell_sleeps, bell_rings, far_rings; /* counted for the log at the end */
     int nheld;     /* engines whose next request is held back (ipmpi_ctl_release_held) */
     /* Task clients whose tasks are held back: their sessions have too many
      * unread results (tasks.c holds, ipmpi_ctl_release_held releases; one
@@ -203,6 +204,9 @@ void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank);
 /* e's work is still unanswered: send again when its back-off is due. */
 void ipmpi_ctl_wake_again(ipmpi_engine_slot_t *e, uint64_t now);
 void ipmpi_ctl_wake_fini(ipmpi_ctl_t *c);
+/* Reads the rings of engines on other nodes waiting on the wake-up
+ * sockets (engine/wake.c); returns how many were valid. */
+uint64_t ipmpi_ctl_wake_rings(ipmpi_ctl_t *c);
 /* requests.c: replies. send_json sends b (and frees its text) as the
  * JSON reply to req, or an ENOMEM error if building it ran out of
  * memory; reply_err sends an error reply with a formatted message. */

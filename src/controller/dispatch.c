@@ -253,13 +253,18 @@ void ipmpi_ctl_busy(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, int d)
  */
 uint64_t ipmpi_ctl_bell_count(ipmpi_ctl_t *c)
 {
-    if (c->job->bell->ctl_fd < 0 || c->nbusy_far > 0 || c->nheld || c->nheld_tc || ipmpi_mpilink_sends(&c->link) > 0 ||
+    if (c->job->bell->ctl_fd < 0 || c->nheld || c->nheld_tc || ipmpi_mpilink_sends(&c->link) > 0 ||
         c->link.recv_head || c->sched.nqueued > 0)
         return 0;
+    /* Engines of other nodes ring by datagram after every frame (wake.c),
+     * once they showed they can: the count is for this node's only. */
+    for (int i = 0; c->nbusy_far > 0 && i < c->nengines; i++)
+        if (c->sched.eng[i].fly_len > 0 && !ipmpi_doorbell_reaches(c->link.bell, c->eng[i].rank) && !c->eng[i].rings)
+            return 0;
     uint64_t k = UINT64_MAX;
     for (int i = 0; i < c->nengines && k > 1; i++) {
         const ipmpi_sengine_t *se = &c->sched.eng[i];
-        if (se->fly_len == 0)
+        if (se->fly_len == 0 || !ipmpi_doorbell_reaches(c->link.bell, c->eng[i].rank))
             continue;
         const ipmpi_sitem_t *it = ipmpi_sched_inflight(&c->sched, i);
         if (se->fly_len > 1 || se->fly_tasks > 0 || ipmpi_equeue_len(&se->q) > 0 || it->type != IPMPI_SITEM_REQ ||

@@ -4,7 +4,13 @@
  * came with its READY; after posting a frame to it the controller sends
  * the key. While the engine's work is unanswered the datagram is sent
  * again after 2, 4, 8 ... ms (at most every second), since one may be lost
- * or come before the frame is where the engine looks. Loop thread only.
+ * or come before the frame is where the engine looks.
+ *
+ * The other way, such an engine rings the controller's bell (doorbell.h)
+ * by a datagram of its key and id after each frame it sends, to the
+ * address the controller's datagrams came from (the same sockets): the
+ * loop may then sleep while engines of other nodes work, once each of
+ * them rang once (ipmpi_ctl_bell_count). Loop thread only.
  */
 #include <errno.h>
 #include <netdb.h>
@@ -20,6 +26,8 @@
 
 #define WAKE_FIRST_GAP_NS (2000000ull)
 #define WAKE_MAX_GAP_NS (1000000000ull)
+
+static void send_key(ipmpi_engine_slot_t *e);
 
 void ipmpi_ctl_wake_register(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *text, size_t len)
 {
@@ -56,6 +64,9 @@ void ipmpi_ctl_wake_register(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char 
     e->wake_key = (uint64_t)key;
     freeaddrinfo(res);
     ipmpi_log(IPMPI_LOG_DEBUG, "engine %d wakes by UDP at %s:%u", e->id, host, port);
+    /* A first datagram now: the engine learns where the controller's
+     * come from, and rings its bell there after its frames. */
+    send_key(e);
     return;
 bad:
     ipmpi_log(IPMPI_LOG_WARN, "engine %d: malformed wake-up part in READY; it polls when idle", e->id);
@@ -88,6 +99,38 @@ void ipmpi_ctl_wake_again(ipmpi_engine_slot_t *e, uint64_t now)
     send_key(e);
     e->wake_gap = e->wake_gap * 2 < WAKE_MAX_GAP_NS ? e->wake_gap * 2 : WAKE_MAX_GAP_NS;
     e->wake_due = now + e->wake_gap;
+}
+
+/* A ring: the engine's key, then its id (engine/wake.c). */
+static uint64_t read_rings(ipmpi_ctl_t *c, int fd)
+{
+    uint64_t n = 0;
+    uint8_t b[16];
+    for (;;) {
+        ssize_t got = recv(fd, b, sizeof b, MSG_DONTWAIT);
+        if (got < 0)
+            return n;
+        uint64_t key;
+        int32_t id;
+        if (got != 12)
+            continue;
+        memcpy(&key, b, sizeof key);
+        memcpy(&id, b + 8, sizeof id);
+        if (id < 0 || id >= c->nengines || c->eng[id].wake_fd < 0 || c->eng[id].wake_key != key)
+            continue; /* not from one of ours: it woke the loop, nothing more */
+        c->eng[id].rings = 1;
+        n++;
+    }
+}
+
+uint64_t ipmpi_ctl_wake_rings(ipmpi_ctl_t *c)
+{
+    uint64_t n = 0;
+    if (c->wake_fd4 >= 0)
+        n += read_rings(c, c->wake_fd4);
+    if (c->wake_fd6 >= 0)
+        n += read_rings(c, c->wake_fd6);
+    return n;
 }
 
 void ipmpi_ctl_wake_fini(ipmpi_ctl_t *c)

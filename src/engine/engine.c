@@ -1003,6 +1003,9 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
     ipmpi_eng_watch_init(&w, job, ipmpi_now_ns());
     e.watch = &w;
     ipmpi_eng_link_set_bell(job->bell);
+    e.wake.eid = e.eid;
+    if (e.wake.fd >= 0)
+        ipmpi_eng_link_set_wake(&e.wake);
     int rc = ipmpi_eng_link_send(comm, 0, &h, lens2, bufs2, controller_gone, &e);
     e.watch = NULL;
     Py_DECREF(ready);

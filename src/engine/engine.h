@@ -9,6 +9,7 @@
 #define IPMPI_ENGINE_H
 
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 
 #include <mpi.h>
@@ -64,6 +65,11 @@ typedef struct ipmpi_eng_wake {
     uint16_t port;  /* its port, told to the controller with READY */
     uint64_t key;   /* random; a datagram must hold it to count */
     int proven;     /* a datagram with the key came: the controller reaches us */
+    int32_t eid;    /* this engine's id, named in its rings */
+    /* Where the controller's datagrams with the key came from: this
+     * engine rings the controller's bell there (len 0: not known yet). */
+    struct sockaddr_storage ctl_addr;
+    socklen_t ctl_len;
 } ipmpi_eng_wake_t;
 
 /* Opens the socket (any address, a free port) and draws the key. Returns 0
@@ -81,6 +87,15 @@ int ipmpi_eng_wake_open(ipmpi_eng_wake_t *w);
  */
 int ipmpi_eng_wake_sleep(ipmpi_eng_wake_t *w, uint64_t timeout_ns, uint64_t unproven_ns, int (*pending)(void *arg),
                          void *arg);
+
+/* Rings the controller's bell from another node (ctl/wake.c): one
+ * datagram of the key and the engine id to where the controller's
+ * datagrams came from; nothing before one came. */
+void ipmpi_eng_wake_ring(const ipmpi_eng_wake_t *w);
+
+/* Frames to rank 0 are followed by a ring of w (NULL: none); set once
+ * before the first send, by engines off the controller's node. */
+void ipmpi_eng_link_set_wake(const ipmpi_eng_wake_t *w);
 
 /* ---- pymod.c: the built-in module _ipmpi_engine (see there) ---- */
 

@@ -59,6 +59,14 @@ void ipmpi_eng_link_set_bell(struct ipmpi_doorbell *bell)
     g_ctl_bell = bell;
 }
 
+/* Off the controller's node: its bell is rung by datagram (wake.c). */
+static const ipmpi_eng_wake_t *g_ctl_wake;
+
+void ipmpi_eng_link_set_wake(const ipmpi_eng_wake_t *w)
+{
+    g_ctl_wake = w;
+}
+
 static int send_msg(const void *buf, int n, int dest, int tag, MPI_Comm comm, int (*gone)(void *arg), void *arg)
 {
     MPI_Request req;
@@ -91,6 +99,13 @@ int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uin
     if (dest == 0 && g_ctl_bell)
         ipmpi_doorbell_announce(g_ctl_bell, (h->flags & IPMPI_F_MORE) != 0);
     ipmpi_hdr_t hh = *h;
+    /* From another node a frame cannot be counted in the controller's
+     * memory: a datagram follows it (the data may need the controller's
+     * progress to be read), and one goes before a frame whose send needs
+     * the controller (a rendezvous). */
+    const ipmpi_eng_wake_t *ring = dest == 0 ? g_ctl_wake : NULL;
+    if (ring && !packed)
+        ipmpi_eng_wake_ring(ring);
     if (packed)
         hh.flags |= IPMPI_F_PACKED;
     if (ipmpi_hdr_encode(&hh, lens, hbuf, hlen) < 0) {
@@ -104,7 +119,7 @@ int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uin
             at += (size_t)lens[i];
         }
         rc = send_msg(hbuf, (int)at, dest, IPMPI_TAG_HDR, comm, gone, arg);
-        goto free_hbuf;
+        goto rung;
     }
     if ((rc = send_msg(hbuf, (int)hlen, dest, IPMPI_TAG_HDR, comm, gone, arg)) != 0)
         goto free_hbuf;
@@ -121,6 +136,9 @@ int ipmpi_eng_link_send(MPI_Comm comm, int dest, const ipmpi_hdr_t *h, const uin
     }
     rc = 0;
 
+rung:
+    if (ring && rc == 0)
+        ipmpi_eng_wake_ring(ring);
 free_hbuf:
     free(hbuf);
     return rc;

@@ -69,18 +69,37 @@ int ipmpi_eng_wake_open(ipmpi_eng_wake_t *w)
     return 0;
 }
 
-/* Reads every datagram waiting; 1 if one held the key. */
+/* Reads every datagram waiting; 1 if one held the key. The sender of
+ * one with the key is the controller: its address is kept for rings. */
 static int drain(ipmpi_eng_wake_t *w)
 {
     int ours = 0;
     uint8_t b[16];
     for (;;) {
-        ssize_t n = recv(w->fd, b, sizeof b, 0);
+        struct sockaddr_storage from;
+        socklen_t fl = sizeof from;
+        ssize_t n = recvfrom(w->fd, b, sizeof b, 0, (struct sockaddr *)&from, &fl);
         if (n < 0)
             return ours;
-        if (n == (ssize_t)sizeof w->key && memcmp(b, &w->key, sizeof w->key) == 0)
+        if (n == (ssize_t)sizeof w->key && memcmp(b, &w->key, sizeof w->key) == 0) {
             ours = 1;
+            if (fl <= sizeof w->ctl_addr) {
+                memcpy(&w->ctl_addr, &from, fl);
+                w->ctl_len = fl;
+            }
+        }
     }
+}
+
+void ipmpi_eng_wake_ring(const ipmpi_eng_wake_t *w)
+{
+    if (!w || w->fd < 0 || w->ctl_len == 0)
+        return;
+    uint8_t b[12];
+    memcpy(b, &w->key, sizeof w->key);
+    memcpy(b + 8, &w->eid, sizeof w->eid);
+    /* Lost or refused: the controller's timer covers it. */
+    (void)sendto(w->fd, b, sizeof b, MSG_DONTWAIT, (const struct sockaddr *)&w->ctl_addr, w->ctl_len);
 }
 
 int ipmpi_eng_wake_sleep(ipmpi_eng_wake_t *w, uint64_t timeout_ns, uint64_t unproven_ns, int (*pending)(void *arg),

@@ -10,6 +10,7 @@ fail, they never skip.
 """
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 
@@ -65,10 +66,11 @@ def in_ns(ns, argv, timeout=180):
 
 
 @contextlib.contextmanager
-def ssh_cluster(hosts, engines, name):
+def ssh_cluster(hosts, engines, name, stopped=None):
     """`ipcluster ssh` from A with the clusterfile engines (host -> count);
-    yields (profile directory, ipcluster's output), then stops it and
-    checks that nothing is left on either host; always cleans up."""
+    yields (profile directory, ipcluster's output), then stops it, calls
+    stopped(directory) if given (its logs are complete then) and checks
+    that nothing is left on either host; always cleans up."""
     d = new_dir()
     try:
         cf = clusterfile(hosts, engines, name)
@@ -77,6 +79,8 @@ def ssh_cluster(hosts, engines, name):
         yield d, r.stdout
         st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
         assert st.returncode == 0, st.stdout + st.stderr
+        if stopped:
+            stopped(d)
         wait_for(lambda: processes_with("--ipmpi-dir " + d) == [], 15, what="nothing left on either host")
     finally:
         kill_dir_jobs(d)
@@ -229,6 +233,44 @@ def test_idle_engines_on_another_host_sleep_and_wake_at_once(hosts):
         assert set(lat) == {ADDR_B, next(h for h in lat if h != ADDR_B)}, out
         assert float(lat[ADDR_B]) < 5.0, "an idle engine on the other host answered in %s ms (median)" % lat[ADDR_B]
         assert "poll" in out.split("WCHAN ")[1], out
+
+
+FAR_CLIENT = r"""
+import sys, time
+from ipmpi import client
+mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+info = {d["id"]: d["host"] for d in mec.engine_info()}
+far = [i for i in sorted(info) if info[i] != info[0]]
+print("FAR", far)
+for i in range(5):
+    mec.execute("import time; time.sleep(0.2); w = %d" % i, targets=far)
+mec.execute("import time; time.sleep(0.2); w = 7")
+print("PULL", mec.pull("w"))
+"""
+
+
+def test_the_controller_sleeps_while_engines_on_another_host_work(hosts):
+    # Engines on B cannot count their frames in the controller's node-shared
+    # memory: after each frame they ring its bell by a datagram to where its
+    # wake-ups came from, and the controller sleeps instead of polling while
+    # they work (src/controller/wake.c). Its log counts those rings.
+    counts = {}
+
+    def read_bell_line(d):
+        text = "".join(open(os.path.join(d, "log", n), errors="replace").read()
+                       for n in os.listdir(os.path.join(d, "log")) if n.startswith("ipcontroller-"))
+        m = re.search(r"slept on its bell (\d+) times while engines worked, woken by a ring (\d+) times; "
+                      r"(\d+) rings from other nodes", text)
+        assert m, text[-3000:]
+        counts.update(sleeps=int(m.group(1)), rung=int(m.group(2)), far=int(m.group(3)))
+
+    with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 2}, "far.py", stopped=read_bell_line) as (d, _started):
+        out = client_in_a(hosts, FAR_CLIENT, d)
+        print(out)
+        assert "FAR [1, 2]" in out, out
+        assert "PULL [7, 7, 7]" in out, out
+    print("bell:", counts)
+    assert counts["far"] > 0 and counts["sleeps"] > 0 and counts["rung"] > 0, counts
 
 
 JOIN_CLIENT = r"""
