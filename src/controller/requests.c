@@ -179,7 +179,7 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     r->eng_flags = h->flags & IPMPI_F_STREAM;
     ipmpi_ctl_result_open(c, s, r);
     char msg[256];
-    /* Many idle engines of this node: one broadcast tree (tree.c). */
+    /* Many idle engines: a broadcast tree, one per node (tree.c). */
     int tree = c->o->tree_min > 0 && n >= (int)c->o->tree_min && ipmpi_ctl_tree_kind(h->kind) &&
                !ipmpi_ctl_must_hold(c, s->id), ntree = 0;
     /* r may be freed by the last req_fail_one; nothing reads it after that. */

@@ -1,14 +1,18 @@
 /*
  * Broadcast trees, the controller's side (tree.h; engines: engine/tree.c;
  * doc/protocol.md section 3). A request for at least --tree-min idle
- * engines of the controller's node goes out as up to IPMPI_TREE_FANOUT
- * sends, each to the root of a subtree that forwards it on; the replies
- * come back gathered (IPMPI_F_GATHER), one frame per subtree, and are
- * taken apart here into the frames every other path delivers. If an
+ * engines goes out as one tree per node: the engines of the controller's
+ * node as up to IPMPI_TREE_FANOUT subtrees, those of every other node as
+ * one subtree whose root the controller's datagram wakes (wake.c) and
+ * whose engines wake each other on their node's doorbells. So the
+ * controller sends one message per other node, not one per engine. The
+ * replies come back gathered (IPMPI_F_GATHER), one frame per subtree, and
+ * are taken apart here into the frames every other path delivers. If an
  * engine that relays dies, the engines below it that have not answered
  * get the request again directly (IPMPI_F_RETRY): an engine that already
  * had it does not run it twice. Loop thread only.
  */
+#include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,30 +42,121 @@ int ipmpi_ctl_tree_kind(unsigned kind)
 
 int ipmpi_ctl_tree_engine(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
 {
-    /* Idle, on the controller's node (its doorbell is how its parent
-     * wakes it), of this job (joined jobs have their own communicators)
-     * and watched (a relay's death must be seen). */
+    /* Idle, of this job (joined jobs have their own communicators),
+     * watched (a relay's death must be seen), and wakeable: on the
+     * controller's node (its doorbell) or by datagram (a root elsewhere;
+     * below it, engines of its node ring each other's doorbells). */
     return c->watch.enabled && !e->dead && e->ready && !e->held && e->join_first == 0 &&
-           e->rank < c->job->world_size && ipmpi_doorbell_reaches(c->link.bell, e->rank) &&
+           e->rank < c->job->world_size && (ipmpi_doorbell_reaches(c->link.bell, e->rank) || e->wake_fd >= 0) &&
            ipmpi_sched_idle(&c->sched, e->id);
+}
+
+/* Which node engine e is on, as far as trees go: 0 for the controller's,
+ * else a key of the address its wake-ups go to (one per host). */
+static uint64_t node_key(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
+{
+    if (ipmpi_doorbell_reaches(c->link.bell, e->rank))
+        return 0;
+    const uint8_t *a = NULL;
+    size_t n = 0;
+    if (e->wake_addr.ss_family == AF_INET) {
+        a = (const uint8_t *)&((const struct sockaddr_in *)&e->wake_addr)->sin_addr;
+        n = 4;
+    } else if (e->wake_addr.ss_family == AF_INET6) {
+        a = (const uint8_t *)&((const struct sockaddr_in6 *)&e->wake_addr)->sin6_addr;
+        n = 16;
+    }
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ a[i]) * 1099511628211ull;
+    return h | 1; /* never 0 */
+}
+
+/*
+ * The top of a request's tree (r->tree[0] is the controller): the
+ * controller's children, as slices [start, start + len) of r->tree. The
+ * engines of its own node come first, in up to IPMPI_TREE_FANOUT slices
+ * (tree.h); then each other node's engines, one slice each. A pure
+ * function of r->tree and where its engines are, so the slices are found
+ * again when a relay dies. Returns how many (at most n - 1).
+ */
+static uint32_t top_slices(const ipmpi_ctl_t *c, const ipmpi_req_t *r, uint32_t *start, uint32_t *len)
+{
+    uint32_t at = 1, k = 0;
+    while (at < r->ntree && node_key(c, &c->eng[r->tree[at] - 1]) == 0)
+        at++;
+    if (at > 1) {
+        uint32_t ns[IPMPI_TREE_FANOUT], nl[IPMPI_TREE_FANOUT];
+        uint32_t m = ipmpi_tree_children(at, ns, nl);
+        for (uint32_t i = 0; i < m; i++, k++) {
+            start[k] = ns[i];
+            len[k] = nl[i];
+        }
+    }
+    while (at < r->ntree) {
+        uint64_t key = node_key(c, &c->eng[r->tree[at] - 1]);
+        start[k] = at;
+        while (at < r->ntree && node_key(c, &c->eng[r->tree[at] - 1]) == key)
+            at++;
+        len[k] = at - start[k];
+        k++;
+    }
+    return k;
+}
+
+typedef struct {
+    uint64_t key;
+    int pos;
+} keyed_t;
+
+static int by_key(const void *x, const void *y)
+{
+    const keyed_t *a = x, *b = y;
+    if (a->key != b->key)
+        return a->key < b->key ? -1 : 1;
+    return a->pos - b->pos;
+}
+
+/* The ranks of ids[0..n) into out, grouped by node: the controller's
+ * first (key 0), each group in the order given. 0 or IPMPI_ENOMEM. */
+static int group_by_node(const ipmpi_ctl_t *c, const int *ids, int n, int32_t *out)
+{
+    keyed_t *k = malloc((size_t)(n > 0 ? n : 1) * sizeof *k);
+    if (!k)
+        return IPMPI_ENOMEM;
+    for (int i = 0; i < n; i++) {
+        k[i].key = node_key(c, &c->eng[ids[i]]);
+        k[i].pos = i;
+    }
+    qsort(k, (size_t)n, sizeof *k, by_key);
+    for (int i = 0; i < n; i++)
+        out[i] = c->eng[ids[k[i].pos]].rank;
+    free(k);
+    return 0;
 }
 
 void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
 {
     uint64_t now = ipmpi_now_ns();
     r->tree = malloc(((size_t)n + 1) * sizeof *r->tree);
+    if (r->tree && group_by_node(c, ids, n, r->tree + 1) != 0) {
+        free(r->tree);
+        r->tree = NULL;
+    }
     if (r->tree) {
         r->ntree = (uint32_t)n + 1;
         r->tree[0] = 0;
-        for (int i = 0; i < n; i++)
-            r->tree[i + 1] = c->eng[ids[i]].rank;
     }
     for (int i = 0; i < n; i++) {
         ipmpi_sched_start_req(&c->sched, ids[i], r, now);
         ipmpi_ctl_busy(c, &c->eng[ids[i]], 1);
     }
-    if (!r->tree) {
+    uint32_t *start = r->tree ? malloc(2 * (size_t)r->ntree * sizeof *start) : NULL;
+    if (!start) {
         /* No memory for the tree: each engine gets its own send. */
+        free(r->tree);
+        r->tree = NULL;
+        r->ntree = 0;
         for (int i = 0; i < n; i++) {
             ipmpi_engine_slot_t *e = &c->eng[ids[i]];
             ipmpi_hdr_t h = {.kind = r->kind, .flags = r->eng_flags, .req_id = r->id, .target = e->id};
@@ -70,10 +165,11 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
         }
         return;
     }
-    uint32_t start[IPMPI_TREE_FANOUT], len[IPMPI_TREE_FANOUT];
-    uint32_t k = ipmpi_tree_children(r->ntree, start, len);
+    uint32_t *len = start + r->ntree;
+    uint32_t k = top_slices(c, r, start, len);
     int32_t *t = r->tree;
-    ipmpi_log(IPMPI_LOG_DEBUG, "request %llu sent as a tree of %d engines", (unsigned long long)r->id, n);
+    ipmpi_log(IPMPI_LOG_DEBUG, "request %llu sent as a tree of %d engines in %u sends", (unsigned long long)r->id, n,
+              k);
     for (uint32_t i = 0; i < k; i++) {
         ipmpi_engine_slot_t *e = &c->eng[t[start[i]] - 1];
         uint64_t bytes = (uint64_t)len[i] * sizeof *t;
@@ -98,6 +194,7 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
             ipmpi_ctl_engine_died(c, e, msg); /* its subtree gets retries */
         }
     }
+    free(start);
 }
 
 void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
@@ -106,8 +203,18 @@ void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
     if (!run || run->type != IPMPI_SITEM_REQ || !run->u.req->tree)
         return;
     ipmpi_req_t *r = run->u.req;
-    uint32_t lo, n;
-    if (!ipmpi_tree_find(r->tree, r->ntree, e->rank, &lo, &n) || n < 2)
+    uint32_t lo = 0, n = 0, *start = malloc(2 * (size_t)r->ntree * sizeof *start);
+    if (!start) {
+        ipmpi_log(IPMPI_LOG_ERROR, "no memory to find the engines below engine %d in its tree: they may wait for "
+                  "their request until the client gives up", e->id);
+        return;
+    }
+    uint32_t *len = start + r->ntree, k = top_slices(c, r, start, len), found = 0;
+    for (uint32_t i = 0; i < k && !found; i++)
+        if ((found = ipmpi_tree_find(r->tree + start[i], len[i], e->rank, &lo, &n)))
+            lo += start[i];
+    free(start);
+    if (!found || n < 2)
         return;
     int sent = 0;
     for (uint32_t j = lo + 1; j < lo + n; j++) {

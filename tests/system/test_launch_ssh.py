@@ -66,7 +66,7 @@ def in_ns(ns, argv, timeout=180):
 
 
 @contextlib.contextmanager
-def ssh_cluster(hosts, engines, name, stopped=None):
+def ssh_cluster(hosts, engines, name, stopped=None, extra=()):
     """`ipcluster ssh` from A with the clusterfile engines (host -> count);
     yields (profile directory, ipcluster's output), then stops it, calls
     stopped(directory) if given (its logs are complete then) and checks
@@ -74,7 +74,8 @@ def ssh_cluster(hosts, engines, name, stopped=None):
     d = new_dir()
     try:
         cf = clusterfile(hosts, engines, name)
-        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--client-ip", ADDR_A, "--ipmpi-dir", d])
+        r = in_ns(hosts["a"], [IPCLUSTER, "ssh", "--clusterfile", cf, "--client-ip", ADDR_A, "--ipmpi-dir", d]
+                  + list(extra))
         assert r.returncode == 0, r.stdout + r.stderr
         yield d, r.stdout
         st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--ipmpi-dir", d])
@@ -271,6 +272,61 @@ def test_the_controller_sleeps_while_engines_on_another_host_work(hosts):
         assert "PULL [7, 7, 7]" in out, out
     print("bell:", counts)
     assert counts["far"] > 0 and counts["sleeps"] > 0 and counts["rung"] > 0, counts
+
+
+TREE_CLIENT = r"""
+import os, signal, sys, time
+from ipmpi import client
+mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+info = sorted(mec.engine_info(), key=lambda d: d["id"])
+print("HOSTS", [d["host"] for d in info])
+pids = [d["pid"] for d in info]
+for i in range(20):
+    mec.execute("import os; w = os.getpid() + %d" % i)
+print("VALUES", mec.pull("w") == [p + 19 for p in pids])
+mec.push(dict(a=list(range(100000))))
+print("SUMS", mec.execute("s = sum(a)") is not None and mec.pull("s"))
+# The root of the other host's subtree dies while its subtree runs: the
+# engines below it still answer (directly), the rest goes on.
+pr = mec.execute("import time; time.sleep(1.5); v = 5", block=False)
+time.sleep(0.5)
+os.kill(pids[1], signal.SIGKILL)
+try:
+    pr.get_result(timeout=60)
+    print("NOERROR")
+except client.CompositeError as e:
+    print("FAILED", [x.engine_id for x in e.errors])
+print("AFTER", mec.pull("v", targets=[0, 2, 3]))
+print("STILL", [r["stdout"] for r in mec.execute("print('on')")])
+"""
+
+
+def test_a_request_to_engines_on_two_hosts_travels_as_one_tree_per_host(hosts):
+    # --tree-min 2: engine 0 on A is one subtree, engines 1-3 on B another
+    # rooted at engine 1 (woken by datagram; it wakes 2 and 3 on B's
+    # doorbells): the controller sends 2 messages per request, not 4.
+    sends = []
+
+    def read_tree_lines(d):
+        text = "".join(open(os.path.join(d, "log", n), errors="replace").read()
+                       for n in os.listdir(os.path.join(d, "log")) if n.startswith("ipcontroller-"))
+        sends.extend(re.findall(r"sent as a tree of (\d+) engines in (\d+) sends", text))
+
+    with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 3}, "tree.py", stopped=read_tree_lines,
+                     extra=("--engine-args", "--tree-min 2 --log-level 3")) as (d, _started):
+        out = client_in_a(hosts, TREE_CLIENT, d)
+        print(out)
+        hosts_line = out.split("HOSTS ")[1].splitlines()[0]
+        assert hosts_line.count("'") == 8 and len(set(eval(hosts_line)[1:])) == 1, out
+        assert eval(hosts_line)[0] != eval(hosts_line)[1], out
+        assert "VALUES True" in out, out
+        assert "SUMS [4999950000, 4999950000, 4999950000, 4999950000]" in out, out
+        assert "FAILED [1]" in out, out
+        assert "AFTER [5, 5, 5]" in out, out
+        assert "STILL ['on\\n', 'on\\n', 'on\\n']" in out, out
+    print("tree sends:", sends[:5], len(sends))
+    assert ("4", "2") in sends, sends
+    assert all(s == "2" for n, s in sends if n == "4"), sends
 
 
 JOIN_CLIENT = r"""
