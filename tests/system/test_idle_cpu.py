@@ -64,9 +64,17 @@ def test_sixty_four_idle_engines_use_little_cpu():
         rate = (c1 - c0) / (t1 - t0)
         print("idle job: %d processes used %.3f s of CPU per second" % (len(pids), rate))
         assert rate < 0.3, "idle cluster uses %.3f s of CPU per second (limit 0.3)" % rate
-        # Asleep on the doorbell, not polling: a few may be looking at the
-        # watch at the moment of the sample.
-        asleep = [p for p in engine_pids if blocked_in_futex(p)]
+        # Asleep on the doorbell, not polling. Every engine wakes every 2 s
+        # to look at its watch, and engines that went idle together wake
+        # together (CI once sampled 8 of 64 in that moment): the best of a
+        # few samples apart counts. A polling engine is never in futex(2).
+        best = []
+        for _ in range(6):
+            asleep = [p for p in engine_pids if blocked_in_futex(p)]
+            if len(asleep) > len(best):
+                best = asleep
+            time.sleep(0.37)
+        asleep = best
         print("%d of %d idle engines blocked in futex" % (len(asleep), N))
         assert len(asleep) >= N * 9 // 10, "only %d of %d idle engines sleep on their doorbell" % (len(asleep), N)
         # And it still answers promptly after the idle period.
