@@ -49,7 +49,7 @@ PINGPONG = "--pingpong-child"
 
 # doc/performance.rst's scale table (make bench BENCH=scale, 2-core VM):
 # engines, controller CPU per execute-all (us), execute-all (ms).
-DOC_POINTS = "16:100:0.7,64:200:2.0,128:500:7.2"
+DOC_POINTS = "16:100:0.5,64:200:2.0,256:1900:17.9"
 
 
 def add_model_args(ap):
