@@ -10,6 +10,7 @@ of its session. Every wait is bounded.
 import hashlib
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -99,6 +100,29 @@ def kill_dir_jobs(ipmpi_dir):
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def controller_log(log_dir):
+    """The text of the controller's log(s) in log_dir (ipcontroller-PID.log)."""
+    text = ""
+    for name in sorted(os.listdir(log_dir)):
+        if name.startswith("ipcontroller-"):
+            with open(os.path.join(log_dir, name), errors="replace") as f:
+                text += f.read()
+    return text
+
+
+BELL_LINE = re.compile(r"slept on its bell (\d+) times while engines worked, woken by a ring (\d+) times; "
+                       r"(\d+) rings from other nodes")
+
+
+def bell_counts(log_dir):
+    """(sleeps, rings that ended one, rings from other nodes) from the line
+    a stopped controller logs about its bell (src/doorbell.h)."""
+    text = controller_log(log_dir)
+    m = BELL_LINE.search(text)
+    assert m, "no bell line in the controller's log:\n" + text[-3000:]
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
 def wait_for(pred, timeout, interval=0.05, what="condition"):

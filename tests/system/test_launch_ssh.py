@@ -16,8 +16,8 @@ import subprocess
 
 import pytest
 
-from conftest import (IPCLUSTER, PYTHON, child_env, kill_dir_jobs, need_sshd, new_dir, ns_add, ns_del, ns_link,
-                      processes_with, sh, sshd_config, stop_sshd, wait_for)
+from conftest import (IPCLUSTER, PYTHON, bell_counts, child_env, controller_log, kill_dir_jobs, need_sshd, new_dir,
+                      ns_add, ns_del, ns_link, processes_with, sh, sshd_config, stop_sshd, wait_for)
 
 ADDR_A, ADDR_B, ADDR_NONE = "198.51.100.1", "198.51.100.2", "198.51.100.3"
 NET = "198.51.100.0/24"
@@ -258,12 +258,7 @@ def test_the_controller_sleeps_while_engines_on_another_host_work(hosts):
     counts = {}
 
     def read_bell_line(d):
-        text = "".join(open(os.path.join(d, "log", n), errors="replace").read()
-                       for n in os.listdir(os.path.join(d, "log")) if n.startswith("ipcontroller-"))
-        m = re.search(r"slept on its bell (\d+) times while engines worked, woken by a ring (\d+) times; "
-                      r"(\d+) rings from other nodes", text)
-        assert m, text[-3000:]
-        counts.update(sleeps=int(m.group(1)), rung=int(m.group(2)), far=int(m.group(3)))
+        counts.update(zip(("sleeps", "rung", "far"), bell_counts(os.path.join(d, "log"))))
 
     with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 2}, "far.py", stopped=read_bell_line) as (d, _started):
         out = client_in_a(hosts, FAR_CLIENT, d)
@@ -308,9 +303,8 @@ def test_a_request_to_engines_on_two_hosts_travels_as_one_tree_per_host(hosts):
     sends = []
 
     def read_tree_lines(d):
-        text = "".join(open(os.path.join(d, "log", n), errors="replace").read()
-                       for n in os.listdir(os.path.join(d, "log")) if n.startswith("ipcontroller-"))
-        sends.extend(re.findall(r"sent as a tree of (\d+) engines in (\d+) sends", text))
+        sends.extend(re.findall(r"sent as a tree of (\d+) engines in (\d+) sends",
+                                controller_log(os.path.join(d, "log"))))
 
     with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 3}, "tree.py", stopped=read_tree_lines,
                      extra=("--engine-args", "--tree-min 2 --log-level 3")) as (d, _started):

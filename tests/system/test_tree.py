@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import running_cluster
+from conftest import controller_log, running_cluster
 from ipmpi import client
 
 T = 60
@@ -40,12 +40,7 @@ def mec(cluster):
 
 def trees_sent(cluster):
     """How many requests the controller sent as trees (its debug log)."""
-    n = 0
-    for name in os.listdir(cluster.log_dir):
-        if name.startswith("ipcontroller-"):
-            with open(os.path.join(cluster.log_dir, name), errors="replace") as f:
-                n += len(re.findall(r"as a tree of \d+ engines", f.read()))
-    return n
+    return len(re.findall(r"as a tree of \d+ engines", controller_log(cluster.log_dir)))
 
 
 def test_replies_are_every_engines_in_order(cluster, mec):
