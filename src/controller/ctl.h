@@ -39,6 +39,7 @@ typedef struct ipmpi_engine_slot {
     socklen_t wake_len;
     uint64_t wake_key, wake_gap, wake_due;
     int rings;            /* a ring came from it (wake.c): the loop may sleep on the bell while it works */
+    uint64_t host_key;    /* nonzero, one per host of wake_addr (wake.c): trees group engines by it (tree.c) */
     /* Of a job that joined later (join.c): its engines' first id, and the
      * TCP connection whose end says the engine is gone (-1: none yet). */
     int join_first;

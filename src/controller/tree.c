@@ -12,7 +12,6 @@
  * get the request again directly (IPMPI_F_RETRY): an engine that already
  * had it does not run it twice. Loop thread only.
  */
-#include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -52,24 +51,10 @@ int ipmpi_ctl_tree_engine(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
 }
 
 /* Which node engine e is on, as far as trees go: 0 for the controller's,
- * else a key of the address its wake-ups go to (one per host). */
+ * else the key of the host its wake-ups go to (wake.c). */
 static uint64_t node_key(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
 {
-    if (ipmpi_doorbell_reaches(c->link.bell, e->rank))
-        return 0;
-    const uint8_t *a = NULL;
-    size_t n = 0;
-    if (e->wake_addr.ss_family == AF_INET) {
-        a = (const uint8_t *)&((const struct sockaddr_in *)&e->wake_addr)->sin_addr;
-        n = 4;
-    } else if (e->wake_addr.ss_family == AF_INET6) {
-        a = (const uint8_t *)&((const struct sockaddr_in6 *)&e->wake_addr)->sin6_addr;
-        n = 16;
-    }
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ a[i]) * 1099511628211ull;
-    return h | 1; /* never 0 */
+    return ipmpi_doorbell_reaches(c->link.bell, e->rank) ? 0 : e->host_key;
 }
 
 /*

@@ -14,6 +14,7 @@
  */
 #include <errno.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,24 @@
 #define WAKE_MAX_GAP_NS (1000000000ull)
 
 static void send_key(ipmpi_engine_slot_t *e);
+
+/* A nonzero key of the host of a (its address without the port). */
+static uint64_t host_key(const struct sockaddr_storage *a)
+{
+    const uint8_t *b = NULL;
+    size_t n = 0;
+    if (a->ss_family == AF_INET) {
+        b = (const uint8_t *)&((const struct sockaddr_in *)a)->sin_addr;
+        n = 4;
+    } else if (a->ss_family == AF_INET6) {
+        b = (const uint8_t *)&((const struct sockaddr_in6 *)a)->sin6_addr;
+        n = 16;
+    }
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return h | 1;
+}
 
 void ipmpi_ctl_wake_register(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *text, size_t len)
 {
@@ -60,6 +79,7 @@ void ipmpi_ctl_wake_register(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char 
     }
     memcpy(&e->wake_addr, res->ai_addr, res->ai_addrlen);
     e->wake_len = (socklen_t)res->ai_addrlen;
+    e->host_key = host_key(&e->wake_addr);
     e->wake_fd = *fd;
     e->wake_key = (uint64_t)key;
     freeaddrinfo(res);
