@@ -97,12 +97,18 @@
  * children and answers with one IPMPI_TAG_GATHER message to its parent
  * (the sender of the request) holding its own and its subtree's replies. */
 #define IPMPI_F_TREE 0x0200u
-/* On a reply (engine to controller): part 0 holds whole reply frames of
- * several engines back to back (header, lengths, parts each). */
+/* On a reply: part 0 holds whole final reply frames of several engines
+ * back to back (header, lengths, parts each). Engine to controller at the
+ * end of a tree; controller to client, forwarded whole, only for a
+ * request that carried IPMPI_F_GATHER_OK: the client reads each inner
+ * frame's target, status and parts, and takes req_id and total from the
+ * enclosing frame (the inner ones are the controller's own). */
 #define IPMPI_F_GATHER 0x0400u
 /* On a request: sent again because an engine relaying it died; run it
  * only if this engine has not seen this request id, and answer directly. */
 #define IPMPI_F_RETRY 0x0800u
+/* On a client's request: its replies may come as IPMPI_F_GATHER frames. */
+#define IPMPI_F_GATHER_OK 0x1000u
 #define IPMPI_TAG_TREE 3
 #define IPMPI_TAG_GATHER 4
 

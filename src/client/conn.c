@@ -495,6 +495,47 @@ static void store_output(ipmpi_cl_t *c, ipmpi_cl_entry_t *e, ipmpi_cl_reply_t *r
     pthread_cond_broadcast(&c->cond);
 }
 
+/*
+ * A reply with IPMPI_F_GATHER (doc/protocol.md section 3): part 0 (data,
+ * len bytes) holds several engines' final replies; each becomes a reply
+ * of e of its own, as if it had come alone. Returns 0, or IPMPI_EPROTO /
+ * IPMPI_ENOMEM (the connection is then broken: replies would be lost).
+ * mu held.
+ */
+static int split_gathered(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks, ipmpi_cl_entry_t *e, const uint8_t *data,
+                          uint64_t len)
+{
+    ipmpi_hdr_t h;
+    long n;
+    while ((n = ipmpi_gather_next(data, (size_t)len, &c->lim, &h)) > 0) {
+        ipmpi_cl_reply_t rep = {.target = h.target, .status = h.status, .nparts = h.nparts};
+        rep.lens = calloc(h.nparts ? h.nparts : 1, sizeof *rep.lens);
+        rep.parts = calloc(h.nparts ? h.nparts : 1, sizeof *rep.parts);
+        int ok = rep.lens && rep.parts;
+        size_t at = ipmpi_hdr_wire_size(h.nparts);
+        for (uint32_t i = 0; ok && i < h.nparts; i++) {
+            char *d = NULL;
+            rep.lens[i] = ipmpi_get_u64(data + IPMPI_HDR_SIZE + 8u * i);
+            rep.parts[i] = rx_alloc(hooks, rep.lens[i], &d);
+            if ((ok = rep.parts[i] != NULL))
+                memcpy(d, data + at, (size_t)rep.lens[i]);
+            at += (size_t)rep.lens[i];
+        }
+        if (!ok || append_reply(&e->reps, &e->nrep, &e->cap, &rep) != 0) {
+            reply_release(&rep, hooks);
+            set_broken(c, IPMPI_ENOMEM, "out of memory storing a reply");
+            return IPMPI_ENOMEM;
+        }
+        data += n;
+        len -= (uint64_t)n;
+    }
+    if (n < 0) {
+        set_broken(c, IPMPI_EPROTO, "malformed gathered replies from the controller");
+        return IPMPI_EPROTO;
+    }
+    return 0;
+}
+
 /* The frame is complete: hand it to its entry, or drop it. mu held. */
 static void rx_deliver(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
 {
@@ -527,6 +568,20 @@ static void rx_deliver(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
     }
     if (rx->h.flags & IPMPI_F_MORE) {
         store_output(c, e, &rep, hooks);
+        goto done;
+    }
+    if (rx->h.flags & IPMPI_F_GATHER) {
+        /* Without its bytes (no memory for them) the replies it holds
+         * cannot even be counted: the link breaks rather than hang. */
+        int bad = rep.status != 0 || rep.nparts != 1 || (rx->h.flags & IPMPI_F_SHM) || !rx->data || !rx->data[0] ||
+                  split_gathered(c, hooks, e, (const uint8_t *)rx->data[0], rep.lens[0]) != 0;
+        reply_release(&rep, hooks);
+        if (bad && !c->err)
+            set_broken(c, IPMPI_EPROTO, "malformed gathered replies from the controller");
+        if (!bad) {
+            e->total = rx->h.total ? rx->h.total : 1;
+            pthread_cond_broadcast(&c->cond);
+        }
         goto done;
     }
     if (append_reply(&e->reps, &e->nrep, &e->cap, &rep) != 0) {
@@ -1142,7 +1197,8 @@ static int send_frame(ipmpi_cl_t *c, int kind, int32_t target, uint16_t xflags, 
     uint64_t id = ++c->next_id;
     ipmpi_hdr_t h = {.kind = (uint8_t)kind, .req_id = id, .target = target, .nparts = nwire,
                      .flags = (uint16_t)((k ? IPMPI_F_SHM : 0) | (shm ? IPMPI_F_SHM_OK : 0) |
-                                         (vm ? IPMPI_F_VM_OK : 0) | (xflags & IPMPI_F_STREAM)),
+                                         (vm ? IPMPI_F_VM_OK : 0) | (xflags & IPMPI_F_STREAM) |
+                                         IPMPI_F_GATHER_OK),
                      .aux = k ? (uint64_t)getpid() : 0};
     long hl = ipmpi_hdr_encode(&h, lens, hbuf, hsize);
     if (hl < 0) {

@@ -1,6 +1,8 @@
 /* Frame codec: see codec.h. No I/O, no allocation. */
 #include "codec.h"
 
+#include <limits.h>
+
 #include "ipmpi/errors.h"
 
 void ipmpi_limits_default(ipmpi_limits_t *lim)
@@ -70,6 +72,31 @@ long ipmpi_lens_decode(const uint8_t *buf, size_t len, uint32_t nparts, const ip
         lens[i] = ipmpi_get_u64(buf + 8u * i);
     *total = sum;
     return (long)nparts * 8;
+}
+
+long ipmpi_gather_next(const uint8_t *p, size_t left, const ipmpi_limits_t *lim, ipmpi_hdr_t *h)
+{
+    if (left == 0)
+        return 0;
+    long hn = ipmpi_hdr_decode(p, left, lim, h);
+    if (hn <= 0)
+        return hn == 0 ? IPMPI_EPROTO : hn;
+    if (!(h->flags & IPMPI_F_REPLY) ||
+        (h->flags & (IPMPI_F_MORE | IPMPI_F_SHM | IPMPI_F_GATHER | IPMPI_F_PACKED)))
+        return IPMPI_EPROTO;
+    size_t wire = ipmpi_hdr_wire_size(h->nparts);
+    if (wire > left)
+        return IPMPI_EPROTO;
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < h->nparts; i++) {
+        uint64_t l = ipmpi_get_u64(p + IPMPI_HDR_SIZE + 8u * i);
+        if (l > lim->max_part || l > lim->max_frame - sum)
+            return IPMPI_E2BIG;
+        sum += l;
+    }
+    if (sum > left - wire || wire + sum > (uint64_t)LONG_MAX)
+        return IPMPI_EPROTO;
+    return (long)(wire + sum);
 }
 
 void ipmpi_shmref_encode(const ipmpi_shmref_t *r, uint8_t *out)

@@ -68,6 +68,19 @@ long ipmpi_lens_decode(const uint8_t *buf, size_t len, uint32_t nparts, const ip
                        uint64_t *lens, uint64_t *total);
 
 /*
+ * One engine's reply inside a gathered frame (IPMPI_F_GATHER: part 0
+ * holds whole reply frames back to back, doc/protocol.md section 3), at
+ * p with left bytes of the part remaining. Decodes its header into *h;
+ * its part lengths are the u64s at p + IPMPI_HDR_SIZE (ipmpi_get_u64)
+ * and its parts follow them back to back. Checks: the whole frame lies
+ * within left; it is one engine's final reply (IPMPI_F_REPLY and none of
+ * IPMPI_F_MORE, IPMPI_F_SHM, IPMPI_F_GATHER, IPMPI_F_PACKED); its lengths
+ * respect lim. Returns the frame's bytes (header, lengths and parts), 0
+ * when left is 0 (no more), or IPMPI_EPROTO / IPMPI_E2BIG. No allocation.
+ */
+long ipmpi_gather_next(const uint8_t *p, size_t left, const ipmpi_limits_t *lim, ipmpi_hdr_t *h);
+
+/*
  * One entry of a shared-memory table (doc/protocol.md section 5): part
  * `part` of the frame is `len` bytes at `off` in the sender's memfd `fd`.
  */

@@ -750,6 +750,9 @@ static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
     ipmpi_log(IPMPI_LOG_INFO, "slept on its bell %llu times while engines worked, woken by a ring %llu times; "
               "%llu rings from other nodes", (unsigned long long)c->bell_sleeps, (unsigned long long)c->bell_rings,
               (unsigned long long)c->far_rings);
+    if (c->gathered)
+        ipmpi_log(IPMPI_LOG_INFO, "trees: %llu gathered reply frames, %llu of them forwarded to the client whole",
+                  (unsigned long long)c->gathered, (unsigned long long)c->gathered_whole);
     ipmpi_ctl_fail_all(c);
     int died = c->any_died;
     send_exit(c, died);

@@ -40,6 +40,7 @@ typedef struct ipmpi_engine_slot {
     uint64_t wake_key, wake_gap, wake_due;
     int rings;            /* a ring came from it (wake.c): the loop may sleep on the bell while it works */
     uint64_t host_key;    /* nonzero, one per host of wake_addr (wake.c): trees group engines by it (tree.c) */
+    uint64_t gather_mark; /* the gathered frame its reply was last seen in (tree.c: no engine twice) */
     /* Of a job that joined later (join.c): its engines' first id, and the
      * TCP connection whose end says the engine is gone (-1: none yet). */
     int join_first;
@@ -58,6 +59,9 @@ typedef struct ipmpi_ctl {
     int nbusy;     /* engines with a request running */
     int nbusy_far; /* of them, on another node or joined: they ring the bell by datagram (wake.c) */
     uint64_t bell_sleeps, bell_rings, far_rings; /* counted for the log at the end */
+    /* Gathered frames of trees seen (also numbers them: gather_mark), and
+     * of them those forwarded to the client whole (tree.c). */
+    uint64_t gathered, gathered_whole;
     int nheld;     /* engines whose next request is held back (ipmpi_ctl_release_held) */
     /* Task clients whose tasks are held back: their sessions have too many
      * unread results (tasks.c holds, ipmpi_ctl_release_held releases; one
@@ -157,6 +161,11 @@ int ipmpi_ctl_tree_engine(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e);
 void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n);
 void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e);
 void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts);
+/* Calls fn for each engine's reply in gathered part 0 of g (checked when
+ * it arrived), with a copy of its parts that fn borrows. Returns 0, or
+ * the first non-zero return of fn (or IPMPI_ENOMEM) after which it stops. */
+int ipmpi_ctl_gathered_each(const ipmpi_parts_t *g, int (*fn)(void *arg, const ipmpi_hdr_t *h, ipmpi_parts_t *p),
+                            void *arg);
 uint32_t ipmpi_ctl_join_nfds(const ipmpi_ctl_t *c);
 uint32_t ipmpi_ctl_join_fds(ipmpi_ctl_t *c, struct pollfd *pfd, uint32_t cap);
 void ipmpi_ctl_join_events(ipmpi_ctl_t *c, const struct pollfd *pfd, uint32_t n);
@@ -191,8 +200,9 @@ void ipmpi_ctl_busy(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, int d);
  * or receives under way, clients held). */
 uint64_t ipmpi_ctl_bell_count(ipmpi_ctl_t *c);
 
-/* Rings again, at most every IPMPI_RERING_NS, the doorbell of every engine
- * that has work in flight (see dispatch.c); called each busy loop turn. */
+/* Looks, at most every IPMPI_RERING_NS, for engines with work in flight
+ * whose wake-up is due again (ipmpi_ctl_wake_again, see dispatch.c);
+ * called each busy loop turn. */
 #define IPMPI_RERING_NS (2000000ull)
 void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now);
 
@@ -202,8 +212,12 @@ void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now);
 void ipmpi_ctl_wake_register(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *text, size_t len);
 /* A frame was posted to rank: send its wake-up (mpilink's wake hook). */
 void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank);
-/* e's work is still unanswered: send again when its back-off is due. */
-void ipmpi_ctl_wake_again(ipmpi_engine_slot_t *e, uint64_t now);
+/* Work for e starts now (posted to it, or on its way down a tree): its
+ * wake-ups are due again after 2, 4, 8 ... ms (at most 1 s apart). */
+void ipmpi_ctl_wake_arm(ipmpi_engine_slot_t *e, uint64_t now);
+/* e's work is still unanswered: ring its doorbell (this node) or send its
+ * datagram (another node) again when its back-off is due. */
+void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now);
 void ipmpi_ctl_wake_fini(ipmpi_ctl_t *c);
 /* Reads the rings of engines on other nodes waiting on the wake-up
  * sockets (engine/wake.c); returns how many were valid. */
@@ -244,6 +258,8 @@ void ipmpi_ctl_dispatch(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e);
 void ipmpi_ctl_kick(ipmpi_ctl_t *c);
 /* One target of r is settled without the engine: error reply, reference dropped. */
 void ipmpi_ctl_req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int status, const char *msg);
+/* r's last reply is in (pending 0): it leaves the table and is freed. */
+void ipmpi_ctl_req_release(ipmpi_ctl_t *c, ipmpi_req_t *r);
 
 /* stream.c */
 /* The session's offer of a frame to cut through (set as s->stream_begin). */
@@ -299,6 +315,11 @@ void ipmpi_ctl_result_open(ipmpi_ctl_t *c, const ipmpi_session_t *s, ipmpi_req_t
  * sent to whoever fetches r meanwhile. owner_got: r's own session got it. */
 void ipmpi_ctl_result_reply(ipmpi_ctl_t *c, ipmpi_req_t *r, int32_t target, int32_t status, ipmpi_parts_t *parts,
                             int owner_got);
+/* The final replies of count engines to r, as one IPMPI_F_GATHER part
+ * (parts borrowed), which r's own session got: kept whole, and sent to
+ * whoever fetches r meanwhile (whole, or one frame per engine to a fetch
+ * without IPMPI_F_GATHER_OK). */
+void ipmpi_ctl_result_gathered(ipmpi_ctl_t *c, ipmpi_req_t *r, ipmpi_parts_t *parts, uint32_t count);
 /* RESULT_FETCH or RESULT_CLEAR from a mec session; p borrowed. */
 void ipmpi_ctl_result_frame(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p);
 

@@ -21,7 +21,7 @@
 #include "shmbuf.h"
 #include "tls.h"
 
-static void req_release(ipmpi_ctl_t *c, ipmpi_req_t *r)
+void ipmpi_ctl_req_release(ipmpi_ctl_t *c, ipmpi_req_t *r)
 {
     ipmpi_ctl_stream_detach(r, 0);
     ipmpi_reqtab_del(&c->reqs, r->id);
@@ -41,7 +41,7 @@ void ipmpi_ctl_req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int stat
         ipmpi_parts_unref(p);
     }
     if (--r->pending == 0)
-        req_release(c, r);
+        ipmpi_ctl_req_release(c, r);
 }
 
 int ipmpi_ctl_must_hold(ipmpi_ctl_t *c, uint64_t session)
@@ -216,11 +216,15 @@ void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now)
  * MPI may complete a small send by copying it aside and put it into the
  * engine's shared-memory queue only in a later progress call (its queue or
  * the sender's fragments full), after the engine's last look before it
- * fell asleep; the engine then sleeps until its 2 s watch. An engine with
- * work in flight is never asleep otherwise, so every engine with work in
- * flight is rung again every IPMPI_RERING_NS while the loop is busy: a
- * fence and a load each when awake (the usual case), a wake-up when one
- * was lost.
+ * fell asleep; the engine then sleeps until its 2 s watch. So every
+ * engine with work in flight is rung again while its work is unanswered,
+ * 2, 4, 8 ... ms after the work was sent (wake.c's back-off; looked for
+ * every IPMPI_RERING_NS): a fence and a load each when awake, a wake-up
+ * when one was lost or the engine waits its turn in a tree. Not at a
+ * fixed period: engines deep in a tree sleep until their parent rings
+ * them, and ringing every one of them every 2 ms cost the controller a
+ * futex call per engine and period, the largest part of its CPU time per
+ * request to many engines.
  */
 void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
 {
@@ -231,8 +235,7 @@ void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
         ipmpi_engine_slot_t *e = &c->eng[i];
         if (e->dead || !ipmpi_sched_inflight(&c->sched, i))
             continue;
-        ipmpi_doorbell_ring(c->link.bell, e->rank);
-        ipmpi_ctl_wake_again(e, now);
+        ipmpi_ctl_wake_again(c, e, now);
     }
 }
 
@@ -372,7 +375,7 @@ ipmpi_parts_t *ipmpi_ctl_engine_alloc(void *arg, int rank, const ipmpi_hdr_t *h,
     ipmpi_ctl_t *c = arg;
     const ipmpi_sitem_t *it = rank >= 1 && rank <= c->nengines ? ipmpi_sched_inflight(&c->sched, rank - 1) : NULL;
     const ipmpi_req_t *r = it && it->type == IPMPI_SITEM_REQ ? it->u.req : NULL;
-    if (r && r->reply_flags == IPMPI_F_SHM_OK && !r->quiet && (h->flags & (IPMPI_F_REPLY | IPMPI_F_MORE)) == IPMPI_F_REPLY &&
+    if (r && (r->reply_flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK)) == IPMPI_F_SHM_OK && !r->quiet && (h->flags & (IPMPI_F_REPLY | IPMPI_F_MORE)) == IPMPI_F_REPLY &&
         h->req_id == r->id)
         for (uint32_t i = 0; i < h->nparts; i++)
             if (lens[i] >= IPMPI_SHM_MIN)
@@ -523,7 +526,7 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
     /* A KILL whose frame was aborted did not run. */
     int killed = r->kind == IPMPI_K_KILL && h->status != IPMPI_EABORTED;
     if (--r->pending == 0)
-        req_release(c, r);
+        ipmpi_ctl_req_release(c, r);
     /* The engine _exits right after answering KILL. */
     if (killed) {
         ipmpi_ctl_engine_died(c, e, "killed by request");

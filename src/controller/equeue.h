@@ -138,7 +138,9 @@ typedef struct ipmpi_req {
      * is submitted again once complete); the engine's answer is dropped. */
     int quiet;
     /* The request's IPMPI_F_SHM_OK and IPMPI_F_VM_OK: how the client allows
-     * its replies' large parts to come (memfds; process memory). */
+     * its replies' large parts to come (memfds; process memory); and
+     * IPMPI_F_GATHER_OK: whether a tree's gathered replies may go to it
+     * whole (tree.c). */
     uint16_t reply_flags;
     /* Header flags passed on to the engines (IPMPI_F_STREAM). */
     uint16_t eng_flags;

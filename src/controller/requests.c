@@ -175,7 +175,7 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
         return;
     }
     r->pending = (uint32_t)n;
-    r->reply_flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK);
+    r->reply_flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK | IPMPI_F_GATHER_OK);
     r->eng_flags = h->flags & IPMPI_F_STREAM;
     ipmpi_ctl_result_open(c, s, r);
     char msg[256];

@@ -130,6 +130,7 @@ void ipmpi_ctl_result_open(ipmpi_ctl_t *c, const ipmpi_session_t *s, ipmpi_req_t
         res->req->res = NULL;
         drop_replies(rs, res);
         res->nrep = 0;
+        res->ngot = 0;
         res->dropped = 0;
         res->missed = 0;
         ipmpi_rstore_count(&rs->st, (int64_t)overhead(r->total) - (int64_t)res->bytes);
@@ -157,16 +158,41 @@ void ipmpi_ctl_result_open(ipmpi_ctl_t *c, const ipmpi_session_t *s, ipmpi_req_t
     make_room(c, 0);
 }
 
-/* Sends kept reply rp of res to s as the reply to its fetch (req, flags). */
+struct fetch_to {
+    ipmpi_session_t *s;
+    uint64_t req;
+    uint32_t total;
+};
+
+/* One engine's reply of a kept gathered part, as its own frame (send_kept). */
+static int send_one(void *arg, const ipmpi_hdr_t *eh, ipmpi_parts_t *p)
+{
+    const struct fetch_to *f = arg;
+    ipmpi_hdr_t h = {.kind = IPMPI_K_RESULT_FETCH, .flags = IPMPI_F_REPLY, .req_id = f->req, .target = eh->target,
+                     .status = eh->status, .total = f->total};
+    return ipmpi_session_send(f->s, &h, p);
+}
+
+/* Sends kept reply rp of res to s as the reply to its fetch (req, flags).
+ * A gathered one goes whole to a fetch that allows it, else one frame per
+ * engine. */
 static void send_kept(ipmpi_session_t *s, uint64_t req, uint16_t flags, const ipmpi_result_t *res,
                       const ipmpi_rreply_t *rp)
 {
     ipmpi_hdr_t h = {.kind = IPMPI_K_RESULT_FETCH, .flags = IPMPI_F_REPLY, .req_id = req, .target = rp->target,
                      .status = rp->status, .total = res->total};
-    /* Parts in the controller's memfds go by shared memory only to a
-     * client that allows it; any other gets them inline. */
-    int rc = (flags & IPMPI_F_SHM_OK) ? ipmpi_ctl_send_reply(s, &h, rp->parts, (flags & IPMPI_F_VM_OK) != 0)
+    int rc;
+    if (rp->target == IPMPI_TARGET_ALL && (flags & IPMPI_F_GATHER_OK)) {
+        h.flags |= IPMPI_F_GATHER;
+        rc = ipmpi_session_send(s, &h, rp->parts);
+    } else if (rp->target == IPMPI_TARGET_ALL) {
+        rc = ipmpi_ctl_gathered_each(rp->parts, send_one, &(struct fetch_to){s, req, res->total});
+    } else {
+        /* Parts in the controller's memfds go by shared memory only to a
+         * client that allows it; any other gets them inline. */
+        rc = (flags & IPMPI_F_SHM_OK) ? ipmpi_ctl_send_reply(s, &h, rp->parts, (flags & IPMPI_F_VM_OK) != 0)
                                       : ipmpi_session_send(s, &h, rp->parts);
+    }
     if (rc != 0)
         ipmpi_session_send_error(s, IPMPI_K_RESULT_FETCH, req, rp->target, res->total, IPMPI_ENOMEM,
                                  "controller out of memory for the reply");
@@ -210,22 +236,21 @@ static void finish(ipmpi_ctl_t *c, ipmpi_result_t *res)
     make_room(c, 0); /* may evict res itself: a delivered result beyond the delivered share */
 }
 
-void ipmpi_ctl_result_reply(ipmpi_ctl_t *c, ipmpi_req_t *r, int32_t target, int32_t status, ipmpi_parts_t *parts,
-                            int owner_got)
+/* Keeps rp (parts borrowed) in r's record and sends it to r's fetchers. */
+static void keep(ipmpi_ctl_t *c, ipmpi_req_t *r, const ipmpi_rreply_t *rp, int owner_got)
 {
     ipmpi_result_t *res = r->res;
-    if (!res || r->quiet || res->nrep >= res->total)
+    if (!res || r->quiet || rp->count > res->total - res->ngot)
         return;
     if (!owner_got)
         res->missed = 1;
-    ipmpi_rreply_t rp = {.target = target, .status = status, .parts = parts};
     for (uint32_t i = 0; i < res->nsubs; i++) {
         ipmpi_session_t *s = ipmpi_ctl_session(c, res->subs[i].session);
         if (s)
-            send_kept(s, res->subs[i].client_req, res->subs[i].flags, res, &rp);
+            send_kept(s, res->subs[i].client_req, res->subs[i].flags, res, rp);
     }
     if (!res->dropped) {
-        uint64_t n = parts ? ipmpi_parts_bytes(parts) : 0;
+        uint64_t n = rp->parts ? ipmpi_parts_bytes(rp->parts) : 0;
         make_room(c, n);
         if (!ipmpi_rstore_fits(&c->results.st, n)) {
             char id[64];
@@ -235,16 +260,32 @@ void ipmpi_ctl_result_reply(ipmpi_ctl_t *c, ipmpi_req_t *r, int32_t target, int3
             drop_replies(&c->results, res);
             res->dropped = 1;
         } else {
-            res->reps[res->nrep] = (ipmpi_rreply_t){.target = target, .status = status,
-                                                    .parts = parts ? ipmpi_parts_ref(parts) : NULL};
+            res->reps[res->nrep] = *rp;
+            if (rp->parts)
+                ipmpi_parts_ref(rp->parts);
+            res->nrep++;
             res->bytes += n;
             ipmpi_rstore_count(&c->results.st, (int64_t)n);
         }
     }
-    if (++res->nrep == res->total) {
+    res->ngot += rp->count;
+    if (res->ngot == res->total) {
         r->res = NULL;
         finish(c, res);
     }
+}
+
+void ipmpi_ctl_result_reply(ipmpi_ctl_t *c, ipmpi_req_t *r, int32_t target, int32_t status, ipmpi_parts_t *parts,
+                            int owner_got)
+{
+    ipmpi_rreply_t rp = {.target = target, .status = status, .parts = parts, .count = 1};
+    keep(c, r, &rp, owner_got);
+}
+
+void ipmpi_ctl_result_gathered(ipmpi_ctl_t *c, ipmpi_req_t *r, ipmpi_parts_t *parts, uint32_t count)
+{
+    ipmpi_rreply_t rp = {.target = IPMPI_TARGET_ALL, .parts = parts, .count = count};
+    keep(c, r, &rp, 1);
 }
 
 /* ---- RESULT_FETCH and RESULT_CLEAR ---- */
@@ -287,7 +328,7 @@ static void do_fetch(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, c
                                 "no request %s in this controller: never submitted, or its result was cleared", id);
         return;
     }
-    uint16_t flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK);
+    uint16_t flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK | IPMPI_F_GATHER_OK);
     if (res->req) {
         if (res->nsubs >= IPMPI_RESULT_SUBS_MAX) {
             ipmpi_ctl_reply_err(s, h, IPMPI_EAGAIN, "request %s is fetched by %u clients already; try again when "

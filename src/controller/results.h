@@ -33,6 +33,9 @@
 typedef struct ipmpi_rreply {
     int32_t target, status;
     ipmpi_parts_t *parts; /* owned reference; NULL for none */
+    /* Engines' replies it holds: 1, or several as one IPMPI_F_GATHER part
+     * (target IPMPI_TARGET_ALL: each inner frame names its engine). */
+    uint32_t count;
 } ipmpi_rreply_t;
 
 typedef struct ipmpi_result {
@@ -41,13 +44,14 @@ typedef struct ipmpi_result {
     uint8_t kind;
     int dropped;            /* too large: its replies are not kept (the id reads as evicted) */
     int missed;             /* some reply did not reach the submitter */
-    uint32_t total, nrep;
+    uint32_t total, nrep;   /* nrep entries of reps used */
+    uint32_t ngot;          /* engines' replies in (a gathered entry holds several) */
     uint64_t bytes;         /* counted for the replies kept so far */
-    ipmpi_rreply_t *reps;   /* total entries, nrep filled */
+    ipmpi_rreply_t *reps;   /* room for total entries, nrep filled */
     ipmpi_req_t *req;       /* while running (r->res points back); NULL once finished */
     struct ipmpi_rsub {
         uint64_t session, client_req;
-        uint16_t flags;     /* the fetch's IPMPI_F_SHM_OK / IPMPI_F_VM_OK */
+        uint16_t flags;     /* the fetch's IPMPI_F_SHM_OK, IPMPI_F_VM_OK, IPMPI_F_GATHER_OK */
     } *subs;
     uint32_t nsubs;
 } ipmpi_result_t;

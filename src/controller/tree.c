@@ -135,6 +135,9 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
     for (int i = 0; i < n; i++) {
         ipmpi_sched_start_req(&c->sched, ids[i], r, now);
         ipmpi_ctl_busy(c, &c->eng[ids[i]], 1);
+        /* Engines below the roots are rung by their parents; the loop's
+         * rings again (dispatch.c) only catch a lost one, from now on. */
+        ipmpi_ctl_wake_arm(&c->eng[ids[i]], now);
     }
     uint32_t *start = r->tree ? malloc(2 * (size_t)r->ntree * sizeof *start) : NULL;
     if (!start) {
@@ -217,44 +220,140 @@ void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
                   (unsigned long long)r->id, sent);
 }
 
-void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
+/* A copy of the parts of inner frame f (header h) of a gathered part. */
+static ipmpi_parts_t *inner_parts(const uint8_t *f, const ipmpi_hdr_t *h)
 {
-    const uint8_t *p = parts->n ? parts->bufs[0] : NULL;
-    size_t left = parts->n ? (size_t)parts->lens[0] : 0;
-    uint64_t *lens = NULL;
-    while (left > 0) {
-        ipmpi_hdr_t h;
-        long hn = ipmpi_hdr_decode(p, left, &c->link.lim, &h);
-        if (hn <= 0 || h.nparts > IPMPI_MAX_PARTS)
-            goto bad;
-        free(lens);
-        lens = malloc(((size_t)h.nparts + 1) * sizeof *lens);
-        uint64_t total = 0;
-        if (!lens || (h.nparts && ipmpi_lens_decode(p + hn, left - (size_t)hn, h.nparts, &c->link.lim, lens,
-                                                      &total) <= 0))
-            goto bad;
-        size_t wire = ipmpi_hdr_wire_size(h.nparts);
-        if (wire > left || total > left - wire || !(h.flags & IPMPI_F_REPLY) ||
-            (h.flags & (IPMPI_F_GATHER | IPMPI_F_PACKED)) || h.target < 0 || h.target >= c->nengines)
-            goto bad;
-        ipmpi_parts_t *sub = ipmpi_parts_new(h.nparts, lens);
-        if (!sub) {
-            ipmpi_log(IPMPI_LOG_ERROR, "no memory for a gathered reply of engine %d", h.target);
-            goto done; /* that engine's request stays in flight: as if lost */
-        }
-        size_t at = wire;
-        for (uint32_t i = 0; i < h.nparts; i++) {
-            memcpy(sub->bufs[i], p + at, (size_t)lens[i]);
+    uint64_t few[8], *lens = h->nparts <= 8 ? few : malloc((size_t)h->nparts * sizeof *lens);
+    if (!lens)
+        return NULL;
+    for (uint32_t i = 0; i < h->nparts; i++)
+        lens[i] = ipmpi_get_u64(f + IPMPI_HDR_SIZE + 8u * i);
+    ipmpi_parts_t *p = ipmpi_parts_new(h->nparts, lens);
+    if (p) {
+        size_t at = ipmpi_hdr_wire_size(h->nparts);
+        for (uint32_t i = 0; i < h->nparts; i++) {
+            memcpy(p->bufs[i], f + at, (size_t)lens[i]);
             at += (size_t)lens[i];
         }
-        ipmpi_ctl_engine_frame(c, h.target + 1, &h, sub);
-        p += at;
-        left -= at;
     }
-    goto done;
-bad:
-    ipmpi_log(IPMPI_LOG_ERROR, "malformed gathered replies from rank %d (%zu bytes left); dropped", rank, left);
+    if (lens != few)
+        free(lens);
+    return p;
+}
+
+int ipmpi_ctl_gathered_each(const ipmpi_parts_t *g, int (*fn)(void *arg, const ipmpi_hdr_t *h, ipmpi_parts_t *p),
+                            void *arg)
+{
+    /* Checked against the link's limits when it arrived. */
+    const ipmpi_limits_t any = {.max_parts = IPMPI_MAX_PARTS, .max_part = UINT64_MAX, .max_frame = UINT64_MAX};
+    const uint8_t *f = g->n ? g->bufs[0] : NULL;
+    size_t left = g->n ? (size_t)g->lens[0] : 0;
+    ipmpi_hdr_t h;
+    long n;
+    while ((n = ipmpi_gather_next(f, left, &any, &h)) > 0) {
+        ipmpi_parts_t *p = inner_parts(f, &h);
+        int rc = p ? fn(arg, &h, p) : IPMPI_ENOMEM;
+        ipmpi_parts_unref(p);
+        if (rc != 0)
+            return rc;
+        f += n;
+        left -= (size_t)n;
+    }
+    return n < 0 ? (int)n : 0;
+}
+
+/* An inner frame as the frame its engine would have sent alone. */
+static int as_engine_frame(void *arg, const ipmpi_hdr_t *h, ipmpi_parts_t *p)
+{
+    ipmpi_ctl_engine_frame(arg, h->target + 1, h, ipmpi_parts_ref(p));
+    return 0;
+}
+
+/*
+ * The request every inner frame of gathered part f (left bytes) answers,
+ * when they all are the final replies of distinct engines that run it
+ * and its client takes them whole; *count gets their number. NULL: take
+ * them apart. Malformed: NULL and *count = UINT32_MAX.
+ */
+static ipmpi_req_t *whole_for(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint32_t *count)
+{
+    ipmpi_req_t *r = NULL;
+    int whole = 1;
+    uint64_t mark = c->gathered;
+    ipmpi_hdr_t h;
+    long n;
+    *count = 0;
+    while ((n = ipmpi_gather_next(f, left, &c->link.lim, &h)) > 0) {
+        if (h.target < 0 || h.target >= c->nengines)
+            break;
+        ipmpi_engine_slot_t *e = &c->eng[h.target];
+        const ipmpi_sitem_t *it = ipmpi_sched_inflight(&c->sched, e->id);
+        ipmpi_req_t *hr = it && it->type == IPMPI_SITEM_REQ ? it->u.req : NULL;
+        if (!hr || hr->id != h.req_id || (r && hr != r) || e->dead || e->gather_mark == mark)
+            whole = 0;
+        e->gather_mark = mark;
+        r = hr;
+        (*count)++;
+        f += n;
+        left -= (size_t)n;
+    }
+    if (n != 0) {
+        *count = UINT32_MAX;
+        return NULL;
+    }
+    if (!whole || !r || !(r->reply_flags & IPMPI_F_GATHER_OK) || r->quiet || r->out_dropped || *count > r->pending)
+        return NULL;
+    return r;
+}
+
+void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
+{
+    const uint8_t *f = parts->n == 1 ? parts->bufs[0] : NULL;
+    size_t left = parts->n == 1 ? (size_t)parts->lens[0] : 0;
+    uint32_t count;
+    c->gathered++;
+    ipmpi_req_t *r = f ? whole_for(c, f, left, &count) : (count = UINT32_MAX, NULL);
+    if (count == UINT32_MAX) {
+        ipmpi_log(IPMPI_LOG_ERROR, "malformed gathered replies from rank %d; dropped", rank);
+        goto done;
+    }
+    ipmpi_session_t *s = r ? ipmpi_ctl_session(c, r->session) : NULL;
+    ipmpi_hdr_t out = {.kind = r ? r->kind : 0, .flags = IPMPI_F_REPLY | IPMPI_F_GATHER,
+                       .req_id = r ? r->client_req : 0, .target = IPMPI_TARGET_ALL, .total = r ? r->total : 0};
+    if (!s || ipmpi_session_send(s, &out, parts) != 0) {
+        /* One frame per engine, as every other path delivers them. */
+        if (ipmpi_ctl_gathered_each(parts, as_engine_frame, c) != 0)
+            ipmpi_log(IPMPI_LOG_ERROR, "no memory for the gathered replies from rank %d: their engines' "
+                      "requests stay in flight, as if lost", rank);
+        goto done;
+    }
+    /* Forwarded whole: the client takes it apart. Here only what each
+     * engine's final reply settles (ipmpi_ctl_engine_frame's work). */
+    c->gathered_whole++;
+    ipmpi_ctl_result_gathered(c, r, parts, count);
+    uint64_t now = ipmpi_now_ns();
+    int kick = 0;
+    ipmpi_hdr_t h;
+    long n;
+    while ((n = ipmpi_gather_next(f, left, &c->link.lim, &h)) > 0) {
+        ipmpi_engine_slot_t *e = &c->eng[h.target];
+        ipmpi_sitem_t it;
+        ipmpi_sched_done(&c->sched, e->id, now, &it);
+        ipmpi_ctl_busy(c, e, -1);
+        if (h.flags & IPMPI_F_PROPS) {
+            ipmpi_sched_props_changed(&c->sched, e->id);
+            kick = 1;
+        }
+        /* whole_for: r has at least count replies pending, so only the
+         * last inner frame can release it. */
+        if (--r->pending == 0)
+            ipmpi_ctl_req_release(c, r);
+        ipmpi_ctl_dispatch(c, e);
+        f += n;
+        left -= (size_t)n;
+    }
+    if (kick)
+        ipmpi_ctl_kick(c);
 done:
-    free(lens);
     ipmpi_parts_unref(parts);
 }

@@ -23,6 +23,7 @@
 
 #include "backoff.h"
 #include "ctl.h"
+#include "doorbell.h"
 #include "log.h"
 
 #define WAKE_FIRST_GAP_NS (2000000ull)
@@ -100,23 +101,31 @@ static void send_key(ipmpi_engine_slot_t *e)
                  e->wake_len);
 }
 
+void ipmpi_ctl_wake_arm(ipmpi_engine_slot_t *e, uint64_t now)
+{
+    e->wake_gap = WAKE_FIRST_GAP_NS;
+    e->wake_due = now + e->wake_gap;
+}
+
 void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank)
 {
     if (rank < 1 || rank > c->nengines)
         return;
     ipmpi_engine_slot_t *e = &c->eng[rank - 1];
-    if (e->wake_fd < 0 || e->dead)
+    if (e->dead)
         return;
-    send_key(e);
-    e->wake_gap = WAKE_FIRST_GAP_NS;
-    e->wake_due = ipmpi_now_ns() + e->wake_gap;
+    if (e->wake_fd >= 0)
+        send_key(e);
+    ipmpi_ctl_wake_arm(e, ipmpi_now_ns());
 }
 
-void ipmpi_ctl_wake_again(ipmpi_engine_slot_t *e, uint64_t now)
+void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now)
 {
-    if (e->wake_fd < 0 || now < e->wake_due)
+    if (now < e->wake_due)
         return;
-    send_key(e);
+    ipmpi_doorbell_ring(c->link.bell, e->rank);
+    if (e->wake_fd >= 0)
+        send_key(e);
     e->wake_gap = e->wake_gap * 2 < WAKE_MAX_GAP_NS ? e->wake_gap * 2 : WAKE_MAX_GAP_NS;
     e->wake_due = now + e->wake_gap;
 }

@@ -15,12 +15,15 @@ controller sent trees (its log counts them).
 import os
 import re
 import signal
+import struct
 import time
 
 import pytest
 
-from conftest import controller_log, running_cluster
-from ipmpi import client
+from conftest import (HDR, MAGIC, controller_log, frame, hello, parse_furl, read_frame, running_cluster, start_cluster,
+                      stop_cluster, tls_connect)
+from ipmpi import _consts as C
+from ipmpi import _serialize, client
 
 T = 60
 N = 8
@@ -41,6 +44,125 @@ def mec(cluster):
 def trees_sent(cluster):
     """How many requests the controller sent as trees (its debug log)."""
     return len(re.findall(r"as a tree of \d+ engines", controller_log(cluster.log_dir)))
+
+
+def forwarded_whole(cluster):
+    """(gathered frames, of them forwarded to the client whole): the
+    controller's line at its end, so the cluster must have stopped."""
+    m = re.findall(r"trees: (\d+) gathered reply frames, (\d+) of them forwarded to the client whole",
+                   controller_log(cluster.log_dir))
+    assert len(m) == 1, m
+    return int(m[0][0]), int(m[0][1])
+
+
+def inner_replies(part):
+    """The (target, status, flags, parts) of each reply in a gathered part."""
+    out, at = [], 0
+    while at < len(part):
+        magic, version, kind, flags, _req, target, status, _total, nparts, _aux = HDR.unpack_from(part, at)
+        assert magic == MAGIC and flags & C.F_REPLY and not flags & (C.F_MORE | C.F_GATHER | C.F_SHM)
+        at += 40
+        lens = struct.unpack_from("<%dQ" % nparts, part, at)
+        at += 8 * nparts
+        parts = []
+        for n in lens:
+            parts.append(part[at:at + n])
+            at += n
+        out.append((target, status, flags, parts))
+    assert at == len(part)
+    return out
+
+
+def raw_replies(s, rid, flags_seen):
+    """Every engine's reply to request rid on raw connection s, gathered
+    frames taken apart: {target: (status, parts)}; flags_seen collects the
+    frames' flags."""
+    got, total = {}, None
+    while total is None or len(got) < total:
+        kind, flags, req_id, target, status, tot, parts = read_frame(s)
+        assert req_id == rid and flags & C.F_REPLY, (kind, flags, req_id, target, status, parts)
+        flags_seen.append(flags)
+        assert total in (None, tot)
+        total = tot
+        subs = inner_replies(parts[0]) if flags & C.F_GATHER else [(target, status, flags, parts)]
+        for t, st, _f, p in subs:
+            assert t not in got, "engine %d answered twice" % t
+            got[t] = (st, p)
+    return got
+
+
+def test_gathered_replies_reach_the_client_whole(cluster):
+    """A client that sets F_GATHER_OK gets a tree's gathered replies as a
+    few frames, each holding whole engine replies; one that does not gets
+    a frame per engine. Either way every engine's reply, once."""
+    key = parse_furl(cluster.mec_furl)[3]
+    s = tls_connect(cluster.mec_furl, timeout=T)
+    s.settimeout(T)
+    try:
+        assert hello(s, key)[4] == 0
+        for rid, ok in ((10, C.F_GATHER_OK), (11, 0), (12, C.F_GATHER_OK)):
+            s.sendall(frame(C.K_EXECUTE, rid, C.TARGET_ALL, [b"import os; r = int(os.environ['OMPI_COMM_WORLD_RANK'])"
+                                                             b"\nprint(r * 3)"], flags=ok))
+            seen = []
+            got = raw_replies(s, rid, seen)
+            assert sorted(got) == list(range(N))
+            assert all(st == 0 for st, _ in got.values())
+            if ok:
+                # The 4 subtrees' replies: 4 frames (a few more if a reply went directly).
+                assert any(f & C.F_GATHER for f in seen) and len(seen) < N, seen
+            else:
+                assert not any(f & C.F_GATHER for f in seen) and len(seen) == N, seen
+        s.sendall(frame(C.K_PULL, 13, C.TARGET_ALL, _serialize.dumps(["r"]), flags=C.F_GATHER_OK))
+        got = raw_replies(s, 13, [])
+        assert {t: _serialize.loads(p[1:]) for t, (st, p) in got.items()} == {t: [t + 1] for t in range(N)}
+    finally:
+        s.close()
+
+
+def test_the_client_gets_the_replies_whole():
+    """The Python client's requests carry F_GATHER_OK: every gathered frame
+    goes to it whole (the controller's count at its end), and what users
+    see is unchanged."""
+    c = start_cluster(N, engine_args=("--tree-min", "2"), join=False)
+    try:
+        m = c.client(timeout=T)
+        for i in range(20):
+            m.execute("v = %d" % i)
+            assert m.pull("v") == [i] * N
+        m.close()
+    finally:
+        stop_cluster(c)
+    gathered, whole = forwarded_whole(c)
+    assert gathered >= 40 * 4 and whole == gathered, (gathered, whole)
+
+
+def test_a_gathered_result_is_fetched_by_id_whole_or_per_engine(cluster, mec):
+    """Kept results of tree requests: a second client fetches them by id
+    (gathered, F_GATHER_OK), and so does a raw fetch without the flag (a
+    frame per engine)."""
+    pr = mec.execute("import os; print('from', os.environ['OMPI_COMM_WORLD_RANK'])", block=False)
+    first = pr.get_result(timeout=T)
+    want = ["from %d\n" % r for r in range(1, N + 1)]
+    assert [r["stdout"] for r in first] == want
+    other = cluster.client(timeout=T)
+    try:
+        again = other.get_result_by_id(pr.req_ids[0], timeout=T)
+        assert [r["stdout"] for r in again] == want
+    finally:
+        other.close()
+    instance, session, req = pr.req_ids[0].split(":")
+    s = tls_connect(cluster.mec_furl, timeout=T)
+    s.settimeout(T)
+    try:
+        assert hello(s, parse_furl(cluster.mec_furl)[3])[4] == 0
+        fid = struct.pack("<QQ", int(instance, 16), int(session) << 32 | int(req))
+        s.sendall(frame(C.K_RESULT_FETCH, 5, C.TARGET_CONTROLLER, [fid]))
+        seen = []
+        got = raw_replies(s, 5, seen)
+        assert sorted(got) == list(range(N)) and not any(f & C.F_GATHER for f in seen)
+        assert [_serialize.loads(got[t][1][:1])["stdout"] for t in range(N)] == want
+    finally:
+        s.close()
 
 
 def test_replies_are_every_engines_in_order(cluster, mec):

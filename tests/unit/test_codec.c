@@ -883,6 +883,93 @@ static void test_taskdesc_every_truncation_is_refused(void **state)
     assert_int_equal(ipmpi_taskdesc_decode(d, len, 5, &t), 0);
 }
 
+/* Appends one reply frame (header, lengths, parts) to buf at *at. */
+static void put_inner(uint8_t *buf, size_t *at, int32_t target, uint16_t flags, uint32_t nparts,
+                      const uint64_t *lens, uint8_t fill)
+{
+    ipmpi_hdr_t h = {.kind = IPMPI_K_EXECUTE, .flags = flags, .req_id = 77, .target = target, .nparts = nparts};
+    long n = ipmpi_hdr_encode(&h, lens, buf + *at, ipmpi_hdr_wire_size(nparts));
+    assert_true(n > 0);
+    *at += (size_t)n;
+    for (uint32_t i = 0; i < nparts; i++) {
+        memset(buf + *at, fill, (size_t)lens[i]);
+        *at += (size_t)lens[i];
+    }
+}
+
+static void test_gather_next_walks_every_inner_reply(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint8_t buf[512];
+    size_t len = 0;
+    const uint64_t two[2] = {3, 0}, one[1] = {17};
+    put_inner(buf, &len, 0, IPMPI_F_REPLY, 2, two, 'a');
+    put_inner(buf, &len, 5, IPMPI_F_REPLY | IPMPI_F_PROPS, 1, one, 'b');
+    put_inner(buf, &len, 2, IPMPI_F_REPLY, 0, NULL, 0);
+    const uint8_t *p = buf;
+    size_t left = len;
+    int32_t targets[3];
+    ipmpi_hdr_t h;
+    long n;
+    int k = 0;
+    while ((n = ipmpi_gather_next(p, left, &lim, &h)) > 0) {
+        assert_true(k < 3);
+        targets[k] = h.target;
+        if (k == 1) {
+            assert_int_equal(h.nparts, 1);
+            assert_true(h.flags & IPMPI_F_PROPS);
+            assert_true(ipmpi_get_u64(p + IPMPI_HDR_SIZE) == 17);
+            assert_int_equal(p[ipmpi_hdr_wire_size(1)], 'b');
+        }
+        k++;
+        p += n;
+        left -= (size_t)n;
+    }
+    assert_int_equal(n, 0);
+    assert_int_equal(k, 3);
+    assert_int_equal(targets[0], 0);
+    assert_int_equal(targets[1], 5);
+    assert_int_equal(targets[2], 2);
+    assert_int_equal(ipmpi_gather_next(buf, 0, &lim, &h), 0);
+}
+
+static void test_gather_next_refuses_what_is_not_one_whole_final_reply(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint8_t buf[256];
+    const uint64_t one[1] = {40};
+    size_t len = 0;
+    put_inner(buf, &len, 1, IPMPI_F_REPLY, 1, one, 'x');
+    ipmpi_hdr_t h;
+    assert_int_equal(ipmpi_gather_next(buf, len, &lim, &h), (long)len);
+    /* Every truncation: a header, its lengths or its parts cut short. */
+    for (size_t cut = 1; cut < len; cut++)
+        assert_int_equal(ipmpi_gather_next(buf, cut, &lim, &h), IPMPI_EPROTO);
+    /* Not a final reply of one engine. */
+    const uint16_t bad[] = {0, IPMPI_F_REPLY | IPMPI_F_MORE, IPMPI_F_REPLY | IPMPI_F_SHM,
+                            IPMPI_F_REPLY | IPMPI_F_GATHER, IPMPI_F_REPLY | IPMPI_F_PACKED};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        len = 0;
+        put_inner(buf, &len, 1, bad[i], 1, one, 'x');
+        assert_int_equal(ipmpi_gather_next(buf, len, &lim, &h), IPMPI_EPROTO);
+    }
+    /* A part over the limits, and a bad magic. */
+    ipmpi_limits_t small = {16, 39, 1000};
+    len = 0;
+    put_inner(buf, &len, 1, IPMPI_F_REPLY, 1, one, 'x');
+    assert_int_equal(ipmpi_gather_next(buf, len, &small, &h), IPMPI_E2BIG);
+    buf[0] ^= 1;
+    assert_int_equal(ipmpi_gather_next(buf, len, &lim, &h), IPMPI_EPROTO);
+    /* Lengths that claim more than the gathered part holds. */
+    buf[0] ^= 1;
+    ipmpi_put_u64(buf + IPMPI_HDR_SIZE, 41);
+    assert_int_equal(ipmpi_gather_next(buf, len, &lim, &h), IPMPI_EPROTO);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -922,6 +1009,8 @@ int main(void)
         cmocka_unit_test(test_taskdesc_rejects_bad_layouts_and_writes_nothing),
         cmocka_unit_test(test_taskdesc_rejects_empty_stages_and_too_many_retries),
         cmocka_unit_test(test_taskdesc_every_truncation_is_refused),
+        cmocka_unit_test(test_gather_next_walks_every_inner_reply),
+        cmocka_unit_test(test_gather_next_refuses_what_is_not_one_whole_final_reply),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
