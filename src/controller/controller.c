@@ -659,6 +659,10 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
                 d = c->watch.next_ns;
             if (next_deadline < d)
                 d = next_deadline;
+            /* Engines whose wake-up is due again (ipmpi_ctl_rering): in a
+             * tree, one whose ring from its parent was lost waits for it. */
+            if (c->rering_at < d)
+                d = c->rering_at;
             timeout = d > now ? d - now : 0;
             /* Rings from other nodes come on the wake-up sockets. */
             int bfd[3] = {c->job->bell->ctl_fd, c->nbusy_far ? c->wake_fd4 : -1, c->nbusy_far ? c->wake_fd6 : -1};

@@ -230,13 +230,18 @@ void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
 {
     if (now < c->rering_at)
         return;
-    c->rering_at = now + IPMPI_RERING_NS;
+    uint64_t next = UINT64_MAX;
     for (int i = 0; i < c->nengines; i++) {
         ipmpi_engine_slot_t *e = &c->eng[i];
         if (e->dead || !ipmpi_sched_inflight(&c->sched, i))
             continue;
         ipmpi_ctl_wake_again(c, e, now);
+        if (e->wake_due < next)
+            next = e->wake_due;
     }
+    /* The next look: when the first of them is due, and the loop's sleep
+     * on its bell ends then too (controller.c). */
+    c->rering_at = next > now + IPMPI_RERING_NS ? next : now + IPMPI_RERING_NS;
 }
 
 void ipmpi_ctl_busy(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, int d)
@@ -250,7 +255,8 @@ void ipmpi_ctl_busy(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, int d)
  * The loop may sleep until k more frames came from this node's engines
  * when nothing else can need it before: the smallest number of replies a
  * request in flight still waits for (each engine holds one item, all of
- * them near). Anything else in the way (a task, a tree, an engine with
+ * them near; for a tree, its subtrees' gathered frames still to come).
+ * Anything else in the way (a task, a tree whose relay died, an engine with
  * more work queued behind its running request, a held client, sends or
  * receives under way) makes it 1 or 0, which only costs wake-ups.
  */
@@ -271,9 +277,13 @@ uint64_t ipmpi_ctl_bell_count(ipmpi_ctl_t *c)
             continue;
         const ipmpi_sitem_t *it = ipmpi_sched_inflight(&c->sched, i);
         if (se->fly_len > 1 || se->fly_tasks > 0 || ipmpi_equeue_len(&se->q) > 0 || it->type != IPMPI_SITEM_REQ ||
-            it->u.req->tree || it->u.req->stream)
+            it->u.req->stream || (it->u.req->tree && !it->u.req->tree_open))
             k = 1;
-        else if (it->u.req->pending < k)
+        else if (it->u.req->tree && it->u.req->tree_open < k)
+            /* One gathered frame per subtree (replies sent directly only
+             * add frames, which wake the loop sooner). */
+            k = it->u.req->tree_open;
+        else if (!it->u.req->tree && it->u.req->pending < k)
             k = it->u.req->pending;
     }
     return k == UINT64_MAX || k == 0 ? 1 : k;

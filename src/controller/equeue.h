@@ -154,6 +154,9 @@ typedef struct ipmpi_req {
      * engines' ranks; owned, NULL: sent to each engine. */
     int32_t *tree;
     uint32_t ntree;
+    /* Its subtrees whose gathered frame has not come yet (tree.c): the
+     * frames the controller's bell may sleep for; 0 once a relay died. */
+    uint32_t tree_open;
 } ipmpi_req_t;
 
 /* Allocates a request owning payload (taken on success). NULL on ENOMEM. */

@@ -156,6 +156,7 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
     uint32_t *len = start + r->ntree;
     uint32_t k = top_slices(c, r, start, len);
     int32_t *t = r->tree;
+    r->tree_open = k;
     ipmpi_log(IPMPI_LOG_DEBUG, "request %llu sent as a tree of %d engines in %u sends", (unsigned long long)r->id, n,
               k);
     for (uint32_t i = 0; i < k; i++) {
@@ -191,6 +192,8 @@ void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
     if (!run || run->type != IPMPI_SITEM_REQ || !run->u.req->tree)
         return;
     ipmpi_req_t *r = run->u.req;
+    /* Its replies come as retries now, not one frame per subtree. */
+    r->tree_open = 0;
     uint32_t lo = 0, n = 0, *start = malloc(2 * (size_t)r->ntree * sizeof *start);
     if (!start) {
         ipmpi_log(IPMPI_LOG_ERROR, "no memory to find the engines below engine %d in its tree: they may wait for "
@@ -270,29 +273,31 @@ static int as_engine_frame(void *arg, const ipmpi_hdr_t *h, ipmpi_parts_t *p)
 }
 
 /*
- * The request every inner frame of gathered part f (left bytes) answers,
- * when they all are the final replies of distinct engines that run it
- * and its client takes them whole; *count gets their number. NULL: take
- * them apart. Malformed: NULL and *count = UINT32_MAX.
+ * The request the inner frames of gathered part f (left bytes) answer (the
+ * first one's; NULL: none in flight), and in *whole whether they all are
+ * the final replies of distinct engines that run it and its client takes
+ * them whole; *count gets their number. Malformed: NULL and *count =
+ * UINT32_MAX.
  */
-static ipmpi_req_t *whole_for(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint32_t *count)
+static ipmpi_req_t *answered(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint32_t *count, int *whole)
 {
     ipmpi_req_t *r = NULL;
-    int whole = 1;
     uint64_t mark = c->gathered;
     ipmpi_hdr_t h;
     long n;
     *count = 0;
+    *whole = 1;
     while ((n = ipmpi_gather_next(f, left, &c->link.lim, &h)) > 0) {
         if (h.target < 0 || h.target >= c->nengines)
             break;
         ipmpi_engine_slot_t *e = &c->eng[h.target];
         const ipmpi_sitem_t *it = ipmpi_sched_inflight(&c->sched, e->id);
-        ipmpi_req_t *hr = it && it->type == IPMPI_SITEM_REQ ? it->u.req : NULL;
-        if (!hr || hr->id != h.req_id || (r && hr != r) || e->dead || e->gather_mark == mark)
-            whole = 0;
+        ipmpi_req_t *hr = it && it->type == IPMPI_SITEM_REQ && it->u.req->id == h.req_id ? it->u.req : NULL;
+        if (!hr || (*count && hr != r) || e->dead || e->gather_mark == mark)
+            *whole = 0;
         e->gather_mark = mark;
-        r = hr;
+        if (!*count)
+            r = hr;
         (*count)++;
         f += n;
         left -= (size_t)n;
@@ -301,8 +306,8 @@ static ipmpi_req_t *whole_for(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uin
         *count = UINT32_MAX;
         return NULL;
     }
-    if (!whole || !r || !(r->reply_flags & IPMPI_F_GATHER_OK) || r->quiet || r->out_dropped || *count > r->pending)
-        return NULL;
+    if (!r || !(r->reply_flags & IPMPI_F_GATHER_OK) || r->quiet || r->out_dropped || *count > r->pending)
+        *whole = 0;
     return r;
 }
 
@@ -310,13 +315,18 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
 {
     const uint8_t *f = parts->n == 1 ? parts->bufs[0] : NULL;
     size_t left = parts->n == 1 ? (size_t)parts->lens[0] : 0;
-    uint32_t count;
+    uint32_t count = UINT32_MAX;
+    int whole = 0;
     c->gathered++;
-    ipmpi_req_t *r = f ? whole_for(c, f, left, &count) : (count = UINT32_MAX, NULL);
+    ipmpi_req_t *r = f ? answered(c, f, left, &count, &whole) : NULL;
     if (count == UINT32_MAX) {
         ipmpi_log(IPMPI_LOG_ERROR, "malformed gathered replies from rank %d; dropped", rank);
         goto done;
     }
+    if (r && r->tree_open)
+        r->tree_open--;
+    if (!whole)
+        r = NULL;
     ipmpi_session_t *s = r ? ipmpi_ctl_session(c, r->session) : NULL;
     ipmpi_hdr_t out = {.kind = r ? r->kind : 0, .flags = IPMPI_F_REPLY | IPMPI_F_GATHER,
                        .req_id = r ? r->client_req : 0, .target = IPMPI_TARGET_ALL, .total = r ? r->total : 0};
@@ -344,7 +354,7 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
             ipmpi_sched_props_changed(&c->sched, e->id);
             kick = 1;
         }
-        /* whole_for: r has at least count replies pending, so only the
+        /* answered: r has at least count replies pending, so only the
          * last inner frame can release it. */
         if (--r->pending == 0)
             ipmpi_ctl_req_release(c, r);
