@@ -116,6 +116,24 @@ BELL_LINE = re.compile(r"slept on its bell (\d+) times while engines worked, wok
                        r"(\d+) rings from other nodes")
 
 
+def controller_pid(cluster):
+    """The controller's pid: the one its log file is named after."""
+    for name in os.listdir(cluster.log_dir):
+        m = re.match(r"ipcontroller-(\d+)\.log$", name)
+        if m:
+            return int(m.group(1))
+    raise AssertionError("no controller log in %s" % cluster.log_dir)
+
+
+def proc_status_kb(pid, field):
+    """A kB field of /proc/PID/status (VmRSS, VmHWM, ...)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s for pid %d" % (field, pid))
+
+
 def bell_counts(log_dir):
     """(sleeps, rings that ended one, rings from other nodes) from the line
     a stopped controller logs about its bell (src/doorbell.h)."""
