@@ -107,6 +107,7 @@ ipmpi_session_t *ipmpi_session_new(int fd, SSL_CTX *ctx, const char *peer, uint6
     snprintf(s->peer, sizeof s->peer, "%s", peer);
     s->state = IPMPI_SESS_HANDSHAKE;
     s->t_open = now;
+    s->t_progress = now;
     s->rd_want = POLLIN;
     s->wr_want = POLLOUT;
     s->hs_want = POLLIN;
