@@ -914,7 +914,9 @@ int ipmpi_controller_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm
     ipmpi_log(IPMPI_LOG_INFO, "controller starting: %d engine(s), profile %s", job->world_size - 1, o->dir);
     int rc = setup(&c, o, job, comm);
     if (rc != 0) {
-        ipmpi_log(IPMPI_LOG_ERROR, "controller start-up failed: %s", ipmpi_strerror(rc));
+        /* IPMPI_EACCES here is a profile directory refused (logged above). */
+        ipmpi_log(IPMPI_LOG_ERROR, "controller start-up failed: %s",
+                  rc == IPMPI_EACCES ? "profile directory refused" : ipmpi_strerror(rc));
         abort_job(&c, 1, &waitmask);
     }
     double t_setup = ipmpi_log_clock(), t_first = 0, t_last = 0;
