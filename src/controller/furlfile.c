@@ -104,8 +104,9 @@ static int read_key(int dirfd, const char *name, char out[IPMPI_KEY_HEX_LEN + 1]
  * else could move away and replace: one of the directories it is in is
  * writable by group or others without the sticky bit (a sticky one, such
  * as /tmp, lets only an entry's owner rename it), as ssh refuses such
- * path components. Walks ".." from fd up to the root. Returns 0 or
- * IPMPI_EACCES (logged).
+ * path components. Walks ".." from fd up to the root (a directory that
+ * cannot even be searched ends the walk). Returns 0 or IPMPI_EACCES
+ * (logged).
  */
 static int check_parents(int fd, const char *path)
 {
@@ -117,7 +118,8 @@ static int check_parents(int fd, const char *path)
         return IPMPI_EIO;
     int cur = fd, rc = 0;
     for (int depth = 0; depth < MAX_DEPTH; depth++) {
-        int up = openat(cur, "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        /* O_PATH: a directory above may be searchable only (0711). */
+        int up = openat(cur, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
         if (up < 0)
             break;
         if (cur != fd)
