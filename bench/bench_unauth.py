@@ -58,7 +58,7 @@ def run(seconds, conns, procs):
                                     "--seconds", str(seconds + 1.5)],
                                    stdout=subprocess.PIPE, text=True, env=benchlib.ompi_env())
                   for _ in range(procs)]
-            counts = [0, 0, 0]
+            counts = [0, 0, 0, 0]
             try:
                 for p in ps:
                     assert p.stdout.readline().strip() == "started"
@@ -66,8 +66,8 @@ def run(seconds, conns, procs):
                 loaded = samples_for(mec, seconds=seconds)
                 for p in ps:
                     out, _ = p.communicate(timeout=120)
-                    m = re.search(r"handshakes (\d+) refusals (\d+) errors (\d+)", out)
-                    for i in range(3):
+                    m = re.search(r"handshakes (\d+) refusals (\d+) errors (\d+) busy (\d+)", out)
+                    for i in range(4):
                         counts[i] += int(m.group(i + 1)) if m else 0
             finally:
                 for p in ps:
@@ -76,7 +76,9 @@ def run(seconds, conns, procs):
                         p.wait()
             b1, l1 = log_size(log)
             return (idle, loaded, counts[0] / (seconds + 1.5),
-                    "handshakes %d refusals %d reset %d" % tuple(counts), b1 - b0, l1 - l0)
+                    "handshakes %d, refused for the wrong key %d, refused at once as busy %d (64 before HELLO "
+                    "from one address), other errors %d" % (counts[0], counts[1], counts[3], counts[2]),
+                    b1 - b0, l1 - l0)
         finally:
             mec.close()
 

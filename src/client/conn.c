@@ -938,9 +938,13 @@ free_res:
     return rc;
 }
 
+/* The handshake on fd. On IPMPI_ETLS, *busy says whether the controller
+ * refused the connection at once with the alert user_canceled (its
+ * address has too many connections before HELLO; ipmpi_cl_connect). */
 static int tls_handshake(SSL *ssl, int fd, const char *addr, uint64_t deadline, const ipmpi_cl_hooks_t *hooks,
-                         char *msg, size_t msgcap)
+                         int *busy, char *msg, size_t msgcap)
 {
+    *busy = 0;
     for (;;) {
         ERR_clear_error();
         errno = 0;
@@ -958,6 +962,7 @@ static int tls_handshake(SSL *ssl, int fd, const char *addr, uint64_t deadline, 
             else
                 snprintf(buf, sizeof buf, "%s", saved ? strerror(saved) : "connection closed");
             snprintf(msg, msgcap, "TLS 1.3 handshake with controller at %s failed: %s", addr, buf);
+            *busy = e == SSL_ERROR_SSL && ERR_GET_REASON(le) == SSL_R_TLSV1_ALERT_USER_CANCELLED;
             ERR_clear_error();
             return IPMPI_ETLS;
         }
@@ -968,6 +973,13 @@ static int tls_handshake(SSL *ssl, int fd, const char *addr, uint64_t deadline, 
             return w;
     }
 }
+
+/* Connecting again after the controller refused a new connection at
+ * once: the first wait, the longest, and how long to keep trying without
+ * a deadline. */
+#define BUSY_PAUSE_FIRST_NS (5ull * 1000000ull)
+#define BUSY_PAUSE_MAX_NS (200ull * 1000000ull)
+#define BUSY_RETRY_NS (30ull * 1000000000ull)
 
 int ipmpi_cl_connect(const ipmpi_furl_t *f, double timeout_s, const ipmpi_cl_hooks_t *hooks,
                      ipmpi_cl_t **out, char *msg, size_t msgcap)
@@ -1009,18 +1021,56 @@ int ipmpi_cl_connect(const ipmpi_furl_t *f, double timeout_s, const ipmpi_cl_hoo
         snprintf(msg, msgcap, "cannot create a TLS 1.3 client context");
         goto free_conn;
     }
-    rc = tcp_connect(f, c->addr, deadline, hooks, &c->fd, msg, msgcap);
-    if (rc != 0)
-        goto free_conn;
-    c->ssl = SSL_new(c->ctx);
-    if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) {
-        rc = IPMPI_ETLS;
-        snprintf(msg, msgcap, "cannot set up TLS on the socket");
-        goto free_conn;
+    /* A controller refuses a new connection at once, with the TLS alert
+     * user_canceled before any handshake, when the connection's address
+     * has too many connections before HELLO (others on the same login
+     * node, or behind the same ssh tunnel, flooding it; doc/protocol.md
+     * section 1). Nothing was done, so connect again after a short wait,
+     * until the deadline (or for BUSY_RETRY_NS without one). */
+    uint64_t t_first = ipmpi_now_ns();
+    uint64_t retry_end = deadline ? deadline : t_first + BUSY_RETRY_NS;
+    uint64_t pause = BUSY_PAUSE_FIRST_NS;
+    for (unsigned attempt = 1;; attempt++) {
+        rc = tcp_connect(f, c->addr, deadline, hooks, &c->fd, msg, msgcap);
+        if (rc != 0)
+            goto free_conn;
+        c->ssl = SSL_new(c->ctx);
+        if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) {
+            rc = IPMPI_ETLS;
+            snprintf(msg, msgcap, "cannot set up TLS on the socket");
+            goto free_conn;
+        }
+        int busy = 0;
+        rc = tls_handshake(c->ssl, c->fd, c->addr, deadline, hooks, &busy, msg, msgcap);
+        if (rc == 0)
+            break;
+        /* Up to a quarter of the pause again, so clients reset together
+         * do not come back together. */
+        uint64_t now = ipmpi_now_ns();
+        uint64_t wait = pause + (now ^ (uint64_t)attempt * 0x9e3779b97f4a7c15ull) % (pause / 4 + 1);
+        if (!busy)
+            goto free_conn;
+        if (now + wait >= retry_end) {
+            snprintf(msg, msgcap,
+                     "controller at %s refused %u new connection%s in %.1f s: too many connections from this "
+                     "address have not said HELLO yet (someone on this host, or behind the same ssh tunnel, "
+                     "is opening connections without the key)",
+                     c->addr, attempt, attempt == 1 ? "" : "s", (double)(now - t_first) / 1e9);
+            rc = IPMPI_EIO;
+            goto free_conn;
+        }
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+        close(c->fd);
+        c->fd = -1;
+        ERR_clear_error();
+        int w = wait_fd(-1, 0, now + wait, hooks);
+        if (w == IPMPI_CL_EINTR) {
+            rc = w;
+            goto free_conn;
+        }
+        pause = pause * 2 < BUSY_PAUSE_MAX_NS ? pause * 2 : BUSY_PAUSE_MAX_NS;
     }
-    rc = tls_handshake(c->ssl, c->fd, c->addr, deadline, hooks, msg, msgcap);
-    if (rc != 0)
-        goto free_conn;
     if (ipmpi_tls_check_peer(c->ssl, f->fingerprint) != 0) {
         rc = IPMPI_EACCES;
         snprintf(msg, msgcap,

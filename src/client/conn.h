@@ -74,9 +74,12 @@ typedef struct ipmpi_cl ipmpi_cl_t;
 /*
  * Connects to f's host and port (every address getaddrinfo gives, IPv4 and
  * IPv6), runs the TLS 1.3 handshake and pins the certificate to f's
- * fingerprint. Waits at most timeout_s seconds. Returns 0 and the
+ * fingerprint; a connection the controller refuses at once because its
+ * address has too many connections before HELLO is made again after a
+ * short wait (backoff). Waits at most timeout_s seconds (<= 0: no limit,
+ * but such refusals end it after 30 s). Returns 0 and the
  * connection in *out (caller owns: ipmpi_cl_free), or IPMPI_EIO (resolve
- * or connect failed), IPMPI_ETIMEDOUT, IPMPI_ETLS, IPMPI_EACCES (the
+ * or connect failed, or refused as busy until the end), IPMPI_ETIMEDOUT, IPMPI_ETLS, IPMPI_EACCES (the
  * fingerprint does not match), IPMPI_ENOMEM or IPMPI_CL_EINTR; msg gets a
  * sentence saying what happened.
  */

@@ -160,3 +160,13 @@ int ipmpi_taskdesc_decode(const uint8_t *d, uint64_t len, uint32_t nparts, ipmpi
     *out = t;
     return 0;
 }
+
+int ipmpi_hello_hdr_ok(const ipmpi_hdr_t *h)
+{
+    return h->kind == IPMPI_K_HELLO && h->nparts == 1 && !(h->flags & IPMPI_F_REPLY);
+}
+
+int ipmpi_hello_len_ok(uint64_t len)
+{
+    return len == IPMPI_KEY_HEX_LEN;
+}

@@ -81,6 +81,17 @@ long ipmpi_lens_decode(const uint8_t *buf, size_t len, uint32_t nparts, const ip
 long ipmpi_gather_next(const uint8_t *p, size_t left, const ipmpi_limits_t *lim, ipmpi_hdr_t *h);
 
 /*
+ * Before HELLO (doc/protocol.md section 1) a connection may send one
+ * frame only: HELLO, not a reply, with one part, the key of
+ * IPMPI_KEY_HEX_LEN bytes, so a peer without a key never makes the
+ * controller allocate more than that. ipmpi_hello_hdr_ok says whether a
+ * decoded header may be read on, ipmpi_hello_len_ok whether the decoded
+ * length of its part may (1 yes, 0 refuse).
+ */
+int ipmpi_hello_hdr_ok(const ipmpi_hdr_t *h);
+int ipmpi_hello_len_ok(uint64_t len);
+
+/*
  * One entry of a shared-memory table (doc/protocol.md section 5): part
  * `part` of the frame is `len` bytes at `off` in the sender's memfd `fd`.
  */

@@ -115,12 +115,13 @@ free_key:
     return IPMPI_ETLS;
 }
 
-static FILE *open_private(const char *path, const char *mode)
+/* name in dirfd, made new for writing (mode 0600): never through a link
+ * planted under the name (the directory was checked to be this user's
+ * own, see furlfile.c). */
+static FILE *open_private(int dirfd, const char *name, const char *mode)
 {
-    /* Never through a link planted under the name (the directory was
-     * checked to be this user's own, see furlfile.c). */
-    unlink(path);
-    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    unlinkat(dirfd, name, 0);
+    int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
         return NULL;
     fchmod(fd, 0600);
@@ -130,14 +131,23 @@ static FILE *open_private(const char *path, const char *mode)
     return f;
 }
 
-int ipmpi_tls_load_or_make(const char *dir, const char *cn, int reuse, EVP_PKEY **key, X509 **cert)
+/* name in dirfd for reading, not through a link; NULL if it cannot be opened. */
+static FILE *open_existing(int dirfd, const char *name)
 {
-    char kpath[PATH_MAX], cpath[PATH_MAX];
-    if (snprintf(kpath, sizeof kpath, "%s/controller-key.pem", dir) >= (int)sizeof kpath ||
-        snprintf(cpath, sizeof cpath, "%s/controller-cert.pem", dir) >= (int)sizeof cpath)
-        return IPMPI_EINVAL;
+    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    FILE *f = fdopen(fd, "r");
+    if (!f)
+        close(fd);
+    return f;
+}
+
+int ipmpi_tls_load_or_make_at(int dirfd, const char *cn, int reuse, EVP_PKEY **key, X509 **cert)
+{
+    static const char kname[] = "controller-key.pem", cname[] = "controller-cert.pem";
     if (reuse) {
-        FILE *kf = fopen(kpath, "r"), *cf = fopen(cpath, "r");
+        FILE *kf = open_existing(dirfd, kname), *cf = open_existing(dirfd, cname);
         EVP_PKEY *k = kf ? PEM_read_PrivateKey(kf, NULL, NULL, NULL) : NULL;
         X509 *c = cf ? PEM_read_X509(cf, NULL, NULL, NULL) : NULL;
         if (kf)
@@ -157,8 +167,8 @@ int ipmpi_tls_load_or_make(const char *dir, const char *cn, int reuse, EVP_PKEY 
     int rc = make_cert(cn, &k, &c);
     if (rc != 0)
         return rc;
-    FILE *kf = open_private(kpath, "w");
-    FILE *cf = kf ? open_private(cpath, "w") : NULL;
+    FILE *kf = open_private(dirfd, kname, "w");
+    FILE *cf = kf ? open_private(dirfd, cname, "w") : NULL;
     int ok = kf && cf && PEM_write_PrivateKey(kf, k, NULL, NULL, 0, NULL, NULL) && PEM_write_X509(cf, c);
     if (kf)
         ok = (fclose(kf) == 0) && ok;
@@ -172,6 +182,16 @@ int ipmpi_tls_load_or_make(const char *dir, const char *cn, int reuse, EVP_PKEY 
     *key = k;
     *cert = c;
     return 0;
+}
+
+int ipmpi_tls_load_or_make(const char *dir, const char *cn, int reuse, EVP_PKEY **key, X509 **cert)
+{
+    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd < 0)
+        return IPMPI_EIO;
+    int rc = ipmpi_tls_load_or_make_at(dirfd, cn, reuse, key, cert);
+    close(dirfd);
+    return rc;
 }
 
 int ipmpi_random_hex(char *out, size_t nbytes)

@@ -35,6 +35,10 @@ int ipmpi_tls_check_peer(SSL *ssl, const char *fp_hex);
  * Returns 0, IPMPI_EIO or IPMPI_ETLS.
  */
 int ipmpi_tls_load_or_make(const char *dir, const char *cn, int reuse, EVP_PKEY **key, X509 **cert);
+/* The same in the directory open as dirfd (borrowed): files are opened
+ * relative to it (openat), never through a link, and written new
+ * (O_EXCL), so what was checked about the directory holds for them. */
+int ipmpi_tls_load_or_make_at(int dirfd, const char *cn, int reuse, EVP_PKEY **key, X509 **cert);
 
 /* Writes 2*nbytes lowercase hex digits of cryptographic randomness and a NUL. */
 int ipmpi_random_hex(char *out, size_t nbytes);

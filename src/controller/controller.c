@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -55,6 +56,13 @@
  * request waits at most about this plus one handshake, however many
  * handshakes are under way. */
 #define PREAUTH_BUDGET_NS (1000000ull)
+/* A connection before HELLO that sent nothing for this long (and has
+ * nothing waiting to be read) is stalled: it may give way to a newer one.
+ * A key holder's TLS handshake and HELLO take milliseconds. */
+#define PREAUTH_STALL_NS (1000ull * 1000000ull)
+/* Why a connection is closed or refused when its address is at
+ * IPMPI_GATE_PENDING_PER_SOURCE (one phrase: the gate sums them up). */
+#define PER_SOURCE_REASON "too many connections before HELLO from this address"
 /* Out of file descriptors with nothing to evict: accepting pauses this long. */
 #define ACCEPT_PAUSE_NS (100ull * 1000000ull)
 /* Longest sleep on the bell (doorbell.h) while engines work: the loop
@@ -196,23 +204,69 @@ static void drop_session(ipmpi_ctl_t *c, uint32_t slot)
     c->nsess--;
 }
 
-/*
- * Makes room by closing the oldest connection that has not said HELLO
- * (of peer's address when peer is not NULL). Anyone who can reach the
- * port can open connections, but only key holders get past HELLO; without
- * this, a flood of silent connections would lock every key holder out
- * for as long as it lasts. Returns 1 if one was closed.
- */
-static int evict_unauthenticated(ipmpi_ctl_t *c, const char *peer, const char *reason, uint64_t now)
+/* 1 if s (before HELLO) may be closed to make room for a newer
+ * connection: it was refused already and only flushes the refusal, or
+ * nothing came in from it for PREAUTH_STALL_NS and nothing of it waits to
+ * be read (the loop may just not have served it yet). */
+static int preauth_stalled(const ipmpi_session_t *s, uint64_t now)
 {
-    ipmpi_session_t *v = c->pend_head;
-    while (v && peer && !same_source(v->peer, peer))
-        v = v->pend_next;
+    if (s->state == IPMPI_SESS_CLOSING)
+        return 1;
+    if (now < s->t_progress + PREAUTH_STALL_NS || s->read_more || SSL_has_pending(s->ssl))
+        return 0;
+    int unread = 0;
+    return ioctl(s->fd, FIONREAD, &unread) != 0 || unread == 0;
+}
+
+/*
+ * Makes room by closing the oldest stalled connection that has not said
+ * HELLO (preauth_stalled), or, unless stalled_only, the oldest one at all;
+ * of peer's address when peer is not NULL. Anyone who can reach the port
+ * can open connections, but only key holders get past HELLO; without
+ * this, a flood of silent connections would lock every key holder out for
+ * as long as it lasts. A connection whose handshake progresses is not
+ * closed for a newer one of its address (stalled_only): a flood of wrong
+ * keys from the address of a login node or an ssh tunnel would otherwise
+ * cut the handshakes of the key holders behind it. Returns 1 if one was
+ * closed.
+ */
+static int evict_unauthenticated(ipmpi_ctl_t *c, const char *peer, const char *reason, uint64_t now,
+                                 int stalled_only)
+{
+    ipmpi_session_t *v = c->pend_head, *oldest = NULL;
+    for (; v; v = v->pend_next) {
+        if (peer && !same_source(v->peer, peer))
+            continue;
+        if (!oldest)
+            oldest = v;
+        if (preauth_stalled(v, now))
+            break;
+    }
+    if (!v && !stalled_only)
+        v = oldest;
     if (!v)
         return 0;
     ipmpi_gate_refused(c->gate, now, v->peer, reason, "client %s closed before HELLO: %s", v->peer, reason);
     drop_session(c, session_slot(v));
     return 1;
+}
+
+/*
+ * Refuses a new connection at once, before any TLS work: a TLS alert
+ * record, fatal user_canceled ("canceling the handshake for some reason
+ * unrelated to a protocol failure", RFC 8446), tells the client to come
+ * back later, also through an ssh tunnel (doc/protocol.md section 1). What
+ * the client sent already is read away first, so the close sends a FIN
+ * after the alert rather than a reset that could overtake it.
+ */
+static void refuse_busy(int fd)
+{
+    static const uint8_t alert[7] = {21, 3, 3, 0, 2, 2, 90};
+    (void)send(fd, alert, sizeof alert, MSG_NOSIGNAL | MSG_DONTWAIT);
+    char scratch[4096];
+    for (int k = 0; k < 4 && recv(fd, scratch, sizeof scratch, MSG_DONTWAIT) > 0; k++)
+        ;
+    close(fd);
 }
 
 /* The address:port of ss in peer. */
@@ -241,7 +295,7 @@ static void accept_clients(ipmpi_ctl_t *c, uint64_t now)
                 /* The pending connection stays in the kernel's queue (and
                  * keeps the socket readable): free a descriptor, or stop
                  * looking at the socket for a while. */
-                if (evict_unauthenticated(c, NULL, "out of file descriptors", now))
+                if (evict_unauthenticated(c, NULL, "out of file descriptors", now, 0))
                     continue;
                 ipmpi_gate_refused(c->gate, now, "(accept):0", "out of file descriptors",
                                    "cannot accept connections: %s; %u sessions open", strerror(errno), c->nsess);
@@ -256,8 +310,19 @@ static void accept_clients(ipmpi_ctl_t *c, uint64_t now)
         /* A client whose link silently died is dropped within ~30 s
          * (its results stay in the controller). */
         ipmpi_tcp_tune(fd, 24);
+        /* One address may hold only so many connections before HELLO: a
+         * stalled one gives way to the new one, else the new one is
+         * refused at once (a TLS alert before any TLS work; the client
+         * tries again within its connect timeout). */
+        if (ipmpi_gate_pending(c->gate, peer) >= IPMPI_GATE_PENDING_PER_SOURCE &&
+            !evict_unauthenticated(c, peer, PER_SOURCE_REASON, now, 1)) {
+            ipmpi_gate_refused(c->gate, now, peer, PER_SOURCE_REASON, "connection from %s refused: %s", peer,
+                               PER_SOURCE_REASON);
+            refuse_busy(fd);
+            continue;
+        }
         int rc = add_session(c, fd, peer, now);
-        if (rc == IPMPI_EAGAIN && evict_unauthenticated(c, NULL, "session table full", now))
+        if (rc == IPMPI_EAGAIN && evict_unauthenticated(c, NULL, "session table full", now, 0))
             rc = add_session(c, fd, peer, now);
         if (rc != 0) {
             ipmpi_gate_refused(c->gate, now, peer, "too many sessions", "connection from %s refused: %s", peer,
@@ -266,10 +331,6 @@ static void accept_clients(ipmpi_ctl_t *c, uint64_t now)
             continue;
         }
         ipmpi_log(IPMPI_LOG_DEBUG, "connection from %s", peer);
-        /* One address may hold only so many connections before HELLO:
-         * its oldest gives way to the new one. */
-        if (ipmpi_gate_pending(c->gate, peer) > IPMPI_GATE_PENDING_PER_SOURCE)
-            evict_unauthenticated(c, peer, "too many connections before HELLO from this address", now);
     }
 }
 
@@ -278,6 +339,14 @@ static void session_step(ipmpi_ctl_t *c, uint32_t slot)
 {
     ipmpi_session_t *s = c->sess[slot];
     int rc = ipmpi_session_io(s, &c->o->limits, ipmpi_ctl_client_frame, c);
+    if (s->pending) {
+        /* Bytes came in: its handshake or HELLO progresses. */
+        uint64_t rd = BIO_number_read(SSL_get_rbio(s->ssl));
+        if (rd != s->rd_seen) {
+            s->rd_seen = rd;
+            s->t_progress = ipmpi_now_ns();
+        }
+    }
     if (s->pending && s->cap != IPMPI_CAP_NONE)
         pend_del(c, s); /* it said HELLO with a key */
     if (rc < 0) {
@@ -852,7 +921,9 @@ int ipmpi_controller_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm
     ipmpi_log(IPMPI_LOG_INFO, "controller starting: %d engine(s), profile %s", job->world_size - 1, o->dir);
     int rc = setup(&c, o, job, comm);
     if (rc != 0) {
-        ipmpi_log(IPMPI_LOG_ERROR, "controller start-up failed: %s", ipmpi_strerror(rc));
+        /* IPMPI_EACCES here is a profile directory refused (logged above). */
+        ipmpi_log(IPMPI_LOG_ERROR, "controller start-up failed: %s",
+                  rc == IPMPI_EACCES ? "profile directory refused" : ipmpi_strerror(rc));
         abort_job(&c, 1, &waitmask);
     }
     double t_setup = ipmpi_log_clock(), t_first = 0, t_last = 0;

@@ -23,17 +23,19 @@
 #include "log.h"
 #include "tls.h"
 
-/* Writes len bytes to path through a temp file and rename(), mode 0600,
- * so a reader sees either no file or the whole file. The temp file is
- * made new (O_EXCL) and never through a link (O_NOFOLLOW): a file or link
+/* Writes len bytes to name in dirfd through a temp file and renameat(),
+ * mode 0600, so a reader sees either no file or the whole file. The temp
+ * file is made new (O_EXCL) and never through a link (O_NOFOLLOW), and
+ * relative to the checked directory's descriptor (openat), so a directory
+ * swapped in under the same path afterwards gets nothing: a file or link
  * planted under its name is removed first, never written through. */
-static int write_atomic(const char *path, const char *data, size_t len)
+static int write_atomic(int dirfd, const char *name, const char *data, size_t len)
 {
-    char tmp[PATH_MAX + 16];
-    if (snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid()) >= (int)sizeof tmp)
+    char tmp[NAME_MAX + 1];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp%d", name, (int)getpid()) >= (int)sizeof tmp)
         return IPMPI_EINVAL;
-    unlink(tmp);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    unlinkat(dirfd, tmp, 0);
+    int fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0)
         return IPMPI_EIO;
     int rc = IPMPI_EIO;
@@ -53,22 +55,33 @@ static int write_atomic(const char *path, const char *data, size_t len)
 close_fd:
     if (close(fd) != 0)
         rc = IPMPI_EIO;
-    if (rc == 0 && rename(tmp, path) != 0)
+    if (rc == 0 && renameat(dirfd, tmp, dirfd, name) != 0)
         rc = IPMPI_EIO;
     if (rc != 0)
-        unlink(tmp);
+        unlinkat(dirfd, tmp, 0);
     return rc;
 }
 
-/* Reads a 64-hex-digit key from path into out (lowercased). 0 or IPMPI_EIO. */
-static int read_key(const char *path, char out[IPMPI_KEY_HEX_LEN + 1])
+/* Reads a 64-hex-digit key from name in dirfd (not through a link) into
+ * out (lowercased). 0 or IPMPI_EIO. */
+static int read_key(int dirfd, const char *name, char out[IPMPI_KEY_HEX_LEN + 1])
 {
     char buf[IPMPI_KEY_HEX_LEN + 8];
-    FILE *f = fopen(path, "r");
-    if (!f)
+    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
         return IPMPI_EIO;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
+    size_t n = 0;
+    for (;;) {
+        ssize_t r = read(fd, buf + n, sizeof buf - 1 - n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        n += (size_t)r;
+        if (n == sizeof buf - 1)
+            break;
+    }
+    close(fd);
     buf[n] = '\0';
     while (n > 0 && isspace((unsigned char)buf[n - 1]))
         buf[--n] = '\0';
@@ -83,18 +96,80 @@ static int read_key(const char *path, char out[IPMPI_KEY_HEX_LEN + 1])
     return 0;
 }
 
+/* Longest chain of parent directories looked at (a loop guard). */
+#define MAX_DEPTH 256
+
 /*
- * Keys go only where nobody else can read or replace them: the profile
+ * Refuses a profile directory (open as fd, shown as path) that someone
+ * else could move away and replace: one of the directories it is in is
+ * writable by group or others without the sticky bit (a sticky one, such
+ * as /tmp, lets only an entry's owner rename it), as ssh refuses such
+ * path components. Walks ".." from fd up to the root (a directory that
+ * cannot even be searched ends the walk). Returns 0 or IPMPI_EACCES
+ * (logged).
+ */
+static int check_parents(int fd, const char *path)
+{
+    char shown[PATH_MAX];
+    if (!realpath(path, shown))
+        snprintf(shown, sizeof shown, "%s", path);
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return IPMPI_EIO;
+    int cur = fd, rc = 0;
+    for (int depth = 0; depth < MAX_DEPTH; depth++) {
+        /* O_PATH: a directory above may be searchable only (0711). */
+        int up = openat(cur, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (up < 0)
+            break;
+        if (cur != fd)
+            close(cur);
+        cur = up;
+        struct stat pst;
+        if (fstat(up, &pst) != 0)
+            break;
+        if (pst.st_dev == st.st_dev && pst.st_ino == st.st_ino)
+            break; /* the root: its ".." is itself */
+        char *slash = strrchr(shown, '/');
+        if (slash && slash != shown)
+            *slash = '\0';
+        else
+            snprintf(shown, sizeof shown, "/");
+        if ((pst.st_mode & (S_IWGRP | S_IWOTH)) && !(pst.st_mode & S_ISVTX)) {
+            ipmpi_log(IPMPI_LOG_ERROR,
+                      "%s is inside %s, which is writable by %s without the sticky bit (mode %04o): they "
+                      "could move the profile directory away and put their own in its place; use a profile "
+                      "directory elsewhere (--ipmpi-dir or IPMPI_DIR), or run chmod go-w %s (or chmod +t %s)",
+                      path, shown, (pst.st_mode & S_IWOTH) ? "others" : "its group",
+                      (unsigned)(pst.st_mode & 07777), shown, shown);
+            rc = IPMPI_EACCES;
+            break;
+        }
+        st = pst;
+    }
+    if (cur != fd)
+        close(cur);
+    return rc;
+}
+
+/*
+ * Keys go only where nobody else can read or replace them. The profile
  * directory (secret = 0) and its security/ (secret = 1) must be
  * directories, not links, owned by this user; the profile directory must
- * not be writable by others (they could swap security/ for their own),
- * and security/ is made 0700 (an existing one may have been made with a
- * looser umask). Otherwise the controller refuses to start, saying why:
- * a shared or planted directory would hand the keys to someone else.
+ * not be writable by others (they could swap security/ for their own) nor
+ * be inside a directory others may write to without the sticky bit
+ * (check_parents), and security/ must not be open to others at all (0700;
+ * an existing looser one is refused, not changed: others may have read or
+ * replaced what is in it). Otherwise the controller refuses to start,
+ * saying why: a shared or planted directory would hand the keys to someone
+ * else. Opens name relative to at (AT_FDCWD or the profile directory) with
+ * O_DIRECTORY | O_NOFOLLOW; returns the descriptor the checks were made
+ * on (caller closes), or a negative IPMPI_E* (logged). Everything after is
+ * done relative to it.
  */
-static int check_dir(const char *path, int secret)
+static int open_checked_dir(int at, const char *name, const char *path, int secret)
 {
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    int fd = openat(at, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) {
         ipmpi_log(IPMPI_LOG_ERROR, "cannot open %s: %s (a symbolic link is refused here)", path, strerror(errno));
         return IPMPI_EACCES;
@@ -116,35 +191,44 @@ static int check_dir(const char *path, int secret)
                   "run chmod go-w %s",
                   path, (unsigned)(st.st_mode & 0777), path);
         rc = IPMPI_EACCES;
-    } else if (secret && (st.st_mode & 077) && fchmod(fd, 0700) != 0) {
-        ipmpi_log(IPMPI_LOG_ERROR, "%s is open to others (mode %03o) and cannot be made 0700: %s", path,
-                  (unsigned)(st.st_mode & 0777), strerror(errno));
+    } else if (secret && (st.st_mode & 077)) {
+        ipmpi_log(IPMPI_LOG_ERROR,
+                  "security directory %s is open to others (mode %03o): they may have read or replaced the "
+                  "keys in it, so it is refused; run chmod 700 %s (and remove the files in it, for new keys, "
+                  "if others may have read them)",
+                  path, (unsigned)(st.st_mode & 0777), path);
         rc = IPMPI_EACCES;
+    } else if (!secret) {
+        rc = check_parents(fd, path);
     }
-    close(fd);
-    return rc;
+    if (rc != 0) {
+        close(fd);
+        return rc;
+    }
+    return fd;
 }
 
-static int load_or_make_key(const char *secdir, const char *name, int persistent, char out[IPMPI_KEY_HEX_LEN + 1])
+static int load_or_make_key(int dirfd, const char *secdir, const char *name, int persistent,
+                            char out[IPMPI_KEY_HEX_LEN + 1])
 {
-    char path[PATH_MAX], line[IPMPI_KEY_HEX_LEN + 2];
-    if (snprintf(path, sizeof path, "%s/ipcontroller-%s.key", secdir, name) >= (int)sizeof path)
-        return IPMPI_EINVAL;
-    if (persistent && read_key(path, out) == 0)
+    char file[64], line[IPMPI_KEY_HEX_LEN + 2];
+    snprintf(file, sizeof file, "ipcontroller-%s.key", name);
+    if (persistent && read_key(dirfd, file, out) == 0)
         return 0;
     int rc = ipmpi_random_hex(out, IPMPI_KEY_HEX_LEN / 2);
     if (rc != 0)
         return rc;
     snprintf(line, sizeof line, "%s\n", out);
-    rc = write_atomic(path, line, strlen(line));
+    rc = write_atomic(dirfd, file, line, strlen(line));
     if (rc != 0)
-        ipmpi_log(IPMPI_LOG_ERROR, "cannot write %s: %s", path, strerror(errno));
+        ipmpi_log(IPMPI_LOG_ERROR, "cannot write %s/%s: %s", secdir, file, strerror(errno));
     return rc;
 }
 
 int ipmpi_security_setup(ipmpi_security_t *sec, const char *dir, const char *cn, int persistent)
 {
     memset(sec, 0, sizeof *sec);
+    sec->dfd = -1;
     if (snprintf(sec->secdir, sizeof sec->secdir, "%s/security", dir) >= (int)sizeof sec->secdir ||
         snprintf(sec->mec_path, sizeof sec->mec_path, "%s/ipcontroller-mec.furl", sec->secdir) >=
             (int)sizeof sec->mec_path ||
@@ -153,26 +237,33 @@ int ipmpi_security_setup(ipmpi_security_t *sec, const char *dir, const char *cn,
         ipmpi_log(IPMPI_LOG_ERROR, "profile directory path too long: %s", dir);
         return IPMPI_EINVAL;
     }
-    int rc = check_dir(dir, 0);
-    if (rc != 0)
-        return rc;
-    if (mkdir(sec->secdir, 0700) != 0 && errno != EEXIST) {
+    int pfd = open_checked_dir(AT_FDCWD, dir, dir, 0);
+    if (pfd < 0)
+        return pfd;
+    if (mkdirat(pfd, "security", 0700) != 0 && errno != EEXIST) {
         ipmpi_log(IPMPI_LOG_ERROR, "cannot create %s: %s", sec->secdir, strerror(errno));
+        close(pfd);
         return IPMPI_EIO;
     }
-    if ((rc = check_dir(sec->secdir, 1)) != 0)
+    sec->dfd = open_checked_dir(pfd, "security", sec->secdir, 1);
+    close(pfd);
+    if (sec->dfd < 0) {
+        int rc = sec->dfd;
+        sec->dfd = -1;
         return rc;
-    rc = ipmpi_tls_load_or_make(sec->secdir, cn, persistent, &sec->key, &sec->cert);
+    }
+    int rc = ipmpi_tls_load_or_make_at(sec->dfd, cn, persistent, &sec->key, &sec->cert);
     if (rc != 0) {
         ipmpi_log(IPMPI_LOG_ERROR, "cannot load or make the certificate in %s: %s", sec->secdir,
                   ipmpi_strerror(rc));
+        ipmpi_security_fini(sec);
         return rc;
     }
     rc = ipmpi_tls_fingerprint(sec->cert, sec->fingerprint);
     if (rc == 0)
-        rc = load_or_make_key(sec->secdir, "mec", persistent, sec->mec_key);
+        rc = load_or_make_key(sec->dfd, sec->secdir, "mec", persistent, sec->mec_key);
     if (rc == 0)
-        rc = load_or_make_key(sec->secdir, "tc", persistent, sec->tc_key);
+        rc = load_or_make_key(sec->dfd, sec->secdir, "tc", persistent, sec->tc_key);
     if (rc != 0) {
         ipmpi_security_fini(sec);
         return rc;
@@ -182,6 +273,9 @@ int ipmpi_security_setup(ipmpi_security_t *sec, const char *dir, const char *cn,
 
 void ipmpi_security_fini(ipmpi_security_t *sec)
 {
+    if (sec->dfd >= 0)
+        close(sec->dfd);
+    sec->dfd = -1;
     EVP_PKEY_free(sec->key);
     X509_free(sec->cert);
     sec->key = NULL;
@@ -309,6 +403,7 @@ int ipmpi_furls_write(ipmpi_security_t *sec, const char *host, int port)
     snprintf(f.host, sizeof f.host, "%s", host);
     f.port = port;
     const char *keys[2] = {sec->mec_key, sec->tc_key}, *paths[2] = {sec->mec_path, sec->tc_path};
+    static const char *const names[2] = {"ipcontroller-mec.furl", "ipcontroller-tc.furl"};
     for (int i = 0; i < 2; i++) {
         snprintf(f.key, sizeof f.key, "%s", keys[i]);
         int n = ipmpi_furl_format(&f, line, sizeof line - 1);
@@ -317,7 +412,7 @@ int ipmpi_furls_write(ipmpi_security_t *sec, const char *host, int port)
             return n;
         }
         line[n] = '\n';
-        int rc = write_atomic(paths[i], line, (size_t)n + 1);
+        int rc = write_atomic(sec->dfd, names[i], line, (size_t)n + 1);
         if (rc != 0) {
             ipmpi_log(IPMPI_LOG_ERROR, "cannot write %s: %s", paths[i], strerror(errno));
             return rc;
@@ -333,7 +428,7 @@ void ipmpi_furls_remove(ipmpi_security_t *sec)
 {
     if (!sec->written)
         return;
-    unlink(sec->mec_path);
-    unlink(sec->tc_path);
+    unlinkat(sec->dfd, "ipcontroller-mec.furl", 0);
+    unlinkat(sec->dfd, "ipcontroller-tc.furl", 0);
     sec->written = 0;
 }

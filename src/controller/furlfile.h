@@ -19,6 +19,7 @@
 
 typedef struct ipmpi_security {
     char secdir[PATH_MAX];
+    int dfd; /* security/, open since it was checked: every file goes in through it (openat) */
     char mec_path[PATH_MAX], tc_path[PATH_MAX];
     char mec_key[IPMPI_KEY_HEX_LEN + 1], tc_key[IPMPI_KEY_HEX_LEN + 1];
     char fingerprint[IPMPI_FP_HEX_LEN + 1];
@@ -28,9 +29,14 @@ typedef struct ipmpi_security {
 } ipmpi_security_t;
 
 /*
- * Makes <dir>/security (0700), loads or makes the certificate (CN = cn)
- * and the two keys; persistent: reuse what is there. Returns 0, IPMPI_EIO
- * or IPMPI_ETLS (logged). On success the caller owns sec's contents
+ * Checks dir (this user's, not writable by others, not inside a directory
+ * others may write to without the sticky bit), makes <dir>/security
+ * (0700; an existing one must be this user's and closed to others),
+ * loads or makes the certificate (CN = cn) and the two keys in it;
+ * persistent: reuse what is there. Every file is opened relative to the
+ * checked directory's descriptor (furlfile.c). Returns 0, IPMPI_EACCES
+ * (refused, saying why and how to fix it), IPMPI_EIO or IPMPI_ETLS
+ * (logged). On success the caller owns sec's contents
  * (ipmpi_security_fini).
  */
 int ipmpi_security_setup(ipmpi_security_t *sec, const char *dir, const char *cn, int persistent);

@@ -5,7 +5,8 @@
  *
  * - Pending counts per source address: how many connections from each
  *   address are still before HELLO. The controller bounds them
- *   (IPMPI_GATE_PENDING_PER_SOURCE; the oldest of that address gives way),
+ *   (IPMPI_GATE_PENDING_PER_SOURCE; a stalled one of that address gives
+ *   way, or else the new one is refused: controller.c),
  *   so one host cannot take the whole session table or the loop's budget
  *   for TLS handshakes.
  * - Refusal logs, rate-limited: each refusal of an unauthenticated peer

@@ -33,6 +33,7 @@
 #include "log.h"
 #include "backoff.h"
 #include "codec.h"
+#include "peermsg.h"
 
 /* Liveness connections waiting for their first bytes, and how long. */
 #define HELLO_MAX 64
@@ -319,8 +320,10 @@ static int greet_live(ipmpi_ctl_t *c, int fd)
         return 0;
     if (got > 0 && got < (ssize_t)sizeof b)
         return 0;
-    int32_t id = got == (ssize_t)sizeof b ? (int32_t)ipmpi_get_u32(b + 8) : -1;
-    uint64_t key = got == (ssize_t)sizeof b ? ipmpi_get_u64(b) : 0;
+    int32_t id = -1;
+    uint64_t key = 0;
+    if (got > 0)
+        (void)ipmpi_join_hello_parse(b, (size_t)got, &key, &id);
     ipmpi_engine_slot_t *e = id >= c->job->world_size - 1 && id < c->nengines ? &c->eng[id] : NULL;
     if (!e || CRYPTO_memcmp(&key, &j->key, sizeof key) != 0 || e->live_fd >= 0 || e->dead) {
         ipmpi_log(IPMPI_LOG_WARN, "a liveness connection without a valid key and engine id: closed");

@@ -107,6 +107,7 @@ ipmpi_session_t *ipmpi_session_new(int fd, SSL_CTX *ctx, const char *peer, uint6
     snprintf(s->peer, sizeof s->peer, "%s", peer);
     s->state = IPMPI_SESS_HANDSHAKE;
     s->t_open = now;
+    s->t_progress = now;
     s->rd_want = POLLIN;
     s->wr_want = POLLOUT;
     s->hs_want = POLLIN;
@@ -331,8 +332,7 @@ static int got_header(ipmpi_session_t *s, const ipmpi_limits_t *lim)
         bad_frame(s, IPMPI_E2BIG, why);
         return -1;
     }
-    if (s->cap == IPMPI_CAP_NONE &&
-        (s->in_h.kind != IPMPI_K_HELLO || s->in_h.nparts != 1 || (s->in_h.flags & IPMPI_F_REPLY))) {
+    if (s->cap == IPMPI_CAP_NONE && !ipmpi_hello_hdr_ok(&s->in_h)) {
         refusal(s, "frame before HELLO", "client %s: refused: frame of kind %u before HELLO", s->peer,
                 s->in_h.kind);
         ipmpi_session_send_error(s, s->in_h.kind, s->in_h.req_id, IPMPI_TARGET_CONTROLLER, 1, IPMPI_EACCES,
@@ -368,7 +368,7 @@ static int got_lens(ipmpi_session_t *s, const ipmpi_limits_t *lim, void *arg)
             return -1;
         }
     }
-    if (s->cap == IPMPI_CAP_NONE && s->in_lens[0] != IPMPI_KEY_HEX_LEN) {
+    if (s->cap == IPMPI_CAP_NONE && !ipmpi_hello_len_ok(s->in_lens[0])) {
         refusal(s, "wrong key", "client %s: refused: HELLO key of %llu bytes", s->peer,
                 (unsigned long long)s->in_lens[0]);
         ipmpi_session_send_error(s, IPMPI_K_HELLO, s->in_h.req_id, IPMPI_TARGET_CONTROLLER, 1, IPMPI_EACCES,

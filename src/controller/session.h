@@ -83,10 +83,15 @@ struct ipmpi_session {
 
     /* Before HELLO (controller.c): refusals are logged through the gate
      * (borrowed, may be NULL), and the session is on the controller's
-     * list of connections before HELLO, oldest first. */
+     * list of connections before HELLO, oldest first. t_progress is when
+     * bytes last came in from it (accept time until then), rd_seen how
+     * many had come in by then: a connection whose handshake progresses
+     * is never closed to make room for a newer one of its address. */
     ipmpi_gate_t *gate;
     int pending;
     ipmpi_session_t *pend_prev, *pend_next;
+    uint64_t t_progress;
+    uint64_t rd_seen;
 
     /* Back-pressure on requests (doc/protocol.md section 1): the bytes of
      * this session's frames the controller still holds (queued for

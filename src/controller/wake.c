@@ -25,6 +25,7 @@
 #include "ctl.h"
 #include "doorbell.h"
 #include "log.h"
+#include "peermsg.h"
 
 #define WAKE_FIRST_GAP_NS (2000000ull)
 #define WAKE_MAX_GAP_NS (1000000000ull)
@@ -141,10 +142,8 @@ static uint64_t read_rings(ipmpi_ctl_t *c, int fd)
             return n;
         uint64_t key;
         int32_t id;
-        if (got != 12)
+        if (ipmpi_ring_parse(b, (size_t)got, &key, &id) != 0)
             continue;
-        memcpy(&key, b, sizeof key);
-        memcpy(&id, b + 8, sizeof id);
         if (id < 0 || id >= c->nengines || c->eng[id].wake_fd < 0 || c->eng[id].wake_key != key)
             continue; /* not from one of ours: it woke the loop, nothing more */
         c->eng[id].rings = 1;

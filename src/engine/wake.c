@@ -28,6 +28,7 @@
 #include "engine.h"
 #include "ipmpi/errors.h"
 #include "log.h"
+#include "peermsg.h"
 
 int ipmpi_eng_wake_open(ipmpi_eng_wake_t *w)
 {
@@ -81,7 +82,7 @@ static int drain(ipmpi_eng_wake_t *w)
         ssize_t n = recvfrom(w->fd, b, sizeof b, 0, (struct sockaddr *)&from, &fl);
         if (n < 0)
             return ours;
-        if (n == (ssize_t)sizeof w->key && memcmp(b, &w->key, sizeof w->key) == 0) {
+        if (ipmpi_wake_is_key(b, (size_t)n, w->key)) {
             ours = 1;
             if (fl <= sizeof w->ctl_addr) {
                 memcpy(&w->ctl_addr, &from, fl);
@@ -95,9 +96,8 @@ void ipmpi_eng_wake_ring(const ipmpi_eng_wake_t *w)
 {
     if (!w || w->fd < 0 || w->ctl_len == 0)
         return;
-    uint8_t b[12];
-    memcpy(b, &w->key, sizeof w->key);
-    memcpy(b + 8, &w->eid, sizeof w->eid);
+    uint8_t b[IPMPI_RING_SIZE];
+    ipmpi_ring_encode(w->key, w->eid, b);
     /* Lost or refused: the controller's timer covers it. */
     (void)sendto(w->fd, b, sizeof b, MSG_DONTWAIT, (const struct sockaddr *)&w->ctl_addr, w->ctl_len);
 }

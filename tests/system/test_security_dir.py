@@ -1,9 +1,12 @@
 """The controller keeps its keys only where nobody else can read or replace
 them (issue 13: planted symlinks in a shared profile directory captured the
-mec key). A profile directory writable by others, a security/ that is a
-link or belongs to another user: the cluster does not start and says why.
+mec key). A profile directory writable by others, of another user, or
+inside a directory others may write to without the sticky bit; a security/
+that is a link, belongs to another user or is open to others: the cluster
+does not start and says why (and how to fix it), and nothing is changed.
 Files planted under the names of the key and furl files are replaced, never
-written through.
+written through, and a profile directory inside a sticky world-writable
+directory (/tmp's mode) is used.
 """
 import os
 import shutil
@@ -37,6 +40,44 @@ def test_a_profile_directory_writable_by_others_is_refused():
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_a_profile_directory_of_another_user_is_refused():
+    d = new_dir()
+    try:
+        os.chown(d, 65534, 65534)   # nobody; mode 0700, not writable by others
+        refused(d, "belongs to uid 65534, not to this user")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_profile_directory_inside_a_world_writable_directory_without_sticky_bit_is_refused():
+    # Whoever may write to the parent may rename prof/ away and put theirs
+    # in its place (issue 13 audit: such a cluster started).
+    parent = new_dir()
+    try:
+        os.chmod(parent, 0o777)
+        d = os.path.join(parent, "prof")
+        os.mkdir(d, 0o700)
+        refused(d, "inside %s, which is writable by others without the sticky bit (mode 0777)"
+                % os.path.realpath(parent))
+        refused(d, "chmod +t %s" % os.path.realpath(parent))
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_a_security_directory_open_to_others_is_refused_not_changed():
+    d = new_dir()
+    try:
+        sec = os.path.join(d, "security")
+        os.mkdir(sec)
+        os.chmod(sec, 0o755)
+        refused(d, "security directory %s is open to others (mode 755)" % sec)
+        refused(d, "chmod 700 %s" % sec)
+        assert stat.S_IMODE(os.stat(sec).st_mode) == 0o755, "the controller changed the mode itself"
+        assert not os.path.exists(os.path.join(sec, "ipcontroller-mec.key"))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_a_security_directory_that_is_a_link_is_refused():
     d, elsewhere = new_dir(), new_dir()
     try:
@@ -60,10 +101,15 @@ def test_a_security_directory_of_another_user_is_refused():
 
 
 def test_planted_links_under_the_key_and_furl_names_are_replaced_not_followed():
-    d, trap = new_dir(), new_dir()
+    # The profile directory is inside a sticky world-writable directory,
+    # as in /tmp: only an entry's owner may rename it there, so it is used.
+    sticky, trap = new_dir(), new_dir()
+    os.chmod(sticky, 0o1777)
+    d = os.path.join(sticky, "prof")
+    os.mkdir(d, 0o700)
     try:
         sec = os.path.join(d, "security")
-        os.mkdir(sec, 0o755)    # a looser mode is made 0700
+        os.mkdir(sec, 0o700)
         for name in ("ipcontroller-mec.furl", "ipcontroller-tc.furl", "ipcontroller-mec.key",
                      "ipcontroller-tc.key", "controller-key.pem", "controller-cert.pem"):
             os.symlink(os.path.join(trap, name), os.path.join(sec, name))
@@ -79,5 +125,5 @@ def test_planted_links_under_the_key_and_furl_names_are_replaced_not_followed():
         for name in os.listdir(sec):
             assert not os.path.islink(os.path.join(sec, name)), name
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(sticky, ignore_errors=True)
         shutil.rmtree(trap, ignore_errors=True)

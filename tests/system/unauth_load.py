@@ -10,7 +10,10 @@ Usage: unauth_load.py FURL_FILE [--conns 200] [--seconds 10] [--mode wrong-key|s
   wrong-key: handshake, wrong HELLO, refusal, again (the default)
   silent:    plain TCP connections that never speak, held open until the end
 
-Prints one line at the end: "handshakes N refusals M errors E".
+Prints one line at the end: "handshakes N refusals M errors E busy B"
+(busy: connections the controller refused at once, before the handshake,
+with the TLS alert user_canceled, as it does beyond 64 connections before
+HELLO from one address; errors: other failures).
 """
 import argparse
 import selectors
@@ -110,10 +113,13 @@ class Conn:
             ld.sel.modify(self.sock, selectors.EVENT_READ, self)
         except ssl.SSLWantWriteError:
             ld.sel.modify(self.sock, selectors.EVENT_WRITE, self)
-        except (ssl.SSLError, OSError):
+        except (ssl.SSLError, OSError) as e:
             # The refusal ends with the controller closing the connection.
             if self.stage == "recv":
                 ld.refusals += 1
+                return self.finish(False)
+            if getattr(e, "reason", None) == "TLSV1_ALERT_USER_CANCELLED":
+                ld.busy += 1
                 return self.finish(False)
             return self.finish(True)
 
@@ -127,7 +133,7 @@ class Load:
         self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         self.sel = selectors.DefaultSelector()
         self.hello = wrong_hello()
-        self.handshakes = self.refusals = self.errors = 0
+        self.handshakes = self.refusals = self.errors = self.busy = 0
         self.retry = [Conn(self) for _ in range(conns)]
 
     def run(self, seconds):
@@ -149,7 +155,7 @@ def silent(furl, conns, seconds):
     time.sleep(seconds)
     for s in socks:
         s.close()
-    print("handshakes 0 refusals 0 errors 0 silent %d" % len(socks), flush=True)
+    print("handshakes 0 refusals 0 errors 0 busy 0 silent %d" % len(socks), flush=True)
 
 
 def main():
@@ -165,7 +171,8 @@ def main():
     ld = Load(a.furl, a.conns)
     print("started", flush=True)
     ld.run(a.seconds)
-    print("handshakes %d refusals %d errors %d" % (ld.handshakes, ld.refusals, ld.errors), flush=True)
+    print("handshakes %d refusals %d errors %d busy %d" % (ld.handshakes, ld.refusals, ld.errors, ld.busy),
+          flush=True)
     return 0
 
 

@@ -702,6 +702,42 @@ def test_a_loose_security_directory_is_refused_with_the_fix(fake, tmp_path):
             os.environ["IPMPI_DIR"] = old
 
 
+def test_a_furl_inside_a_directory_others_may_write_without_sticky_bit_is_refused(fake, tmp_path):
+    # Whoever may write to a directory above the furl may put a furl, or a
+    # whole profile directory, of theirs in its place (issue 13 audit).
+    lis = Listener()
+    ww = tmp_path / "shared"
+    sec = ww / "prof" / "security"
+    sec.mkdir(parents=True, mode=0o700)
+    p = _furl_file(sec, lis.furl(), 0o600)
+    loose = _furl_file(ww, lis.furl(), 0o600)
+    for mode, who in ((0o777, "others"), (0o770, "its group")):
+        ww.chmod(mode)
+        for f in (p, loose):
+            with pytest.raises(PermissionError) as ei:
+                client.MultiEngineClient(str(f), connect_timeout=5)
+            msg = str(ei.value)
+            assert "is inside %s, which is writable by %s without the sticky bit (mode %04o)" % (ww, who, mode) \
+                in msg, msg
+            assert "chmod go-w %s" % ww in msg and "chmod +t %s" % ww in msg, msg
+    assert not lis.connected()
+    # The default furl ($IPMPI_DIR/security/...) is checked the same way.
+    old = os.environ.get("IPMPI_DIR")
+    os.environ["IPMPI_DIR"] = str(ww / "prof")
+    try:
+        with pytest.raises(PermissionError, match="without the sticky bit"):
+            client.MultiEngineClient(connect_timeout=5)
+        assert not lis.connected()
+        ww.chmod(0o1777)    # sticky, as /tmp: only an entry's owner may rename it
+        _furl_file(sec, fake(_hello_only).furl(), 0o600)
+        client.MultiEngineClient(connect_timeout=5).close()
+    finally:
+        if old is None:
+            del os.environ["IPMPI_DIR"]
+        else:
+            os.environ["IPMPI_DIR"] = old
+
+
 def test_a_furl_file_of_another_user_is_refused(tmp_path):
     # The suite runs as root (chown needs it); the check is the same for any uid.
     lis = Listener()

@@ -331,8 +331,10 @@ class Cluster:
         self._use_logdir()
         for d in (self.run_dir, self.log_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        # A new security/ is 0700; an existing one open to others is not
+        # fixed here but refused by the controller, saying `chmod 700`:
+        # others may have read or replaced the keys in it.
         os.makedirs(self.security_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.security_dir, 0o700)
         # A furl or job record left by a job that died must not be taken for
         # the new one's.
         for p in (self.mec_furl, self.tc_furl, os.path.join(self.run_dir, JOB_INFO),

@@ -48,13 +48,37 @@ def _loose(st, bits):
     return "%s by %s" % (" and ".join(words), " and ".join(who))
 
 
+def _check_parents(path):
+    """Refuses a furl file inside a directory that group or others may
+    write to without the sticky bit (a sticky one, such as /tmp, lets only
+    an entry's owner rename or remove it): they could put a furl of
+    theirs, or a whole security/ directory, in its place, as ssh refuses
+    such path components. Every directory from the file's own up to / is
+    looked at."""
+    d = os.path.dirname(os.path.realpath(path))
+    while True:
+        st = os.stat(d)
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise PermissionError(
+                "furl file %s is inside %s, which is writable by %s without the sticky bit (mode %04o): they "
+                "could put a furl of theirs in its place. Run `chmod go-w %s` (or `chmod +t %s`), or keep "
+                "the furl in a directory of your own"
+                % (path, d, "others" if st.st_mode & 0o002 else "its group", stat.S_IMODE(st.st_mode),
+                   shlex.quote(d), shlex.quote(d)))
+        parent = os.path.dirname(d)
+        if parent == d:
+            return
+        d = parent
+
+
 def _check_furl_file(path):
     """Refuses a furl file that others could read or replace, as ssh refuses
     a private key with mode 0644: the file must be the user's (or root's)
     with no group/other bits (0600 or 0400); the directory it is in, when it
     is a profile's security/ directory, must be the user's (or root's) and
-    neither readable nor writable by group or others (0700). Raises
-    PermissionError saying what to run."""
+    neither readable nor writable by group or others (0700); and no
+    directory above it may be writable by group or others without the
+    sticky bit (_check_parents). Raises PermissionError saying what to run."""
     uid = os.geteuid()
     st = os.stat(path)
     if st.st_uid not in (uid, 0):
@@ -71,6 +95,7 @@ def _check_furl_file(path):
             % (path, problem, stat.S_IMODE(st.st_mode), shlex.quote(path)))
     d = os.path.dirname(os.path.abspath(path))
     if os.path.basename(d) != "security":
+        _check_parents(path)
         return
     dst = os.stat(d)
     if dst.st_uid not in (uid, 0):
@@ -82,6 +107,7 @@ def _check_furl_file(path):
         raise PermissionError(
             "security directory %s is %s (mode %04o): others could read or replace the furls in it, so "
             "they are refused. Run `chmod 700 %s`" % (d, problem, stat.S_IMODE(dst.st_mode), shlex.quote(d)))
+    _check_parents(path)
 
 
 def _read_furl(furl_file, capability):
