@@ -150,6 +150,35 @@ static void check_taskdesc(const uint8_t *data, size_t size)
         __builtin_trap();
 }
 
+/* A gathered part (IPMPI_F_GATHER) walked as the controller and the
+ * client walk it: every inner frame lies within the part, and one that is
+ * accepted re-encodes to the bytes of its header and lengths. */
+static void check_gathered(const uint8_t *data, size_t size, const ipmpi_limits_t *lim)
+{
+    const uint8_t *p = data;
+    size_t left = size;
+    ipmpi_hdr_t h;
+    long n;
+    while ((n = ipmpi_gather_next(p, left, lim, &h)) > 0) {
+        size_t wire = ipmpi_hdr_wire_size(h.nparts);
+        if ((size_t)n > left || (size_t)n < wire || !(h.flags & IPMPI_F_REPLY) ||
+            (h.flags & (IPMPI_F_MORE | IPMPI_F_SHM | IPMPI_F_GATHER | IPMPI_F_PACKED)))
+            __builtin_trap();
+        uint64_t sum = 0;
+        for (uint32_t i = 0; i < h.nparts; i++) {
+            lens[i] = ipmpi_get_u64(p + IPMPI_HDR_SIZE + 8u * i);
+            sum += lens[i];
+        }
+        if (wire + sum != (uint64_t)n || ipmpi_hdr_encode(&h, lens, reenc, sizeof reenc) != (long)wire ||
+            memcmp(reenc, p, wire) != 0)
+            __builtin_trap();
+        p += n;
+        left -= (size_t)n;
+    }
+    if (n == 0 ? left != 0 : (n != IPMPI_EPROTO && n != IPMPI_E2BIG))
+        __builtin_trap();
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     ipmpi_limits_t def, tight = {8, 4096, 10000}, open = {IPMPI_MAX_PARTS, UINT64_MAX, UINT64_MAX};
@@ -170,6 +199,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     check_shm_table(data, size, &tight);
     check_shm_table(data, size, &open);
+    check_gathered(data, size, &def);
+    check_gathered(data, size, &tight);
     check_furl(data, size);
     check_taskdesc(data, size);
     return 0;
