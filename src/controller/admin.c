@@ -247,23 +247,93 @@ int ipmpi_ctl_signal_engine(const ipmpi_engine_slot_t *e, int sig)
  * raises KeyboardInterrupt in that request only (engine.c), whether it
  * runs already or is about to. Engines that are idle are left alone;
  * engines this controller cannot signal (another node, no shared window)
- * are reported. Queued requests are not touched (clear_queue takes them
- * back).
+ * are reported.
+ *
+ * Without a request list every running request is interrupted, whoever
+ * sent it, and queued requests are not touched (clear_queue takes them
+ * back). With one (the part after the target list: u64 req_ids of this
+ * session, the client's Ctrl-C), only those: an engine is interrupted
+ * only when one of them is in flight there ("busy" when it runs another
+ * request), and those still queued on the target engines are removed
+ * with an EABORTED reply ("aborted": how many).
  */
-void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n)
+static int named(const ipmpi_parts_t *p, int part, const ipmpi_session_t *s, const ipmpi_req_t *r)
 {
-    jbuf_t lists[4] = {{0}};
-    int counts[4] = {0};
-    enum { DONE, IDLE, FAR, DEAD };
+    if (r->session != s->id)
+        return 0;
+    for (uint64_t k = 0; k < p->lens[part] / 8; k++)
+        if (ipmpi_get_u64(p->bufs[part] + 8 * k) == r->client_req)
+            return 1;
+    return 0;
+}
+
+/* Removes the requests named in part `part` from e's queue, each with
+ * its EABORTED reply; returns how many. */
+static unsigned long abort_named(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const ipmpi_parts_t *p, int part,
+                                 const ipmpi_session_t *s)
+{
+    ipmpi_equeue_t *q = &c->sched.eng[e->id].q;
+    unsigned long n = 0;
+    char msg[128];
+    snprintf(msg, sizeof msg, "removed from the queue of engine %d by the client's interrupt before it ran", e->id);
+    /* Once round the ring: the others go back in their order (a push
+     * after a pop never grows the ring). */
+    for (uint32_t k = ipmpi_equeue_len(q); k > 0; k--) {
+        ipmpi_req_t *r = ipmpi_equeue_pop(q);
+        if (named(p, part, s, r)) {
+            ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_EABORTED, msg);
+            n++;
+        } else
+            (void)ipmpi_equeue_push(q, r);
+    }
+    return n;
+}
+
+/* The id the engine knows an in-flight item by (its req_id). */
+static uint64_t sitem_id(const ipmpi_sitem_t *run)
+{
+    return run->type == IPMPI_SITEM_REQ ? run->u.req->id : IPMPI_CONTAINER_OF(run->u.task, ipmpi_task_t, s)->disp;
+}
+
+void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p, int n)
+{
+    int part = h->target == IPMPI_TARGET_LIST ? 1 : 0;
+    int nparts = p ? (int)p->n : 0;
+    if (nparts > part + 1 || (nparts == part + 1 && (p->lens[part] == 0 || p->lens[part] % 8 != 0))) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_EPROTO, "INTERRUPT: after the target list, at most one part: a "
+                                                "non-empty array of u64 request ids of this session");
+        return;
+    }
+    int only = nparts == part + 1; /* the client names its requests */
+    jbuf_t lists[5] = {{0}};
+    int counts[5] = {0};
+    unsigned long aborted = 0;
+    enum { DONE, IDLE, FAR, DEAD, BUSY };
     for (int i = 0; i < n; i++) {
         ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
+        if (only && !e->dead)
+            aborted += abort_named(c, e, p, part, s);
         const ipmpi_sitem_t *run = e->dead ? NULL : ipmpi_sched_inflight(&c->sched, e->id);
+        if (run && only) {
+            /* The first of the named requests sent to e: the running one,
+             * or one sent ahead, interrupted when it starts. */
+            const ipmpi_sengine_t *se = &c->sched.eng[e->id];
+            const ipmpi_sitem_t *hit = NULL;
+            for (uint32_t k = 0; k < se->fly_len && !hit; k++) {
+                const ipmpi_sitem_t *it = &se->fly[(se->fly_head + k) & (se->fly_cap - 1)];
+                if (it->type == IPMPI_SITEM_REQ && named(p, part, s, it->u.req))
+                    hit = it;
+            }
+            if (!hit) {
+                jb_printf(&lists[BUSY], counts[BUSY]++ ? ", %d" : "%d", e->id);
+                continue;
+            }
+            run = hit;
+        }
         int k = e->dead ? DEAD : !run ? IDLE : FAR;
         if (run && ipmpi_doorbell_reaches(c->job->bell, e->rank)) {
             /* The engine interrupts exactly this request (doorbell.h). */
-            uint64_t id = run->type == IPMPI_SITEM_REQ ? run->u.req->id
-                                                        : IPMPI_CONTAINER_OF(run->u.task, ipmpi_task_t, s)->disp;
-            ipmpi_doorbell_set_interrupt(c->job->bell, e->rank, id);
+            ipmpi_doorbell_set_interrupt(c->job->bell, e->rank, sitem_id(run));
             if (ipmpi_ctl_signal_engine(e, SIGINT) == 0)
                 k = DONE;
         }
@@ -272,10 +342,13 @@ void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_
         jb_printf(&lists[k], counts[k]++ ? ", %d" : "%d", e->id);
     }
     jbuf_t b = {0};
-    jb_printf(&b, "{\"interrupted\": [%s], \"idle\": [%s], \"unreachable\": [%s], \"dead\": [%s]}",
+    jb_printf(&b, "{\"interrupted\": [%s], \"idle\": [%s], \"unreachable\": [%s], \"dead\": [%s]",
               lists[DONE].s ? lists[DONE].s : "", lists[IDLE].s ? lists[IDLE].s : "",
               lists[FAR].s ? lists[FAR].s : "", lists[DEAD].s ? lists[DEAD].s : "");
-    for (int k = 0; k < 4; k++) {
+    if (only)
+        jb_printf(&b, ", \"busy\": [%s], \"aborted\": %lu", lists[BUSY].s ? lists[BUSY].s : "", aborted);
+    jb_printf(&b, "}");
+    for (int k = 0; k < 5; k++) {
         b.oom |= lists[k].oom;
         free(lists[k].s);
     }

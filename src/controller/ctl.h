@@ -224,7 +224,7 @@ void ipmpi_ctl_do_queue_status(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_h
 void ipmpi_ctl_do_clear_queue(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
 void ipmpi_ctl_do_properties(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
 void ipmpi_ctl_do_release(ipmpi_session_t *s, const ipmpi_parts_t *p);
-void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
+void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p, int n);
 /*
  * Sends signal sig to engine e's process if the controller may: the
  * engine is a sibling process (same launcher on this node, hence the same

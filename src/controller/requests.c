@@ -338,7 +338,7 @@ void ipmpi_ctl_route(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, i
         if ((n = resolve(c, s, h, p)) < 0)
             break;
         if (h->kind == IPMPI_K_INTERRUPT)
-            ipmpi_ctl_do_interrupt(c, s, h, n);
+            ipmpi_ctl_do_interrupt(c, s, h, p, n);
         else if (h->kind == IPMPI_K_QUEUE_STATUS)
             ipmpi_ctl_do_queue_status(c, s, h, n);
         else if (h->kind == IPMPI_K_CLEAR_QUEUE)
