@@ -2,12 +2,14 @@
  * Requests the controller answers itself: HELLO, GET_IDS, QUEUE_STATUS,
  * CLEAR_QUEUE, PROPERTIES, SHM_PROBE and RELEASE. Loop thread only.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "backoff.h"
@@ -20,6 +22,9 @@
 #include "shmbuf.h"
 #include "tls.h"
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <openssl/rand.h>
 
 void ipmpi_ctl_do_hello(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p)
@@ -241,13 +246,57 @@ int ipmpi_ctl_signal_engine(const ipmpi_engine_slot_t *e, int sig)
     return kill((pid_t)pid, sig) == 0 ? 0 : IPMPI_ENOENT;
 }
 
+void ipmpi_ctl_intr_register(ipmpi_engine_slot_t *e, const char *text, size_t len)
+{
+    size_t want = 5 + 2 * sizeof e->intr_key;
+    e->intr_ok = 0;
+    if (len != want || memcmp(text, "intr ", 5) != 0)
+        goto bad;
+    for (size_t i = 0; i < sizeof e->intr_key; i++) {
+        unsigned v;
+        char hex[3] = {text[5 + 2 * i], text[6 + 2 * i], '\0'};
+        if (!isxdigit((unsigned char)hex[0]) || !isxdigit((unsigned char)hex[1]) || sscanf(hex, "%2x", &v) != 1)
+            goto bad;
+        e->intr_key[i] = (uint8_t)v;
+    }
+    e->intr_ok = 1;
+    return;
+bad:
+    ipmpi_log(IPMPI_LOG_WARN, "engine %d: malformed interrupt part in READY; interrupts do not reach it", e->id);
+}
+
+int ipmpi_ctl_far_signal(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, uint32_t kind, uint64_t req_id)
+{
+    if (e->dead || e->wake_fd < 0 || !e->intr_ok)
+        return IPMPI_ENOENT;
+    uint8_t b[IPMPI_WAKE_INTR_LEN] = {0}, mac[EVP_MAX_MD_SIZE];
+    unsigned int ml = 0;
+    uint64_t seq = ++c->intr_seq;
+    /* Native byte order, as the wake key: same architecture assumed. */
+    memcpy(b, &e->wake_key, 8);
+    memcpy(b + 8, &kind, 4);
+    memcpy(b + 16, &req_id, 8);
+    memcpy(b + 24, &seq, 8);
+    if (!HMAC(EVP_sha256(), e->intr_key, sizeof e->intr_key, b + 8, 24, mac, &ml) || ml < 16)
+        return IPMPI_EIO;
+    memcpy(b + 32, mac, 16);
+    /* Three copies: one lost on the way would leave the code running
+     * (the engine takes each count once). */
+    int sent = 0;
+    for (int k = 0; k < 3; k++)
+        sent |= sendto(e->wake_fd, b, sizeof b, MSG_DONTWAIT, (const struct sockaddr *)&e->wake_addr, e->wake_len) ==
+                (ssize_t)sizeof b;
+    return sent ? 0 : IPMPI_EIO;
+}
+
 /*
  * INTERRUPT: for each target engine with a request in flight, the
  * request's id goes into its doorbell slot, then SIGINT: the engine
  * raises KeyboardInterrupt in that request only (engine.c), whether it
- * runs already or is about to. Engines that are idle are left alone;
- * engines this controller cannot signal (another node, no shared window)
- * are reported.
+ * runs already or is about to. An engine this controller cannot signal
+ * (another node, joined) gets the same by an INTERRUPT datagram
+ * (ipmpi_ctl_far_signal). Engines that are idle are left alone; engines
+ * reached by neither way are reported as unreachable.
  *
  * Without a request list every running request is interrupted, whoever
  * sent it, and queued requests are not touched (clear_queue takes them
@@ -337,6 +386,8 @@ void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_
             if (ipmpi_ctl_signal_engine(e, SIGINT) == 0)
                 k = DONE;
         }
+        if (run && k != DONE && ipmpi_ctl_far_signal(c, e, IPMPI_WAKE_INTERRUPT, sitem_id(run)) == 0)
+            k = DONE;
         if (k == DONE)
             ipmpi_log(IPMPI_LOG_INFO, "engine %d interrupted by client %s", e->id, s->peer);
         jb_printf(&lists[k], counts[k]++ ? ", %d" : "%d", e->id);
