@@ -126,6 +126,11 @@ static void interrupt_if_meant(uint64_t req_id)
         PyErr_SetInterruptEx(SIGINT);
 }
 
+int ipmpi_eng_far_interrupt_for(uint64_t req_id)
+{
+    return req_id != 0 && g_wake && atomic_load(&g_wake->intr_seq) != 0 && atomic_load(&g_wake->intr_req) == req_id;
+}
+
 /* The watcher thread took an INTERRUPT datagram: the main thread's
  * handler decides, as for the controller's own SIGINT (a signal also
  * ends a sleep or a blocking system call, which a flag alone would not). */

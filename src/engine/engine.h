@@ -123,6 +123,9 @@ int ipmpi_eng_wake_watch_start(ipmpi_eng_wake_t *w, void (*on_intr)(void));
  * the thread no longer reads the socket. */
 void ipmpi_eng_wake_watch(ipmpi_eng_wake_t *w, int running);
 
+/* 1 if an INTERRUPT datagram (not the doorbell's) named req_id (engine.c). */
+int ipmpi_eng_far_interrupt_for(uint64_t req_id);
+
 /* Rings the controller's bell from another node (ctl/wake.c): one
  * datagram of the key and the engine id to where the controller's
  * datagrams came from; nothing before one came. */
