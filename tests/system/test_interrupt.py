@@ -96,6 +96,31 @@ def test_an_interrupt_while_idle_changes_nothing(mec):
     assert [x["stdout"] for x in mec.execute("import time; time.sleep(0.3); print('fine')")] == ["fine\n"] * 4
 
 
+def test_pickle_collectives_that_one_engine_never_joins_are_interrupted(mec):
+    # comm.bcast, allreduce, gather ... (pickle-based) first wait in a
+    # polled barrier: run by all they work as before; run by three of
+    # four engines they are interrupted there. Each stuck one on its own
+    # communicator (an interrupted collective stays posted on it).
+    r = mec.execute("x = comm.allreduce(comm.Get_rank()); y = comm.bcast('b%d' % comm.Get_rank(), root=2); "
+                    "g = comm.gather(comm.Get_rank(), root=0); a = comm.alltoall(list(range(4)))")
+    assert len(r) == 4
+    assert mec.pull("x") == [6] * 4 and mec.pull("y") == ["b2"] * 4
+    assert mec.pull("g") == [[0, 1, 2, 3], None, None, None] and mec.pull("a")[3] == [3, 3, 3, 3]
+    calls = ["comm2.allreduce(1)", "comm2.bcast(1, root=1)", "comm2.gather(1, root=1)", "comm2.scatter(None, root=1)"]
+    mec.execute("comms = [type(comm)(comm.Dup()) for _ in range(%d)]" % len(calls))
+    for i, call in enumerate(calls):
+        busy = mec.execute("import time; time.sleep(1.5)", targets=0, block=False)
+        stuck = mec.execute("comm2 = comms[%d]; %s; print('passed')" % (i, call), targets=[1, 2, 3], block=False)
+        time.sleep(0.5)
+        assert not stuck.ready(), call
+        r = mec.interrupt(targets=[1, 2, 3])
+        assert r["interrupted"] == [1, 2, 3], (call, r)
+        with pytest.raises((client.CompositeError, KeyboardInterrupt)) as ei:
+            stuck.get_result(timeout=T)
+        interrupted_everywhere(ei.value, [1, 2, 3])
+        busy.get_result(timeout=T)
+
+
 def test_a_barrier_that_one_engine_never_joins_is_interrupted(mec):
     busy = mec.execute("import time; time.sleep(3)", targets=0, block=False)
     stuck = mec.execute("comm.barrier(); print('passed')", targets=[1, 2, 3], block=False)
