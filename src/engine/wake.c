@@ -173,7 +173,7 @@ int ipmpi_eng_wake_watch_start(ipmpi_eng_wake_t *w, void (*on_intr)(void))
     pthread_attr_t a;
     pthread_attr_init(&a);
     pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&a, 64 * 1024);
+    pthread_attr_setstacksize(&a, 256 * 1024);
     int rc = pthread_create(&t, &a, watcher, w);
     pthread_attr_destroy(&a);
     if (rc != 0) {

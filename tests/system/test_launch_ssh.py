@@ -222,53 +222,6 @@ mec.close()
 """
 
 
-def test_idle_engines_on_another_host_sleep_and_wake_at_once(hosts):
-    # Engines on B cannot be rung through the controller's node-shared
-    # doorbell; they sleep in poll() on a UDP socket and the controller's
-    # datagram wakes them: a request after an idle is answered in about the
-    # time of a busy one, not at the next poll of a back-off (up to 25 ms).
-    with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 2}, "wake.py") as (d, _started):
-        out = client_in_a(hosts, WAKE_CLIENT, d)
-        print(out)
-        lat = dict(kv.split("=") for kv in out.split("LAT ")[1].splitlines()[0].split())
-        assert set(lat) == {ADDR_B, next(h for h in lat if h != ADDR_B)}, out
-        assert float(lat[ADDR_B]) < 5.0, "an idle engine on the other host answered in %s ms (median)" % lat[ADDR_B]
-        assert "poll" in out.split("WCHAN ")[1], out
-
-
-FAR_CLIENT = r"""
-import sys, time
-from ipmpi import client
-mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
-info = {d["id"]: d["host"] for d in mec.engine_info()}
-far = [i for i in sorted(info) if info[i] != info[0]]
-print("FAR", far)
-for i in range(5):
-    mec.execute("import time; time.sleep(0.2); w = %d" % i, targets=far)
-mec.execute("import time; time.sleep(0.2); w = 7")
-print("PULL", mec.pull("w"))
-"""
-
-
-def test_the_controller_sleeps_while_engines_on_another_host_work(hosts):
-    # Engines on B cannot count their frames in the controller's node-shared
-    # memory: after each frame they ring its bell by a datagram to where its
-    # wake-ups came from, and the controller sleeps instead of polling while
-    # they work (src/controller/wake.c). Its log counts those rings.
-    counts = {}
-
-    def read_bell_line(d):
-        counts.update(zip(("sleeps", "rung", "far"), bell_counts(os.path.join(d, "log"))))
-
-    with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 2}, "far.py", stopped=read_bell_line) as (d, _started):
-        out = client_in_a(hosts, FAR_CLIENT, d)
-        print(out)
-        assert "FAR [1, 2]" in out, out
-        assert "PULL [7, 7, 7]" in out, out
-    print("bell:", counts)
-    assert counts["far"] > 0 and counts["sleeps"] > 0 and counts["rung"] > 0, counts
-
-
 INTERRUPT_CLIENT = r"""
 import sys, time
 from ipmpi import client
@@ -328,12 +281,22 @@ mec.close()
 """
 
 
-def test_engines_on_another_host_are_interrupted_and_killed_while_busy(hosts):
-    # No SIGINT reaches engines on B from the controller on A: a keyed
-    # INTERRUPT datagram to their wake-up socket does (a thread of the
-    # engine watches it while a request runs, src/engine/wake.c), and a
-    # KILL datagram ends a busy one at once.
-    with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 2}, "intr.py") as (d, _started):
+def test_engines_on_another_host_sleep_wake_at_once_and_are_interrupted_and_killed_while_busy(hosts):
+    # Engines on B cannot be rung through the controller's node-shared
+    # doorbell; they sleep in poll() on a UDP socket and the controller's
+    # datagram wakes them: a request after an idle is answered in about the
+    # time of a busy one, not at the next poll of a back-off (up to 25 ms).
+    with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 2}, "wake.py") as (d, _started):
+        out = client_in_a(hosts, WAKE_CLIENT, d)
+        print(out)
+        lat = dict(kv.split("=") for kv in out.split("LAT ")[1].splitlines()[0].split())
+        assert set(lat) == {ADDR_B, next(h for h in lat if h != ADDR_B)}, out
+        assert float(lat[ADDR_B]) < 5.0, "an idle engine on the other host answered in %s ms (median)" % lat[ADDR_B]
+        assert "poll" in out.split("WCHAN ")[1], out
+        # No SIGINT reaches engines on B from the controller on A: a keyed
+        # INTERRUPT datagram to their wake-up socket does (a thread of the
+        # engine watches it while a request runs, src/engine/wake.c), and
+        # a KILL datagram ends a busy one at once.
         out = client_in_a(hosts, INTERRUPT_CLIENT, d)
         print(out)
         assert "FAR [1, 2]" in out, out
@@ -346,6 +309,41 @@ def test_engines_on_another_host_are_interrupted_and_killed_while_busy(hosts):
         killed = out.split("KILLED ")[1].split()
         assert killed[:2] == ["[0,", "1]"] and float(killed[2]) < 10, out
         assert "RAN DeadEngineError" in out and "STILL ['on\\n', 'on\\n']" in out, out
+
+
+FAR_CLIENT = r"""
+import sys, time
+from ipmpi import client
+mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+info = {d["id"]: d["host"] for d in mec.engine_info()}
+far = [i for i in sorted(info) if info[i] != info[0]]
+print("FAR", far)
+for i in range(5):
+    mec.execute("import time; time.sleep(0.2); w = %d" % i, targets=far)
+mec.execute("import time; time.sleep(0.2); w = 7")
+print("PULL", mec.pull("w"))
+"""
+
+
+def test_the_controller_sleeps_while_engines_on_another_host_work(hosts):
+    # Engines on B cannot count their frames in the controller's node-shared
+    # memory: after each frame they ring its bell by a datagram to where its
+    # wake-ups came from, and the controller sleeps instead of polling while
+    # they work (src/controller/wake.c). Its log counts those rings.
+    counts = {}
+
+    def read_bell_line(d):
+        counts.update(zip(("sleeps", "rung", "far"), bell_counts(os.path.join(d, "log"))))
+
+    with ssh_cluster(hosts, {ADDR_A: 1, ADDR_B: 2}, "far.py", stopped=read_bell_line) as (d, _started):
+        out = client_in_a(hosts, FAR_CLIENT, d)
+        print(out)
+        assert "FAR [1, 2]" in out, out
+        assert "PULL [7, 7, 7]" in out, out
+    print("bell:", counts)
+    assert counts["far"] > 0 and counts["sleeps"] > 0 and counts["rung"] > 0, counts
+
+
 
 
 TREE_CLIENT = r"""
