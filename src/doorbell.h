@@ -53,6 +53,14 @@ typedef struct ipmpi_doorbell {
  * already acted on at the request's start from a new one).
  */
 void ipmpi_doorbell_set_interrupt(const ipmpi_doorbell_t *d, int rank, uint64_t req_id);
+/* An engine on another node has no slot the controller reaches: its
+ * INTERRUPT (or KILL) comes as a datagram of IPMPI_WAKE_INTR_LEN bytes to
+ * its wake-up socket: the wake key, the kind (u32, then 4 zero bytes),
+ * the request id, the count (u64s), then the first 16 bytes of the
+ * HMAC-SHA256 of bytes 8..31 under the engine's key (src/engine/wake.c). */
+#define IPMPI_WAKE_INTERRUPT 1u
+#define IPMPI_WAKE_KILL 2u
+#define IPMPI_WAKE_INTR_LEN 48
 /* The request id this rank's slot names (0: none), and in *seq (if not
  * NULL) the INTERRUPTs sent so far. Async-signal-safe. */
 uint64_t ipmpi_doorbell_interrupt(const ipmpi_doorbell_t *d, uint64_t *seq);

@@ -45,6 +45,10 @@ typedef struct ipmpi_engine_slot {
      * TCP connection whose end says the engine is gone (-1: none yet). */
     int join_first;
     int live_fd;
+    /* The key of its INTERRUPT and KILL datagrams (READY's "intr" part,
+     * admin.c), when intr_ok; they go where its wake-ups go. */
+    uint8_t intr_key[32];
+    int intr_ok;
 } ipmpi_engine_slot_t;
 
 typedef struct ipmpi_ctl {
@@ -78,6 +82,7 @@ typedef struct ipmpi_ctl {
 
     ipmpi_reqtab_t reqs;
     uint64_t next_req;     /* dispatch ids of requests and task attempts */
+    uint64_t intr_seq;     /* INTERRUPT and KILL datagrams sent (admin.c) */
     ipmpi_sched_t sched;   /* what each engine runs next: queues, in flight */
     ipmpi_tasks_t tasks;   /* the task store (tasks.c) */
     ipmpi_results_t results; /* kept results of MultiEngine requests (results.c) */
@@ -238,7 +243,7 @@ void ipmpi_ctl_do_queue_status(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_h
 void ipmpi_ctl_do_clear_queue(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
 void ipmpi_ctl_do_properties(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
 void ipmpi_ctl_do_release(ipmpi_session_t *s, const ipmpi_parts_t *p);
-void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, int n);
+void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p, int n);
 /*
  * Sends signal sig to engine e's process if the controller may: the
  * engine is a sibling process (same launcher on this node, hence the same
@@ -246,6 +251,13 @@ void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_
  * IPMPI_ENOENT when it cannot be signalled from here.
  */
 int ipmpi_ctl_signal_engine(const ipmpi_engine_slot_t *e, int sig);
+/* READY's third part "intr HEX": the key of e's INTERRUPT datagrams. */
+void ipmpi_ctl_intr_register(ipmpi_engine_slot_t *e, const char *text, size_t len);
+/* Sends e (on another node or joined: no signal reaches it) an INTERRUPT
+ * (kind IPMPI_WAKE_INTERRUPT: of request req_id) or KILL datagram
+ * (src/engine/wake.c). Returns 0, or IPMPI_ENOENT when e has no such
+ * socket or key, IPMPI_EIO when it could not be sent. */
+int ipmpi_ctl_far_signal(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, uint32_t kind, uint64_t req_id);
 void ipmpi_ctl_do_shm_probe(ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p);
 
 /* dispatch.c */

@@ -371,6 +371,8 @@ static void store_ready(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_parts_t *p
     e->props = props;
     if (p->n >= 2 && e->wake_fd < 0)
         ipmpi_ctl_wake_register(c, e, (const char *)p->bufs[1], (size_t)p->lens[1]);
+    if (p->n >= 3)
+        ipmpi_ctl_intr_register(e, (const char *)p->bufs[2], (size_t)p->lens[2]);
     if (!e->ready)
         ipmpi_log(IPMPI_LOG_DEBUG, "engine %d (rank %d) ready: %s", e->id, e->rank, props ? props : "");
     if (!e->ready) {

@@ -15,6 +15,7 @@
 
 #include "backoff.h"
 #include "ctl.h"
+#include "doorbell.h"
 #include "ipmpi/errors.h"
 #include "json.h"
 #include "log.h"
@@ -136,14 +137,16 @@ static int resolve(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, con
 /*
  * KILL of a busy engine ends it now instead of after the requests before
  * it (which may run for hours): SIGKILL, when the engine is a process we
- * may signal (ipmpi_ctl_signal_engine). Returns 1 if it was signalled; an
- * idle engine ends itself after answering, its logs flushed.
+ * may signal (ipmpi_ctl_signal_engine), else a KILL datagram (another
+ * node, joined: ipmpi_ctl_far_signal; the engine sends itself SIGKILL).
+ * Returns 1 if it was signalled; an idle engine ends itself after
+ * answering, its logs flushed.
  */
-static int kill_now(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
+static int kill_now(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, uint64_t req_id)
 {
     if (ipmpi_sched_idle(&c->sched, e->id))
         return 0;
-    if (ipmpi_ctl_signal_engine(e, SIGKILL) != 0)
+    if (ipmpi_ctl_signal_engine(e, SIGKILL) != 0 && ipmpi_ctl_far_signal(c, e, IPMPI_WAKE_KILL, req_id) != 0)
         return 0;
     ipmpi_log(IPMPI_LOG_INFO, "engine %d killed by request while busy", e->id);
     return 1;
@@ -194,7 +197,7 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
         } else if (!e->ready) {
             snprintf(msg, sizeof msg, "engine %d never became ready", e->id);
             ipmpi_ctl_req_fail_one(c, r, e->id, IPMPI_EDEAD, msg);
-        } else if (h->kind == IPMPI_K_KILL && kill_now(c, e)) {
+        } else if (h->kind == IPMPI_K_KILL && kill_now(c, e, r->id)) {
             /* Answered here (no meta: the engine did not run it), then
              * the engine's requests fail as for any death. */
             ipmpi_hdr_t rh = {.kind = h->kind, .flags = IPMPI_F_REPLY, .req_id = h->req_id, .target = e->id,
@@ -338,7 +341,7 @@ void ipmpi_ctl_route(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, i
         if ((n = resolve(c, s, h, p)) < 0)
             break;
         if (h->kind == IPMPI_K_INTERRUPT)
-            ipmpi_ctl_do_interrupt(c, s, h, n);
+            ipmpi_ctl_do_interrupt(c, s, h, p, n);
         else if (h->kind == IPMPI_K_QUEUE_STATUS)
             ipmpi_ctl_do_queue_status(c, s, h, n);
         else if (h->kind == IPMPI_K_CLEAR_QUEUE)

@@ -14,9 +14,12 @@
  * user code keep running.
  *
  * Threads: everything here runs on the process's main thread, the only one
- * that calls MPI (MPI_THREAD_FUNNELED).
+ * that calls MPI (MPI_THREAD_FUNNELED); on a node without the controller
+ * a small thread watches the wake-up socket for INTERRUPTs while a
+ * request runs (wake.c).
  */
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <netinet/in.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -99,13 +102,42 @@ static const ipmpi_doorbell_t *g_bell;
 static volatile sig_atomic_t g_in_request;
 static volatile uint64_t g_req_id;
 static _Atomic uint64_t g_intr_done;
+/* On another node the INTERRUPT comes by datagram instead (wake.c): its
+ * watcher thread keeps it in g_wake and sends the main thread SIGINT. */
+static ipmpi_eng_wake_t *g_wake;
+static _Atomic uint64_t g_far_done;
+static pthread_t g_main;
 
 /* Raises KeyboardInterrupt if an INTERRUPT not yet raised names req_id. */
 static void interrupt_if_meant(uint64_t req_id)
 {
     uint64_t seq = 0;
-    if (req_id != 0 && ipmpi_doorbell_interrupt(g_bell, &seq) == req_id && atomic_exchange(&g_intr_done, seq) != seq)
+    if (req_id == 0)
+        return;
+    if (ipmpi_doorbell_interrupt(g_bell, &seq) == req_id && atomic_exchange(&g_intr_done, seq) != seq) {
         PyErr_SetInterruptEx(SIGINT);
+        return;
+    }
+    if (!g_wake)
+        return;
+    /* The count first: it was written after the id it goes with. */
+    seq = atomic_load(&g_wake->intr_seq);
+    if (seq != 0 && atomic_load(&g_wake->intr_req) == req_id && atomic_exchange(&g_far_done, seq) != seq)
+        PyErr_SetInterruptEx(SIGINT);
+}
+
+int ipmpi_eng_far_interrupt_for(uint64_t req_id)
+{
+    return req_id != 0 && g_wake && atomic_load(&g_wake->intr_seq) != 0 && atomic_load(&g_wake->intr_req) == req_id;
+}
+
+/* The watcher thread took an INTERRUPT datagram: the main thread's
+ * handler decides, as for the controller's own SIGINT (a signal also
+ * ends a sleep or a blocking system call, which a flag alone would not). */
+static void far_interrupt(void)
+{
+    if (g_in_request)
+        pthread_kill(g_main, SIGINT);
 }
 
 static void on_sigint(int sig)
@@ -121,6 +153,8 @@ static void current_request(uint64_t req_id)
     g_in_request = 0;
     g_req_id = req_id;
     g_in_request = req_id != 0;
+    if (g_wake)
+        ipmpi_eng_wake_watch(g_wake, req_id != 0);
     interrupt_if_meant(req_id);
 }
 
@@ -980,16 +1014,26 @@ int ipmpi_engine_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm com
      * "wake PORT KEY HOST" (wake.c) for the controller's wake-up datagrams
      * (HOST: this node's name as the launcher knows it). */
     e.wake.fd = -1;
-    char wake[320] = "";
-    if (!ipmpi_doorbell_reaches(job->bell, 0) && ipmpi_eng_wake_open(&e.wake) == 0)
+    char wake[320] = "", intr[8 + 2 * IPMPI_ENG_IKEY_LEN] = "";
+    if (!ipmpi_doorbell_reaches(job->bell, 0) && ipmpi_eng_wake_open(&e.wake) == 0) {
         snprintf(wake, sizeof wake, "wake %u %016llx %s", (unsigned)e.wake.port, (unsigned long long)e.wake.key,
                  wake_host(job));
+        /* A third part "intr HEX": the key of the controller's INTERRUPT
+         * datagrams (wake.c), if a thread can watch for them. */
+        g_main = pthread_self();
+        g_wake = &e.wake;
+        if (ipmpi_eng_wake_watch_start(&e.wake, far_interrupt) == 0) {
+            int k = snprintf(intr, sizeof intr, "intr ");
+            for (size_t i = 0; i < sizeof e.wake.ikey; i++)
+                k += snprintf(intr + k, sizeof intr - (size_t)k, "%02x", e.wake.ikey[i]);
+        }
+    }
     ipmpi_hdr_t h = {0};
     h.kind = IPMPI_K_READY;
     h.target = e.eid;
-    h.nparts = wake[0] ? 2 : 1;
-    uint64_t lens2[2] = {(uint64_t)PyBytes_GET_SIZE(ready), strlen(wake)};
-    const void *bufs2[2] = {PyBytes_AS_STRING(ready), wake};
+    h.nparts = intr[0] ? 3 : wake[0] ? 2 : 1;
+    uint64_t lens2[3] = {(uint64_t)PyBytes_GET_SIZE(ready), strlen(wake), strlen(intr)};
+    const void *bufs2[3] = {PyBytes_AS_STRING(ready), wake, intr};
     /* One line that says where this engine's start-up went (wall clock
      * stamps; tools/startup_phases.py reads them). */
     ipmpi_log(IPMPI_LOG_INFO, "start-up: main=%.6f mpi=%.6f pmix=%.6f node=%.6f bound=%.6f python=%.6f "

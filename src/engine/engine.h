@@ -8,6 +8,7 @@
 #ifndef IPMPI_ENGINE_H
 #define IPMPI_ENGINE_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -60,6 +61,8 @@ void ipmpi_eng_py_flush(void);
 
 /* ---- wake.c: wake-ups of an engine on a node without the controller ---- */
 
+#define IPMPI_ENG_IKEY_LEN 32
+
 typedef struct ipmpi_eng_wake {
     int fd;         /* UDP socket, -1 when none */
     uint16_t port;  /* its port, told to the controller with READY */
@@ -70,6 +73,17 @@ typedef struct ipmpi_eng_wake {
      * engine rings the controller's bell there (len 0: not known yet). */
     struct sockaddr_storage ctl_addr;
     socklen_t ctl_len;
+    /* The controller's INTERRUPT and KILL datagrams (wake.c): their
+     * HMAC key (told with READY, never sent again), the count of the
+     * last one taken (older ones are replays), and the last INTERRUPT
+     * taken: its request id, then its count (written in that order). */
+    uint8_t ikey[IPMPI_ENG_IKEY_LEN];
+    uint64_t last_seq;
+    _Atomic uint64_t intr_req, intr_seq;
+    /* The watcher thread (ipmpi_eng_wake_watch_start): reads the socket
+     * while a request runs; on_intr is called after it took an INTERRUPT. */
+    void (*on_intr)(void);
+    int running, watching;
 } ipmpi_eng_wake_t;
 
 /* Opens the socket (any address, a free port) and draws the key. Returns 0
@@ -87,6 +101,30 @@ int ipmpi_eng_wake_open(ipmpi_eng_wake_t *w);
  */
 int ipmpi_eng_wake_sleep(ipmpi_eng_wake_t *w, uint64_t timeout_ns, uint64_t unproven_ns, int (*pending)(void *arg),
                          void *arg);
+
+/*
+ * Interrupts of an engine on another node (the controller cannot signal
+ * it): the controller sends a datagram of the wake key, the kind
+ * (IPMPI_WAKE_INTERRUPT or IPMPI_WAKE_KILL, doorbell.h), the request id and a count,
+ * with an HMAC-SHA256 of the last three under ikey (READY's "intr" part),
+ * so that someone who sees the wake key on the network can still only
+ * wake the engine. While a request runs, a thread of the engine watches
+ * the socket (the main thread runs Python); idle, the main thread's
+ * ipmpi_eng_wake_sleep reads them. An INTERRUPT is kept in intr_req and
+ * intr_seq and on_intr() is called (the engine raises KeyboardInterrupt
+ * if it names the current request, as for the doorbell's); a KILL ends
+ * the process at once (SIGKILL, as the controller's for an engine of its
+ * own node).
+ */
+/* Starts the watcher thread. Returns 0 or IPMPI_EIO (logged: interrupts
+ * then reach this engine only between requests). */
+int ipmpi_eng_wake_watch_start(ipmpi_eng_wake_t *w, void (*on_intr)(void));
+/* A request starts (running 1) or ended (0); when this returns with 0,
+ * the thread no longer reads the socket. */
+void ipmpi_eng_wake_watch(ipmpi_eng_wake_t *w, int running);
+
+/* 1 if an INTERRUPT datagram (not the doorbell's) named req_id (engine.c). */
+int ipmpi_eng_far_interrupt_for(uint64_t req_id);
 
 /* Rings the controller's bell from another node (ctl/wake.c): one
  * datagram of the key and the engine id to where the controller's

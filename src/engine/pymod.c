@@ -98,7 +98,8 @@ static PyObject *pm_send_output(PyObject *Py_UNUSED(m), PyObject *args)
 
 static PyObject *pm_interrupt_pending(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
 {
-    return PyBool_FromLong(g.running && g.bell && ipmpi_doorbell_interrupt(g.bell, NULL) == g.req.req_id);
+    return PyBool_FromLong(g.running && ((g.bell && ipmpi_doorbell_interrupt(g.bell, NULL) == g.req.req_id) ||
+                                         ipmpi_eng_far_interrupt_for(g.req.req_id)));
 }
 
 static PyObject *pm_engine_id(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))

@@ -14,17 +14,28 @@
  * never make it do anything: it only looks for MPI messages). A datagram
  * lost on the way costs the engine at most its 2 s watch; the controller
  * sends again while the request is unanswered.
+ *
+ * The same socket brings the controller's INTERRUPT and KILL (engine.h):
+ * longer datagrams that also need an HMAC under a key never sent on the
+ * network, so a stranger who saw the wake key still cannot interrupt.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include "doorbell.h"
 #include "engine.h"
 #include "ipmpi/errors.h"
 #include "log.h"
@@ -61,7 +72,8 @@ int ipmpi_eng_wake_open(ipmpi_eng_wake_t *w)
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
     if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0 ||
-        getrandom(&w->key, sizeof w->key, 0) != (ssize_t)sizeof w->key) {
+        getrandom(&w->key, sizeof w->key, 0) != (ssize_t)sizeof w->key ||
+        getrandom(w->ikey, sizeof w->ikey, 0) != (ssize_t)sizeof w->ikey) {
         close(fd);
         return IPMPI_EIO;
     }
@@ -70,18 +82,55 @@ int ipmpi_eng_wake_open(ipmpi_eng_wake_t *w)
     return 0;
 }
 
-/* Reads every datagram waiting; 1 if one held the key. The sender of
- * one with the key is the controller: its address is kept for rings. */
+/* An INTERRUPT or KILL datagram (engine.h) with our key: taken if its
+ * HMAC is right and it is newer than the last one taken. */
+static void take_interrupt(ipmpi_eng_wake_t *w, const uint8_t *b)
+{
+    uint8_t mac[EVP_MAX_MD_SIZE];
+    unsigned int ml = 0;
+    if (!HMAC(EVP_sha256(), w->ikey, sizeof w->ikey, b + 8, 24, mac, &ml) || ml < 16 ||
+        CRYPTO_memcmp(mac, b + 32, 16) != 0)
+        return;
+    uint32_t kind;
+    uint64_t req, seq;
+    memcpy(&kind, b + 8, sizeof kind);
+    memcpy(&req, b + 16, sizeof req);
+    memcpy(&seq, b + 24, sizeof seq);
+    if (seq <= w->last_seq)
+        return; /* a copy (the controller sends each more than once) or a replay */
+    w->last_seq = seq;
+    if (kind == IPMPI_WAKE_KILL) {
+        ipmpi_log(IPMPI_LOG_INFO, "killed by request %llu while busy", (unsigned long long)req);
+        kill(getpid(), SIGKILL);
+        return;
+    }
+    if (kind != IPMPI_WAKE_INTERRUPT)
+        return;
+    atomic_store(&w->intr_req, req);
+    atomic_store(&w->intr_seq, seq);
+    if (w->on_intr)
+        w->on_intr();
+}
+
+/* Reads every datagram waiting; 1 if one held the key (a wake-up). The
+ * sender of one with the key is the controller: its address is kept for
+ * rings. INTERRUPT and KILL datagrams are taken on the way. */
 static int drain(ipmpi_eng_wake_t *w)
 {
     int ours = 0;
-    uint8_t b[16];
+    uint8_t b[IPMPI_WAKE_INTR_LEN];
     for (;;) {
         struct sockaddr_storage from;
         socklen_t fl = sizeof from;
-        ssize_t n = recvfrom(w->fd, b, sizeof b, 0, (struct sockaddr *)&from, &fl);
+        ssize_t n = recvfrom(w->fd, b, sizeof b, MSG_TRUNC, (struct sockaddr *)&from, &fl);
         if (n < 0)
             return ours;
+        /* An interrupt or kill datagram begins with the wake key too
+         * (take_interrupt checks its HMAC). */
+        if (n == IPMPI_WAKE_INTR_LEN && ipmpi_wake_is_key(b, IPMPI_WAKE_SIZE, w->key)) {
+            take_interrupt(w, b);
+            continue;
+        }
         if (ipmpi_wake_is_key(b, (size_t)n, w->key)) {
             ours = 1;
             if (fl <= sizeof w->ctl_addr) {
@@ -90,6 +139,64 @@ static int drain(ipmpi_eng_wake_t *w)
             }
         }
     }
+}
+
+/* The watcher thread: one engine per process, so one thread. */
+static pthread_mutex_t watch_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t watch_cv = PTHREAD_COND_INITIALIZER;
+
+static void *watcher(void *arg)
+{
+    ipmpi_eng_wake_t *w = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* SIGINT is the main thread's */
+    for (;;) {
+        pthread_mutex_lock(&watch_mu);
+        while (!w->running)
+            pthread_cond_wait(&watch_cv, &watch_mu);
+        pthread_mutex_unlock(&watch_mu);
+        struct pollfd pf = {.fd = w->fd, .events = POLLIN};
+        if (poll(&pf, 1, 100) <= 0)
+            continue;
+        /* Read only while the request runs: idle, the main thread's
+         * sleep must see the wake-ups itself. */
+        pthread_mutex_lock(&watch_mu);
+        if (w->running && drain(w))
+            w->proven = 1;
+        pthread_mutex_unlock(&watch_mu);
+    }
+    return NULL;
+}
+
+int ipmpi_eng_wake_watch_start(ipmpi_eng_wake_t *w, void (*on_intr)(void))
+{
+    w->on_intr = on_intr;
+    pthread_t t;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&a, 256 * 1024);
+    int rc = pthread_create(&t, &a, watcher, w);
+    pthread_attr_destroy(&a);
+    if (rc != 0) {
+        ipmpi_log(IPMPI_LOG_WARN, "no thread to watch for interrupts (%s): they reach this engine only "
+                  "between requests", strerror(rc));
+        return IPMPI_EIO;
+    }
+    w->watching = 1;
+    return 0;
+}
+
+void ipmpi_eng_wake_watch(ipmpi_eng_wake_t *w, int running)
+{
+    if (!w->watching || w->running == running)
+        return;
+    pthread_mutex_lock(&watch_mu);
+    w->running = running;
+    if (running)
+        pthread_cond_signal(&watch_cv);
+    pthread_mutex_unlock(&watch_mu);
 }
 
 void ipmpi_eng_wake_ring(const ipmpi_eng_wake_t *w)

@@ -222,7 +222,66 @@ mec.close()
 """
 
 
-def test_idle_engines_on_another_host_sleep_and_wake_at_once(hosts):
+INTERRUPT_CLIENT = r"""
+import sys, time
+from ipmpi import client
+mec = client.MultiEngineClient(furl_file=sys.argv[1], timeout=60)
+info = {d["id"]: d["host"] for d in mec.engine_info()}
+far = [i for i in sorted(info) if info[i] != info[0]]
+print("FAR", far)
+
+
+def etypes(pr):
+    try:
+        pr.get_result(timeout=30)
+        return "ok"
+    except Exception as e:
+        return sorted(set(getattr(x, "etype", type(x).__name__) for x in getattr(e, "errors", [e])))
+
+
+pr = mec.execute("import time; time.sleep(30)", block=False)
+time.sleep(0.5)
+t0 = time.monotonic()
+print("INTERRUPT", mec.interrupt())
+print("RESULT", etypes(pr), "%.1f" % (time.monotonic() - t0))
+# Sent before the far engines start it: it lands when they do, once.
+late = []
+for i in range(4):
+    pr = mec.execute("import time; time.sleep(30)", targets=far, block=False)
+    time.sleep((0, 0.002, 0.01, 0.05)[i])
+    mec.interrupt(targets=far)
+    late.append(etypes(pr))
+print("LATE", late)
+print("NEXT", [r["stdout"] for r in mec.execute("print('on')")])
+# Ctrl-C's interrupt of one request: a far engine runs it, one queued
+# behind it is aborted.
+pr = mec.execute("import time; time.sleep(30)", targets=far[0], block=False)
+queued = mec.execute("import time; time.sleep(30)", targets=far[0], block=False)
+time.sleep(0.5)
+r = mec._interrupt_requests([far[0]], pr._pending + queued._pending, timeout=10)
+print("OWN", r["interrupted"], r["aborted"], etypes(pr))
+try:
+    queued.get_result(timeout=30)
+except client.AbortedError:
+    print("QUEUED aborted")
+# A busy engine on B is killed at once, not after its 30 s.
+pr = mec.execute("import time; time.sleep(30)", targets=far[-1], block=False)
+time.sleep(0.5)
+t0 = time.monotonic()
+mec.kill(targets=far[-1])
+while far[-1] in mec.get_ids() and time.monotonic() - t0 < 20:
+    time.sleep(0.05)
+print("KILLED", mec.get_ids(), "%.1f" % (time.monotonic() - t0))
+try:
+    pr.get_result(timeout=30)
+except client.EngineError as e:
+    print("RAN", type(e).__name__)
+print("STILL", [r["stdout"] for r in mec.execute("print('on')")])
+mec.close()
+"""
+
+
+def test_engines_on_another_host_sleep_wake_at_once_and_are_interrupted_and_killed_while_busy(hosts):
     # Engines on B cannot be rung through the controller's node-shared
     # doorbell; they sleep in poll() on a UDP socket and the controller's
     # datagram wakes them: a request after an idle is answered in about the
@@ -234,6 +293,22 @@ def test_idle_engines_on_another_host_sleep_and_wake_at_once(hosts):
         assert set(lat) == {ADDR_B, next(h for h in lat if h != ADDR_B)}, out
         assert float(lat[ADDR_B]) < 5.0, "an idle engine on the other host answered in %s ms (median)" % lat[ADDR_B]
         assert "poll" in out.split("WCHAN ")[1], out
+        # No SIGINT reaches engines on B from the controller on A: a keyed
+        # INTERRUPT datagram to their wake-up socket does (a thread of the
+        # engine watches it while a request runs, src/engine/wake.c), and
+        # a KILL datagram ends a busy one at once.
+        out = client_in_a(hosts, INTERRUPT_CLIENT, d)
+        print(out)
+        assert "FAR [1, 2]" in out, out
+        assert "'interrupted': [0, 1, 2], 'idle': [], 'unreachable': []" in out, out
+        line = out.split("RESULT ")[1].splitlines()[0]
+        assert line.startswith("['KeyboardInterrupt']") and float(line.split()[-1]) < 5, out
+        assert "LATE " + repr([["KeyboardInterrupt"]] * 4) in out, out
+        assert "NEXT ['on\\n', 'on\\n', 'on\\n']" in out, out
+        assert "OWN [1] 1 ['KeyboardInterrupt']" in out and "QUEUED aborted" in out, out
+        killed = out.split("KILLED ")[1].split()
+        assert killed[:2] == ["[0,", "1]"] and float(killed[2]) < 10, out
+        assert "RAN DeadEngineError" in out and "STILL ['on\\n', 'on\\n']" in out, out
 
 
 FAR_CLIENT = r"""
@@ -267,6 +342,8 @@ def test_the_controller_sleeps_while_engines_on_another_host_work(hosts):
         assert "PULL [7, 7, 7]" in out, out
     print("bell:", counts)
     assert counts["far"] > 0 and counts["sleeps"] > 0 and counts["rung"] > 0, counts
+
+
 
 
 TREE_CLIENT = r"""
@@ -342,6 +419,14 @@ for _ in range(10):
     mec.execute("pass", targets=1)
     samples.append(time.perf_counter() - t)
 print("WAKE %.2f" % (sorted(samples)[len(samples) // 2] * 1e3))
+# Joined engines are interrupted too (by datagram: no signal reaches them).
+pr = mec.execute("import time; time.sleep(30)", targets=[1, 2], block=False)
+time.sleep(0.5)
+print("INTERRUPT", mec.interrupt(targets=[1, 2]))
+try:
+    pr.get_result(timeout=30)
+except client.CompositeError as e:
+    print("ETYPES", sorted(set(x.etype for x in e.errors)))
 os.kill(info[2]["pid"], signal.SIGKILL)
 deadline = time.monotonic() + 30
 while mec.get_ids() != [0, 1] and time.monotonic() < deadline:
@@ -384,6 +469,7 @@ def test_engines_on_the_second_host_join_a_cluster_on_the_first(hosts):
             out.split("HOSTS ")[1].splitlines()[0].count("ipmpi-host-b") == 2, out
         assert "PULL [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]" in out, out
         assert float(out.split("WAKE ")[1].split()[0]) < 5.0, "an idle joined engine answered late: " + out
+        assert "'interrupted': [1, 2]" in out and "ETYPES ['KeyboardInterrupt']" in out, out
         # A joined engine on B killed: seen at once, the rest answer.
         assert "AFTER [0, 1]" in out and "STILL ['on\\n', 'on\\n']" in out, out
         st = in_ns(hosts["a"], [IPCLUSTER, "stop", "--engines", "all", "--ipmpi-dir", d])

@@ -157,12 +157,17 @@ def _wait_request(req):
 
 def _interruptible_comm(comm, MPI):
     """The engines' comm, whose blocking barrier and buffer collectives
-    wait by polling their non-blocking twins (_wait_request). What an
-    interrupt cannot undo: the interrupted collective stays posted, so
-    that communicator must not run collectives again (the engines that
-    joined it wait for the one that left); point-to-point calls and the
-    pickle-based lower-case collectives other than barrier block in MPI
-    as before and are reached only when they return."""
+    wait by polling their non-blocking twins (_wait_request). The
+    pickle-based lower-case collectives (bcast, reduce, allreduce,
+    gather, allgather, scatter, alltoall, scan, exscan) have no
+    non-blocking twin in mpi4py 3: they first wait in a polled Ibarrier,
+    and call the blocking collective only once every rank of the comm
+    reached it, so none of them waits there for an engine that never
+    comes (the transfer itself is not polled). What an interrupt cannot
+    undo: the interrupted collective stays posted, so that communicator
+    must not run collectives again (the engines that joined it wait for
+    the one that left); point-to-point calls block in MPI as before and
+    are reached only when they return."""
 
     class Comm(type(comm)):
         def Barrier(self):
@@ -191,6 +196,21 @@ def _interruptible_comm(comm, MPI):
 
         def Alltoall(self, sendbuf, recvbuf):
             _wait_request(self.Ialltoall(sendbuf, recvbuf))
+
+    def joined_first(name):
+        blocking = getattr(type(comm), name)
+
+        def collective(self, *args, **kwargs):
+            _wait_request(self.Ibarrier())
+            return blocking(self, *args, **kwargs)
+
+        collective.__name__ = collective.__qualname__ = name
+        collective.__doc__ = blocking.__doc__
+        return collective
+
+    for name in ("bcast", "reduce", "allreduce", "gather", "allgather", "scatter", "alltoall", "scan", "exscan"):
+        if hasattr(type(comm), name):
+            setattr(Comm, name, joined_first(name))
 
     Comm.__name__ = Comm.__qualname__ = type(comm).__name__
     return Comm(comm)

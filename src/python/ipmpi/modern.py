@@ -1226,13 +1226,14 @@ class Client:
         return self._mec.interrupt(targets)
 
     def _interrupted(self, ar):
-        """Ctrl-C during a blocking wait of ar: the engines still running
-        its requests are interrupted; the replies still come and are
-        dropped when ar is dropped."""
-        engines = sorted({e for c in ar._children if c.outcomes is None
-                          for e in getattr(c, "engines", ()) if e is not None})
+        """Ctrl-C during a blocking wait of ar: its requests still running
+        are interrupted and those still queued are aborted (on the
+        engines, only ar's own requests: another client's code goes on);
+        the replies still come and are dropped when ar is dropped."""
+        todo = [c for c in ar._children if c.outcomes is None and not getattr(c, "fetched", True)]
+        engines = sorted({e for c in todo for e in c.engines if e is not None})
         if engines:
-            self._mec._interrupt_quietly(engines)
+            self._mec._interrupt_quietly(engines, [c.rid for c in todo])
 
     def shutdown(self, targets="all", restart=False, hub=False, block=None):
         """Stops engines: hub=True (or targets 'all' with hub=True) stops the

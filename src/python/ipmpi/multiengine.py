@@ -606,33 +606,53 @@ class MultiEngineClient(_Base):
 
     def interrupt(self, targets=None, timeout=None):
         """Raises KeyboardInterrupt in the user code running now on the
-        target engines (the engines live on; queued requests are left for
-        clear_queue). Returns {'interrupted': [...], 'idle': [...],
-        'unreachable': [...], 'dead': [...]}: engines that ran nothing are
-        left alone; 'unreachable' ones run on another node than the
-        controller, which cannot signal them. Code blocked in an MPI
-        collective of the engines' comm is reached (its blocking calls
-        poll); code blocked in other C code is reached when it returns."""
+        target engines, whichever client sent it (the engines live on;
+        queued requests are left for clear_queue). Returns {'interrupted':
+        [...], 'idle': [...], 'unreachable': [...], 'dead': [...]}: engines
+        that ran nothing are left alone; 'unreachable' ones cannot be
+        reached (see the guide). Code blocked in an MPI collective of the
+        engines' comm is reached (its blocking calls poll); code blocked
+        in other C code is reached when it returns. Ctrl-C during a
+        blocking call interrupts only that call's own requests."""
         targets, _block = self._find(targets, True)
         return self._controller(_c.K_INTERRUPT, _identity, True, timeout, targets)
 
+    def _interrupt_requests(self, targets, req_ids, timeout=None):
+        """INTERRUPT of this client's requests req_ids only (wire req_ids):
+        an engine is interrupted only while one of them runs there, and
+        those still queued on targets are removed (AbortedError). The
+        reply adds 'busy' (engines running something else, left alone)
+        and 'aborted' (how many queued requests were removed)."""
+        import struct
+        target, tlist, _single = _parse_targets(targets)
+        rid = self._send(_c.K_INTERRUPT, target, [struct.pack("<%dQ" % len(req_ids), *req_ids)], tlist)
+        return self._finish([rid], _controller_json, True, timeout, ids=[None])
+
     def _interrupt_pending(self, pr):
-        """Ctrl-C hook of PendingResult: interrupts what pr started."""
+        """Ctrl-C hook of PendingResult: interrupts the requests pr waits for."""
         if not self.interrupt_on_ctrl_c or self._conn is None:
             return
-        self._interrupt_quietly(pr.targets if pr.targets is not None else self._targets)
+        self._interrupt_quietly(pr.targets if pr.targets is not None else self._targets, pr._pending)
 
-    def _interrupt_quietly(self, targets):
-        """The interrupt a Ctrl-C sends: a second Ctrl-C meanwhile waits
-        until it is sent (SIGINT held back in the main thread, then raised
-        as usual), so the engines are interrupted whatever the user
-        presses; errors (a closed link) are dropped."""
+    def _interrupt_quietly(self, targets, req_ids=None):
+        """The interrupt a Ctrl-C sends, for the requests req_ids of this
+        client (all running code of targets when None): a second Ctrl-C
+        meanwhile waits until it is sent (SIGINT held back in the main
+        thread, then raised as usual), so the engines are interrupted
+        whatever the user presses; errors (a closed link) are dropped."""
         import signal
         import threading
+        if req_ids is not None:
+            req_ids = [r for r in req_ids if r]
+            if not req_ids:
+                return
         main = threading.current_thread() is threading.main_thread()
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
         try:
-            self.interrupt(targets, timeout=5)
+            if req_ids is None:
+                self.interrupt(targets, timeout=5)
+            else:
+                self._interrupt_requests(targets, req_ids, timeout=5)
         except Exception:
             pass
         finally:
