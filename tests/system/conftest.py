@@ -335,6 +335,18 @@ def pty_run(argv, env, timeout, stdin_text=None):
     return p.returncode, seen
 
 
+def first_seen(seen, pattern):
+    """When (time.monotonic()) the output pty_run recorded first matched
+    the regular expression pattern (the text so far), or None."""
+    acc = ""
+    rx = re.compile(pattern)
+    for t, s in seen:
+        acc += s
+        if rx.search(acc):
+            return t
+    return None
+
+
 def run_ctrl_c(argv, delays, timeout):
     """Runs argv (a client that prints READY when it is waiting), then sends
     it SIGINT after each of delays (seconds, one after the other), as a user

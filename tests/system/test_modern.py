@@ -14,7 +14,7 @@ import time
 import pytest
 
 import ipmpi
-from conftest import PYTHON, child_env, pty_run
+from conftest import PYTHON, child_env, first_seen, pty_run
 
 T = 60
 
@@ -250,18 +250,12 @@ def test_interrupt_stops_an_async_result_and_the_engines_answer_after(rc):
     assert dv.apply_sync(lambda: 7) == [7] * len(rc.ids)
 
 
-def _pty_run(code, env, timeout=T):
-    """Runs PYTHON -c code with stdout and stderr a pty; its output."""
-    rc, seen = pty_run([PYTHON, "-c", code], env, timeout)
-    return rc, "".join(s for _t, s in seen)
-
-
 PROGRESS_CODE = """
 import time, ipmpi
 rc = ipmpi.Client(url_file=%r)
-print('start')
+print('WAIT' + 'ING', flush=True)
 assert rc[:].apply_sync(time.sleep, 3) == [None] * 4
-print('done')
+print('FIN' + 'ISHED', flush=True)
 """
 
 
@@ -273,15 +267,22 @@ def test_progress_in_a_pty(cluster4, mode):
         env["IPMPI_PROGRESS"] = "plain"
     elif mode == "off":
         env["IPMPI_PROGRESS"] = "0"
-    rc_, out = _pty_run(PROGRESS_CODE % cluster4.mec_furl, env)
+    rc_, seen = pty_run([PYTHON, "-c", PROGRESS_CODE % cluster4.mec_furl], env, T)
+    out = "".join(s for _t, s in seen)
     assert rc_ == 0, out
-    assert "start" in out and "done" in out, out
+    assert "WAITING" in out and "FINISHED" in out, out
     if mode == "off":
         assert "4/4" not in out and "/4" not in out, out
         return
     assert "4/4" in out, out
     if mode == "plain":
-        assert "engines done after" in out, out
+        assert "sleep:    0/4 engines done after" in out, out
+    # The line (or tqdm's bar) is there while the client waits: at least
+    # a second before the 3 s wait ends, not only with its result.
+    t_wait, t_line, t_end = (first_seen(seen, "WAITING"), first_seen(seen, r"WAITING[^$]*\b[0-3]/4\b"),
+                             first_seen(seen, "FINISHED"))
+    assert t_line is not None and t_end - t_line >= 1.0 and t_line - t_wait >= 0.5, \
+        (t_line and t_line - t_wait, t_line and t_end - t_line, out)
 
 
 def test_no_progress_without_a_tty(cluster4):

@@ -32,7 +32,7 @@ import weakref
 from . import _ipmpi as _c
 from . import _serialize
 from . import output as _output
-from .output import in_jupyter as _in_jupyter
+from . import progress as _progress
 from .connect import _concatenate, _is_int, _map_chunk, _parse_targets, _partition, _sized, default_furl_file
 from .errors import CompositeError, EngineError, RemoteError
 from .results import _composite, _fetch_error, _split
@@ -40,8 +40,8 @@ from .results import _composite, _fetch_error, _split
 __all__ = ["Client", "DirectView", "LoadBalancedView", "AsyncResult", "AsyncMapResult",
            "RemoteFunction", "ParallelFunction", "CompositeError", "RemoteError"]
 
-PROGRESS_DELAY = 1.0      # s a blocking wait runs before progress is shown
-_POLL = 0.1               # s between progress updates
+PROGRESS_DELAY = _progress.DELAY   # s a blocking wait runs before progress is shown
+_POLL = _progress.POLL             # s between progress updates
 
 
 def _now():
@@ -53,91 +53,6 @@ def _timeout(t):
     if t is None or t < 0:
         return None
     return float(t)
-
-
-# ---------------------------------------------------------------- progress
-
-def _progress_mode(setting):
-    """None (no progress), 'tqdm' or 'plain' for a client's progress setting
-    (None: automatic) and IPMPI_PROGRESS."""
-    env = os.environ.get("IPMPI_PROGRESS", "").strip().lower()
-    if setting is False or (setting is None and env in ("0", "no", "off", "false")):
-        return None
-    if setting is None and env == "plain":
-        setting = "plain"
-    if setting in (None, "auto"):
-        try:
-            interactive = sys.stderr is not None and sys.stderr.isatty()
-        except Exception:
-            interactive = False
-        if not interactive and not _in_jupyter():
-            return None
-    if setting == "plain":
-        return "plain"
-    try:
-        import tqdm  # noqa: F401
-        return "tqdm"
-    except ImportError:
-        return "plain"
-
-
-def _forced_mode(setting):
-    """The progress display of wait_interactive, which always shows one."""
-    if setting == "plain" or os.environ.get("IPMPI_PROGRESS", "").strip().lower() == "plain":
-        return "plain"
-    try:
-        import tqdm  # noqa: F401
-        return "tqdm"
-    except ImportError:
-        return "plain"
-
-
-class _Bar:
-    """tqdm (tqdm.auto in Jupyter) if installed, else one line on stderr
-    rewritten in place: '  3/4 engines done after 2 s'."""
-
-    def __init__(self, mode, total, unit, desc):
-        self.total, self.unit, self.desc, self.n = total, unit, desc, 0
-        self._t0 = _now()
-        self._tq = None
-        if mode == "tqdm":
-            try:
-                if _in_jupyter():
-                    from tqdm.auto import tqdm
-                else:
-                    from tqdm import tqdm
-                self._tq = tqdm(total=total, unit=unit, desc=desc, leave=True)
-            except Exception:
-                self._tq = None
-        self._draw()
-
-    def update(self, n):
-        if n == self.n:
-            return
-        if self._tq is not None:
-            self._tq.update(n - self.n)
-        self.n = n
-        self._draw()
-
-    def _draw(self, end=""):
-        if self._tq is not None:
-            return
-        line = "\r%s: %4d/%d %s done after %4d s" % (self.desc, self.n, self.total, self.unit,
-                                                      int(_now() - self._t0))
-        try:
-            sys.stderr.write(line + end)
-            sys.stderr.flush()
-        except Exception:
-            pass
-
-    def close(self):
-        if self._tq is not None:
-            try:
-                self._tq.close()
-            except Exception:
-                pass
-        else:
-            self._draw("\n")
 
 
 # ---------------------------------------------------------------- requests
@@ -331,7 +246,7 @@ class AsyncResult:
         if show is None:
             mode = self._client._progress_mode()
         elif show:
-            mode = _forced_mode(self._client.progress)
+            mode = _progress.forced_mode(self._client.progress)
         else:
             mode = None
         deadline = None if timeout is None else _now() + timeout
@@ -345,7 +260,7 @@ class AsyncResult:
                     if left is not None and left <= 0 and not c.ready():
                         return False
                     if mode and bar is None and (show is True or now - start >= PROGRESS_DELAY):
-                        bar = _Bar(mode, len(self), "engines" if self._kind != "task" else "tasks",
+                        bar = _progress.Bar(mode, len(self), "engines" if self._kind != "task" else "tasks",
                                    self._fname)
                     step = left
                     if mode or self._printer is not None:
@@ -1091,8 +1006,22 @@ class Client:
         self._outstanding = weakref.WeakSet()
         self.block = False
 
+    @property
+    def progress(self):
+        """None (automatic), False, True or 'plain': see ipmpi.progress.
+        The client's MultiEngineClient and TaskClient follow it (%px, the
+        waits of rc.ids and the like)."""
+        return self._progress
+
+    @progress.setter
+    def progress(self, value):
+        self._progress = _progress.check_setting(value)
+        self._mec.progress = value
+        if self._tc is not None:
+            self._tc.progress = value
+
     def _progress_mode(self):
-        return _progress_mode(self.progress)
+        return _progress.mode(self.progress)
 
     def _streaming(self, kind=_c.K_APPLY):
         """Whether views stream the output of a request of kind (only code
@@ -1111,6 +1040,7 @@ class Client:
                 raise ValueError("no task furl known: pass Client(tc_url_file=...) (the controller's "
                                  "ipcontroller-tc.furl)")
             self._tc = TaskClient(self._tc_url_file, None, self._connect_timeout, self._shm)
+            self._tc.progress = self.progress
         return self._tc
 
     # -- engines

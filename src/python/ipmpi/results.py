@@ -3,6 +3,7 @@ form), PendingResult (block=False), and the helpers that turn replies into
 values or errors.
 """
 import json
+import numbers
 import re
 import struct
 import time
@@ -10,6 +11,7 @@ import time
 from . import _serialize
 from . import _ipmpi as _c
 from . import output as _output
+from . import progress as _progress
 from .errors import (CompositeError, EngineError, EvictedError, InvalidDeferredID, RemoteError, _ERROR_CLASSES,
                      _rebuild_exception)
 
@@ -212,6 +214,7 @@ class PendingResult:
         self._error = None
         self.callbacks = []
         self._printer = None  # an output.OutputPrinter when the request streams its output
+        self.what = None      # the call's name, for its progress line
 
     def ready(self):
         if self._done:
@@ -250,15 +253,19 @@ class PendingResult:
         if conn is None:
             raise ConnectionError("this client is closed")
         deadline = None if timeout is None else _now() + timeout
+        progress = self._progress(conn)
         try:
             while self._pending:
                 if self._printer is not None:
                     _output.follow(conn, self._pending[0], self._printer, deadline)
                 left = None if deadline is None else max(0.0, deadline - _now())
-                self._replies.extend(conn.recv(self._pending[0], left))
+                self._replies.extend(_progress.recv(conn, self._pending[0], left, progress,
+                                                    lambda: self._progress_done(conn)))
                 self._pending.pop(0)
             if self._printer is not None:
                 self._printer.close()
+            if progress.bar is not None:
+                progress.close(self._progress_done(conn))
         except KeyboardInterrupt:
             # Ctrl-C while waiting: the code runs on in the engines unless
             # the client stops it there too (MultiEngineClient.interrupt).
@@ -267,6 +274,8 @@ class PendingResult:
             if hook is not None:
                 hook(self)
             raise
+        finally:
+            progress.close()
         self._done = True
         try:
             result = self._post(self._replies)
@@ -276,6 +285,40 @@ class PendingResult:
         except Exception as e:  # kept, so every get_result raises it again
             self._error = e
         self._replies = None
+
+    # -- progress of a blocking wait (ipmpi.progress): one request to several
+    # engines counts them all at once (its replies come together); a
+    # result of one request per engine (map) counts them one by one.
+    def _progress(self, conn):
+        make = getattr(self._client, "_wait_progress", None)
+        if make is None or self._printer is not None:   # streamed output shows progress itself
+            return _progress.Progress(None, 0, "", "")
+        return make(self._progress_total, "engines", self.what or "wait")
+
+    def _progress_total(self):
+        """The engines waited for (asked of the controller, once, for 'all')."""
+        n = getattr(self, "_ptotal", None)
+        if n is not None:
+            return n
+        t = self.targets
+        if len(self._ids) > 1 or t is None or isinstance(t, numbers.Integral):
+            n = max(1, len(self._ids))
+        elif isinstance(t, str):
+            try:
+                n = len(self._client.get_ids(timeout=5)) or 1
+            except Exception:
+                n = 1
+        else:
+            n = len(t)
+        self._ptotal = n
+        return n
+
+    def _progress_done(self, conn):
+        if len(self._ids) > 1:
+            return len(self._ids) - len(self._pending) + sum(1 for r in self._pending if conn.ready(r))
+        if self._pending and not conn.ready(self._pending[0]):
+            return 0
+        return self._progress_total()
 
     def _flush(self):
         """Drops the replies not yet received (flush)."""
