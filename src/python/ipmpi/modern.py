@@ -1188,6 +1188,26 @@ class Client:
     def __len__(self):
         return len(self.ids)
 
+    def wait_for_engines(self, n=None, timeout=-1, block=True, interactive=None, widget=None):
+        """Waits until at least n engines are alive (n None: returns at
+        once; an ipmpi cluster's engines are MPI ranks, all there when
+        ipcluster said it was ready); TimeoutError after timeout s (-1:
+        forever)."""
+        if not block:
+            raise NotImplementedError("wait_for_engines(block=False): ipmpi has no background futures; "
+                                      "call it when you want to wait")
+        if n is None:
+            return None
+        if not _is_int(n) or n < 0:
+            raise ValueError("n must be a number of engines, not %r" % (n,))
+        t = _timeout(timeout)
+        deadline = None if t is None else _now() + t
+        while len(self.ids) < n:
+            if deadline is not None and _now() >= deadline:
+                raise TimeoutError("%d engines wanted, %d alive after %s s" % (n, len(self.ids), timeout))
+            time.sleep(0.1)
+        return None
+
     def __iter__(self):
         for eid in self.ids:
             yield DirectView(self, eid)
