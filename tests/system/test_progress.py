@@ -28,6 +28,8 @@ mec.execute('import time; time.sleep(3)')
 print('WAIT' + 'TWO', flush=True)
 pr = mec.execute('import time; time.sleep(3)', block=False)
 pr.get_result()
+print('WAIT' + 'THREE', flush=True)
+mec.barrier([mec.execute('time.sleep(0.75)', block=False) for i in range(4)])
 print('FIN' + 'ISHED', flush=True)
 """
 
@@ -87,10 +89,14 @@ def _shown_during(seen, text, after, before, what):
 def test_multiengineclient_shows_progress_while_it_waits(cluster4, mode):
     seen, text = _run(MEC_CODE, cluster4.mec_furl, mode)
     _shown_during(seen, text, "WAITONE", "WAITTWO", "execute")
-    _shown_during(seen, text, "WAITTWO", "FINISHED", "execute")
+    _shown_during(seen, text, "WAITTWO", "WAITTHREE", "execute")
+    # A barrier shows one line of results done, not one per result.
+    _shown_during(seen, text, "WAITTHREE", "FINISHED", "barrier")
+    assert "execute" not in text.split("WAITTHREE", 1)[1], text
     if mode == "plain":
         assert "execute:    0/4 engines done after" in text, text
         assert "execute:    4/4 engines done after" in text, text
+        assert "barrier:    4/4 results done after" in text, text
 
 
 @pytest.mark.parametrize("mode", ["auto", "plain"])
@@ -108,11 +114,12 @@ def test_taskclient_shows_progress_while_it_waits(cluster4, mode):
         assert "get_task_result:    1/1 tasks done after" in text, text
 
 
-@pytest.mark.parametrize("mode", ["env-off", "arg-off"])
-def test_no_progress_when_off(cluster4, mode):
-    _seen, text = _run(MEC_CODE, cluster4.mec_furl, mode)
-    assert "FINISHED" in text and not re.search(COUNT, text), text
-    _seen, text = _run(TC_CODE, cluster4.tc_furl, mode)
+# IPMPI_PROGRESS=0 with the MultiEngineClient, progress=False with the
+# TaskClient (both go through the same code of their common base).
+@pytest.mark.parametrize("mode,which", [("env-off", "mec"), ("arg-off", "tc")])
+def test_no_progress_when_off(cluster4, mode, which):
+    code, furl = (MEC_CODE, cluster4.mec_furl) if which == "mec" else (TC_CODE, cluster4.tc_furl)
+    _seen, text = _run(code, furl, mode)
     assert "FINISHED" in text and not re.search(COUNT + r"|\b[01]/1\b", text), text
 
 

@@ -181,14 +181,34 @@ class MultiEngineClient(_Base):
         if timeout is None:
             timeout = self._timeout
         deadline = None if timeout is None else _now() + timeout
-        for pr in sorted(prs):
-            left = None if deadline is None else max(0.0, deadline - _now())
-            try:
-                pr.get_result(block=True, timeout=left)
-            except TimeoutError:
-                raise TimeoutError("barrier: not every result complete within %s s" % (timeout,)) from None
-            except Exception:
-                pass
+        # One progress display for the whole barrier (results done), not
+        # one per result.
+        progress = self._wait_progress(len(prs), "results", "barrier")
+        try:
+            for pr in sorted(prs):
+                pr._quiet_progress = True
+                try:
+                    while True:
+                        left = None if deadline is None else max(0.0, deadline - _now())
+                        step = progress.step
+                        wait = left if step is None else (step if left is None else min(step, left))
+                        try:
+                            pr.get_result(block=True, timeout=wait)
+                            break
+                        except TimeoutError:
+                            if pr._done:
+                                break
+                            if left is not None and wait >= left:
+                                raise TimeoutError("barrier: not every result complete within %s s"
+                                                   % (timeout,)) from None
+                            progress.update(sum(1 for p in prs if p.ready()))
+                        except Exception:
+                            break
+                finally:
+                    pr._quiet_progress = False
+            progress.close(len(prs))
+        finally:
+            progress.close()
 
     def flush(self):
         """Drops the results of this client's PendingResults that were not

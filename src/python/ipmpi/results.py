@@ -215,6 +215,7 @@ class PendingResult:
         self.callbacks = []
         self._printer = None  # an output.OutputPrinter when the request streams its output
         self.what = None      # the call's name, for its progress line
+        self._quiet_progress = False   # True while a barrier shows the progress
 
     def ready(self):
         if self._done:
@@ -291,7 +292,8 @@ class PendingResult:
     # result of one request per engine (map) counts them one by one.
     def _progress(self, conn):
         make = getattr(self._client, "_wait_progress", None)
-        if make is None or self._printer is not None:   # streamed output shows progress itself
+        # Streamed output shows progress itself; a barrier shows its own.
+        if make is None or self._printer is not None or self._quiet_progress:
             return _progress.Progress(None, 0, "", "")
         return make(self._progress_total, "engines", self.what or "wait")
 
