@@ -411,9 +411,7 @@ class AsyncResult:
             if c.outcomes is None and c.ready():
                 try:
                     c.collect(0.0)
-                except (TimeoutError, ConnectionError):
-                    continue
-                except Exception:
+                except Exception:   # a lost link: get() says so
                     continue
             if c.outcomes is not None:
                 self._show_outputs(c)
@@ -1311,32 +1309,6 @@ class Client:
         controller's INTERRUPT: MultiEngineClient.interrupt)."""
         return self._mec.interrupt(targets)
 
-    def send_signal(self, sig, targets=None, block=None):
-        """ipyparallel's way to interrupt: SIGINT (or 'SIGINT', 'INT', 2)
-        is rc.interrupt(targets) -- KeyboardInterrupt in the code running
-        on those engines -- and returns its report. ipmpi delivers no other
-        signal (NotImplementedError: stop engines with rc.shutdown)."""
-        import signal as _signal
-        if isinstance(sig, str):
-            name = sig.upper()
-            name = name if name.startswith("SIG") else "SIG" + name
-            num = getattr(_signal, name, None)
-            if not isinstance(num, int):
-                raise ValueError("send_signal: no signal named %r" % (sig,))
-        elif _is_int(sig):
-            num = int(sig)
-        else:
-            raise TypeError("send_signal takes a signal number or name, not %r" % (type(sig).__name__,))
-        if num != _signal.SIGINT:
-            try:
-                label = _signal.Signals(num).name
-            except ValueError:
-                label = str(num)
-            raise NotImplementedError("send_signal(%s): ipmpi engines are MPI ranks and get only SIGINT, "
-                                      "as an interrupt (KeyboardInterrupt in the running code); stop "
-                                      "engines with rc.shutdown(targets)" % label)
-        return self.interrupt("all" if targets is None else targets)
-
     def _interrupted(self, ar):
         """Ctrl-C during a blocking wait of ar: the engines still running
         its requests are interrupted; the replies still come and are
@@ -1401,6 +1373,32 @@ class Client:
                     c.relink()
         if self._tc is not None:
             self._tc.reconnect(timeout)
+
+    def send_signal(self, sig, targets=None, block=None):
+        """ipyparallel's way to interrupt: SIGINT (or 'SIGINT', 'INT', 2)
+        is rc.interrupt(targets) -- KeyboardInterrupt in the code running
+        on those engines -- and returns its report. ipmpi delivers no other
+        signal (NotImplementedError: stop engines with rc.shutdown)."""
+        import signal as _signal
+        if isinstance(sig, str):
+            name = sig.upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            num = getattr(_signal, name, None)
+            if not isinstance(num, int):
+                raise ValueError("send_signal: no signal named %r" % (sig,))
+        elif _is_int(sig):
+            num = int(sig)
+        else:
+            raise TypeError("send_signal takes a signal number or name, not %r" % (type(sig).__name__,))
+        if num != _signal.SIGINT:
+            try:
+                label = _signal.Signals(num).name
+            except ValueError:
+                label = str(num)
+            raise NotImplementedError("send_signal(%s): ipmpi engines are MPI ranks and get only SIGINT, "
+                                      "as an interrupt (KeyboardInterrupt in the running code); stop "
+                                      "engines with rc.shutdown(targets)" % label)
+        return self.interrupt("all" if targets is None else targets)
 
     def close(self, linger=None):
         """Closes the connections; the cluster keeps running."""

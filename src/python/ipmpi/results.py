@@ -216,6 +216,7 @@ class PendingResult:
         self._printer = None  # an output.OutputPrinter when the request streams its output
         self.what = None      # the call's name, for its progress line
         self._quiet_progress = False   # True while a barrier shows the progress
+        self._wait_shown = _NO_PROGRESS
 
     def ready(self):
         if self._done:
@@ -231,7 +232,16 @@ class PendingResult:
         if not self._done:
             if not block and not self.ready():
                 return default
-            self._collect(self._client._timeout if timeout is None else timeout)
+            conn = self._client._conn
+            # The progress of this wait (ipmpi.progress), shown by _collect.
+            self._wait_shown = self._progress(conn) if conn is not None else _NO_PROGRESS
+            try:
+                self._collect(self._client._timeout if timeout is None else timeout)
+                if self._wait_shown.bar is not None:
+                    self._wait_shown.close(self._progress_done(conn))
+            finally:
+                self._wait_shown.close()
+                self._wait_shown = _NO_PROGRESS
         if self._error is not None:
             raise self._error
         return self._result
@@ -254,7 +264,7 @@ class PendingResult:
         if conn is None:
             raise ConnectionError("this client is closed")
         deadline = None if timeout is None else _now() + timeout
-        progress = self._progress(conn)
+        progress = self._wait_shown
         try:
             while self._pending:
                 if self._printer is not None:
@@ -265,8 +275,6 @@ class PendingResult:
                 self._pending.pop(0)
             if self._printer is not None:
                 self._printer.close()
-            if progress.bar is not None:
-                progress.close(self._progress_done(conn))
         except KeyboardInterrupt:
             # Ctrl-C while waiting: the code runs on in the engines unless
             # the client stops it there too (MultiEngineClient.interrupt).
@@ -275,8 +283,6 @@ class PendingResult:
             if hook is not None:
                 hook(self)
             raise
-        finally:
-            progress.close()
         self._done = True
         try:
             result = self._post(self._replies)
@@ -294,7 +300,7 @@ class PendingResult:
         make = getattr(self._client, "_wait_progress", None)
         # Streamed output shows progress itself; a barrier shows its own.
         if make is None or self._printer is not None or self._quiet_progress:
-            return _progress.Progress(None, 0, "", "")
+            return _NO_PROGRESS
         return make(self._progress_total, "engines", self.what or "wait")
 
     def _progress_total(self):
@@ -399,6 +405,9 @@ class PendingResult:
 
 def _now():
     return time.monotonic()
+
+
+_NO_PROGRESS = _progress.Progress(None, 0, "", "")
 
 
 def _none(meta, parts):

@@ -41,7 +41,7 @@ from . import progress as _progress
 from .connect import _Base, _is_int
 from .errors import (EngineError, EvictedError, InvalidDeferredID, TaskTimeoutError, _ERROR_CLASSES,
                      _rebuild_exception)
-from .results import _controller_json, _message, _now
+from .results import _NO_PROGRESS, _controller_json, _message, _now
 
 __all__ = ["BaseTask", "StringTask", "MapTask", "Task", "ResultNS", "TaskResult",
            "TaskMapper", "ParallelFunction", "time_format", "MAX_STAGES", "MAX_RETRIES"]
@@ -1019,7 +1019,6 @@ _RESULT_REQ = struct.Struct("<QB")
 _RESERVE_FIRST = 64
 _RESERVE_MAX = 4096
 _CHUNKS_PER_ENGINE = 8
-_NO_PROGRESS = _progress.Progress(None, 0, "", "")
 
 
 class _MapProgress:
