@@ -7,6 +7,7 @@ AM_TESTS_ENVIRONMENT). Each cluster gets its own temporary IPMPI_DIR; the
 fixtures always stop their cluster and, as a last resort, kill every process
 of its session. Every wait is bounded.
 """
+import contextlib
 import hashlib
 import os
 import pty
@@ -318,10 +319,14 @@ def run_record(d):
         return json.load(f)
 
 
-def pty_run(argv, env, timeout, stdin_text=None):
+def pty_run(argv, env, timeout, stdin_text=None, sigint_after=None, events=None):
     """Runs argv with stdout and stderr a pty (a terminal, as a user's), stdin
     stdin_text (or nothing); returns (exit status, [(time.monotonic(), text)]
-    of what it wrote, as it came). Killed after timeout s."""
+    of what it wrote, as it came). Killed after timeout s.
+
+    sigint_after=(pattern, delay): delay s after its output first matched
+    the regular expression pattern, the process gets SIGINT, as from a
+    user's Ctrl-C; events (a list) then gets ('SIGINT', time.monotonic())."""
     master, slave = pty.openpty()
     p = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
                          stdout=slave, stderr=slave, env=env, close_fds=True, text=True)
@@ -331,9 +336,18 @@ def pty_run(argv, env, timeout, stdin_text=None):
         p.stdin.close()
     seen = []
     deadline = time.monotonic() + timeout
+    text, fire_at = "", None
     try:
         while time.monotonic() < deadline:
-            r, _w, _x = select.select([master], [], [], 0.5)
+            if sigint_after is not None:
+                if fire_at is None and re.search(sigint_after[0], text):
+                    fire_at = time.monotonic() + sigint_after[1]
+                if fire_at is not None and time.monotonic() >= fire_at:
+                    p.send_signal(signal.SIGINT)
+                    if events is not None:
+                        events.append(("SIGINT", time.monotonic()))
+                    sigint_after = None
+            r, _w, _x = select.select([master], [], [], 0.05 if fire_at is not None and sigint_after else 0.5)
             if r:
                 try:
                     data = os.read(master, 65536)
@@ -342,6 +356,7 @@ def pty_run(argv, env, timeout, stdin_text=None):
                 if not data:
                     break
                 seen.append((time.monotonic(), data.decode("utf-8", "replace")))
+                text += seen[-1][1]
             elif p.poll() is not None:
                 break
         p.wait(timeout=max(1, deadline - time.monotonic()))
@@ -351,6 +366,51 @@ def pty_run(argv, env, timeout, stdin_text=None):
             p.wait(10)
         os.close(master)
     return p.returncode, seen
+
+
+@contextlib.contextmanager
+def jupyter_kernel(env):
+    """A real Jupyter kernel (the python3 kernel spec, which must run
+    PYTHON) started with env; yields its blocking client; always shut
+    down."""
+    from jupyter_client.manager import KernelManager
+    km = KernelManager(kernel_name="python3")
+    if km.kernel_spec.argv[0] != PYTHON:
+        raise AssertionError("the python3 kernel runs %s, not %s" % (km.kernel_spec.argv[0], PYTHON))
+    km.start_kernel(env=env)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def jupyter_run(kc, code, timeout):
+    """Executes code in kernel client kc; (the reply's content, [(time,
+    stream name, text)] of the stream messages, as they came)."""
+    streams = []
+
+    def on_msg(msg):
+        if msg["msg_type"] == "stream":
+            streams.append((time.monotonic(), msg["content"]["name"], msg["content"]["text"]))
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=on_msg)
+    return reply["content"], streams
+
+
+def first_seen(seen, pattern):
+    """When (time.monotonic()) the output pty_run recorded first matched
+    the regular expression pattern (the text so far), or None."""
+    acc = ""
+    rx = re.compile(pattern)
+    for t, s in seen:
+        acc += s
+        if rx.search(acc):
+            return t
+    return None
 
 
 def run_ctrl_c(argv, delays, timeout):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import ipmpi
-from conftest import PYTHON, child_env, pty_run
+from conftest import PYTHON, child_env, first_seen, jupyter_kernel, jupyter_run, pty_run, run_ctrl_c
 
 T = 60
 
@@ -250,18 +250,12 @@ def test_interrupt_stops_an_async_result_and_the_engines_answer_after(rc):
     assert dv.apply_sync(lambda: 7) == [7] * len(rc.ids)
 
 
-def _pty_run(code, env, timeout=T):
-    """Runs PYTHON -c code with stdout and stderr a pty; its output."""
-    rc, seen = pty_run([PYTHON, "-c", code], env, timeout)
-    return rc, "".join(s for _t, s in seen)
-
-
 PROGRESS_CODE = """
 import time, ipmpi
 rc = ipmpi.Client(url_file=%r)
-print('start')
+print('WAIT' + 'ING', flush=True)
 assert rc[:].apply_sync(time.sleep, 3) == [None] * 4
-print('done')
+print('FIN' + 'ISHED', flush=True)
 """
 
 
@@ -273,15 +267,22 @@ def test_progress_in_a_pty(cluster4, mode):
         env["IPMPI_PROGRESS"] = "plain"
     elif mode == "off":
         env["IPMPI_PROGRESS"] = "0"
-    rc_, out = _pty_run(PROGRESS_CODE % cluster4.mec_furl, env)
+    rc_, seen = pty_run([PYTHON, "-c", PROGRESS_CODE % cluster4.mec_furl], env, T)
+    out = "".join(s for _t, s in seen)
     assert rc_ == 0, out
-    assert "start" in out and "done" in out, out
+    assert "WAITING" in out and "FINISHED" in out, out
     if mode == "off":
         assert "4/4" not in out and "/4" not in out, out
         return
     assert "4/4" in out, out
     if mode == "plain":
-        assert "engines done after" in out, out
+        assert "sleep:    0/4 engines done after" in out, out
+    # The line (or tqdm's bar) is there while the client waits: at least
+    # a second before the 3 s wait ends, not only with its result.
+    t_wait, t_line, t_end = (first_seen(seen, "WAITING"), first_seen(seen, r"WAITING[^$]*\b[0-3]/4\b"),
+                             first_seen(seen, "FINISHED"))
+    assert t_line is not None and t_end - t_line >= 1.0 and t_line - t_wait >= 0.5, \
+        (t_line and t_line - t_wait, t_line and t_end - t_line, out)
 
 
 def test_no_progress_without_a_tty(cluster4):
@@ -340,6 +341,94 @@ print('local')
     assert len(re.findall(r"(?m)^\[[02]\] Out\[\d+\]: 26$", out)) == 2, out
     assert not re.search(r"(?m)^\[[13]\] ", out), out
     assert "local" in out, out
+
+
+CTRL_C = """
+import signal, sys, time, ipmpi
+when = []
+
+def on_sigint(signum, frame):   # the default handler, noting when
+    when.append(time.monotonic())
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, on_sigint)
+rc = ipmpi.Client(url_file=sys.argv[1], progress=False)
+assert rc.ids == [0, 1, 2, 3]
+print("READY", flush=True)
+try:
+    rc[:].apply_sync(time.sleep, 60)
+    print("RETURNED", flush=True)
+except KeyboardInterrupt:
+    print("CTRL-C %.2f" % (time.monotonic() - when[0]), flush=True)
+t0 = time.monotonic()
+r = rc[:].apply_sync(lambda: 'after')
+print("AFTER", r, "%.2f" % (time.monotonic() - t0), flush=True)
+"""
+
+
+def test_ctrl_c_during_apply_sync_returns_and_the_engines_answer_after(cluster4):
+    # SIGINT to the client 1 s into a 60 s sleep on 4 engines, as a user's
+    # Ctrl-C: apply_sync returns within 2 s, and the engines were
+    # interrupted (the next call is answered at once, not after 60 s).
+    out = run_ctrl_c([PYTHON, "-c", CTRL_C, cluster4.mec_furl], [1.0], T)
+    assert "CTRL-C" in out and "RETURNED" not in out, out
+    assert float(out.split("CTRL-C ")[1].split()[0]) < 2.0, out
+    after = out.split("AFTER ")[1]
+    assert after.startswith("['after', 'after', 'after', 'after']"), out
+    assert float(after.split()[-1]) < 5.0, out
+
+
+PX_CTRL_C = """\
+import ipmpi, time
+rc = ipmpi.Client()
+rc[:].activate()
+print('PX' + 'START')
+%px import time; print('sleeping'); time.sleep(60)
+t0 = time.monotonic()
+%px print('after')
+print('AFTER-PX %.2f' % (time.monotonic() - t0))
+exit
+"""
+
+
+def test_ctrl_c_during_px_in_ipython_on_a_terminal(cluster4):
+    env = child_env()
+    env["IPMPI_DIR"] = cluster4.ipmpi_dir
+    argv = [PYTHON, "-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False",
+            "--TerminalInteractiveShell.confirm_exit=False", "--simple-prompt"]
+    events = []
+    _rc, seen = pty_run(argv, env, T, stdin_text=PX_CTRL_C, sigint_after=(r"\[3\] sleeping", 1.0),
+                        events=events)
+    text = "".join(s for _t, s in seen)
+    assert events, "the %px never started:\n" + text
+    t_int = events[0][1]
+    t_kbd = first_seen(seen, "KeyboardInterrupt")
+    assert t_kbd is not None and t_kbd - t_int < 2.0, text
+    for i in range(4):
+        assert "[%d] after" % i in text, text
+    m = re.search(r"AFTER-PX (\d+\.\d+)", text)
+    assert m and float(m.group(1)) < 5.0, text
+
+
+def test_activate_then_px_in_a_jupyter_kernel(cluster4):
+    env = child_env()
+    env["IPMPI_DIR"] = cluster4.ipmpi_dir
+    with jupyter_kernel(env) as kc:
+        content, _s = jupyter_run(kc, "import ipmpi\nrc = ipmpi.Client()\nrc[::2].activate()", T)
+        assert content["status"] == "ok", content
+        t0 = time.monotonic()
+        content, streams = jupyter_run(kc, "%px import time; print('tick'); time.sleep(3); print('tock')", T)
+        t_end = time.monotonic()
+        assert content["status"] == "ok", content
+        text = "".join(s for _t, _n, s in streams)
+        for i in (0, 2):
+            assert "[%d] tick" % i in text and "[%d] tock" % i in text, text
+        assert "[1] tick" not in text and "[3] tick" not in text, text
+        t_tick = min(t for t, _n, s in streams if "tick" in s)
+        assert t_tick < t_end - 1.5, "tick shown %.2f s after the start, %.2f s before the end" % (
+            t_tick - t0, t_end - t_tick)
+        content, streams = jupyter_run(kc, "%pxresult", T)
+        assert content["status"] == "ok", content
 
 
 def test_shutdown_engine_then_cluster(cluster4, rc):

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from conftest import PYTHON, child_env, controller_pid, proc_status_kb, pty_run, run_ctrl_c
+from conftest import (PYTHON, child_env, controller_pid, first_seen, jupyter_kernel, jupyter_run, proc_status_kb,
+                      pty_run, run_ctrl_c)
 
 from ipmpi import _consts, _serialize, client
 
@@ -244,12 +245,7 @@ def test_px_streams_in_ipython_on_a_terminal(cluster4):
     text = "".join(s for _t, s in seen)
 
     def when(needle):
-        acc = ""
-        for t, s in seen:
-            acc += s
-            if needle in acc:
-                return t
-        return None
+        return first_seen(seen, re.escape(needle))
 
     for i in range(4):
         assert "[%d] tick" % i in text, text
@@ -261,40 +257,22 @@ def test_px_streams_in_ipython_on_a_terminal(cluster4):
 
 
 def test_px_streams_in_a_jupyter_kernel(cluster4):
-    from jupyter_client.manager import KernelManager
     env = child_env()
     env["IPMPI_DIR"] = cluster4.ipmpi_dir
-    km = KernelManager(kernel_name="python3")
-    if km.kernel_spec.argv[0] != PYTHON:
-        raise AssertionError("the python3 kernel runs %s, not %s" % (km.kernel_spec.argv[0], PYTHON))
-    km.start_kernel(env=env)
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=60)
+    with jupyter_kernel(env) as kc:
         setup = "from ipmpi import client\nmec = client.MultiEngineClient(timeout=60)\nmec.activate()"
-        reply = kc.execute_interactive(setup, timeout=T)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        streams = []
-
-        def on_msg(msg):
-            if msg["msg_type"] == "stream":
-                streams.append((time.monotonic(), msg["content"]["name"], msg["content"]["text"]))
-
+        content, _s = jupyter_run(kc, setup, T)
+        assert content["status"] == "ok", content
         t0 = time.monotonic()
-        reply = kc.execute_interactive("%px import time; print('tick'); time.sleep(3); print('tock')",
-                                       timeout=T, output_hook=on_msg)
+        content, streams = jupyter_run(kc, "%px import time; print('tick'); time.sleep(3); print('tock')", T)
         t_end = time.monotonic()
-        assert reply["content"]["status"] == "ok", reply["content"]
+        assert content["status"] == "ok", content
         text = "".join(s for _t, _n, s in streams)
         for i in range(4):
             assert "[%d] tick" % i in text and "[%d] tock" % i in text, text
         t_tick = min(t for t, _n, s in streams if "tick" in s)
         assert t_tick < t_end - 1.5, "tick shown %.2f s after the start, %.2f s before the end" % (
             t_tick - t0, t_end - t_tick)
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 CTRL_C_TWICE = """

@@ -175,6 +175,33 @@ def test_mec_and_tc_through_the_login_node(net, cluster):
     assert nothing_left(net["key"])
 
 
+MODERN = r"""
+import json, sys
+import ipmpi
+mec_furl, key, login = sys.argv[1:4]
+def say(k, v): print(k, json.dumps(v), flush=True)
+rc = ipmpi.Client(mec_furl, sshserver="root@%s" % login, sshkey=key, progress=False)
+say("IDS", rc.ids)
+say("APPLY", rc[:].apply_sync(lambda x: 2 * x, 21))
+say("LVIEW", rc.load_balanced_view().map_sync(lambda x: x * x, range(6)))
+say("TUNNELS", [rc._mec.tunnel.alive, rc._tc.tunnel.alive, rc._mec.tunnel.local_port != rc._tc.tunnel.local_port])
+t1, t2 = rc._mec.tunnel, rc._tc.tunnel
+rc.close()
+say("CLOSED", [t1.alive, t2.alive])
+"""
+
+
+def test_modern_client_through_the_login_node(net, cluster):
+    # ipmpi.Client(url_file, sshserver=...) uses MultiEngineClient's tunnels,
+    # one for its direct views and one for its load-balanced view.
+    rc, out, v = on_laptop(net, MODERN, cluster["mec"], net["key"], ADDR_GL)
+    assert rc == 0, out
+    assert v["IDS"] == [0, 1] and v["APPLY"] == [42, 42], out
+    assert v["LVIEW"] == [0, 1, 4, 9, 16, 25], out
+    assert v["TUNNELS"] == [True, True, True] and v["CLOSED"] == [False, False], out
+    assert nothing_left(net["key"])
+
+
 def test_the_pin_and_the_key_still_hold_through_the_tunnel(net, cluster):
     code = r"""
 import json, sys

@@ -17,15 +17,21 @@ __version__ = "0.1.0"
 
 # The modern (ipyparallel-style) names, imported on first use so that
 # `import ipmpi` stays cheap for the engines.
-_MODERN = ("Client", "DirectView", "LoadBalancedView", "AsyncResult", "AsyncMapResult")
+_MODERN = ("Client", "DirectView", "LoadBalancedView", "AsyncResult", "AsyncMapResult", "require",
+           "interactive")
+# Errors, as ipyparallel exports them at the top level.
+_ERRORS = ("CompositeError", "RemoteError", "EngineError", "DeadEngineError", "AbortedError")
 
 
 def __getattr__(name):
     if name in _MODERN:
         from . import modern
         return getattr(modern, name)
+    if name in _ERRORS:
+        from . import errors
+        return getattr(errors, name)
     raise AttributeError("module 'ipmpi' has no attribute %r" % (name,))
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_MODERN))
+    return sorted(list(globals()) + list(_MODERN) + list(_ERRORS))

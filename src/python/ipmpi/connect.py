@@ -18,6 +18,7 @@ import time
 import weakref
 
 from . import _ipmpi as _c
+from . import progress as _progress
 from .results import PendingResult, _controller_json
 
 
@@ -492,8 +493,10 @@ _map_chunk.__module__ = "__main__"
 class _Base:
     _capability = "mec"
 
-    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True, sshserver=None, sshkey=None):
+    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True, sshserver=None, sshkey=None,
+                 progress=None):
         self._timeout = timeout
+        self.progress = progress
         self.block = True
         self._conn = None
         self._tunnel = None
@@ -564,6 +567,22 @@ class _Base:
     def shm_note(self):
         """None while shared memory is in use, else the reason it is not."""
         return None if self._conn is None else self._conn.shm_note
+
+    @property
+    def progress(self):
+        """Whether blocking waits longer than a second show how many engines
+        or tasks are done (ipmpi.progress): None (automatic: when stderr is
+        a terminal or in Jupyter, unless IPMPI_PROGRESS=0), False, True, or
+        'plain' (one line, even when tqdm is installed)."""
+        return self._progress_setting
+
+    @progress.setter
+    def progress(self, value):
+        self._progress_setting = _progress.check_setting(value)
+
+    def _wait_progress(self, total, unit, desc):
+        """A progress.Progress for one blocking wait of this client."""
+        return _progress.Progress(_progress.mode(self._progress_setting), total, unit, desc)
 
     @property
     def timeout(self):

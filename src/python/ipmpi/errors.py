@@ -79,6 +79,9 @@ class CompositeError(Exception):
     the same request.
     """
 
+    #: How many failures str() lists (None: all; ipyparallel's default is 4).
+    tb_limit = None
+
     def __init__(self, message, elist, errors=None, results=None, method=None):
         super().__init__(message, elist)
         self.message = message
@@ -103,12 +106,16 @@ class CompositeError(Exception):
 
     def __str__(self):
         s = str(self.message)
-        for et, ev, _tb in self.elist:
+        limit = self.tb_limit
+        shown = self.elist if limit is None else self.elist[:limit]
+        for et, ev, _tb in shown:
             if isinstance(ev, RemoteError):
                 name, value = ev.etype, ev.evalue
             else:
                 name, value = et.__name__, _safe_str(ev)
             s += "\n" + self._get_engine_str(ev) + str(name) + ": " + str(value)
+        if len(shown) < len(self.elist):
+            s += "\n.... %d more exceptions ..." % (len(self.elist) - len(shown))
         return s
 
     def print_tracebacks(self, excid=None):
@@ -125,6 +132,10 @@ class CompositeError(Exception):
             raise IndexError("an exception with index %r does not exist" % (excid,)) from None
         print(self._get_engine_str(ev))
         print(self._get_traceback(ev))
+
+    def print_traceback(self, excid=None):
+        """print_tracebacks(excid) (ipyparallel's name)."""
+        return self.print_tracebacks(excid)
 
     def raise_exception(self, excid=0):
         """Raises failure excid (the first by default) as its original type:

@@ -22,6 +22,7 @@ it off (progress='plain' forces the plain line).
 
 What differs from ipyparallel is listed in doc/modern.rst.
 """
+import contextlib
 import datetime
 import functools
 import os
@@ -32,16 +33,16 @@ import weakref
 from . import _ipmpi as _c
 from . import _serialize
 from . import output as _output
-from .output import in_jupyter as _in_jupyter
+from . import progress as _progress
 from .connect import _concatenate, _is_int, _map_chunk, _parse_targets, _partition, _sized, default_furl_file
 from .errors import CompositeError, EngineError, RemoteError
 from .results import _composite, _fetch_error, _split
 
 __all__ = ["Client", "DirectView", "LoadBalancedView", "AsyncResult", "AsyncMapResult",
-           "RemoteFunction", "ParallelFunction", "CompositeError", "RemoteError"]
+           "RemoteFunction", "ParallelFunction", "CompositeError", "RemoteError", "require", "interactive"]
 
-PROGRESS_DELAY = 1.0      # s a blocking wait runs before progress is shown
-_POLL = 0.1               # s between progress updates
+PROGRESS_DELAY = _progress.DELAY   # s a blocking wait runs before progress is shown
+_POLL = _progress.POLL             # s between progress updates
 
 
 def _now():
@@ -53,91 +54,6 @@ def _timeout(t):
     if t is None or t < 0:
         return None
     return float(t)
-
-
-# ---------------------------------------------------------------- progress
-
-def _progress_mode(setting):
-    """None (no progress), 'tqdm' or 'plain' for a client's progress setting
-    (None: automatic) and IPMPI_PROGRESS."""
-    env = os.environ.get("IPMPI_PROGRESS", "").strip().lower()
-    if setting is False or (setting is None and env in ("0", "no", "off", "false")):
-        return None
-    if setting is None and env == "plain":
-        setting = "plain"
-    if setting in (None, "auto"):
-        try:
-            interactive = sys.stderr is not None and sys.stderr.isatty()
-        except Exception:
-            interactive = False
-        if not interactive and not _in_jupyter():
-            return None
-    if setting == "plain":
-        return "plain"
-    try:
-        import tqdm  # noqa: F401
-        return "tqdm"
-    except ImportError:
-        return "plain"
-
-
-def _forced_mode(setting):
-    """The progress display of wait_interactive, which always shows one."""
-    if setting == "plain" or os.environ.get("IPMPI_PROGRESS", "").strip().lower() == "plain":
-        return "plain"
-    try:
-        import tqdm  # noqa: F401
-        return "tqdm"
-    except ImportError:
-        return "plain"
-
-
-class _Bar:
-    """tqdm (tqdm.auto in Jupyter) if installed, else one line on stderr
-    rewritten in place: '  3/4 engines done after 2 s'."""
-
-    def __init__(self, mode, total, unit, desc):
-        self.total, self.unit, self.desc, self.n = total, unit, desc, 0
-        self._t0 = _now()
-        self._tq = None
-        if mode == "tqdm":
-            try:
-                if _in_jupyter():
-                    from tqdm.auto import tqdm
-                else:
-                    from tqdm import tqdm
-                self._tq = tqdm(total=total, unit=unit, desc=desc, leave=True)
-            except Exception:
-                self._tq = None
-        self._draw()
-
-    def update(self, n):
-        if n == self.n:
-            return
-        if self._tq is not None:
-            self._tq.update(n - self.n)
-        self.n = n
-        self._draw()
-
-    def _draw(self, end=""):
-        if self._tq is not None:
-            return
-        line = "\r%s: %4d/%d %s done after %4d s" % (self.desc, self.n, self.total, self.unit,
-                                                      int(_now() - self._t0))
-        try:
-            sys.stderr.write(line + end)
-            sys.stderr.flush()
-        except Exception:
-            pass
-
-    def close(self):
-        if self._tq is not None:
-            try:
-                self._tq.close()
-            except Exception:
-                pass
-        else:
-            self._draw("\n")
 
 
 # ---------------------------------------------------------------- requests
@@ -274,10 +190,14 @@ class AsyncResult:
         self._done = False
         self._shown = set()
         self.owner = True
-        self.stream_output = client._streaming()
-        # Direct requests sent with stream=True show their output as it
-        # comes, ipyparallel's way ([stdout:0] ...); others (tasks) when
-        # their reply arrives, if stream_output.
+        # Whether waits show each engine's output when its reply arrives
+        # (Client(stream_output=...); `with ar.stream_output():` turns it on
+        # for a block). Direct requests sent with stream=True show their
+        # output as it comes, ipyparallel's way ([stdout:0] ...), whatever
+        # this says.
+        self.streaming = client._streaming()
+        self._return_exceptions = False     # get()'s default
+        self._with_errors = None            # the result with the exceptions in place
         self._printer = None
         if any(getattr(c, "streamed", False) for c in self._children):
             self._printer = _output.OutputPrinter("ipyparallel")
@@ -331,7 +251,7 @@ class AsyncResult:
         if show is None:
             mode = self._client._progress_mode()
         elif show:
-            mode = _forced_mode(self._client.progress)
+            mode = _progress.forced_mode(self._client.progress)
         else:
             mode = None
         deadline = None if timeout is None else _now() + timeout
@@ -345,7 +265,7 @@ class AsyncResult:
                     if left is not None and left <= 0 and not c.ready():
                         return False
                     if mode and bar is None and (show is True or now - start >= PROGRESS_DELAY):
-                        bar = _Bar(mode, len(self), "engines" if self._kind != "task" else "tasks",
+                        bar = _progress.Bar(mode, len(self), "engines" if self._kind != "task" else "tasks",
                                    self._fname)
                     step = left
                     if mode or self._printer is not None:
@@ -360,7 +280,7 @@ class AsyncResult:
                         c.collect(max(0.0, step) if step is not None else None)
                     except TimeoutError:
                         pass
-                    if c.outcomes is not None and self.stream_output and getattr(c, "printer", None) is None:
+                    if c.outcomes is not None and self.streaming and getattr(c, "printer", None) is None:
                         self._show_outputs(c)
                     if bar is not None:
                         bar.update(self.progress)
@@ -396,6 +316,10 @@ class AsyncResult:
                 self._error = errors[0]
             else:
                 self._error = _composite(errors, values, self._fname)
+            try:
+                self._with_errors = self._reduce_errors([v for _eid, _ok, v, _m in outs])
+            except Exception:
+                self._with_errors = [v for _eid, _ok, v, _m in outs]
             return
         try:
             self._result = self._reduce(values)
@@ -407,19 +331,31 @@ class AsyncResult:
             return values[0] if values else None
         return values
 
+    def _reduce_errors(self, values):
+        """The result for get(return_exceptions=True): values are the
+        outcomes in order, exceptions where an engine (or task) failed."""
+        return self._reduce(values)
+
     def wait(self, timeout=-1):
         """Waits until complete or timeout s pass (-1/None: forever);
         returns ready()."""
         return self._wait(_timeout(timeout))
 
-    def get(self, timeout=-1):
+    def get(self, timeout=-1, return_exceptions=None):
         """The result (a list per engine; one value for one engine or one
         task), or raises the error (CompositeError for several engines);
-        TimeoutError if not complete within timeout s."""
+        TimeoutError if not complete within timeout s. return_exceptions
+        True: the exceptions are returned in place of the failed engines'
+        (or tasks') values instead of raised (None: as the call that made
+        this result said, map(..., return_exceptions=...), else False)."""
         if not self._wait(_timeout(timeout)):
             raise TimeoutError("Result not ready: %d/%d done after %.1f s"
                                % (self.progress, len(self), self.elapsed))
+        if return_exceptions is None:
+            return_exceptions = self._return_exceptions
         if self._error is not None:
+            if return_exceptions and self._with_errors is not None:
+                return self._with_errors
             raise self._error
         return self._result
 
@@ -443,6 +379,46 @@ class AsyncResult:
         if not self._wait(_timeout(timeout), show=True, interval=interval):
             raise TimeoutError("wait_interactive: %d/%d done after %.1f s"
                                % (self.progress, len(self), self.elapsed))
+
+    @contextlib.contextmanager
+    def stream_output(self):
+        """with ar.stream_output(): ... -- while the block runs, each
+        engine's (or task's) output is shown, '[stdout:0] ...', as soon as
+        this client has it: what arrived already at once, the rest while
+        the block waits (ar.get(), ar.wait(), ar.wait_interactive()).
+        Requests sent streaming (Client(stream_output=...), a terminal or
+        Jupyter by default) show their lines as the engines print them;
+        others when each engine's reply arrives. See ar.streaming for the
+        setting outside such a block."""
+        saved = self.streaming
+        self.streaming = True
+        try:
+            self._show_arrived()
+            yield self
+        finally:
+            try:
+                self._show_arrived()
+            finally:
+                self.streaming = saved
+
+    def _show_arrived(self):
+        """Shows the output of replies collected or here now (no wait)."""
+        for c in self._children:
+            if getattr(c, "printer", None) is not None:
+                if c.outcomes is None:
+                    c.show_output()
+                continue
+            if c.outcomes is None and c.ready():
+                try:
+                    c.collect(0.0)
+                except Exception:   # a lost link: get() says so
+                    continue
+            if c.outcomes is not None:
+                self._show_outputs(c)
+        if all(c.outcomes is not None for c in self._children):
+            if self._printer is not None:
+                self._printer.close()
+            self._finish()
 
     def abort(self):
         """Aborts what has not run yet: tasks not yet on an engine never
@@ -583,6 +559,17 @@ class AsyncMapResult(AsyncResult):
     def _reduce(self, values):
         return _concatenate([v if isinstance(v, (list, tuple)) else [v] for v in values]) if values else []
 
+    def _reduce_errors(self, values):
+        # A failed part is one exception in the list, in its place (as
+        # ipyparallel's map with return_exceptions).
+        out = []
+        for v in values:
+            if isinstance(v, BaseException):
+                out.append(v)
+            else:
+                out.extend(v if isinstance(v, (list, tuple)) else [v])
+        return out
+
     def __len__(self):
         return super().__len__()
 
@@ -594,6 +581,8 @@ class View:
     False), apply/apply_sync/apply_async, map/map_sync/map_async, remote,
     parallel, wait, abort."""
 
+    _flag_names = ("block",)
+
     def __init__(self, client, targets):
         self.client = client
         self._targets = targets
@@ -603,11 +592,44 @@ class View:
     def targets(self):
         return self._targets
 
+    @targets.setter
+    def targets(self, value):
+        self._set_targets(value)
+
+    def _set_targets(self, value):
+        raise NotImplementedError("%s.targets cannot be changed" % type(self).__name__)
+
     def set_flags(self, **kwargs):
+        """Sets the view's flags by name (block; targets on a DirectView,
+        retries on a LoadBalancedView); returns the view. ipyparallel's
+        flags that ipmpi lacks are accepted at their do-nothing value
+        (track=False, after/follow empty, timeout None) and refused
+        otherwise (NotImplementedError); unknown names raise KeyError."""
+        for k in kwargs:
+            if k not in self._flag_names:
+                if k in _ABSENT_FLAGS:
+                    if _ABSENT_FLAGS[k][0](kwargs[k]):
+                        continue
+                    raise NotImplementedError("%s flag %s=%r: %s (doc/modern.rst)"
+                                              % (type(self).__name__, k, kwargs[k], _ABSENT_FLAGS[k][1]))
+                raise KeyError("Invalid name: %r (the flags of %s are %s)"
+                               % (k, type(self).__name__, ", ".join(self._flag_names)))
         for k, v in kwargs.items():
-            if not hasattr(self, k):
-                raise KeyError("no flag %r on %s" % (k, type(self).__name__))
-            setattr(self, k, v)
+            if k in self._flag_names:
+                setattr(self, k, v)
+        return self
+
+    @contextlib.contextmanager
+    def temp_flags(self, **kwargs):
+        """with view.temp_flags(block=True): ... -- the flags set for the
+        block and restored after it (see set_flags)."""
+        saved = {k: getattr(self, k) for k in self._flag_names}
+        self.set_flags(**kwargs)
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
 
     def _block(self, block):
         return self.block if block is None else bool(block)
@@ -670,10 +692,22 @@ class DirectView(View):
     of the targets; for a view of one engine (rc[3]) the value itself.
     """
 
+    _flag_names = ("block", "targets")
+
     def __init__(self, client, targets="all"):
         _parse_targets(targets)
         super().__init__(client, targets)
         self._magic = None
+
+    def _set_targets(self, value):
+        """dview.targets = [0, 2] (an id, a list of ids, or 'all' / None:
+        every engine alive at each call)."""
+        if value is None:
+            value = "all"
+        if isinstance(value, range):
+            value = list(value)
+        _parse_targets(value)
+        self._targets = int(value) if _is_int(value) else value
 
     def __repr__(self):
         t = self._targets
@@ -750,6 +784,7 @@ class DirectView(View):
         payloads = [_serialize.dumps((_map_chunk, (f, ch, star), {})) for _e, ch in pairs]
         ar = self._one_each(_c.K_APPLY, lambda i: payloads[i], [e for e, _ch in pairs], _loads_value,
                             _name(f), False, cls=AsyncMapResult)
+        ar._return_exceptions = bool(return_exceptions)
         return self._ret(ar, block)
 
     def execute(self, code, silent=True, targets=None, block=None):
@@ -873,6 +908,8 @@ class _Gather(AsyncResult):
     def _reduce(self, values):
         return _concatenate(values)
 
+    _reduce_errors = AsyncMapResult._reduce_errors
+
 
 class _SyncImports:
     """with view.sync_imports(): import numpy -- imports here and on the engines."""
@@ -940,6 +977,13 @@ class LoadBalancedView(View):
         super().__init__(client, None)
         self.retries = 0
 
+    _flag_names = ("block", "retries")
+
+    def _set_targets(self, value):
+        if value is not None:
+            raise NotImplementedError("LoadBalancedView.targets: the scheduler balances over every engine; "
+                                      "restrict with a depend on engine properties (TaskClient) instead")
+
     def __repr__(self):
         return "<LoadBalancedView>"
 
@@ -980,6 +1024,7 @@ class LoadBalancedView(View):
                 ch.forget()
             raise
         ar = AsyncMapResult(self.client, children, _name(f), kind="task")
+        ar._return_exceptions = bool(return_exceptions)
         return self._ret(ar, block)
 
 
@@ -1055,17 +1100,20 @@ class Client:
     view connects a second link with ipcontroller-tc.furl from the same
     directory (or tc_url_file) when first used. progress: None (show it
     in a terminal or Jupyter unless IPMPI_PROGRESS=0), False, True or
-    'plain'. stream_output: None (the views' execute and apply show what
+    'plain'. sshserver='user@host[:port]' (and sshkey=): the links go
+    through ssh tunnels, as MultiEngineClient's (doc/security.rst).
+    stream_output: None (the views' execute and apply show what
     the engines print while it runs, '[stdout:0] ...', in a terminal or
     Jupyter), True (always; load-balanced tasks show theirs when they
     end) or False (never: read ar.stdout).
     """
 
     def __init__(self, url_file=None, profile=None, profile_dir=None, timeout=30, progress=None,
-                 stream_output=None, shm=True, tc_url_file=None, connect_timeout=None, **kwargs):
+                 stream_output=None, shm=True, tc_url_file=None, connect_timeout=None, sshserver=None,
+                 sshkey=None, **kwargs):
         from .multiengine import MultiEngineClient
         for k in kwargs:
-            if k in ("cluster_id", "context", "debug", "sshserver", "sshkey", "password", "paramiko",
+            if k in ("cluster_id", "context", "debug", "password", "paramiko",
                      "username", "packer", "unpacker", "session"):
                 raise NotImplementedError("Client(%s=...) is not supported by ipmpi (doc/modern.rst)" % k)
             raise TypeError("Client() got an unexpected keyword argument %r" % (k,))
@@ -1084,15 +1132,30 @@ class Client:
         self._tc_url_file = tc_url_file
         self._connect_timeout = timeout if connect_timeout is None else connect_timeout
         self._shm = shm
-        self._mec = MultiEngineClient(url_file, None, self._connect_timeout, shm)
+        self._ssh = (sshserver, sshkey)
+        self._mec = MultiEngineClient(url_file, None, self._connect_timeout, shm, sshserver, sshkey)
         self._tc = None
         self.progress = progress
         self._stream_output = stream_output
         self._outstanding = weakref.WeakSet()
         self.block = False
 
+    @property
+    def progress(self):
+        """None (automatic), False, True or 'plain': see ipmpi.progress.
+        The client's MultiEngineClient and TaskClient follow it (%px, the
+        waits of rc.ids and the like)."""
+        return self._progress
+
+    @progress.setter
+    def progress(self, value):
+        self._progress = _progress.check_setting(value)
+        self._mec.progress = value
+        if self._tc is not None:
+            self._tc.progress = value
+
     def _progress_mode(self):
-        return _progress_mode(self.progress)
+        return _progress.mode(self.progress)
 
     def _streaming(self, kind=_c.K_APPLY):
         """Whether views stream the output of a request of kind (only code
@@ -1110,7 +1173,8 @@ class Client:
             if self._tc_url_file is None:
                 raise ValueError("no task furl known: pass Client(tc_url_file=...) (the controller's "
                                  "ipcontroller-tc.furl)")
-            self._tc = TaskClient(self._tc_url_file, None, self._connect_timeout, self._shm)
+            self._tc = TaskClient(self._tc_url_file, None, self._connect_timeout, self._shm, *self._ssh)
+            self._tc.progress = self.progress
         return self._tc
 
     # -- engines
@@ -1121,6 +1185,26 @@ class Client:
 
     def __len__(self):
         return len(self.ids)
+
+    def wait_for_engines(self, n=None, timeout=-1, block=True, interactive=None, widget=None):
+        """Waits until at least n engines are alive (n None: returns at
+        once; an ipmpi cluster's engines are MPI ranks, all there when
+        ipcluster said it was ready); TimeoutError after timeout s (-1:
+        forever)."""
+        if not block:
+            raise NotImplementedError("wait_for_engines(block=False): ipmpi has no background futures; "
+                                      "call it when you want to wait")
+        if n is None:
+            return None
+        if not _is_int(n) or n < 0:
+            raise ValueError("n must be a number of engines, not %r" % (n,))
+        t = _timeout(timeout)
+        deadline = None if t is None else _now() + t
+        while len(self.ids) < n:
+            if deadline is not None and _now() >= deadline:
+                raise TimeoutError("%d engines wanted, %d alive after %s s" % (n, len(self.ids), timeout))
+            time.sleep(0.1)
+        return None
 
     def __iter__(self):
         for eid in self.ids:
@@ -1291,6 +1375,32 @@ class Client:
         if self._tc is not None:
             self._tc.reconnect(timeout)
 
+    def send_signal(self, sig, targets=None, block=None):
+        """ipyparallel's way to interrupt: SIGINT (or 'SIGINT', 'INT', 2)
+        is rc.interrupt(targets) -- KeyboardInterrupt in the code running
+        on those engines -- and returns its report. ipmpi delivers no other
+        signal (NotImplementedError: stop engines with rc.shutdown)."""
+        import signal as _signal
+        if isinstance(sig, str):
+            name = sig.upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            num = getattr(_signal, name, None)
+            if not isinstance(num, int):
+                raise ValueError("send_signal: no signal named %r" % (sig,))
+        elif _is_int(sig):
+            num = int(sig)
+        else:
+            raise TypeError("send_signal takes a signal number or name, not %r" % (type(sig).__name__,))
+        if num != _signal.SIGINT:
+            try:
+                label = _signal.Signals(num).name
+            except ValueError:
+                label = str(num)
+            raise NotImplementedError("send_signal(%s): ipmpi engines are MPI ranks and get only SIGINT, "
+                                      "as an interrupt (KeyboardInterrupt in the running code); stop "
+                                      "engines with rc.shutdown(targets)" % label)
+        return self.interrupt("all" if targets is None else targets)
+
     def close(self, linger=None):
         """Closes the connections; the cluster keeps running."""
         self._mec.close()
@@ -1306,6 +1416,88 @@ class Client:
 
     def __repr__(self):
         return "<ipmpi.Client %r>" % (self._mec,)
+
+
+# ---------------------------------------------------------------- require
+
+# ipyparallel's view flags ipmpi lacks: (accepted when the value asks for
+# nothing, why they are refused otherwise).
+_ABSENT_FLAGS = {
+    "track": (lambda v: not v, "no zero-copy send trackers: buffers are copied or sent before the call "
+                               "returns"),
+    "after": (lambda v: not v, "the scheduler has no dependencies on other tasks: wait for them "
+                               "(ar.wait()) before submitting"),
+    "follow": (lambda v: not v, "the scheduler has no location dependencies on other tasks"),
+    "timeout": (lambda v: v is None, "the scheduler has no dependency timeout"),
+    "label": (lambda v: v is None, "tasks have no labels"),
+}
+
+
+def require(*objects, **mapping):
+    """@require('re', numpy, helper): before the decorated function runs
+    (on an engine, or here when called here), the modules named (strs or
+    modules) are imported into the engine's namespace and the functions
+    (by their names, or mapping's) are set there; then the function runs
+    with that namespace as its globals, as every function applied from
+    __main__ does. Unlike ipyparallel's, it is not a scheduling
+    dependency: a load-balanced task whose import fails fails with the
+    ImportError (retries apply)."""
+    modules, names = [], dict(mapping)
+    for o in objects:
+        if isinstance(o, str):
+            modules.append(o)
+        elif isinstance(o, type(functools)):
+            modules.append(o.__name__)
+        elif callable(o) and getattr(o, "__name__", None):
+            names[o.__name__] = o
+        else:
+            raise TypeError("require takes module names, modules and named functions, not %r" % (o,))
+    for k in names:
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ValueError("require: %r is not a name" % (k,))
+
+    def decorate(f):
+        if not callable(f):
+            raise TypeError("require decorates a function, not %r" % (type(f).__name__,))
+        return _required(f, tuple(modules), names)
+
+    return decorate
+
+
+def _required(f, modules, names):
+    # A nested function, so that cloudpickle sends it by value: the
+    # engines need nothing of ipmpi.modern to run it.
+    def required(*args, **kwargs):
+        import importlib
+        import sys
+        import types
+        ns = sys.modules["__main__"].__dict__
+        for m in modules:
+            importlib.import_module(m)
+            top = m.partition(".")[0]
+            ns[top] = sys.modules[top]
+        ns.update(names)
+        g = f
+        if isinstance(f, types.FunctionType) and f.__module__ == "__main__" and f.__globals__ is not ns:
+            for k, v in f.__globals__.items():
+                if k not in ns and not k.startswith("__"):
+                    ns[k] = v
+            g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
+            g.__kwdefaults__ = f.__kwdefaults__
+        return g(*args, **kwargs)
+
+    functools.update_wrapper(required, f)
+    required.__module__ = getattr(f, "__module__", None)
+    return required
+
+
+def interactive(f):
+    """ipyparallel's @interactive: f runs with the engine's namespace as
+    its globals. Every function defined in __main__ already does on
+    ipmpi's engines; this marks others so as well."""
+    if hasattr(f, "__module__"):
+        f.__module__ = "__main__"
+    return f
 
 
 # ---------------------------------------------------------------- helpers

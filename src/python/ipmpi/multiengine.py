@@ -16,6 +16,10 @@ from .results import (PendingResult, ResultList, _controller_json, _engine_resul
 
 
 
+# Names of request kinds, for progress lines ('execute:    0/4 engines done ...').
+_KIND_NAMES = {getattr(_c, n): n[2:].lower() for n in dir(_c) if n.startswith("K_")}
+
+
 class MultiEngineClient(_Base):
     """Drives the engines directly: IPython 0.10's MultiEngineClient.
 
@@ -32,11 +36,17 @@ class MultiEngineClient(_Base):
     several engines raises CompositeError; on a single engine, that
     engine's error (RemoteError, DeadEngineError, ...). Each method also
     takes timeout (seconds; None: the client's default).
+
+    A blocking wait longer than a second shows how many engines are done
+    when stderr is a terminal or in Jupyter; progress=False (or
+    mec.progress = False, or IPMPI_PROGRESS=0) turns it off, 'plain'
+    forces the one-line form (see ipmpi.progress).
     """
 
     _capability = "mec"
 
-    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True, sshserver=None, sshkey=None):
+    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True, sshserver=None, sshkey=None,
+                 progress=None):
         self._targets = "all"
         self._block = True
         self._pending_results = weakref.WeakSet()
@@ -46,7 +56,7 @@ class MultiEngineClient(_Base):
         # printed alike by several engines once ([0-63] Hello).
         self.px_stream = None
         self.px_merge = False
-        super().__init__(furl_file, timeout, connect_timeout, shm, sshserver, sshkey)
+        super().__init__(furl_file, timeout, connect_timeout, shm, sshserver, sshkey, progress)
 
     # -- the block and targets attributes
     @property
@@ -87,10 +97,11 @@ class MultiEngineClient(_Base):
             block = self._block
         return targets, _check_block(block)
 
-    def _finish(self, req_ids, post, block, timeout, targets=None, ids=None, printer=None):
+    def _finish(self, req_ids, post, block, timeout, targets=None, ids=None, printer=None, what=None):
         pr = PendingResult(self, req_ids, post, ids)
         pr.targets = targets
         pr._printer = printer
+        pr.what = what
         if not block:
             self._pending_results.add(pr)
             return pr
@@ -110,7 +121,8 @@ class MultiEngineClient(_Base):
         the request's output to it while it runs."""
         target, tlist, _single = _parse_targets(targets)
         rid = self._send(kind, target, parts, tlist, printer is not None)
-        return self._finish([rid], lambda rs: post(rs, tlist), block, timeout, targets, printer=printer)
+        return self._finish([rid], lambda rs: post(rs, tlist), block, timeout, targets, printer=printer,
+                            what=_KIND_NAMES.get(kind))
 
     def _each(self, kind, parts, targets, block, timeout, method, value=None):
         """A request whose result is one value(meta, parts) per target (None
@@ -169,14 +181,34 @@ class MultiEngineClient(_Base):
         if timeout is None:
             timeout = self._timeout
         deadline = None if timeout is None else _now() + timeout
-        for pr in sorted(prs):
-            left = None if deadline is None else max(0.0, deadline - _now())
-            try:
-                pr.get_result(block=True, timeout=left)
-            except TimeoutError:
-                raise TimeoutError("barrier: not every result complete within %s s" % (timeout,)) from None
-            except Exception:
-                pass
+        # One progress display for the whole barrier (results done), not
+        # one per result.
+        progress = self._wait_progress(len(prs), "results", "barrier")
+        try:
+            for pr in sorted(prs):
+                pr._quiet_progress = True
+                try:
+                    while True:
+                        left = None if deadline is None else max(0.0, deadline - _now())
+                        step = progress.step
+                        wait = left if step is None else (step if left is None else min(step, left))
+                        try:
+                            pr.get_result(block=True, timeout=wait)
+                            break
+                        except TimeoutError:
+                            if pr._done:
+                                break
+                            if left is not None and wait >= left:
+                                raise TimeoutError("barrier: not every result complete within %s s"
+                                                   % (timeout,)) from None
+                            progress.update(sum(1 for p in prs if p.ready()))
+                        except Exception:
+                            break
+                finally:
+                    pr._quiet_progress = False
+            progress.close(len(prs))
+        finally:
+            progress.close()
 
     def flush(self):
         """Drops the results of this client's PendingResults that were not
@@ -480,7 +512,7 @@ class MultiEngineClient(_Base):
             return _concatenate(_engine_results(rs, lambda meta, parts: _serialize.loads(parts[1:]),
                                                 "map", ids))
 
-        return self._finish(rids, post, block, timeout)
+        return self._finish(rids, post, block, timeout, what="map")
 
     def map(self, func, *sequences, targets=None, block=None, timeout=None):
         """A parallel map(func, *sequences) on mec.targets (not load

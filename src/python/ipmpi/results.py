@@ -3,6 +3,7 @@ form), PendingResult (block=False), and the helpers that turn replies into
 values or errors.
 """
 import json
+import numbers
 import re
 import struct
 import time
@@ -10,6 +11,7 @@ import time
 from . import _serialize
 from . import _ipmpi as _c
 from . import output as _output
+from . import progress as _progress
 from .errors import (CompositeError, EngineError, EvictedError, InvalidDeferredID, RemoteError, _ERROR_CLASSES,
                      _rebuild_exception)
 
@@ -212,6 +214,9 @@ class PendingResult:
         self._error = None
         self.callbacks = []
         self._printer = None  # an output.OutputPrinter when the request streams its output
+        self.what = None      # the call's name, for its progress line
+        self._quiet_progress = False   # True while a barrier shows the progress
+        self._wait_shown = _NO_PROGRESS
 
     def ready(self):
         if self._done:
@@ -227,7 +232,16 @@ class PendingResult:
         if not self._done:
             if not block and not self.ready():
                 return default
-            self._collect(self._client._timeout if timeout is None else timeout)
+            conn = self._client._conn
+            # The progress of this wait (ipmpi.progress), shown by _collect.
+            self._wait_shown = self._progress(conn) if conn is not None else _NO_PROGRESS
+            try:
+                self._collect(self._client._timeout if timeout is None else timeout)
+                if self._wait_shown.bar is not None:
+                    self._wait_shown.close(self._progress_done(conn))
+            finally:
+                self._wait_shown.close()
+                self._wait_shown = _NO_PROGRESS
         if self._error is not None:
             raise self._error
         return self._result
@@ -250,12 +264,14 @@ class PendingResult:
         if conn is None:
             raise ConnectionError("this client is closed")
         deadline = None if timeout is None else _now() + timeout
+        progress = self._wait_shown
         try:
             while self._pending:
                 if self._printer is not None:
                     _output.follow(conn, self._pending[0], self._printer, deadline)
                 left = None if deadline is None else max(0.0, deadline - _now())
-                self._replies.extend(conn.recv(self._pending[0], left))
+                self._replies.extend(_progress.recv(conn, self._pending[0], left, progress,
+                                                    lambda: self._progress_done(conn)))
                 self._pending.pop(0)
             if self._printer is not None:
                 self._printer.close()
@@ -276,6 +292,41 @@ class PendingResult:
         except Exception as e:  # kept, so every get_result raises it again
             self._error = e
         self._replies = None
+
+    # -- progress of a blocking wait (ipmpi.progress): one request to several
+    # engines counts them all at once (its replies come together); a
+    # result of one request per engine (map) counts them one by one.
+    def _progress(self, conn):
+        make = getattr(self._client, "_wait_progress", None)
+        # Streamed output shows progress itself; a barrier shows its own.
+        if make is None or self._printer is not None or self._quiet_progress:
+            return _NO_PROGRESS
+        return make(self._progress_total, "engines", self.what or "wait")
+
+    def _progress_total(self):
+        """The engines waited for (asked of the controller, once, for 'all')."""
+        n = getattr(self, "_ptotal", None)
+        if n is not None:
+            return n
+        t = self.targets
+        if len(self._ids) > 1 or t is None or isinstance(t, numbers.Integral):
+            n = max(1, len(self._ids))
+        elif isinstance(t, str):
+            try:
+                n = len(self._client.get_ids(timeout=5)) or 1
+            except Exception:
+                n = 1
+        else:
+            n = len(t)
+        self._ptotal = n
+        return n
+
+    def _progress_done(self, conn):
+        if len(self._ids) > 1:
+            return len(self._ids) - len(self._pending) + sum(1 for r in self._pending if conn.ready(r))
+        if self._pending and not conn.ready(self._pending[0]):
+            return 0
+        return self._progress_total()
 
     def _flush(self):
         """Drops the replies not yet received (flush)."""
@@ -354,6 +405,9 @@ class PendingResult:
 
 def _now():
     return time.monotonic()
+
+
+_NO_PROGRESS = _progress.Progress(None, 0, "", "")
 
 
 def _none(meta, parts):

@@ -37,10 +37,11 @@ import cloudpickle
 
 from . import _ipmpi as _c
 from . import _serialize
+from . import progress as _progress
 from .connect import _Base, _is_int
 from .errors import (EngineError, EvictedError, InvalidDeferredID, TaskTimeoutError, _ERROR_CLASSES,
                      _rebuild_exception)
-from .results import _controller_json, _message, _now
+from .results import _NO_PROGRESS, _controller_json, _message, _now
 
 __all__ = ["BaseTask", "StringTask", "MapTask", "Task", "ResultNS", "TaskResult",
            "TaskMapper", "ParallelFunction", "time_format", "MAX_STAGES", "MAX_RETRIES"]
@@ -573,12 +574,18 @@ class TaskClient(_Base):
     4096 while the client keeps submitting; the next block is asked for
     when half of the current one is used), so only the first run() waits
     for a round trip. A client may be used from several threads.
+
+    barrier, get_task_result(block=True), run(block=True) and map show how
+    many tasks are done when they wait longer than a second and stderr is
+    a terminal (or in Jupyter); progress=False (tc.progress = False,
+    IPMPI_PROGRESS=0) turns it off (see ipmpi.progress).
     """
 
     _capability = "tc"
 
-    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True, sshserver=None, sshkey=None):
-        super().__init__(furl_file, timeout, connect_timeout, shm, sshserver, sshkey)
+    def __init__(self, furl_file=None, timeout=None, connect_timeout=30, shm=True, sshserver=None, sshkey=None,
+                 progress=None):
+        super().__init__(furl_file, timeout, connect_timeout, shm, sshserver, sshkey, progress)
         self._id_lock = threading.Lock()
         self._next = 0              # the reserved block [_next, _end)
         self._end = 0
@@ -662,14 +669,24 @@ class TaskClient(_Base):
         value (MapTask; its failure is raised). block=False: None while the
         task has not finished. IndexError for an id the controller does not
         know, EvictedError for a result it dropped."""
-        ok, value = self._result(taskid, block, timeout, True)
+        progress = self._wait_progress(1, "tasks", "get_task_result") if block else None
+        try:
+            ok, value = self._result(taskid, block, timeout, True, progress)
+            if progress is not None:
+                progress.close(1)
+        finally:
+            if progress is not None:
+                progress.close()
         if ok:
             return value
         raise value.with_traceback(None)
 
-    def _result(self, taskid, block, timeout, keep):
+    def _result(self, taskid, block, timeout, keep, progress=None):
         """(ok, value) of a task (ok False: value is the exception); (True,
-        None) when not finished and not block. keep: remember it here."""
+        None) when not finished and not block. keep: remember it here.
+        progress: a progress.Progress shown while waiting."""
+        if progress is None:
+            progress = _NO_PROGRESS
         if not _is_int(taskid):
             raise TypeError("an integer task id expected: %r" % (taskid,))
         r = self._done.get(taskid)
@@ -692,7 +709,7 @@ class TaskClient(_Base):
             entry = self._sent.pop(taskid, None)
         if entry is not None:
             try:
-                replies = conn.recv(entry[0], timeout)
+                replies = _progress.recv(conn, entry[0], timeout, progress)
             except TimeoutError:
                 self._sent[taskid] = entry
                 raise TaskTimeoutError("task %d did not finish within %s s" % (taskid, timeout), [taskid]) from None
@@ -704,7 +721,7 @@ class TaskClient(_Base):
             # Not submitted here (or being received by another thread): ask the controller.
             rid = self._send(_c.K_TASK_RESULT, _c.TARGET_ALL, [_RESULT_REQ.pack(taskid, 1 if block else 0)])
             try:
-                replies = conn.recv(rid, timeout)
+                replies = _progress.recv(conn, rid, timeout, progress)
             except TimeoutError:
                 conn.forget(rid)
                 raise TaskTimeoutError("task %d did not finish within %s s" % (taskid, timeout), [taskid]) from None
@@ -811,14 +828,25 @@ class TaskClient(_Base):
         if timeout is None:
             timeout = self._timeout
         rid = self._send(_c.K_TASK_BARRIER, _c.TARGET_ALL, [struct.pack("<%dQ" % len(wait), *wait)])
+        # Progress counts the tasks whose replies came here; those
+        # submitted by another client count when the barrier returns.
+        progress = self._wait_progress(len(ids), "tasks", "barrier")
+        before = len(ids) - len(wait)
+
+        def done():
+            return before + sum(1 for t in wait if t in self._sent and conn.ready(self._sent[t][0]))
+
         try:
-            replies = conn.recv(rid, timeout)
+            replies = _progress.recv(conn, rid, timeout, progress, done)
+            progress.close(len(ids))
         except TimeoutError:
             conn.forget(rid)
             raise TaskTimeoutError("barrier: tasks not finished within %s s" % timeout, wait) from None
         except BaseException:
             conn.forget(rid)
             raise
+        finally:
+            progress.close()
         _target, status, parts = replies[0]
         if status == 0:
             return None
@@ -941,6 +969,7 @@ class TaskClient(_Base):
             nengines = len(self.get_ids(timeout=timeout)) or 1
             nchunks = min(n, nengines * _CHUNKS_PER_ENGINE)
         tids = []
+        progress = None
         try:
             if nchunks == n:
                 for a in items:
@@ -950,10 +979,19 @@ class TaskClient(_Base):
                 for lo, hi in split(n, nchunks):
                     tids.append(self.run(MapTask(g, args=(items[lo:hi],), **opts)))
             out = []
+            progress = self._wait_progress(len(tids), "tasks", "map")
+
+            def done():
+                return len(out_ids) + sum(1 for t in tids[len(out_ids):]
+                                          if t in self._sent and self._conn.ready(self._sent[t][0]))
+
+            out_ids = []
             for i, tid in enumerate(tids):
                 left = None if deadline is None else max(0.0, deadline - _now())
                 try:
-                    ok, value = self._result(tid, True, left, False)
+                    progress.update(done())
+                    ok, value = self._result(tid, True, left, False, _MapProgress(progress, done))
+                    out_ids.append(tid)
                 except TaskTimeoutError:
                     raise TaskTimeoutError("map: %d of %d tasks not finished within %s s"
                                            % (len(tids) - i, len(tids), timeout), tids[i:]) from None
@@ -965,6 +1003,8 @@ class TaskClient(_Base):
                     out.extend(value)
             return out
         finally:
+            if progress is not None:
+                progress.close(len(out_ids))
             # What was not collected stays in the controller (the ids are in
             # a TaskTimeoutError); drop it here.
             for tid in tids:
@@ -979,6 +1019,18 @@ _RESULT_REQ = struct.Struct("<QB")
 _RESERVE_FIRST = 64
 _RESERVE_MAX = 4096
 _CHUNKS_PER_ENGINE = 8
+
+
+class _MapProgress:
+    """A map's progress, updated with the count of its tasks done while
+    one of them is waited for."""
+
+    def __init__(self, progress, done):
+        self._p, self._done = progress, done
+        self.step = progress.step
+
+    def update(self, _n):
+        self._p.update(self._done())
 
 
 def _task_ids(taskids):
