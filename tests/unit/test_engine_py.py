@@ -639,6 +639,31 @@ def test_history_is_bounded_by_bytes_too(eng, monkeypatch):
     assert list(eng.history) == [6]
 
 
+def test_sources_in_linecache_are_bounded_by_bytes_too(eng, monkeypatch):
+    # Sources stay in linecache for tracebacks, within the history's byte
+    # budget: big sources do not pile up (the newest is kept whatever its size).
+    import linecache
+    monkeypatch.setattr(_engine, "HISTORY_BYTES", 10000)
+    names = []
+    for i in range(5):
+        status, meta, _, _ = execute(eng, "n = len(%r)" % ("a" * 6000))
+        assert status == OK
+        names.append(eng._input_name(meta["number"]))
+    assert [n in linecache.cache for n in names] == [False] * 4 + [True]
+    assert eng._input_bytes <= 10000 and [n for n, _ in eng._input_names] == names[-1:]
+    # Small ones share the budget and tracebacks still show their lines.
+    for i in range(3):
+        execute(eng, "k = %d" % i)
+    status, meta, _, _ = execute(eng, "x = 1\n1 / 0")
+    assert status == EREMOTE and "1 / 0" in meta["traceback"]
+    assert names[-1] in linecache.cache and len(eng._input_names) == 5
+    execute(eng, "print('y' * 20000)")   # output does not count here
+    assert names[-1] in linecache.cache and len(eng._input_names) == 6
+    execute(eng, "m = %r" % ("b" * 5000))   # a source that does: the oldest go
+    assert names[-1] not in linecache.cache and len(eng._input_names) == 6
+    assert eng._input_bytes <= 10000
+
+
 def test_a_background_thread_does_not_write_into_later_requests(eng, capsys):
     status, meta, _, _ = execute(eng, "\n".join([
         "import threading, time",

@@ -79,8 +79,11 @@ _META_KINDS[K_TASK_SUBMIT] = "task"
 HISTORY_LEN = 1000
 # ... and at most this many bytes of their output and source (the newest
 # entry is kept whatever its size): five prints of 100 MB must not keep an
-# engine 500 MB larger for the next thousand executes.
+# engine 500 MB larger for the next thousand executes. The sources kept in
+# linecache have a budget of this size of their own (_input_size).
 HISTORY_BYTES = 64 << 20
+# What linecache holds per line besides its characters (a str object).
+_LINE_OVERHEAD = 56
 
 # Compiled inputs kept for re-execution (a client that runs the same code
 # again skips parsing and compiling: ~7 of the ~11 us an EXECUTE costs), and
@@ -194,6 +197,12 @@ def _interruptible_comm(comm, MPI):
 
     Comm.__name__ = Comm.__qualname__ = type(comm).__name__
     return Comm(comm)
+
+
+def _input_size(lines):
+    """Bytes a source kept in linecache is counted as: its characters and
+    the overhead of each line's str."""
+    return sum(map(len, lines)) + _LINE_OVERHEAD * len(lines)
 
 
 def _meta_size(meta):
@@ -564,7 +573,8 @@ class Engine:
         self.execution_count = 0
         self.history = collections.OrderedDict()  # number -> (status, meta, bytes)
         self._history_bytes = 0
-        self._input_names = collections.deque()
+        self._input_names = collections.deque()  # (linecache name, _input_size), oldest first
+        self._input_bytes = 0
         self._code_cache = collections.OrderedDict()  # source -> (body, last) code objects
         self._fn_cache = collections.OrderedDict()  # digest -> [function, rebound or None]
         self._flusher = None  # made by the first request that streams
@@ -697,12 +707,20 @@ class Engine:
 
     def _execute(self, code, number):
         # The source goes into linecache so tracebacks show the user's lines;
-        # only the last HISTORY_LEN inputs are kept there.
+        # only the last HISTORY_LEN inputs are kept there, and only
+        # HISTORY_BYTES of them (the newest whatever its size), as for the
+        # history: five sources of 40 MB must not stay in the engine.
         name = self._input_name(number)
-        linecache.cache[name] = (len(code), None, code.splitlines(True), name)
-        self._input_names.append(name)
-        while len(self._input_names) > HISTORY_LEN:
-            linecache.cache.pop(self._input_names.popleft(), None)
+        lines = code.splitlines(True)
+        linecache.cache[name] = (len(code), None, lines, name)
+        size = _input_size(lines)
+        self._input_names.append((name, size))
+        self._input_bytes += size
+        while len(self._input_names) > HISTORY_LEN or (len(self._input_names) > 1
+                                                      and self._input_bytes > HISTORY_BYTES):
+            old, old_size = self._input_names.popleft()
+            linecache.cache.pop(old, None)
+            self._input_bytes -= old_size
         self._run_source(code, name)
 
     def _run_source(self, code, name):
@@ -833,8 +851,8 @@ class Engine:
                 raise IndexError("no execution has run on engine %d yet" % self.id)
             number = next(reversed(self.history))
         if not isinstance(number, int) or number not in self.history:
-            raise IndexError("engine %d has no result for execution %r (kept: the last %d)"
-                             % (self.id, number, HISTORY_LEN))
+            raise IndexError("engine %d has no result for execution %r (kept: the last %d, within %d MiB)"
+                             % (self.id, number, HISTORY_LEN, HISTORY_BYTES >> 20))
         status, meta, _size = self.history[number]
         return status, [pickle.dumps(meta, protocol=5)], False
 
