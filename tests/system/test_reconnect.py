@@ -269,6 +269,7 @@ def test_a_blocking_call_cut_off_names_the_ids_to_fetch(cluster, relay):
             t.join(T)
         m = re.search(r"get_result_by_id\('([^']+)'\)", str(ei.value))
         assert m, str(ei.value)
+        assert "the controller keeps the result" in str(ei.value)   # it still takes connections
         mec.reconnect()
         assert mec.get_result_by_id(m.group(1))[0]["input"]["raw"].endswith("v = 9")
 
