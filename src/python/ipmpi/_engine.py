@@ -211,24 +211,35 @@ def _meta_size(meta):
 
 
 class _Capture(io.StringIO):
-    """stdout or stderr of one request: what the thread that runs the
-    request writes, at most OUTPUT_MAX characters (text() notes what was
-    cut), also handed to the request's _Streamer when it streams. A thread
-    left running by an earlier request writes to the engine's own stream
-    (its log) instead, so its output never lands in an unrelated request's
-    result."""
+    """stdout or stderr of one request: what the request's code writes, at
+    most OUTPUT_MAX characters (text() notes what was cut), also handed to
+    the request's _Streamer when it streams. The request's code is the
+    thread that runs it and every thread started while it runs (a
+    ThreadPoolExecutor's workers, a thread it starts and joins), for as
+    long as the request runs. A thread that was already alive when the
+    request began (left running by an earlier request), or that writes
+    after the request ended, writes to the engine's own stream (its log)
+    instead, so its output never lands in an unrelated request's result."""
 
-    def __init__(self, other, name="stdout", streamer=None):
+    def __init__(self, other, name="stdout", streamer=None, before=frozenset()):
         super().__init__()
         self._owner = threading.get_ident()
+        self._before = before   # the threads alive when the request began
+        self._open = True       # False once the request has ended (end())
+        self._lock = threading.RLock()   # (a streamer that fails may write again)
         self._other = other
         self._name = name
         self._streamer = streamer
         self._kept = 0
         self._cut = 0
 
+    def end(self):
+        """The request is over: from now on every thread writes to the log."""
+        self._open = False
+
     def write(self, s):
-        if threading.get_ident() != self._owner:
+        me = threading.get_ident()
+        if me != self._owner and (not self._open or me in self._before):
             try:
                 return self._other.write(s)
             except Exception:  # a closed or odd stream must not break that thread
@@ -236,17 +247,18 @@ class _Capture(io.StringIO):
         if not isinstance(s, str):
             return super().write(s)  # the TypeError StringIO raises
         n = len(s)
-        room = OUTPUT_MAX - self._kept
-        if n <= room:
-            super().write(s)
-            self._kept += n
-        else:
-            if room > 0:
-                super().write(s[:room])
-                self._kept += room
-            self._cut += n - room
-        if self._streamer is not None:
-            self._streamer.add(self._name, s)
+        with self._lock:        # the request's own threads may write at once
+            room = OUTPUT_MAX - self._kept
+            if n <= room:
+                super().write(s)
+                self._kept += n
+            else:
+                if room > 0:
+                    super().write(s[:room])
+                    self._kept += room
+                self._cut += n - room
+            if self._streamer is not None:
+                self._streamer.add(self._name, s)
         return n
 
     def text(self):
@@ -639,7 +651,9 @@ class Engine:
             if self._flusher is None:
                 self._flusher = _Flusher()
             streamer = _Streamer(_ipmpi_engine.send_output, self._flusher)
-        return (_Capture(saved[0], "stdout", streamer), _Capture(saved[1], "stderr", streamer), streamer)
+        before = frozenset(sys._current_frames())   # every thread alive now, _thread ones too
+        return (_Capture(saved[0], "stdout", streamer, before), _Capture(saved[1], "stderr", streamer, before),
+                streamer)
 
     def _meta(self, kind, number, code, out, err):
         return {"id": self.id, "kind": _META_KINDS.get(kind, str(kind)), "number": number,
@@ -688,6 +702,8 @@ class Engine:
             status, extra, exc = EREMOTE, [], e
         finally:
             sys.stdout, sys.stderr = saved
+            out.end()
+            err.end()
             if streamer is not None:
                 streamer.finish()
 
@@ -991,6 +1007,8 @@ class Engine:
                     self._reset()
         finally:
             sys.stdout, sys.stderr = saved
+            out.end()
+            err.end()
             if streamer is not None:
                 streamer.finish()
 
