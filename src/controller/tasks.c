@@ -344,6 +344,23 @@ static int read_u64s(const ipmpi_parts_t *p, uint64_t **ids, uint32_t *n)
     return 0;
 }
 
+/*
+ * Task ids name their controller: the high 32 bits are a tag taken from the
+ * controller's random instance (bits 32..62, bit 32 set so it is never 0),
+ * the low 32 bits count the ids handed out. An id of another controller (or
+ * of this one's earlier life) is then told from an unknown one, instead of
+ * naming some other task here (protocol.md section 6).
+ */
+static uint64_t task_tag(const ipmpi_ctl_t *c)
+{
+    return ((c->instance >> 32) & 0x7fffffffu) | 1u;
+}
+
+static int foreign_id(const ipmpi_ctl_t *c, uint64_t id)
+{
+    return id >> 32 != task_tag(c);
+}
+
 static int reserved_by(const ipmpi_session_t *s, uint64_t id)
 {
     for (unsigned i = 0; i < IPMPI_TASK_RES_SLOTS; i++)
@@ -363,8 +380,12 @@ static void do_reserve(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h,
         ipmpi_ctl_reply_err(s, h, IPMPI_EINVAL, "TASK_RESERVE: count must be 1..%u, not %u", IPMPI_TASK_RESERVE_MAX, n);
         return;
     }
+    if (c->tasks.next_id + n > ((uint64_t)1 << 32)) {
+        ipmpi_ctl_reply_err(s, h, IPMPI_E2BIG, "TASK_RESERVE: this controller has handed out all of its 2^32 task ids");
+        return;
+    }
     unsigned k = s->tres_next++ % IPMPI_TASK_RES_SLOTS;
-    s->tres_first[k] = c->tasks.next_id;
+    s->tres_first[k] = task_tag(c) << 32 | c->tasks.next_id;
     s->tres_count[k] = n;
     c->tasks.next_id += n;
     jbuf_t b = {0};
@@ -467,7 +488,11 @@ drop:
 /* "no task 7 ..." for an id that is not in the table. */
 static void reply_missing(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, uint64_t id)
 {
-    if (ipmpi_idset_has(&c->tasks.st.evicted, id))
+    if (foreign_id(c, id))
+        ipmpi_ctl_reply_err(s, h, IPMPI_ENOENT,
+                            "task id %llu belongs to another controller (this controller's task ids are %llu and up)",
+                            (unsigned long long)id, (unsigned long long)(task_tag(c) << 32));
+    else if (ipmpi_idset_has(&c->tasks.st.evicted, id))
         ipmpi_ctl_reply_err(s, h, IPMPI_EEVICTED,
                             "task %llu's result was evicted: the controller's task memory (--task-memory) needed room",
                             (unsigned long long)id);
@@ -535,16 +560,18 @@ static void do_barrier(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h,
         return;
     }
     jbuf_t bad = {0};
-    uint32_t nbad = 0;
+    uint32_t nbad = 0, nforeign = 0;
     for (uint32_t i = 0; i < n; i++)
         if (!ipmpi_idtab_get(&c->tasks.tab, ids[i])) {
             if (nbad < 20)
                 jb_printf(&bad, "%s%llu", nbad ? ", " : "", (unsigned long long)ids[i]);
             nbad++;
+            nforeign += foreign_id(c, ids[i]);
         }
     if (nbad) {
-        ipmpi_ctl_reply_err(s, h, IPMPI_ENOENT, "barrier: task ID%s not registered (or evicted): %s%s",
-                            nbad > 1 ? "s" : "", bad.s ? bad.s : "", nbad > 20 ? ", ..." : "");
+        ipmpi_ctl_reply_err(s, h, IPMPI_ENOENT, "barrier: task ID%s not registered (or evicted): %s%s%s",
+                            nbad > 1 ? "s" : "", bad.s ? bad.s : "", nbad > 20 ? ", ..." : "",
+                            nforeign ? " (some belong to another controller)" : "");
         goto free_ids;
     }
     twait_t *w = wait_new(s, h, n);

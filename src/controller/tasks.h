@@ -52,7 +52,7 @@ typedef struct ipmpi_task {
 
 typedef struct ipmpi_tasks {
     ipmpi_idtab_t tab;        /* the tasks by id */
-    uint64_t next_id;         /* next id to reserve; ids start at 1... see tasks.c */
+    uint64_t next_id;         /* the low 32 bits of the next id to reserve (ipmpi_task_tag gives the high ones) */
     /* --task-memory: queued stage payloads (counted) and finished
      * results (entries), evicted in rstore.h's order */
     ipmpi_rstore_t st;

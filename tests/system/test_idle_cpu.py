@@ -7,9 +7,15 @@ Idle engines on the controller's node sleep in the kernel on their doorbell
 the CPU time that all processes of the job use, summed from /proc over
 about 3 s, must stay under 0.3 s of CPU per second in total. A runtime whose
 idle ranks spin or poll every millisecond fails this.
+
+And sleeping costs no latency: execute('pass') sent round robin to 4
+engines one at a time (each engine idle since its last turn, 4 engines on
+2 cores) answers with a median within a few times that of the same call
+sent to one engine over and over (issue 13: it was 44 ms vs 0.1 ms).
 """
 import os
 import shutil
+import statistics
 import time
 
 from conftest import job_processes, start_cluster, stop_cluster
@@ -88,3 +94,46 @@ def test_sixty_four_idle_engines_use_little_cpu():
     finally:
         stop_cluster(c)
         shutil.rmtree(c.ipmpi_dir, ignore_errors=True)
+
+
+def rr_and_one_p50(engine_args=(), n=600):
+    """(p50 round robin over 4 engines, p50 of one engine), seconds."""
+    c = start_cluster(4, engine_args=engine_args)
+    try:
+        mec = c.client(timeout=60)
+        try:
+            mec.execute("x = 1")
+
+            def p50(targets):
+                for i in range(50):
+                    mec.execute("pass", targets=targets(i))
+                times = []
+                for i in range(n):
+                    t0 = time.perf_counter()
+                    mec.execute("pass", targets=targets(i))
+                    times.append(time.perf_counter() - t0)
+                return statistics.median(times)
+            one = p50(lambda i: 0)
+            rr = p50(lambda i: i % 4)
+            one = min(one, p50(lambda i: 0))   # the better of two, against a loaded machine
+            return rr, one
+        finally:
+            mec.close()
+    finally:
+        stop_cluster(c)
+        shutil.rmtree(c.ipmpi_dir, ignore_errors=True)
+
+
+def test_waking_idle_engines_round_robin_costs_little_latency():
+    # The issue asks for 3x; the bound allows 5x, or 2 ms when one engine's
+    # median is tiny, for a machine shared with other work. Two tries:
+    # a load spike elsewhere must not fail it, a wait policy that starves
+    # the controller (tens of ms) fails both.
+    for attempt in range(2):
+        rr, one = rr_and_one_p50()
+        bound = max(5 * one, 0.002)
+        print("round robin over 4 engines p50 %.3f ms, one engine p50 %.3f ms: %.2fx" % (rr * 1e3, one * 1e3, rr / one))
+        if rr <= bound:
+            break
+    assert rr <= bound, "round robin over 4 engines: p50 %.3f ms; one engine: p50 %.3f ms (%.1fx)" % (
+        rr * 1e3, one * 1e3, rr / one)

@@ -14,8 +14,10 @@ connections the test cuts.
 """
 import json
 import re
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import textwrap
 import threading
@@ -267,6 +269,7 @@ def test_a_blocking_call_cut_off_names_the_ids_to_fetch(cluster, relay):
             t.join(T)
         m = re.search(r"get_result_by_id\('([^']+)'\)", str(ei.value))
         assert m, str(ei.value)
+        assert "the controller keeps the result" in str(ei.value)   # it still takes connections
         mec.reconnect()
         assert mec.get_result_by_id(m.group(1))[0]["input"]["raw"].endswith("v = 9")
 
@@ -323,6 +326,58 @@ def test_unknown_foreign_and_malformed_ids_are_clear_errors_and_harm_nobody(clus
         assert mec.purge_results([other])["unknown"] == [other]
         assert [r["id"] for r in pr.get_result()] == [0, 1]          # the bystander never noticed
         assert mec.execute("u", block=True)[0]["id"] == 0
+
+
+def test_a_task_id_of_another_controller_is_refused_not_answered_with_another_task(cluster):
+    """Task ids are ints whose high 32 bits name the controller (protocol.md
+    section 6): cluster B refuses cluster A's task id -- in TaskClient, in
+    ipmpi.Client.get_result and on the wire -- instead of answering with
+    its own task of the same number."""
+    import ipmpi
+    from ipmpi import _consts as K
+    from conftest import frame, parse_furl, read_frame, start_cluster, stop_cluster, tls_connect
+
+    other = start_cluster(1)
+    try:
+        with client.TaskClient(cluster.tc_furl, timeout=T) as ta:
+            tid_a = ta.run(client.MapTask(lambda: "result of cluster A"))
+            assert ta.get_task_result(tid_a, block=True) == "result of cluster A"
+        with client.TaskClient(other.tc_furl, timeout=T) as tb:
+            tid_b = tb.run(client.MapTask(lambda: "result of cluster B"))
+            assert tb.get_task_result(tid_b, block=True) == "result of cluster B"
+        with client.TaskClient(other.tc_furl, timeout=T) as fresh:
+            with pytest.raises(InvalidDeferredID, match="task %d belongs to another controller" % tid_a):
+                fresh.get_task_result(tid_a, block=True)
+            assert fresh.get_task_result(tid_b, block=True) == "result of cluster B"
+        rc = ipmpi.Client(other.mec_furl, progress=False, stream_output=False)
+        try:
+            with pytest.raises(InvalidDeferredID, match="belongs to another controller"):
+                rc.get_result(tid_a, block=True)
+            assert rc.get_result(tid_b, block=True) == "result of cluster B"
+        finally:
+            rc.close()
+        assert isinstance(tid_a, int) and tid_a >> 32 != tid_b >> 32
+        # The controller checks too (a client that does not): ENOENT naming it.
+        s = tls_connect(other.tc_furl)
+        try:
+            def ask(rid, kind, parts):
+                s.sendall(frame(kind, rid, target=K.TARGET_ALL, parts=parts))
+                rkind, flags, req_id, target, status, total, rparts = read_frame(s)
+                assert req_id == rid and rkind == kind
+                return status, (rparts[0].decode("utf-8", "replace") if rparts else "")
+            assert ask(1, K.K_HELLO, [parse_furl(other.tc_furl)[3].encode()])[0] == 0
+            for rid, kind, part in ((2, K.K_TASK_RESULT, struct.pack("<QB", tid_a, 1)),
+                                    (3, K.K_TASK_ABORT, struct.pack("<Q", tid_a)),
+                                    (4, K.K_TASK_BARRIER, struct.pack("<Q", tid_a))):
+                status, text = ask(rid, kind, [part])
+                assert status == K.ENOENT and str(tid_a) in text and "another controller" in text, text
+            status, text = ask(5, K.K_TASK_RESULT, [struct.pack("<QB", tid_b, 1)])
+            assert status == 0
+        finally:
+            s.close()
+    finally:
+        stop_cluster(other)
+        shutil.rmtree(other.ipmpi_dir, ignore_errors=True)
 
 
 def test_a_reconnect_with_a_wrong_key_is_refused_like_any_wrong_key(cluster):

@@ -113,11 +113,18 @@ mec = client.MultiEngineClient(furl_file=sys.argv[1], connect_timeout=10)   # no
 print("CONNECTED", mec.get_ids(), flush=True)
 t0 = time.monotonic()
 try:
-    mec.execute("import time; time.sleep(300)", targets=0)
-    print("RETURNED")
+    r = mec.execute("import time; time.sleep(%s); print('slept')" % sys.argv[2], targets=0)
+    print("RETURNED after %.1f s: %r" % (time.monotonic() - t0, r[0]["stdout"]), flush=True)
+    print("THEN", mec.execute("print(6 * 7)", targets=0)[0]["stdout"].strip(), flush=True)
 except Exception as e:
     print("RAISED %s after %.1f s: %s" % (type(e).__name__, time.monotonic() - t0, e), flush=True)
 """
+
+# The client's keepalive (src/common/tls.c, ipmpi_tcp_tune(fd, 5)): 5 s idle,
+# then 3 probes 2 s apart: a silent partition is an error after ~11 s. The
+# controller's: 24 s idle, ~30 s in all.
+CLIENT_KEEPALIVE_S = 11
+CONTROLLER_KEEPALIVE_S = 30
 
 
 def test_a_silently_lost_link_raises_instead_of_hanging(hosts, tmp_path):
@@ -129,7 +136,7 @@ def test_a_silently_lost_link_raises_instead_of_hanging(hosts, tmp_path):
     script.write_text(WAITER)
     try:
         furl = os.path.join(d, "security", "ipcontroller-mec.furl")
-        p = subprocess.Popen(["ip", "netns", "exec", b, PYTHON, str(script), furl], env=child_env(),
+        p = subprocess.Popen(["ip", "netns", "exec", b, PYTHON, str(script), furl, "300"], env=child_env(),
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
         try:
@@ -143,8 +150,30 @@ def test_a_silently_lost_link_raises_instead_of_hanging(hosts, tmp_path):
                 p.kill()
                 p.wait()
             sh("ip", "-n", a, "link", "set", "veth-a", "up", check=False)
-        assert "RAISED" in out, out
+        print(out.strip())
+        assert "RAISED ConnectionError" in out, out
         took = float(out.split(" after ")[1].split(" s")[0])
-        assert took < 30, out
+        # ~11 s (measured 11-12 s), and a second for the client to find the
+        # controller unreachable; the margin is for a loaded machine.
+        assert CLIENT_KEEPALIVE_S - 2 < took < CLIENT_KEEPALIVE_S + 7, out
+        assert "timed out" in out and "the controller is unreachable" in out, out
+    finally:
+        stop_cluster(a, d)
+
+
+def test_a_long_request_on_a_healthy_silent_link_is_not_cut(hosts, tmp_path):
+    # Nothing crosses the link while the request runs, for longer than both
+    # keepalive spans: the kernel answers the probes, so nothing is cut.
+    a, b = hosts
+    d, _out = run_cluster(a, [])
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER)
+    sleep = CONTROLLER_KEEPALIVE_S + 5
+    try:
+        furl = os.path.join(d, "security", "ipcontroller-mec.furl")
+        r = in_ns(b, [PYTHON, str(script), furl, str(sleep)], sleep + 60)
+        assert "RETURNED" in r.stdout and "'slept\\n'" in r.stdout, r.stdout
+        assert float(r.stdout.split("RETURNED after ")[1].split(" s")[0]) >= sleep
+        assert "THEN 42" in r.stdout, r.stdout
     finally:
         stop_cluster(a, d)

@@ -180,7 +180,8 @@ def test_barrier_waits_for_every_task(tc):
 
 
 def test_unknown_task_ids(tc):
-    never = 10 ** 12
+    first = tc.run(client.MapTask(abs, args=(0,)))
+    never = first + 10 ** 9     # this controller's (same high bits), never handed out
     with pytest.raises(IndexError, match="task ID not registered: %d" % never):
         tc.get_task_result(never, block=True)
     with pytest.raises(IndexError, match="task ID not registered"):
@@ -196,6 +197,9 @@ def test_unknown_task_ids(tc):
         tc.clear([never])
     with pytest.raises(TypeError):
         tc.abort("1")
+    # An id whose high 32 bits name another controller: InvalidDeferredID.
+    with pytest.raises(client.InvalidDeferredID, match="belongs to another controller"):
+        tc.get_task_result(first ^ (1 << 40), block=True)
     assert tc.get_task_result(tid, block=True) == 1
 
 

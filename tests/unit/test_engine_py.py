@@ -639,6 +639,31 @@ def test_history_is_bounded_by_bytes_too(eng, monkeypatch):
     assert list(eng.history) == [6]
 
 
+def test_sources_in_linecache_are_bounded_by_bytes_too(eng, monkeypatch):
+    # Sources stay in linecache for tracebacks, within the history's byte
+    # budget: big sources do not pile up (the newest is kept whatever its size).
+    import linecache
+    monkeypatch.setattr(_engine, "HISTORY_BYTES", 10000)
+    names = []
+    for i in range(5):
+        status, meta, _, _ = execute(eng, "n = len(%r)" % ("a" * 6000))
+        assert status == OK
+        names.append(eng._input_name(meta["number"]))
+    assert [n in linecache.cache for n in names] == [False] * 4 + [True]
+    assert eng._input_bytes <= 10000 and [n for n, _ in eng._input_names] == names[-1:]
+    # Small ones share the budget and tracebacks still show their lines.
+    for i in range(3):
+        execute(eng, "k = %d" % i)
+    status, meta, _, _ = execute(eng, "x = 1\n1 / 0")
+    assert status == EREMOTE and "1 / 0" in meta["traceback"]
+    assert names[-1] in linecache.cache and len(eng._input_names) == 5
+    execute(eng, "print('y' * 20000)")   # output does not count here
+    assert names[-1] in linecache.cache and len(eng._input_names) == 6
+    execute(eng, "m = %r" % ("b" * 5000))   # a source that does: the oldest go
+    assert names[-1] not in linecache.cache and len(eng._input_names) == 6
+    assert eng._input_bytes <= 10000
+
+
 def test_a_background_thread_does_not_write_into_later_requests(eng, capsys):
     status, meta, _, _ = execute(eng, "\n".join([
         "import threading, time",
@@ -656,6 +681,58 @@ def test_a_background_thread_does_not_write_into_later_requests(eng, capsys):
     assert meta["stdout"] == "joined\n", meta["stdout"]
     # Not lost: it went to the engine's own stdout (its log).
     assert "from the background" in capsys.readouterr().out
+
+
+def test_threads_a_request_starts_write_into_that_request(eng, capsys):
+    # A thread started and joined by the request, and a ThreadPoolExecutor's
+    # workers: their output is the request's.
+    status, meta, _, _ = execute(eng, "\n".join([
+        "import threading",
+        "t = threading.Thread(target=print, args=('from a thread this request joins',))",
+        "t.start(); t.join()",
+        "print('main')",
+    ]))
+    assert status == OK and meta["stdout"] == "from a thread this request joins\nmain\n", meta["stdout"]
+    status, meta, _, _ = execute(eng, "\n".join([
+        "from concurrent.futures import ThreadPoolExecutor",
+        "with ThreadPoolExecutor(2) as ex: r = list(ex.map(print, ['w1', 'w2']))",
+    ]))
+    assert status == OK and sorted(meta["stdout"].split()) == ["w1", "w2"], meta["stdout"]
+    # stderr too, and a _thread thread without a Thread object.
+    status, meta, _, _ = execute(eng, "\n".join([
+        "import _thread, sys, threading",
+        "done = threading.Event()",
+        "def work():",
+        "    sys.stderr.write('raw thread\\n'); done.set()",
+        "_thread.start_new_thread(work, ())",
+        "done.wait(10)",
+    ]))
+    assert status == OK and meta["stderr"] == "raw thread\n", meta["stderr"]
+    # A thread this request started that writes after the request ended:
+    # the log, not the next request.
+    status, meta, _, _ = execute(eng, "\n".join([
+        "import threading",
+        "go2, out2 = threading.Event(), threading.Event()",
+        "def late():",
+        "    go2.wait(10); print('after its request'); out2.set()",
+        "t2 = threading.Thread(target=late); t2.start()",
+        "print('started')",
+    ]))
+    assert status == OK and meta["stdout"] == "started\n"
+    capsys.readouterr()
+    status, meta, _, _ = execute(eng, "go2.set(); out2.wait(10); t2.join(10); print('next')")
+    assert status == OK and meta["stdout"] == "next\n", meta["stdout"]
+    assert "after its request" in capsys.readouterr().out
+
+
+def test_a_pool_made_by_an_earlier_request_writes_to_the_log(eng, capsys):
+    execute(eng, "from concurrent.futures import ThreadPoolExecutor\nex = ThreadPoolExecutor(1)\n"
+                 "ex.submit(int).result()")
+    capsys.readouterr()
+    status, meta, _, _ = execute(eng, "ex.submit(print, 'old worker').result(); print('mine')")
+    assert status == OK and meta["stdout"] == "mine\n", meta["stdout"]
+    assert "old worker" in capsys.readouterr().out
+    execute(eng, "ex.shutdown()")
 
 
 # ---------------------------------------------------------------- output bounds and streaming

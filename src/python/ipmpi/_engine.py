@@ -79,8 +79,11 @@ _META_KINDS[K_TASK_SUBMIT] = "task"
 HISTORY_LEN = 1000
 # ... and at most this many bytes of their output and source (the newest
 # entry is kept whatever its size): five prints of 100 MB must not keep an
-# engine 500 MB larger for the next thousand executes.
+# engine 500 MB larger for the next thousand executes. The sources kept in
+# linecache have a budget of this size of their own (_input_size).
 HISTORY_BYTES = 64 << 20
+# What linecache holds per line besides its characters (a str object).
+_LINE_OVERHEAD = 56
 
 # Compiled inputs kept for re-execution (a client that runs the same code
 # again skips parsing and compiling: ~7 of the ~11 us an EXECUTE costs), and
@@ -216,30 +219,47 @@ def _interruptible_comm(comm, MPI):
     return Comm(comm)
 
 
+def _input_size(lines):
+    """Bytes a source kept in linecache is counted as: its characters and
+    the overhead of each line's str."""
+    return sum(map(len, lines)) + _LINE_OVERHEAD * len(lines)
+
+
 def _meta_size(meta):
     """Bytes of text a history entry holds (output and source)."""
     return sum(len(meta.get(k) or "") for k in ("stdout", "stderr", "input") if isinstance(meta.get(k), str))
 
 
 class _Capture(io.StringIO):
-    """stdout or stderr of one request: what the thread that runs the
-    request writes, at most OUTPUT_MAX characters (text() notes what was
-    cut), also handed to the request's _Streamer when it streams. A thread
-    left running by an earlier request writes to the engine's own stream
-    (its log) instead, so its output never lands in an unrelated request's
-    result."""
+    """stdout or stderr of one request: what the request's code writes, at
+    most OUTPUT_MAX characters (text() notes what was cut), also handed to
+    the request's _Streamer when it streams. The request's code is the
+    thread that runs it and every thread started while it runs (a
+    ThreadPoolExecutor's workers, a thread it starts and joins), for as
+    long as the request runs. A thread that was already alive when the
+    request began (left running by an earlier request), or that writes
+    after the request ended, writes to the engine's own stream (its log)
+    instead, so its output never lands in an unrelated request's result."""
 
-    def __init__(self, other, name="stdout", streamer=None):
+    def __init__(self, other, name="stdout", streamer=None, before=frozenset()):
         super().__init__()
         self._owner = threading.get_ident()
+        self._before = before   # the threads alive when the request began
+        self._open = True       # False once the request has ended (end())
+        self._lock = threading.RLock()   # (a streamer that fails may write again)
         self._other = other
         self._name = name
         self._streamer = streamer
         self._kept = 0
         self._cut = 0
 
+    def end(self):
+        """The request is over: from now on every thread writes to the log."""
+        self._open = False
+
     def write(self, s):
-        if threading.get_ident() != self._owner:
+        me = threading.get_ident()
+        if me != self._owner and (not self._open or me in self._before):
             try:
                 return self._other.write(s)
             except Exception:  # a closed or odd stream must not break that thread
@@ -247,17 +267,18 @@ class _Capture(io.StringIO):
         if not isinstance(s, str):
             return super().write(s)  # the TypeError StringIO raises
         n = len(s)
-        room = OUTPUT_MAX - self._kept
-        if n <= room:
-            super().write(s)
-            self._kept += n
-        else:
-            if room > 0:
-                super().write(s[:room])
-                self._kept += room
-            self._cut += n - room
-        if self._streamer is not None:
-            self._streamer.add(self._name, s)
+        with self._lock:        # the request's own threads may write at once
+            room = OUTPUT_MAX - self._kept
+            if n <= room:
+                super().write(s)
+                self._kept += n
+            else:
+                if room > 0:
+                    super().write(s[:room])
+                    self._kept += room
+                self._cut += n - room
+            if self._streamer is not None:
+                self._streamer.add(self._name, s)
         return n
 
     def text(self):
@@ -584,7 +605,8 @@ class Engine:
         self.execution_count = 0
         self.history = collections.OrderedDict()  # number -> (status, meta, bytes)
         self._history_bytes = 0
-        self._input_names = collections.deque()
+        self._input_names = collections.deque()  # (linecache name, _input_size), oldest first
+        self._input_bytes = 0
         self._code_cache = collections.OrderedDict()  # source -> (body, last) code objects
         self._fn_cache = collections.OrderedDict()  # digest -> [function, rebound or None]
         self._flusher = None  # made by the first request that streams
@@ -649,7 +671,9 @@ class Engine:
             if self._flusher is None:
                 self._flusher = _Flusher()
             streamer = _Streamer(_ipmpi_engine.send_output, self._flusher)
-        return (_Capture(saved[0], "stdout", streamer), _Capture(saved[1], "stderr", streamer), streamer)
+        before = frozenset(sys._current_frames())   # every thread alive now, _thread ones too
+        return (_Capture(saved[0], "stdout", streamer, before), _Capture(saved[1], "stderr", streamer, before),
+                streamer)
 
     def _meta(self, kind, number, code, out, err):
         return {"id": self.id, "kind": _META_KINDS.get(kind, str(kind)), "number": number,
@@ -698,6 +722,8 @@ class Engine:
             status, extra, exc = EREMOTE, [], e
         finally:
             sys.stdout, sys.stderr = saved
+            out.end()
+            err.end()
             if streamer is not None:
                 streamer.finish()
 
@@ -717,12 +743,20 @@ class Engine:
 
     def _execute(self, code, number):
         # The source goes into linecache so tracebacks show the user's lines;
-        # only the last HISTORY_LEN inputs are kept there.
+        # only the last HISTORY_LEN inputs are kept there, and only
+        # HISTORY_BYTES of them (the newest whatever its size), as for the
+        # history: five sources of 40 MB must not stay in the engine.
         name = self._input_name(number)
-        linecache.cache[name] = (len(code), None, code.splitlines(True), name)
-        self._input_names.append(name)
-        while len(self._input_names) > HISTORY_LEN:
-            linecache.cache.pop(self._input_names.popleft(), None)
+        lines = code.splitlines(True)
+        linecache.cache[name] = (len(code), None, lines, name)
+        size = _input_size(lines)
+        self._input_names.append((name, size))
+        self._input_bytes += size
+        while len(self._input_names) > HISTORY_LEN or (len(self._input_names) > 1
+                                                      and self._input_bytes > HISTORY_BYTES):
+            old, old_size = self._input_names.popleft()
+            linecache.cache.pop(old, None)
+            self._input_bytes -= old_size
         self._run_source(code, name)
 
     def _run_source(self, code, name):
@@ -853,8 +887,8 @@ class Engine:
                 raise IndexError("no execution has run on engine %d yet" % self.id)
             number = next(reversed(self.history))
         if not isinstance(number, int) or number not in self.history:
-            raise IndexError("engine %d has no result for execution %r (kept: the last %d)"
-                             % (self.id, number, HISTORY_LEN))
+            raise IndexError("engine %d has no result for execution %r (kept: the last %d, within %d MiB)"
+                             % (self.id, number, HISTORY_LEN, HISTORY_BYTES >> 20))
         status, meta, _size = self.history[number]
         return status, [pickle.dumps(meta, protocol=5)], False
 
@@ -993,6 +1027,8 @@ class Engine:
                     self._reset()
         finally:
             sys.stdout, sys.stderr = saved
+            out.end()
+            err.end()
             if streamer is not None:
                 streamer.finish()
 

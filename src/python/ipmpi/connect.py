@@ -543,6 +543,49 @@ class _Base:
         """A new link replaced the old one: the subclass moves what was in
         flight on the old one."""
 
+    def _probe(self, timeout=1.0):
+        """After the link broke: does the controller still take connections?
+        (True, where) when a new TCP connection is accepted and not closed
+        at once, (False, why) when it is refused
+        or closed (the controller is gone), (None, why) when that cannot be
+        told within timeout (the network is down or the host gone). Nothing
+        is sent: the controller just sees a connection that ends."""
+        try:
+            m = _FURL_ADDR.match(_read_furl(self._link_args[0], self._capability))
+        except (OSError, ValueError) as e:
+            return None, str(e)
+        if not m:
+            return None, "no host:port in the furl"
+        host = m.group(2)[1:-1] if m.group(2).startswith("[") else m.group(2)
+        port = int(m.group(3))
+        where = "%s:%d" % (host, port)
+        tunnel = self._tunnel
+        if tunnel is not None:
+            if not tunnel.alive():
+                return None, "the ssh tunnel via %s has ended" % tunnel.sshserver
+            host, port = "127.0.0.1", tunnel.local_port
+            where += " (through the ssh tunnel via %s)" % tunnel.sshserver
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                # A live controller waits for our TLS hello. The kernel of a
+                # controller that is dying may still accept (and then reset)
+                # the connection, and ssh accepts locally whatever the far
+                # end does (and closes the channel when it refuses): a
+                # connection closed at once is no controller.
+                s.settimeout(min(timeout, 0.5))
+                try:
+                    if s.recv(1) == b"":
+                        return False, "a new connection to %s was closed at once" % where
+                except socket.timeout:
+                    pass
+            return True, where
+        except (ConnectionRefusedError, ConnectionResetError) as e:
+            return False, "a new connection to %s: %s" % (where, e.strerror or e)
+        except socket.timeout:
+            return None, "a new connection to %s timed out after %g s" % (where, timeout)
+        except OSError as e:
+            return None, "a new connection to %s: %s" % (where, e.strerror or e)
+
     @property
     def tunnel(self):
         """The SSHTunnel this client's link goes through (sshserver=...), or None."""

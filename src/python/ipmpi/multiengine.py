@@ -111,9 +111,16 @@ class MultiEngineClient(_Base):
             ids = [i for i in pr.req_ids if i]
             if not ids or pr._done:
                 raise
-            raise type(e)("%s; the controller keeps the result of request%s %s: after mec.reconnect(), "
-                          "mec.get_result_by_id(%r) gets it" % (e, "s" if len(ids) > 1 else "", ", ".join(ids),
-                                                               ids[0] if len(ids) == 1 else ids)) from None
+            named = "request%s %s" % ("s" if len(ids) > 1 else "", ", ".join(ids))
+            fetch = "after mec.reconnect(), mec.get_result_by_id(%r) gets it" % (ids[0] if len(ids) == 1 else ids)
+            alive, why = self._probe()
+            if alive:
+                raise type(e)("%s; the controller keeps the result of %s: %s" % (e, named, fetch)) from None
+            if alive is False:
+                raise type(e)("%s; the controller is gone (%s): the cluster ended or its controller died, "
+                              "and the result of %s with it" % (e, why, named)) from None
+            raise type(e)("%s; the controller is unreachable (%s); if it is still running it keeps the "
+                          "result of %s: %s" % (e, why, named, fetch)) from None
 
     def _request(self, kind, parts, targets, post, block, timeout, printer=None):
         """Sends one request to targets; post(replies, order) makes its

@@ -610,6 +610,15 @@ class TaskClient(_Base):
                 self._foreign.update(sent)
 
     # -- task ids
+    def _task_tag(self):
+        """The high 32 bits of every task id of this link's controller:
+        bits 32..62 of its instance, bit 0 set (doc/protocol.md section 6);
+        None when the controller named no instance."""
+        try:
+            return ((int(self._instance, 16) >> 32) & 0x7FFFFFFF) | 1
+        except (TypeError, ValueError):
+            return None
+
     def _prefetch(self):
         # Caller holds _id_lock.
         if self._reserve_rid is None:
@@ -697,6 +706,10 @@ class TaskClient(_Base):
         if taskid in self._foreign:
             raise InvalidDeferredID("task %d belongs to another controller: this client submitted it before "
                                     "reconnect(), to a controller that has been replaced since" % taskid)
+        tag = self._task_tag()
+        if tag is not None and taskid >> 32 != tag:
+            raise InvalidDeferredID("task %d belongs to another controller: this controller's task ids are "
+                                    "%d and up (the high 32 bits name the controller)" % (taskid, tag << 32))
         if timeout is None:
             timeout = self._timeout
         conn = self._conn
