@@ -401,6 +401,59 @@ def jupyter_run(kc, code, timeout):
     return reply["content"], streams
 
 
+# A real IPython shell as a user starts it, without colours or history.
+IPYTHON_ARGV = [PYTHON, "-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False",
+                "--TerminalInteractiveShell.confirm_exit=False"]
+
+
+def ipython_on_a_pty(cluster, session, timeout, env=None, **kw):
+    """Types session into a real IPython shell on a pty (stdout a
+    terminal) whose IPMPI_DIR is cluster's: pty_run's (status, seen)."""
+    env = dict(child_env() if env is None else env)
+    env["IPMPI_DIR"] = cluster.ipmpi_dir
+    return pty_run(IPYTHON_ARGV + ["--simple-prompt"], env, timeout, stdin_text=session, **kw)
+
+
+def progress_env(mode):
+    """The environment of a client whose progress display is "auto" (as
+    installed), "plain" (one line, no tqdm) or "off" (IPMPI_PROGRESS=0)."""
+    env = child_env()
+    env.pop("IPMPI_PROGRESS", None)
+    if mode == "plain":
+        env["IPMPI_PROGRESS"] = "plain"
+    elif mode == "off":
+        env["IPMPI_PROGRESS"] = "0"
+    return env
+
+
+def px_streams_in_jupyter(cluster, setup, engines, timeout, then=()):
+    """In a real Jupyter kernel whose IPMPI_DIR is cluster's: runs setup
+    (which activates the magics), then a %px of 3 s that prints tick and
+    tock, then the cells of then (each must succeed); checks that the
+    engines (and only they) showed both and that tick was shown while the
+    code still ran. Returns the streamed text of the %px."""
+    env = child_env()
+    env["IPMPI_DIR"] = cluster.ipmpi_dir
+    with jupyter_kernel(env) as kc:
+        content, _s = jupyter_run(kc, setup, timeout)
+        assert content["status"] == "ok", content
+        t0 = time.monotonic()
+        content, streams = jupyter_run(kc, "%px import time; print('tick'); time.sleep(3); print('tock')", timeout)
+        t_end = time.monotonic()
+        for cell in then:
+            after, _s = jupyter_run(kc, cell, timeout)
+            assert after["status"] == "ok", (cell, after)
+    assert content["status"] == "ok", content
+    text = "".join(s for _t, _n, s in streams)
+    for i in range(4):
+        shown = "[%d] tick" % i in text and "[%d] tock" % i in text
+        assert shown == (i in engines), text
+    t_tick = min(t for t, _n, s in streams if "tick" in s)
+    assert t_tick < t_end - 1.5, "tick shown %.2f s after the start, %.2f s before the end" % (
+        t_tick - t0, t_end - t_tick)
+    return text
+
+
 def first_seen(seen, pattern):
     """When (time.monotonic()) the output pty_run recorded first matched
     the regular expression pattern (the text so far), or None."""

@@ -42,8 +42,8 @@ import time
 
 import pytest
 
-from conftest import (HDR, MAGIC, PYTHON, VERSION, child_env, closed_by_peer, frame, job_processes,
-                      parse_furl, read_frame, running_cluster, tls_connect, wait_for)
+from conftest import (HDR, MAGIC, PYTHON, VERSION, child_env, closed_by_peer, controller_pid, frame, job_processes,
+                      parse_furl, proc_status_kb, read_frame, running_cluster, tls_connect, wait_for)
 from ipmpi import _ipmpi as C
 from ipmpi import _serialize, client
 
@@ -719,14 +719,6 @@ def good_mec(w, stats):
 
 # ---------------------------------------------------------------- the test
 
-def controller_pid(cluster):
-    for name in os.listdir(cluster.log_dir):
-        m = re.match(r"ipcontroller-(\d+)\.log$", name)
-        if m:
-            return int(m.group(1))
-    raise AssertionError("no controller log in %s" % cluster.log_dir)
-
-
 def alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -826,11 +818,7 @@ def test_adversarial_clients_do_not_hurt_the_controller_or_a_good_client(chaos_c
 # short reproduction, so a failure names the bug at once.
 
 def rss_bytes(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS for pid %d" % pid)
+    return proc_status_kb(pid, "VmRSS") * 1024
 
 
 def test_a_client_that_never_reads_cannot_grow_the_controller_without_bound(cluster4):

@@ -26,15 +26,14 @@ import re
 import resource
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import numpy
 import pytest
 
-from conftest import PYTHON, child_env, parse_furl, running_cluster, wait_for
-from test_chaos import controller_pid, rss_bytes
+from conftest import PYTHON, child_env, controller_pid, parse_furl, running_cluster, wait_for
+from test_chaos import rss_bytes
 
 LOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unauth_load.py")
 QUEUE_BYTES = 64 << 20     # --client-queue-bytes of the back-pressure cluster

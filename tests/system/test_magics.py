@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, child_env
+from conftest import IPYTHON_ARGV, PYTHON, child_env
 
 T = 120
 
@@ -25,8 +25,7 @@ mec = client.MultiEngineClient(timeout=60)
 def ipython(cluster, script, *args, stdin=True):
     env = child_env()
     env["IPMPI_DIR"] = cluster.ipmpi_dir
-    argv = [PYTHON, "-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False",
-            "--TerminalInteractiveShell.confirm_exit=False"] + list(args)
+    argv = IPYTHON_ARGV + list(args)
     if stdin:
         argv.append("--simple-prompt")
     r = subprocess.run(argv, input=script if stdin else None, stdout=subprocess.PIPE,

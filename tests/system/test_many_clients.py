@@ -4,7 +4,6 @@ open, send junk and drop. Every answer must be the asker's own; the
 controller is alive after; its memory comes back. Prints requests/s and
 the controller's RSS before, at its peak and after.
 """
-import os
 import random
 import socket
 import threading
@@ -12,7 +11,7 @@ import time
 
 import numpy as np
 
-from conftest import job_processes, running_cluster
+from conftest import controller_pid, proc_status_kb, running_cluster
 import pytest
 
 from ipmpi import client
@@ -27,23 +26,8 @@ def cluster():
     yield from running_cluster(4)
 
 
-def controller_pid(c):
-    for pid in job_processes(c.pid):
-        try:
-            with open("/proc/%d/environ" % pid, "rb") as f:
-                if b"OMPI_COMM_WORLD_RANK=0\0" in f.read():
-                    return pid
-        except OSError:
-            pass
-    raise AssertionError("no controller process under mpirun %d" % c.pid)
-
-
 def rss_mib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
+    return proc_status_kb(pid, "VmRSS") / 1024.0
 
 
 def one_client(c, k, errors, counts):

@@ -14,7 +14,8 @@ import time
 import pytest
 
 import ipmpi
-from conftest import PYTHON, child_env, first_seen, jupyter_kernel, jupyter_run, pty_run, run_ctrl_c
+from conftest import (PYTHON, child_env, first_seen, ipython_on_a_pty, progress_env, pty_run, px_streams_in_jupyter,
+                      run_ctrl_c)
 
 T = 60
 
@@ -261,12 +262,7 @@ print('FIN' + 'ISHED', flush=True)
 
 @pytest.mark.parametrize("mode", ["auto", "plain", "off"])
 def test_progress_in_a_pty(cluster4, mode):
-    env = child_env()
-    env.pop("IPMPI_PROGRESS", None)
-    if mode == "plain":
-        env["IPMPI_PROGRESS"] = "plain"
-    elif mode == "off":
-        env["IPMPI_PROGRESS"] = "0"
+    env = progress_env(mode)
     rc_, seen = pty_run([PYTHON, "-c", PROGRESS_CODE % cluster4.mec_furl], env, T)
     out = "".join(s for _t, s in seen)
     assert rc_ == 0, out
@@ -392,13 +388,8 @@ exit
 
 
 def test_ctrl_c_during_px_in_ipython_on_a_terminal(cluster4):
-    env = child_env()
-    env["IPMPI_DIR"] = cluster4.ipmpi_dir
-    argv = [PYTHON, "-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False",
-            "--TerminalInteractiveShell.confirm_exit=False", "--simple-prompt"]
     events = []
-    _rc, seen = pty_run(argv, env, T, stdin_text=PX_CTRL_C, sigint_after=(r"\[3\] sleeping", 1.0),
-                        events=events)
+    _rc, seen = ipython_on_a_pty(cluster4, PX_CTRL_C, T, sigint_after=(r"\[3\] sleeping", 1.0), events=events)
     text = "".join(s for _t, s in seen)
     assert events, "the %px never started:\n" + text
     t_int = events[0][1]
@@ -411,24 +402,8 @@ def test_ctrl_c_during_px_in_ipython_on_a_terminal(cluster4):
 
 
 def test_activate_then_px_in_a_jupyter_kernel(cluster4):
-    env = child_env()
-    env["IPMPI_DIR"] = cluster4.ipmpi_dir
-    with jupyter_kernel(env) as kc:
-        content, _s = jupyter_run(kc, "import ipmpi\nrc = ipmpi.Client()\nrc[::2].activate()", T)
-        assert content["status"] == "ok", content
-        t0 = time.monotonic()
-        content, streams = jupyter_run(kc, "%px import time; print('tick'); time.sleep(3); print('tock')", T)
-        t_end = time.monotonic()
-        assert content["status"] == "ok", content
-        text = "".join(s for _t, _n, s in streams)
-        for i in (0, 2):
-            assert "[%d] tick" % i in text and "[%d] tock" % i in text, text
-        assert "[1] tick" not in text and "[3] tick" not in text, text
-        t_tick = min(t for t, _n, s in streams if "tick" in s)
-        assert t_tick < t_end - 1.5, "tick shown %.2f s after the start, %.2f s before the end" % (
-            t_tick - t0, t_end - t_tick)
-        content, streams = jupyter_run(kc, "%pxresult", T)
-        assert content["status"] == "ok", content
+    px_streams_in_jupyter(cluster4, "import ipmpi\nrc = ipmpi.Client()\nrc[::2].activate()", (0, 2), T,
+                          then=("%pxresult",))
 
 
 def test_shutdown_engine_then_cluster(cluster4, rc):

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, child_env, first_seen, pty_run
+from conftest import PYTHON, first_seen, ipython_on_a_pty, progress_env, pty_run
 
 T = 90
 # A count of engines or tasks, as the plain line and tqdm show it.
@@ -49,13 +49,7 @@ print('FIN' + 'ISHED', flush=True)
 
 
 def _env(mode):
-    env = child_env()
-    env.pop("IPMPI_PROGRESS", None)
-    if mode == "plain":
-        env["IPMPI_PROGRESS"] = "plain"
-    elif mode == "env-off":
-        env["IPMPI_PROGRESS"] = "0"
-    return env
+    return progress_env("off" if mode == "env-off" else mode)
 
 
 def _run(code, furl, mode):
@@ -144,11 +138,7 @@ exit
 
 
 def test_px_without_streaming_shows_progress_in_ipython(cluster4):
-    env = _env("plain")
-    env["IPMPI_DIR"] = cluster4.ipmpi_dir
-    argv = [PYTHON, "-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False",
-            "--TerminalInteractiveShell.confirm_exit=False", "--simple-prompt"]
-    _rc, seen = pty_run(argv, env, T, stdin_text=PX_SESSION)
+    _rc, seen = ipython_on_a_pty(cluster4, PX_SESSION, T, env=_env("plain"))
     text = "".join(s for _t, s in seen)
     assert "<Results List>" in text, text
     _shown_during(seen, text, "WAITONE", "<Results List>", "execute")

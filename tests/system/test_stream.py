@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from conftest import (PYTHON, child_env, controller_pid, first_seen, jupyter_kernel, jupyter_run, proc_status_kb,
-                      pty_run, run_ctrl_c)
+from conftest import (PYTHON, controller_pid, first_seen, ipython_on_a_pty, proc_status_kb, px_streams_in_jupyter,
+                      run_ctrl_c)
 
 from ipmpi import _consts, _serialize, client
 
@@ -237,11 +237,7 @@ exit
 
 def test_px_streams_in_ipython_on_a_terminal(cluster4):
     # IPython's stdout is a terminal (a pty), so %px streams by default.
-    env = child_env()
-    env["IPMPI_DIR"] = cluster4.ipmpi_dir
-    argv = [PYTHON, "-m", "IPython", "--no-banner", "--colors=NoColor", "--HistoryManager.enabled=False",
-            "--TerminalInteractiveShell.confirm_exit=False", "--simple-prompt"]
-    _rc, seen = pty_run(argv, env, T, stdin_text=PX_SESSION)
+    _rc, seen = ipython_on_a_pty(cluster4, PX_SESSION, T)
     text = "".join(s for _t, s in seen)
 
     def when(needle):
@@ -257,22 +253,8 @@ def test_px_streams_in_ipython_on_a_terminal(cluster4):
 
 
 def test_px_streams_in_a_jupyter_kernel(cluster4):
-    env = child_env()
-    env["IPMPI_DIR"] = cluster4.ipmpi_dir
-    with jupyter_kernel(env) as kc:
-        setup = "from ipmpi import client\nmec = client.MultiEngineClient(timeout=60)\nmec.activate()"
-        content, _s = jupyter_run(kc, setup, T)
-        assert content["status"] == "ok", content
-        t0 = time.monotonic()
-        content, streams = jupyter_run(kc, "%px import time; print('tick'); time.sleep(3); print('tock')", T)
-        t_end = time.monotonic()
-        assert content["status"] == "ok", content
-        text = "".join(s for _t, _n, s in streams)
-        for i in range(4):
-            assert "[%d] tick" % i in text and "[%d] tock" % i in text, text
-        t_tick = min(t for t, _n, s in streams if "tick" in s)
-        assert t_tick < t_end - 1.5, "tick shown %.2f s after the start, %.2f s before the end" % (
-            t_tick - t0, t_end - t_tick)
+    setup = "from ipmpi import client\nmec = client.MultiEngineClient(timeout=60)\nmec.activate()"
+    px_streams_in_jupyter(cluster4, setup, range(4), T)
 
 
 CTRL_C_TWICE = """
