@@ -215,6 +215,14 @@ def test_modern_views_stream_with_ipyparallel_prefixes(cluster4):
         assert ar.stdout == ["working\n"] * 4
         _v, out, _e, _t = recorded(lambda: dv.execute("print('hi')", block=True))
         assert sorted(out.text().splitlines()) == ["[stdout:%d] hi" % i for i in range(4)]
+        # merge_output: a line all engines print alike is shown once.
+        rc.merge_output = True
+        code = "import os; print('same'); print('rank', os.environ['OMPI_COMM_WORLD_RANK'])"
+        _v, out, _e, _t = recorded(lambda: dv.execute(code, block=True))
+        lines = out.text().splitlines()
+        assert lines.count("[stdout:0-3] same") == 1 and not any(l.startswith("[stdout:0] same") for l in lines), lines
+        assert sorted(l for l in lines if "rank" in l) == ["[stdout:%d] rank %d" % (i, i + 1) for i in range(4)], lines
+        rc.merge_output = False
         quiet = ipmpi.Client(os.path.join(cluster4.ipmpi_dir, "security", "ipcontroller-mec.furl"),
                              stream_output=False, progress=False)
         try:

@@ -200,7 +200,9 @@ class AsyncResult:
         self._with_errors = None            # the result with the exceptions in place
         self._printer = None
         if any(getattr(c, "streamed", False) for c in self._children):
-            self._printer = _output.OutputPrinter("ipyparallel")
+            merge = bool(getattr(client, "merge_output", False))
+            engines = sorted({e for c in self._children for e in getattr(c, "engines", ())}) if merge else None
+            self._printer = _output.OutputPrinter("ipyparallel", merge=merge, engines=engines)
             for c in self._children:
                 c.printer = self._printer
         client._outstanding.add(self)
@@ -1105,12 +1107,14 @@ class Client:
     stream_output: None (the views' execute and apply show what
     the engines print while it runs, '[stdout:0] ...', in a terminal or
     Jupyter), True (always; load-balanced tasks show theirs when they
-    end) or False (never: read ar.stdout).
+    end) or False (never: read ar.stdout). merge_output=True (ipmpi's,
+    also settable as rc.merge_output): a line that several engines print
+    alike is shown once with their ids, '[stdout:0-63] Hello'.
     """
 
     def __init__(self, url_file=None, profile=None, profile_dir=None, timeout=30, progress=None,
                  stream_output=None, shm=True, tc_url_file=None, connect_timeout=None, sshserver=None,
-                 sshkey=None, **kwargs):
+                 sshkey=None, merge_output=False, **kwargs):
         from .multiengine import MultiEngineClient
         for k in kwargs:
             if k in ("cluster_id", "context", "debug", "password", "paramiko",
@@ -1137,6 +1141,7 @@ class Client:
         self._tc = None
         self.progress = progress
         self._stream_output = stream_output
+        self.merge_output = merge_output
         self._outstanding = weakref.WeakSet()
         self.block = False
 
