@@ -54,6 +54,8 @@ static void usage(FILE *f, const char *prog)
             "                       after a reconnect (default 1 GiB; delivered ones use 1/64 of it)\n"
             "  --client-queue-bytes BYTES  bytes of one client's requests the controller holds\n"
             "                       before it stops reading that client (default 1 GiB)\n"
+            "  --client-unread-bytes BYTES  replies one client has not read before its next\n"
+            "                       requests and tasks wait (default 128 MiB)\n"
             "  --accept-joins FILE  engines of later jobs may join: the controller writes its MPI\n"
             "                       port to FILE (both mpiruns need the same --ompi-server)\n"
             "  --max-engines N      engines at most, joined ones included (default: the job's + 1024)\n"
@@ -91,6 +93,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         {"task-memory", required_argument, 0, 'T'}, {"task-depth", required_argument, 0, 'D'},
         {"result-memory", required_argument, 0, 'R'},
         {"client-queue-bytes", required_argument, 0, 'Q'},
+        {"client-unread-bytes", required_argument, 0, 'U'},
         {"accept-joins", required_argument, 0, 'J'}, {"join", required_argument, 0, 'j'},
         {"max-engines", required_argument, 0, 'N'}, {"tree-min", required_argument, 0, 't'},
         {"busy-spin-us", required_argument, 0, 'B'}, {0, 0, 0, 0}};
@@ -112,6 +115,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
     o->task_depth = 4;
     o->result_memory = (uint64_t)1 << 30;
     o->client_queue_bytes = (uint64_t)1 << 30;
+    o->client_unread_bytes = IPMPI_OUT_HOLD_DEFAULT;
     o->tree_min = 0;
 
     int c;
@@ -179,6 +183,11 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
             if (parse_u64(optarg, &v) || v < (1u << 20))
                 return fprintf(stderr, "ipmpi: --client-queue-bytes must be at least 1048576 bytes\n"), -1;
             o->client_queue_bytes = v;
+            break;
+        case 'U':
+            if (parse_u64(optarg, &v) || v < (1u << 20))
+                return fprintf(stderr, "ipmpi: --client-unread-bytes must be at least 1048576 bytes\n"), -1;
+            o->client_unread_bytes = v;
             break;
         case 'D':
             if (parse_u64(optarg, &v) || v > 64)

@@ -30,6 +30,8 @@ typedef struct ipmpi_opts {
     uint64_t result_memory;   /* --result-memory: bytes of kept MultiEngine request results */
     uint32_t task_depth;      /* --task-depth: tasks waiting ahead on a busy engine */
     uint64_t client_queue_bytes; /* --client-queue-bytes: a client's requests held before its input pauses */
+    uint64_t client_unread_bytes; /* --client-unread-bytes: a client's unread replies before its requests wait */
+#define IPMPI_OUT_HOLD_DEFAULT ((uint64_t)128 << 20)
     char accept_joins[1024];  /* --accept-joins FILE: the controller writes its MPI port there ("" = no joins) */
     int max_engines;          /* --max-engines: engines at most, joined ones included */
     char join[1024];          /* --join FILE: every rank is an engine joining the controller of FILE's port */

@@ -182,14 +182,14 @@ void ipmpi_ctl_join_engine_gone(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e);
 void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *why);
 /*
  * Dispatch holds an engine's next request while that request's client has
- * more than IPMPI_OUT_HOLD_BYTES of replies it has not read, so a client
+ * more than --client-unread-bytes of replies it has not read, so a client
  * that never reads cannot make the controller buffer without bound. This
  * resumes held engines whose client caught up or went away, and closes a
  * client that has made no read progress for IPMPI_OUT_STALL_NS while over
  * the limit (other clients' requests queue behind its held ones). Loop
  * thread; cheap when nothing is held.
  */
-#define IPMPI_OUT_HOLD_BYTES ((uint64_t)128 << 20)
+#define IPMPI_OUT_HOLD_BYTES(c) ((c)->o->client_unread_bytes)
 /* Streamed output (IPMPI_F_MORE replies) is dropped, not queued, for a
  * client with more than this unread. */
 #define IPMPI_OUT_STREAM_BYTES ((uint64_t)16 << 20)
@@ -335,7 +335,7 @@ void ipmpi_ctl_result_gathered(ipmpi_ctl_t *c, ipmpi_req_t *r, ipmpi_parts_t *pa
 /* RESULT_FETCH or RESULT_CLEAR from a mec session; p borrowed. */
 void ipmpi_ctl_result_frame(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmpi_parts_t *p);
 
-/* Holds cl's tasks back (its session has more than IPMPI_OUT_HOLD_BYTES of
+/* Holds cl's tasks back (its session has more than --client-unread-bytes of
  * unread replies) until ipmpi_ctl_release_held sees it read them. */
 void ipmpi_ctl_hold_task_client(ipmpi_ctl_t *c, ipmpi_sched_client_t *cl);
 

@@ -47,7 +47,7 @@ void ipmpi_ctl_req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int stat
 int ipmpi_ctl_must_hold(ipmpi_ctl_t *c, uint64_t session)
 {
     const ipmpi_session_t *s = ipmpi_ctl_session(c, session);
-    return s && s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES;
+    return s && s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES(c);
 }
 
 /* ipmpi_sched_next's hold callback. */
@@ -152,7 +152,7 @@ void ipmpi_ctl_hold_task_client(ipmpi_ctl_t *c, ipmpi_sched_client_t *cl)
     cl->held = 1;
     c->held_tc[c->nheld_tc++] = cl;
     ipmpi_log(IPMPI_LOG_INFO, "tasks of a client are held: it has not read %llu MiB of results",
-              (unsigned long long)(IPMPI_OUT_HOLD_BYTES >> 20));
+              (unsigned long long)(IPMPI_OUT_HOLD_BYTES(c) >> 20));
 }
 
 /* Releases held task clients that read their results (or are gone), and
@@ -163,7 +163,7 @@ static void release_held_tasks(ipmpi_ctl_t *c, uint64_t now)
     for (uint32_t i = 0; i < c->nheld_tc;) {
         ipmpi_sched_client_t *cl = c->held_tc[i];
         ipmpi_session_t *s = ipmpi_ctl_session(c, cl->session);
-        int over = s && s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES;
+        int over = s && s->state == IPMPI_SESS_OPEN && s->out_bytes > IPMPI_OUT_HOLD_BYTES(c);
         if (over && now - s->t_out_progress > IPMPI_OUT_STALL_NS) {
             ipmpi_log(IPMPI_LOG_WARN, "client %s has read none of its task results for %llu s; closing it",
                       s->peer, (unsigned long long)(IPMPI_OUT_STALL_NS / 1000000000ull));
@@ -196,7 +196,7 @@ void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now)
         ipmpi_equeue_t *q = &c->sched.eng[i].q;
         ipmpi_req_t *head = ipmpi_equeue_len(q) ? ipmpi_equeue_at(q, 0) : NULL;
         ipmpi_session_t *s = head ? ipmpi_ctl_session(c, head->session) : NULL;
-        if (s && s->out_bytes > IPMPI_OUT_HOLD_BYTES && s->state == IPMPI_SESS_OPEN &&
+        if (s && s->out_bytes > IPMPI_OUT_HOLD_BYTES(c) && s->state == IPMPI_SESS_OPEN &&
             now - s->t_out_progress > IPMPI_OUT_STALL_NS) {
             ipmpi_log(IPMPI_LOG_WARN,
                       "client %s has read none of its %llu MiB of replies for %llu s; closing it",

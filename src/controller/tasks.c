@@ -180,7 +180,7 @@ static void task_finish(ipmpi_ctl_t *c, ipmpi_task_t *t, int status, int32_t eng
         send_result(c, s, t, IPMPI_K_TASK_SUBMIT, t->client_req);
         /* A client that does not read its results gets no more tasks run
          * until it does; the other clients' tasks go on. */
-        if (s->out_bytes > IPMPI_OUT_HOLD_BYTES && t->s.client && !t->s.client->held)
+        if (s->out_bytes > IPMPI_OUT_HOLD_BYTES(c) && t->s.client && !t->s.client->held)
             ipmpi_ctl_hold_task_client(c, t->s.client);
     }
     while (!ipmpi_ql_empty(&t->waiters)) {

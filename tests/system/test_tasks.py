@@ -23,7 +23,7 @@ import pytest
 
 from ipmpi import client
 
-from conftest import running_cluster, wait_for
+from conftest import controller_log, running_cluster, start_cluster, stop_cluster, wait_for
 
 T = 120   # the bound of every wait that should be quick
 
@@ -824,6 +824,30 @@ def test_malformed_task_frames_get_clear_errors_and_the_session_goes_on(cluster4
     finally:
         s.close()
     assert tc.run(client.MapTask(lambda: "still served"), block=True) == "still served"
+
+
+def test_the_unread_bound_is_an_option():
+    # --client-unread-bytes 8 MiB: a client that leaves 2 MiB results unread
+    # is held after a few of them, not after 128 MiB.
+    c = start_cluster(2, engine_args=("--client-unread-bytes", str(8 << 20)), join=False)
+    try:
+        a = client.TaskClient(c.tc_furl, timeout=T)
+        b = client.TaskClient(c.tc_furl, timeout=T)
+        try:
+            tids = [a.run(client.MapTask(lambda: b"y" * (2 << 20))) for _ in range(20)]
+
+            def held():
+                s = b.queue_status()
+                return s["scheduled"] > 0 and s["pending"] == 0
+            wait_for(held, T, what="the tasks of the client that does not read to be held")
+            assert b.queue_status()["succeeded"] <= 10
+            assert all(len(a.get_task_result(t, block=True)) == 2 << 20 for t in tids)
+        finally:
+            a.close()
+            b.close()
+    finally:
+        stop_cluster(c)
+    assert "tasks of a client are held: it has not read 8 MiB of results" in controller_log(c.log_dir)
 
 
 def test_a_client_that_does_not_read_its_results_is_held_and_others_go_on(cluster4):
