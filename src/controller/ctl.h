@@ -217,9 +217,6 @@ void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now);
 void ipmpi_ctl_wake_register(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *text, size_t len);
 /* A frame was posted to rank: send its wake-up (mpilink's wake hook). */
 void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank);
-/* Work for e starts now (posted to it, or on its way down a tree): its
- * wake-ups are due again after 2, 4, 8 ... ms (at most 1 s apart). */
-void ipmpi_ctl_wake_arm(ipmpi_engine_slot_t *e, uint64_t now);
 /* e's work is still unanswered: ring its doorbell (this node) or send its
  * datagram (another node) again when its back-off is due. */
 void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now);

@@ -135,9 +135,11 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
     for (int i = 0; i < n; i++) {
         ipmpi_sched_start_req(&c->sched, ids[i], r, now);
         ipmpi_ctl_busy(c, &c->eng[ids[i]], 1);
-        /* Engines below the roots are rung by their parents; the loop's
-         * rings again (dispatch.c) only catch a lost one, from now on. */
-        ipmpi_ctl_wake_arm(&c->eng[ids[i]], now);
+        /* Engines below the roots are rung by their parents, and again
+         * by them while they wait for their replies (engine/tree.c); the
+         * loop rings again (dispatch.c) only the roots it sends to (their
+         * post arms them: ipmpi_ctl_wake), and those it sends a retry. */
+        c->eng[ids[i]].wake_due = UINT64_MAX;
     }
     uint32_t *start = r->tree ? malloc(2 * (size_t)r->ntree * sizeof *start) : NULL;
     if (!start) {

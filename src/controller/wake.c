@@ -102,7 +102,9 @@ static void send_key(ipmpi_engine_slot_t *e)
                  e->wake_len);
 }
 
-void ipmpi_ctl_wake_arm(ipmpi_engine_slot_t *e, uint64_t now)
+/* Work for e starts now (posted to it): its wake-ups are due again after
+ * 2, 4, 8 ... ms (at most 1 s apart). */
+static void wake_arm(ipmpi_engine_slot_t *e, uint64_t now)
 {
     e->wake_gap = WAKE_FIRST_GAP_NS;
     e->wake_due = now + e->wake_gap;
@@ -117,7 +119,7 @@ void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank)
         return;
     if (e->wake_fd >= 0)
         send_key(e);
-    ipmpi_ctl_wake_arm(e, ipmpi_now_ns());
+    wake_arm(e, ipmpi_now_ns());
 }
 
 void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now)

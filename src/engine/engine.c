@@ -395,7 +395,7 @@ static int send_gathered(engine_t *e, const ipmpi_hdr_t *req, const uint8_t *buf
  * died). No GIL. */
 static int tree_finish(engine_t *e, const ipmpi_hdr_t *req, uint8_t **buf, size_t *len, size_t *cap)
 {
-    int rc = ipmpi_eng_tree_gather(e->comm, e->tree, e->ntree, buf, len, cap, rank_gone, e);
+    int rc = ipmpi_eng_tree_gather(e->comm, e->job->bell, e->tree, e->ntree, buf, len, cap, rank_gone, e);
     if (rc != 0)
         return rc;
     if (e->src != 0) {

@@ -224,8 +224,11 @@ int ipmpi_eng_tree_forward(MPI_Comm comm, const ipmpi_hdr_t *h, const uint64_t *
  * 0 or IPMPI_ENOMEM (then *buf is unchanged). */
 int ipmpi_eng_tree_reserve(uint8_t **buf, size_t *cap, size_t need);
 /* Appends each child's gathered replies to *buf (length *len, capacity
- * *cap); a child that died is skipped. */
-int ipmpi_eng_tree_gather(MPI_Comm comm, const int32_t *ranks, uint32_t n, uint8_t **buf, size_t *len,
+ * *cap); a child that died is skipped. While it waits for a child of
+ * this node it rings the child's doorbell on bell again now and then: a
+ * ring lost to MPI's late delivery would leave it asleep. */
+int ipmpi_eng_tree_gather(MPI_Comm comm, const struct ipmpi_doorbell *bell, const int32_t *ranks, uint32_t n,
+                          uint8_t **buf, size_t *len,
                           size_t *cap, ipmpi_eng_rank_gone_cb gone, void *arg);
 /* buf as one IPMPI_TAG_GATHER message to the parent engine; IPMPI_EDEAD
  * if it died first (the caller then sends to the controller). */

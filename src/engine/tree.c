@@ -31,6 +31,9 @@
 
 /* Spin (yielding) this long, then sleep in steps growing to 1 ms. */
 #define TREE_SPIN_NS 2000000ull
+/* While a child's replies are awaited, its doorbell is rung again this
+ * often (probe_from). */
+#define TREE_RERING_NS 200000ull
 #define TREE_ASK_NS 1000000000ull
 
 /* ---- deaths of this job's ranks ---- */
@@ -115,13 +118,23 @@ static int wait_all(MPI_Request *reqs, const int *rank, int n, ipmpi_eng_rank_go
 /* ---- receiving ---- */
 
 /* Waits for a message of tag from src: 0 and *msg, *count (elements of
- * type); IPMPI_EDEAD if src is gone first; IPMPI_EMPI. */
+ * type); IPMPI_EDEAD if src is gone first; IPMPI_EMPI. With a bell, src's
+ * doorbell is rung again every TREE_RERING_NS (a fence and a load when src
+ * is awake, as it is while it works; a wake-up when its ring was lost). */
 static int probe_from(MPI_Comm comm, int src, int tag, MPI_Datatype type, MPI_Message *msg, int *count,
-                      ipmpi_eng_rank_gone_cb gone, void *arg)
+                      const ipmpi_doorbell_t *bell, ipmpi_eng_rank_gone_cb gone, void *arg)
 {
     waiter_t w;
     waiter_init(&w);
+    uint64_t ring_at = w.start + TREE_RERING_NS;
     for (;;) {
+        if (bell) {
+            uint64_t now = ipmpi_now_ns();
+            if (now >= ring_at) {
+                ipmpi_doorbell_ring(bell, src);
+                ring_at = now + TREE_RERING_NS;
+            }
+        }
         int flag = 0;
         MPI_Status st;
         if (MPI_Improbe(src, tag, comm, &flag, msg, &st) != MPI_SUCCESS)
@@ -140,7 +153,7 @@ int ipmpi_eng_tree_recv(MPI_Comm comm, int src, int32_t **ranks, uint32_t *n, ip
 {
     MPI_Message msg;
     int count = 0;
-    int rc = probe_from(comm, src, IPMPI_TAG_TREE, MPI_INT32_T, &msg, &count, gone, arg);
+    int rc = probe_from(comm, src, IPMPI_TAG_TREE, MPI_INT32_T, &msg, &count, NULL, gone, arg);
     if (rc != 0)
         return rc;
     int32_t *r = malloc((size_t)(count > 0 ? count : 1) * sizeof *r);
@@ -237,15 +250,15 @@ int ipmpi_eng_tree_reserve(uint8_t **buf, size_t *cap, size_t need)
     return 0;
 }
 
-int ipmpi_eng_tree_gather(MPI_Comm comm, const int32_t *ranks, uint32_t n, uint8_t **buf, size_t *len,
-                          size_t *cap, ipmpi_eng_rank_gone_cb gone, void *arg)
+int ipmpi_eng_tree_gather(MPI_Comm comm, const ipmpi_doorbell_t *bell, const int32_t *ranks, uint32_t n,
+                          uint8_t **buf, size_t *len, size_t *cap, ipmpi_eng_rank_gone_cb gone, void *arg)
 {
     uint32_t start[IPMPI_TREE_FANOUT], clen[IPMPI_TREE_FANOUT];
     uint32_t k = ipmpi_tree_children(n, start, clen);
     for (uint32_t c = 0; c < k; c++) {
         int child = ranks[start[c]], count = 0;
         MPI_Message msg;
-        int rc = probe_from(comm, child, IPMPI_TAG_GATHER, MPI_BYTE, &msg, &count, gone, arg);
+        int rc = probe_from(comm, child, IPMPI_TAG_GATHER, MPI_BYTE, &msg, &count, bell, gone, arg);
         if (rc == IPMPI_EDEAD) {
             /* Its subtree's replies come to the controller directly (they
              * find their parent gone) or after a retry. */
