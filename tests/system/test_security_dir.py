@@ -17,6 +17,20 @@ import pytest
 from conftest import new_dir, start_cluster, stop_cluster
 
 
+@pytest.fixture
+def scratch():
+    """Makes fresh directories (conftest.new_dir) on call; removes them all
+    after the test."""
+    made = []
+
+    def make():
+        made.append(new_dir())
+        return made[-1]
+    yield make
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def refused(d, what):
     with pytest.raises(Exception) as ei:
         c = start_cluster(1, ipmpi_dir=d)
@@ -31,99 +45,76 @@ def refused(d, what):
     assert not os.path.exists(os.path.join(sec, "ipcontroller-mec.furl"))
 
 
-def test_a_profile_directory_writable_by_others_is_refused():
-    d = new_dir()
-    try:
-        os.chmod(d, 0o777)
-        refused(d, "writable by others")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def test_a_profile_directory_writable_by_others_is_refused(scratch):
+    d = scratch()
+    os.chmod(d, 0o777)
+    refused(d, "writable by others")
 
 
-def test_a_profile_directory_of_another_user_is_refused():
-    d = new_dir()
-    try:
-        os.chown(d, 65534, 65534)   # nobody; mode 0700, not writable by others
-        refused(d, "belongs to uid 65534, not to this user")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def test_a_profile_directory_of_another_user_is_refused(scratch):
+    d = scratch()
+    os.chown(d, 65534, 65534)   # nobody; mode 0700, not writable by others
+    refused(d, "belongs to uid 65534, not to this user")
 
 
-def test_a_profile_directory_inside_a_world_writable_directory_without_sticky_bit_is_refused():
+def test_a_profile_directory_inside_a_world_writable_directory_without_sticky_bit_is_refused(scratch):
     # Whoever may write to the parent may rename prof/ away and put theirs
     # in its place (issue 13 audit: such a cluster started).
-    parent = new_dir()
-    try:
-        os.chmod(parent, 0o777)
-        d = os.path.join(parent, "prof")
-        os.mkdir(d, 0o700)
-        refused(d, "inside %s, which is writable by others without the sticky bit (mode 0777)"
-                % os.path.realpath(parent))
-        refused(d, "chmod +t %s" % os.path.realpath(parent))
-    finally:
-        shutil.rmtree(parent, ignore_errors=True)
+    parent = scratch()
+    os.chmod(parent, 0o777)
+    d = os.path.join(parent, "prof")
+    os.mkdir(d, 0o700)
+    refused(d, "inside %s, which is writable by others without the sticky bit (mode 0777)"
+            % os.path.realpath(parent))
+    refused(d, "chmod +t %s" % os.path.realpath(parent))
 
 
-def test_a_security_directory_open_to_others_is_refused_not_changed():
-    d = new_dir()
-    try:
-        sec = os.path.join(d, "security")
-        os.mkdir(sec)
-        os.chmod(sec, 0o755)
-        refused(d, "security directory %s is open to others (mode 755)" % sec)
-        refused(d, "chmod 700 %s" % sec)
-        assert stat.S_IMODE(os.stat(sec).st_mode) == 0o755, "the controller changed the mode itself"
-        assert not os.path.exists(os.path.join(sec, "ipcontroller-mec.key"))
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def test_a_security_directory_open_to_others_is_refused_not_changed(scratch):
+    d = scratch()
+    sec = os.path.join(d, "security")
+    os.mkdir(sec)
+    os.chmod(sec, 0o755)
+    refused(d, "security directory %s is open to others (mode 755)" % sec)
+    refused(d, "chmod 700 %s" % sec)
+    assert stat.S_IMODE(os.stat(sec).st_mode) == 0o755, "the controller changed the mode itself"
+    assert not os.path.exists(os.path.join(sec, "ipcontroller-mec.key"))
 
 
-def test_a_security_directory_that_is_a_link_is_refused():
-    d, elsewhere = new_dir(), new_dir()
-    try:
-        os.symlink(elsewhere, os.path.join(d, "security"))
-        refused(d, "symbolic link")
-        assert os.listdir(elsewhere) == [], "keys were written through the link"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(elsewhere, ignore_errors=True)
+def test_a_security_directory_that_is_a_link_is_refused(scratch):
+    d, elsewhere = scratch(), scratch()
+    os.symlink(elsewhere, os.path.join(d, "security"))
+    refused(d, "symbolic link")
+    assert os.listdir(elsewhere) == [], "keys were written through the link"
 
 
-def test_a_security_directory_of_another_user_is_refused():
-    d = new_dir()
-    try:
-        sec = os.path.join(d, "security")
-        os.mkdir(sec, 0o700)
-        os.chown(sec, 65534, 65534)   # nobody
-        refused(d, "not to this user")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def test_a_security_directory_of_another_user_is_refused(scratch):
+    d = scratch()
+    sec = os.path.join(d, "security")
+    os.mkdir(sec, 0o700)
+    os.chown(sec, 65534, 65534)   # nobody
+    refused(d, "not to this user")
 
 
-def test_planted_links_under_the_key_and_furl_names_are_replaced_not_followed():
+def test_planted_links_under_the_key_and_furl_names_are_replaced_not_followed(scratch):
     # The profile directory is inside a sticky world-writable directory,
     # as in /tmp: only an entry's owner may rename it there, so it is used.
-    sticky, trap = new_dir(), new_dir()
+    sticky, trap = scratch(), scratch()
     os.chmod(sticky, 0o1777)
     d = os.path.join(sticky, "prof")
     os.mkdir(d, 0o700)
+    sec = os.path.join(d, "security")
+    os.mkdir(sec, 0o700)
+    for name in ("ipcontroller-mec.furl", "ipcontroller-tc.furl", "ipcontroller-mec.key",
+                 "ipcontroller-tc.key", "controller-key.pem", "controller-cert.pem"):
+        os.symlink(os.path.join(trap, name), os.path.join(sec, name))
+    c = start_cluster(1, ipmpi_dir=d)
     try:
-        sec = os.path.join(d, "security")
-        os.mkdir(sec, 0o700)
-        for name in ("ipcontroller-mec.furl", "ipcontroller-tc.furl", "ipcontroller-mec.key",
-                     "ipcontroller-tc.key", "controller-key.pem", "controller-cert.pem"):
-            os.symlink(os.path.join(trap, name), os.path.join(sec, name))
-        c = start_cluster(1, ipmpi_dir=d)
-        try:
-            mec = c.client(timeout=60)
-            assert mec.get_ids() == [0]
-            mec.close()
-        finally:
-            stop_cluster(c)
-        assert os.listdir(trap) == [], "a secret was written through a planted link: %s" % os.listdir(trap)
-        assert stat.S_IMODE(os.stat(sec).st_mode) == 0o700
-        for name in os.listdir(sec):
-            assert not os.path.islink(os.path.join(sec, name)), name
+        mec = c.client(timeout=60)
+        assert mec.get_ids() == [0]
+        mec.close()
     finally:
-        shutil.rmtree(sticky, ignore_errors=True)
-        shutil.rmtree(trap, ignore_errors=True)
+        stop_cluster(c)
+    assert os.listdir(trap) == [], "a secret was written through a planted link: %s" % os.listdir(trap)
+    assert stat.S_IMODE(os.stat(sec).st_mode) == 0o700
+    for name in os.listdir(sec):
+        assert not os.path.islink(os.path.join(sec, name)), name

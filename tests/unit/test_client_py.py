@@ -671,7 +671,7 @@ def test_a_private_furl_file_is_used_and_a_string_is_never_checked(fake, tmp_pat
     m.close()
 
 
-def test_a_loose_security_directory_is_refused_with_the_fix(fake, tmp_path):
+def test_a_loose_security_directory_is_refused_with_the_fix(fake, tmp_path, monkeypatch):
     lis = Listener()
     sec = tmp_path / "security"
     sec.mkdir(mode=0o700)
@@ -685,24 +685,17 @@ def test_a_loose_security_directory_is_refused_with_the_fix(fake, tmp_path):
         assert "security directory %s" % sec in msg and words in msg and "chmod 700 %s" % sec in msg, msg
     assert not lis.connected()
     # The default furl ($IPMPI_DIR/security/...) is checked the same way.
-    old = os.environ.get("IPMPI_DIR")
-    os.environ["IPMPI_DIR"] = str(tmp_path)
-    try:
-        sec.chmod(0o755)
-        with pytest.raises(PermissionError, match="chmod 700"):
-            client.MultiEngineClient(connect_timeout=5)
-        assert not lis.connected()
-        sec.chmod(0o711)    # others may pass through, but neither list nor replace: accepted
-        _furl_file(sec, fake(_hello_only).furl(), 0o600)
-        client.MultiEngineClient(connect_timeout=5).close()
-    finally:
-        if old is None:
-            del os.environ["IPMPI_DIR"]
-        else:
-            os.environ["IPMPI_DIR"] = old
+    monkeypatch.setenv("IPMPI_DIR", str(tmp_path))
+    sec.chmod(0o755)
+    with pytest.raises(PermissionError, match="chmod 700"):
+        client.MultiEngineClient(connect_timeout=5)
+    assert not lis.connected()
+    sec.chmod(0o711)    # others may pass through, but neither list nor replace: accepted
+    _furl_file(sec, fake(_hello_only).furl(), 0o600)
+    client.MultiEngineClient(connect_timeout=5).close()
 
 
-def test_a_furl_inside_a_directory_others_may_write_without_sticky_bit_is_refused(fake, tmp_path):
+def test_a_furl_inside_a_directory_others_may_write_without_sticky_bit_is_refused(fake, tmp_path, monkeypatch):
     # Whoever may write to a directory above the furl may put a furl, or a
     # whole profile directory, of theirs in its place (issue 13 audit).
     lis = Listener()
@@ -722,20 +715,13 @@ def test_a_furl_inside_a_directory_others_may_write_without_sticky_bit_is_refuse
             assert "chmod go-w %s" % ww in msg and "chmod +t %s" % ww in msg, msg
     assert not lis.connected()
     # The default furl ($IPMPI_DIR/security/...) is checked the same way.
-    old = os.environ.get("IPMPI_DIR")
-    os.environ["IPMPI_DIR"] = str(ww / "prof")
-    try:
-        with pytest.raises(PermissionError, match="without the sticky bit"):
-            client.MultiEngineClient(connect_timeout=5)
-        assert not lis.connected()
-        ww.chmod(0o1777)    # sticky, as /tmp: only an entry's owner may rename it
-        _furl_file(sec, fake(_hello_only).furl(), 0o600)
-        client.MultiEngineClient(connect_timeout=5).close()
-    finally:
-        if old is None:
-            del os.environ["IPMPI_DIR"]
-        else:
-            os.environ["IPMPI_DIR"] = old
+    monkeypatch.setenv("IPMPI_DIR", str(ww / "prof"))
+    with pytest.raises(PermissionError, match="without the sticky bit"):
+        client.MultiEngineClient(connect_timeout=5)
+    assert not lis.connected()
+    ww.chmod(0o1777)    # sticky, as /tmp: only an entry's owner may rename it
+    _furl_file(sec, fake(_hello_only).furl(), 0o600)
+    client.MultiEngineClient(connect_timeout=5).close()
 
 
 def test_a_furl_file_of_another_user_is_refused(tmp_path):
