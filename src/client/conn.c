@@ -576,15 +576,12 @@ static void rx_deliver(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
         int bad = rep.status != 0 || rep.nparts != 1 || (rx->h.flags & IPMPI_F_SHM) || !rx->data || !rx->data[0] ||
                   split_gathered(c, hooks, e, (const uint8_t *)rx->data[0], rep.lens[0]) != 0;
         reply_release(&rep, hooks);
-        if (bad && !c->err)
-            set_broken(c, IPMPI_EPROTO, "malformed gathered replies from the controller");
-        if (!bad) {
-            e->total = rx->h.total ? rx->h.total : 1;
-            pthread_cond_broadcast(&c->cond);
+        if (bad) {
+            if (!c->err)
+                set_broken(c, IPMPI_EPROTO, "malformed gathered replies from the controller");
+            goto done;
         }
-        goto done;
-    }
-    if (append_reply(&e->reps, &e->nrep, &e->cap, &rep) != 0) {
+    } else if (append_reply(&e->reps, &e->nrep, &e->cap, &rep) != 0) {
         reply_release(&rep, hooks);
         set_broken(c, IPMPI_ENOMEM, "out of memory storing a reply");
         goto done;

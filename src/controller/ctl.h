@@ -267,6 +267,10 @@ void ipmpi_ctl_dispatch(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e);
 void ipmpi_ctl_kick(ipmpi_ctl_t *c);
 /* One target of r is settled without the engine: error reply, reference dropped. */
 void ipmpi_ctl_req_fail_one(ipmpi_ctl_t *c, ipmpi_req_t *r, int engine, int status, const char *msg);
+/* Engine e's final reply (header flags hflags) is in: the scheduler takes
+ * its in-flight item off (into *it), e is no longer busy, and its
+ * properties changed if the reply says so. The caller settles *it. */
+void ipmpi_ctl_reply_in(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint16_t hflags, uint64_t now, ipmpi_sitem_t *it);
 /* r's last reply is in (pending 0): it leaves the table and is freed. */
 void ipmpi_ctl_req_release(ipmpi_ctl_t *c, ipmpi_req_t *r);
 

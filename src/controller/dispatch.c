@@ -476,6 +476,14 @@ static void tell_dropped(ipmpi_session_t *s, const ipmpi_engine_slot_t *e, ipmpi
     ipmpi_parts_unref(p);
 }
 
+void ipmpi_ctl_reply_in(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint16_t hflags, uint64_t now, ipmpi_sitem_t *it)
+{
+    ipmpi_sched_done(&c->sched, e->id, now, it);
+    ipmpi_ctl_busy(c, e, -1);
+    if (hflags & IPMPI_F_PROPS)
+        ipmpi_sched_props_changed(&c->sched, e->id);
+}
+
 void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_parts_t *parts)
 {
     ipmpi_ctl_t *c = arg;
@@ -512,10 +520,7 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
         goto drop;
     }
     ipmpi_sitem_t it;
-    ipmpi_sched_done(&c->sched, e->id, ipmpi_now_ns(), &it);
-    ipmpi_ctl_busy(c, e, -1);
-    if (h->flags & IPMPI_F_PROPS)
-        ipmpi_sched_props_changed(&c->sched, e->id);
+    ipmpi_ctl_reply_in(c, e, h->flags, ipmpi_now_ns(), &it);
     if (it.type == IPMPI_SITEM_TASK) {
         ipmpi_ctl_task_reply(c, e, IPMPI_CONTAINER_OF(it.u.task, ipmpi_task_t, s), h, parts);
         ipmpi_ctl_dispatch(c, e);

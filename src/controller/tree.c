@@ -350,12 +350,8 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
     while ((n = ipmpi_gather_next(f, left, &c->link.lim, &h)) > 0) {
         ipmpi_engine_slot_t *e = &c->eng[h.target];
         ipmpi_sitem_t it;
-        ipmpi_sched_done(&c->sched, e->id, now, &it);
-        ipmpi_ctl_busy(c, e, -1);
-        if (h.flags & IPMPI_F_PROPS) {
-            ipmpi_sched_props_changed(&c->sched, e->id);
-            kick = 1;
-        }
+        ipmpi_ctl_reply_in(c, e, h.flags, now, &it);
+        kick |= (h.flags & IPMPI_F_PROPS) != 0;
         /* answered: r has at least count replies pending, so only the
          * last inner frame can release it. */
         if (--r->pending == 0)

@@ -102,14 +102,6 @@ static void send_key(ipmpi_engine_slot_t *e)
                  e->wake_len);
 }
 
-/* Work for e starts now (posted to it): its wake-ups are due again after
- * 2, 4, 8 ... ms (at most 1 s apart). */
-static void wake_arm(ipmpi_engine_slot_t *e, uint64_t now)
-{
-    e->wake_gap = WAKE_FIRST_GAP_NS;
-    e->wake_due = now + e->wake_gap;
-}
-
 void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank)
 {
     if (rank < 1 || rank > c->nengines)
@@ -119,7 +111,10 @@ void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank)
         return;
     if (e->wake_fd >= 0)
         send_key(e);
-    wake_arm(e, ipmpi_now_ns());
+    /* Work for e starts now: its wake-ups are due again after 2, 4, 8 ...
+     * ms (at most 1 s apart: ipmpi_ctl_wake_again). */
+    e->wake_gap = WAKE_FIRST_GAP_NS;
+    e->wake_due = ipmpi_now_ns() + e->wake_gap;
 }
 
 void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now)
