@@ -63,6 +63,8 @@ static void usage(FILE *f, const char *prog)
             "                       controller whose port FILE holds (ipcluster engines)\n"
             "  --tree-min N         a request for N or more idle engines travels as a broadcast\n"
             "                       tree, one per node, replies gathered (default 0: never)\n"
+            "  --cpu-sections       the controller accounts its CPU time by section (clients,\n"
+            "                       MPI, trees, waiting) and logs it at exit and on SIGUSR1\n"
             "  --log-level N        0 error, 1 warn, 2 info, 3 debug (default 2)\n"
             "  --log-to-stderr      log to stderr instead of DIR/log/\n"
             "  -h, --help           this text\n"
@@ -96,7 +98,7 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         {"client-unread-bytes", required_argument, 0, 'U'},
         {"accept-joins", required_argument, 0, 'J'}, {"join", required_argument, 0, 'j'},
         {"max-engines", required_argument, 0, 'N'}, {"tree-min", required_argument, 0, 't'},
-        {"busy-spin-us", required_argument, 0, 'B'}, {0, 0, 0, 0}};
+        {"busy-spin-us", required_argument, 0, 'B'}, {"cpu-sections", no_argument, 0, 'C'}, {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
     const char *env = getenv("IPMPI_DIR"), *home = getenv("HOME");
     if (env && *env)
@@ -209,6 +211,9 @@ static int parse_opts(int argc, char **argv, ipmpi_opts_t *o)
         case 'j':
             if (snprintf(o->join, sizeof o->join, "%s", optarg) >= (int)sizeof o->join)
                 return fprintf(stderr, "ipmpi: --join: path too long\n"), -1;
+            break;
+        case 'C':
+            o->cpu_sections = 1;
             break;
         case 't':
             if (parse_u64(optarg, &v) || v > 1000000)

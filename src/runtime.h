@@ -36,6 +36,7 @@ typedef struct ipmpi_opts {
     int max_engines;          /* --max-engines: engines at most, joined ones included */
     char join[1024];          /* --join FILE: every rank is an engine joining the controller of FILE's port */
     uint32_t tree_min;        /* --tree-min: requests for this many idle engines go as a broadcast tree (0: never) */
+    int cpu_sections;         /* --cpu-sections: the controller accounts its CPU by section (controller/cpusec.h) */
 } ipmpi_opts_t;
 
 /* When main's start-up steps ended (ipmpi_log_clock(): wall seconds), for

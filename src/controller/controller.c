@@ -71,12 +71,33 @@
  * may reach its engine only at a later progress call (dispatch.c). */
 #define BELL_MAX_NS (10000000ull)
 
-/* Set by SIGTERM/SIGINT; the only state a signal handler may touch. */
-static volatile sig_atomic_t stop_signal;
+/* Set by SIGTERM/SIGINT, and by SIGUSR1 with --cpu-sections; the only
+ * state a signal handler may touch. */
+static volatile sig_atomic_t stop_signal, cpu_log_signal;
 
 static void on_signal(int sig)
 {
     stop_signal = sig;
+}
+
+static void on_cpu_log_signal(int sig)
+{
+    (void)sig;
+    cpu_log_signal = 1;
+}
+
+/* --cpu-sections: the totals so far, in ms (cpusec.h). */
+static void log_cpu_sections(const ipmpi_ctl_t *c)
+{
+    const ipmpi_cpusec_t *s = &c->cpu;
+    if (!s->on)
+        return;
+    const uint64_t *t = s->ns;
+    ipmpi_log(IPMPI_LOG_INFO, "CPU by section so far (ms): turns %llu clients %.3f tree-sends %.3f mpi %.3f "
+              "gathered %.3f scans %.3f waiting %.3f loop %.3f gathered-frames %llu",
+              (unsigned long long)s->turns, t[IPMPI_CS_CLIENTS] / 1e6, t[IPMPI_CS_TREE_SEND] / 1e6,
+              t[IPMPI_CS_MPI] / 1e6, t[IPMPI_CS_GATHERED] / 1e6, t[IPMPI_CS_SCANS] / 1e6, t[IPMPI_CS_WAIT] / 1e6,
+              (ipmpi_thread_cpu_ns() - s->start) / 1e6, (unsigned long long)c->gathered);
 }
 
 /* ---- waiting ---- */
@@ -639,7 +660,10 @@ static int bell_may_sleep(ipmpi_ctl_t *c, int spun)
     c->far_rings += far;
     if (far)
         return 0;
-    return ipmpi_doorbell_ctl_sleep(c->job->bell, c->link.near_hdrs, ipmpi_ctl_bell_count(c));
+    uint64_t t = ipmpi_cpusec_begin(&c->cpu);
+    uint64_t k = ipmpi_ctl_bell_count(c);
+    ipmpi_cpusec_end(&c->cpu, IPMPI_CS_SCANS, t);
+    return ipmpi_doorbell_ctl_sleep(c->job->bell, c->link.near_hdrs, k);
 }
 
 static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
@@ -655,12 +679,21 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
     if (c->o->busy_spin_us != UINT64_MAX)
         (void)ipmpi_doorbell_ctl_open(c->job->bell);
     uint64_t bell_spin_ns = c->o->busy_spin_us * 1000u;
+    c->cpu.on = c->o->cpu_sections;
+    c->cpu.start = c->cpu.on ? ipmpi_thread_cpu_ns() : 0;
 
     while (!c->stopping && !stop_signal) {
+        if (cpu_log_signal) {
+            cpu_log_signal = 0;
+            log_cpu_sections(c);
+        }
+        c->cpu.turns++;
         /* Copies out of clients' memory advance a step per turn, between
          * everyone else's work (stream.c). */
         int jobs = ipmpi_ctl_vmjobs_step(c);
+        uint64_t t_mpi = ipmpi_cpusec_begin(&c->cpu);
         int ev = mpi_progress(c);
+        ipmpi_cpusec_end(&c->cpu, IPMPI_CS_MPI, t_mpi);
         uint64_t now = ipmpi_now_ns();
         if (ev > 0)
             ipmpi_backoff_busy(&bo, now);
@@ -673,8 +706,11 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
          * resume them once it catches up, and look again each second for
          * one that stalled for good. */
         ipmpi_ctl_release_held(c, now);
-        if (busy)
+        if (busy) {
+            uint64_t t = ipmpi_cpusec_begin(&c->cpu);
             ipmpi_ctl_rering(c, now);
+            ipmpi_cpusec_end(&c->cpu, IPMPI_CS_SCANS, t);
+        }
         if ((c->nheld || c->nheld_tc) && now + 1000000000ull < next_deadline)
             next_deadline = now + 1000000000ull;
         /* Cached payload buffers go back to the system after a while
@@ -780,7 +816,9 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
                 d = next_deadline;
             timeout = d == UINT64_MAX ? UINT64_MAX : (d > now ? d - now : 0);
         }
+        uint64_t t_wait = ipmpi_cpusec_begin(&c->cpu);
         int nev = wait_fds(pfd, n + (nfds_t)bell, timeout, waitmask);
+        ipmpi_cpusec_end(&c->cpu, IPMPI_CS_WAIT, t_wait);
         now = ipmpi_now_ns();
         if (bell) {
             c->bell_sleeps++;
@@ -796,6 +834,7 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         n = nsfd;
         if (pfd[0].revents & POLLIN)
             accept_clients(c, now);
+        uint64_t t_clients = ipmpi_cpusec_begin(&c->cpu);
         /* Key holders first, every one of them each turn. */
         for (nfds_t k = 1; k < n; k++) {
             ipmpi_session_t *s = c->sess[pslot[k]];
@@ -824,6 +863,7 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             }
             session_step(c, pslot[k]);
         }
+        ipmpi_cpusec_end(&c->cpu, IPMPI_CS_CLIENTS, t_clients);
     }
     free(pfd);
     free(pslot);
@@ -843,6 +883,7 @@ static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
     if (c->gathered)
         ipmpi_log(IPMPI_LOG_INFO, "trees: %llu gathered reply frames, %llu of them forwarded to the client whole",
                   (unsigned long long)c->gathered, (unsigned long long)c->gathered_whole);
+    log_cpu_sections(c);
     ipmpi_ctl_fail_all(c);
     int died = c->any_died;
     send_exit(c, died);
@@ -931,9 +972,16 @@ int ipmpi_controller_run(const ipmpi_opts_t *o, const ipmpi_job_t *job, MPI_Comm
     sigemptyset(&block);
     sigaddset(&block, SIGTERM);
     sigaddset(&block, SIGINT);
+    if (o->cpu_sections) {
+        /* Only then: SIGUSR1's default action would end the controller. */
+        sa.sa_handler = on_cpu_log_signal;
+        sigaction(SIGUSR1, &sa, NULL);
+        sigaddset(&block, SIGUSR1);
+    }
     pthread_sigmask(SIG_BLOCK, &block, &waitmask);
     sigdelset(&waitmask, SIGTERM);
     sigdelset(&waitmask, SIGINT);
+    sigdelset(&waitmask, SIGUSR1);
 
     ipmpi_log(IPMPI_LOG_INFO, "controller starting: %d engine(s), profile %s", job->world_size - 1, o->dir);
     int rc = setup(&c, o, job, comm);

@@ -14,6 +14,7 @@
 #include <mpi.h>
 #include <openssl/ssl.h>
 
+#include "cpusec.h"
 #include "equeue.h"
 #include "furlfile.h"
 #include "json.h"
@@ -66,6 +67,7 @@ typedef struct ipmpi_ctl {
     /* Gathered frames of trees seen (also numbers them: gather_mark), and
      * of them those forwarded to the client whole (tree.c). */
     uint64_t gathered, gathered_whole;
+    ipmpi_cpusec_t cpu; /* --cpu-sections (cpusec.h) */
     int nheld;     /* engines whose next request is held back (ipmpi_ctl_release_held) */
     /* Task clients whose tasks are held back: their sessions have too many
      * unread results (tasks.c holds, ipmpi_ctl_release_held releases; one

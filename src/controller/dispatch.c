@@ -493,7 +493,9 @@ void ipmpi_ctl_engine_frame(void *arg, int rank, const ipmpi_hdr_t *h, ipmpi_par
     }
     if (h->flags & IPMPI_F_GATHER) {
         /* Several engines' replies, from a broadcast tree (tree.c). */
+        uint64_t t = ipmpi_cpusec_begin(&c->cpu);
         ipmpi_ctl_tree_gathered(c, rank, parts);
+        ipmpi_cpusec_end(&c->cpu, IPMPI_CS_GATHERED, t);
         return;
     }
     ipmpi_engine_slot_t *e = &c->eng[rank - 1];

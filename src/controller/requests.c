@@ -216,7 +216,9 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
         }
     }
     if (ntree > 0 && ntree >= (int)c->o->tree_min) {
+        uint64_t t = ipmpi_cpusec_begin(&c->cpu);
         ipmpi_ctl_tree_send(c, r, c->tree_ids, ntree);
+        ipmpi_cpusec_end(&c->cpu, IPMPI_CS_TREE_SEND, t);
         return;
     }
     for (int i = 0; i < ntree; i++)

@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from conftest import (HDR, MAGIC, controller_log, frame, hello, parse_furl, read_frame, running_cluster, start_cluster,
-                      stop_cluster, tls_connect)
+from conftest import (HDR, MAGIC, controller_log, controller_pid, frame, hello, parse_furl, read_frame, running_cluster,
+                      start_cluster, stop_cluster, tls_connect)
 from ipmpi import _consts as C
 from ipmpi import _serialize, client
 
@@ -134,6 +134,62 @@ def test_the_client_gets_the_replies_whole():
         stop_cluster(c)
     gathered, whole = forwarded_whole(c)
     assert gathered >= 40 * 4 and whole == gathered, (gathered, whole)
+
+
+def cpu_sections(cluster):
+    """The controller's --cpu-sections lines so far, each a dict (ms, and
+    counts for turns and gathered-frames)."""
+    out = []
+    for line in re.findall(r"CPU by section so far \(ms\): (.*)", controller_log(cluster.log_dir)):
+        f = line.split()
+        out.append({k: float(v) for k, v in zip(f[::2], f[1::2])})
+    return out
+
+
+def test_cpu_sections_account_the_controllers_time_on_sigusr1_and_at_exit():
+    """--cpu-sections: SIGUSR1 logs where the controller's CPU went so far
+    (bench_tree.py takes its curve apart with it); the sections grow with
+    the requests between two signals, tree sends and gathered replies
+    among them, and they fit in the loop's total. Without the option a
+    cluster logs none."""
+    c = start_cluster(N, engine_args=("--tree-min", "2", "--cpu-sections"), join=False)
+    try:
+        m = c.client(timeout=T)
+        pid = controller_pid(c)
+        for _ in range(5):
+            m.execute("pass")
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + T
+        while len(cpu_sections(c)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i in range(100):
+            m.execute("x = %d" % i)
+        assert m.pull("x") == [99] * N
+        os.kill(pid, signal.SIGUSR1)
+        while len(cpu_sections(c)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        m.close()
+    finally:
+        stop_cluster(c)
+    lines = cpu_sections(c)
+    assert len(lines) == 3, lines     # two signals, then the exit
+    a, b = lines[0], lines[1]
+    d = {k: b[k] - a[k] for k in a}
+    assert d["gathered-frames"] >= 100 * 4, d
+    for k in ("clients", "tree-sends", "mpi", "gathered", "turns", "loop"):
+        assert d[k] > 0, (k, d)
+    assert d["tree-sends"] <= d["clients"] and d["gathered"] <= d["mpi"], d
+    assert d["clients"] + d["mpi"] + d["scans"] + d["waiting"] <= d["loop"] * 1.01, d
+    # The controller ran on after the signals: it shut down cleanly.
+    assert "shutting down" in controller_log(c.log_dir)
+    plain = start_cluster(2, engine_args=("--tree-min", "2"), join=False)
+    try:
+        m = plain.client(timeout=T)
+        m.execute("pass")
+        m.close()
+    finally:
+        stop_cluster(plain)
+    assert cpu_sections(plain) == []
 
 
 def test_a_gathered_result_is_fetched_by_id_whole_or_per_engine(cluster, mec):
