@@ -6,12 +6,32 @@ times each, each measuring:
 
   execute all  execute('pass') on every engine: median of --requests
   ctl CPU/req  the controller's CPU time per such request
-               (/proc/PID/schedstat over the --requests requests)
+               (/proc/PID/schedstat over the --requests requests), in the
+               steady state: first enough requests ran to fill the
+               controller's share of memory for delivered results
+               (--result-memory / 64, 16 MiB), which its heap grows into
+               once (page faults) and then reuses
+  wake-ups     the controller's voluntary context switches per request
+  by section   where that CPU went (the controller's --cpu-sections,
+               logged on SIGUSR1 before and after the --requests):
+               clients (requests read and routed, replies written; of
+               them tree sends), MPI (progress and the engines' frames; of
+               them gathered replies), scans (the bell's count, the
+               ring-again scan), waiting (ppoll and the yield of spinning)
   gathered     (trees) the gathered reply frames the controller received
                per request, and the share of them it forwarded to the
-               client whole (its log line at the end): the replies of N
-               engines reach it and the client as that many frames
-               instead of N
+               client whole: the replies of N engines reach it and the
+               client as that many frames instead of N
+
+And two controls in the tree cluster, --requests / 2 each, to tell the
+controller's work for N engines from the rest:
+
+  same bytes   the client's bytes per execute on all (its /proc/self/io)
+               pulled from engine 0 alone: what the reply bytes cost the
+               controller without N engines
+  contended    that pull again while engines 1..N-1 run a loop of 2 ms
+               sleeps: what the same work costs the controller while the
+               node's cores are shared by N busy processes (this VM: 2)
 
 The peer: ipyparallel 7.1's BroadcastView (its tree: the scheduler sends
 one message per broadcast) running the same execute('pass') on all, at the
@@ -34,11 +54,17 @@ Exit status 1 if any measurement failed.
 import argparse
 import os
 import re
+import signal
+import time
 
 import benchlib
+import scale_model
 from bench_scale import controller_pid, cpu_seconds, median_seconds
 
 GATHER_LINE = re.compile(r"trees: (\d+) gathered reply frames, (\d+) of them forwarded to the client whole")
+SECTION_LINE = re.compile(r"CPU by section so far \(ms\): (.*)")
+# The controller's memory for delivered results: --result-memory (1 GiB) / 64.
+RESULT_SHARE = 16 << 20
 
 
 def controller_log_text(cluster):
@@ -50,18 +76,90 @@ def controller_log_text(cluster):
     return text
 
 
+def read_bytes():
+    """Bytes this process has read so far (its sockets included)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def voluntary_switches(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches:"))
+
+
+def cpu_sections(cluster, pid, seen):
+    """The controller's --cpu-sections totals (ms) logged after a SIGUSR1:
+    a dict, once its (seen + 1)-th such line is in the log."""
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = SECTION_LINE.findall(controller_log_text(cluster))
+        if len(lines) > seen:
+            f = lines[seen].split()
+            return {k: float(v) for k, v in zip(f[::2], f[1::2])}
+        time.sleep(0.05)
+    raise RuntimeError("the controller logged no CPU sections within 10 s of SIGUSR1")
+
+
+def steady(mec, n):
+    """Runs execute('pass') on all until the controller's delivered-results
+    memory is full (RESULT_SHARE bytes of replies); returns the client's
+    bytes read per request."""
+    for _ in range(20):
+        mec.execute("pass")
+    b0 = read_bytes()
+    for _ in range(20):
+        mec.execute("pass")
+    per = (read_bytes() - b0) / 20.0
+    for _ in range(min(20000, int(RESULT_SHARE / max(per, 1.0)) + 1)):
+        mec.execute("pass")
+    return per
+
+
+def pull_cpu(mec, ctl, repeat):
+    c0 = cpu_seconds(ctl)
+    for _ in range(repeat):
+        mec.pull("b", targets=0)
+    return (cpu_seconds(ctl) - c0) / repeat
+
+
+def controls(mec, ctl, n, nbytes, a):
+    """The same reply bytes from engine 0 alone, quiet and contended."""
+    out = {}
+    mec.push(dict(b=b"x" * int(nbytes)), targets=0)
+    for _ in range(20):
+        mec.pull("b", targets=0)
+    reps = max(a.requests // 2, 10)
+    out["same_bytes"] = pull_cpu(mec, ctl, reps)
+    if n > 1:
+        mec.execute("import time\n_t = time.time()\nwhile time.time() - _t < 600: time.sleep(0.002)",
+                    targets=list(range(1, n)), block=False)
+        time.sleep(1.0)
+        try:
+            out["contended"] = pull_cpu(mec, ctl, reps)
+        finally:
+            mec.interrupt(list(range(1, n)))
+    return out
+
+
 def ipmpi_at(n, tree, a):
     args = (("--tree-min", "2") if tree else ()) + (("--busy-spin-us", "0", "--wait-spin-us", "0") if a.no_spin else ())
+    args += ("--cpu-sections",)
     out = {}
     with benchlib.ipmpi_cluster(n, start_timeout=900, engine_args=args) as (c, _ready):
         mec = c.client(timeout=300)
         try:
             ctl = controller_pid(c)
-            for _ in range(20):
-                mec.execute("pass")
-            c0 = cpu_seconds(ctl)
+            out["bytes"] = steady(mec, n)
+            s0 = cpu_sections(c, ctl, 0)
+            w0, c0 = voluntary_switches(ctl), cpu_seconds(ctl)
             out["exec_all"] = median_seconds(lambda: mec.execute("pass"), a.requests)
             out["ctl_cpu"] = (cpu_seconds(ctl) - c0) / a.requests
+            out["wakeups"] = (voluntary_switches(ctl) - w0) / a.requests
+            s1 = cpu_sections(c, ctl, 1)
+            out["sections"] = {k: (s1[k] - s0[k]) * 1e-3 / a.requests for k in s1}
+            if tree:
+                out.update(controls(mec, ctl, n, out["bytes"], a))
         finally:
             mec.close()
         c.stop()
@@ -69,7 +167,7 @@ def ipmpi_at(n, tree, a):
         if tree:
             if not m:
                 raise RuntimeError("the controller logged no gathered replies: no request went as a tree")
-            out["gathered"] = int(m[-1][0]) / (a.requests + 20)
+            out["gathered"] = out["sections"]["gathered-frames"] * 1e3
             out["whole"] = int(m[-1][1]) / max(int(m[-1][0]), 1)
     return out
 
@@ -92,6 +190,7 @@ def main():
     ap.add_argument("--ipp-timeout", type=float, default=120)
     a = ap.parse_args()
     ipp_ns = {int(x) for x in a.ipp_engines.split(",") if x}
+    curve = []
     for n in [int(x) for x in a.engines.split(",")]:
         print("== %d engines%s" % (n, " (--no-spin)" if a.no_spin else ""), flush=True)
         rows = {False: [], True: []}
@@ -103,14 +202,33 @@ def main():
         p = (benchlib.measure("ipyparallel BroadcastView at %d" % n, ipyparallel_at, n, a) or {}) if n in ipp_ns else {}
         for tree in (False, True):
             for r in rows[tree]:
-                line = "  %-4s execute('pass') on all %.2f ms | controller CPU per request %.0f us (%.2f us per engine)" % (
-                    "tree" if tree else "flat", r["exec_all"] * 1e3, r["ctl_cpu"] * 1e6, r["ctl_cpu"] * 1e6 / n)
+                line = ("  %-4s execute('pass') on all %.2f ms | controller CPU per request %.0f us (%.2f us per engine), "
+                        "%.1f wake-ups" % ("tree" if tree else "flat", r["exec_all"] * 1e3, r["ctl_cpu"] * 1e6,
+                                           r["ctl_cpu"] * 1e6 / n, r["wakeups"]))
                 if tree:
                     line += " | %.1f gathered frames per request, %.0f%% forwarded whole" % (r["gathered"], r["whole"] * 100)
                 if p:
                     line += " | ipyparallel BroadcastView %.2f ms (%s)" % (
                         p["exec_all"] * 1e3, benchlib.fmt_ratio(p["exec_all"], r["exec_all"]))
                 print(line, flush=True)
+                sec = r["sections"]
+                named = sum(sec[k] for k in ("clients", "mpi", "scans", "waiting"))
+                print("        by section, us per request: clients %.0f (tree sends %.0f) | MPI %.0f (gathered replies "
+                      "%.0f) | scans %.0f | waiting %.0f | the rest of the loop %.0f | %.1f loop turns"
+                      % (sec["clients"] * 1e6, sec["tree-sends"] * 1e6, sec["mpi"] * 1e6, sec["gathered"] * 1e6,
+                         sec["scans"] * 1e6, sec["waiting"] * 1e6, (sec["loop"] - named) * 1e6, sec["turns"] * 1e3),
+                      flush=True)
+                if tree:
+                    curve.append((n, r["ctl_cpu"]))
+                    print("        controls: the reply's %.1f KB pulled from engine 0 alone: controller CPU %.0f us; "
+                          "the same while the other %d engines sleep 2 ms in a loop: %.0f us"
+                          % (r["bytes"] / 1e3, r["same_bytes"] * 1e6, n - 1, r.get("contended", 0.0) * 1e6),
+                          flush=True)
+    if len({n for n, _ in curve}) > 1:
+        fa, fc, how = scale_model.fit_line([n for n, _ in curve], [y for _, y in curve])
+        print("tree: controller CPU per request = a + c*N with a = %.0f us, c = %.2f us per engine (%s); the model of"
+              % (fa * 1e6, fc * 1e6, how))
+        print("  bench_scale.py with it: bench/scale_model.py --tree-per-engine-us %.2f" % (fc * 1e6))
     return benchlib.finish()
 
 

@@ -7,6 +7,13 @@ Inputs, each printed with where it came from:
   a, b      the controller's CPU per execute('pass') on all engines:
             a + b*N, least squares over the Ns measured (bench_scale.py's
             "controller CPU per request", from /proc/PID/schedstat)
+  c         the controller's CPU per engine of a tree request, what it
+            still does for each engine when the replies come gathered
+            (settles it in its scheduler, passes its reply on to the
+            client, and on this VM waits longer with N): the slope of
+            bench_tree.py's tree CPU per request on one node, a parameter
+            (--tree-per-engine-us, default the figure of
+            doc/performance.rst)
   e         execute('pass') on all, wall time per engine at the largest N
             measured on one node (engines sharing this machine's cores, the
             client's handling of N results included; it grows faster than
@@ -26,8 +33,8 @@ d = ceil(log_f(cores per node)) hops inside a node):
             e*N at the one-node rate measured here
   node tree the controller sends one message per node root and receives
             one gathered reply from it; inside a node a tree of fan-out f:
-            CPU a + b*M; latency a + b*M + 2*l_net + 2*d*f*l_node (down and
-            gather back up, each parent handling f children in turn)
+            CPU a + b*M + c*N; latency that + 2*l_net + 2*d*f*l_node (down
+            and gather back up, each parent handling f children in turn)
 
 Run alone it measures l_node itself (unless --p2p-us) and takes a, b, e
 from --points, by default the figures of doc/performance.rst's scale
@@ -35,7 +42,7 @@ table. bench_scale.py calls report() with the figures of its own run.
 
 Usage: scale_model.py [--points N:CTL_CPU_US:EXEC_ALL_MS,...] [--p2p-us X]
        [--inter-node-us 2] [--tcp-us X] [--cores-per-node 64] [--fanout 4]
-       [--project 1024,16384]
+       [--tree-per-engine-us C] [--project 1024,16384]
 Exit status 1 if the ping-pong could not be measured.
 """
 import argparse
@@ -50,6 +57,9 @@ PINGPONG = "--pingpong-child"
 # doc/performance.rst's scale table (make bench BENCH=scale, 2-core VM):
 # engines, controller CPU per execute-all (us), execute-all (ms).
 DOC_POINTS = "16:100:0.5,64:200:2.0,256:1900:17.9"
+# doc/performance.rst's tree curve (make bench BENCH=tree, --no-spin, steady
+# state): the slope of the controller's CPU per tree request, us per engine.
+DOC_TREE_PER_ENGINE_US = 1.7
 
 
 def add_model_args(ap):
@@ -60,6 +70,9 @@ def add_model_args(ap):
                     help="a second inter-node latency, us, projected too (e.g. TCP between hosts)")
     ap.add_argument("--cores-per-node", type=int, default=64)
     ap.add_argument("--fanout", type=int, default=4)
+    ap.add_argument("--tree-per-engine-us", type=float, default=DOC_TREE_PER_ENGINE_US,
+                    help="the controller's CPU per engine of a tree request, us (default %.1f: doc/performance.rst,"
+                         " from bench_tree.py)" % DOC_TREE_PER_ENGINE_US)
     ap.add_argument("--project", default="1024,16384", help="engine counts to project to")
 
 
@@ -146,6 +159,9 @@ def report(points, l_node, a, source):
     print("  inputs (%s):" % source)
     print("    controller CPU per execute-all = a + b*N: a = %s, b = %s per engine (%s)" % (us(ca), us(cb), chow))
     print("    execute-all on one node: e = %s per engine (%s at N=%d)" % (us(e), us(e_wall), e_n))
+    c_eng = a.tree_per_engine_us * 1e-6
+    print("    c = %s per engine of a tree request (--tree-per-engine-us: bench_tree.py's slope on one node)"
+          % us(c_eng))
     print("    l_node = %s one way between 2 ranks of a node (8-byte mpi4py ping-pong, best batch)" % us(l_node))
     print("    l_net = %.1f us one way between nodes: a parameter, InfiniBand-class, not measured here%s"
           % (a.inter_node_us, "" if a.tcp_us is None else "; also %.1f us (--tcp-us)" % a.tcp_us))
@@ -161,21 +177,22 @@ def report(points, l_node, a, source):
           % (cpn, f, f, cpn, d))
     print("    flat:      controller CPU = a + b*N; latency = a + b*N + 2*l_net (controller-bound)")
     print("               and e*N (the one-node rate: engines sharing cores, client included)")
-    print("    node tree: controller CPU = a + b*M; latency = a + b*M + 2*l_net + 2*d*f*l_node")
+    print("    node tree: controller CPU = a + b*M + c*N; latency = that + 2*l_net + 2*d*f*l_node")
     print("  %-28s %7s %6s %13s %16s %16s %13s %14s"
           % ("", "engines", "nodes", "flat CPU", "flat latency", "flat (e*N)", "tree CPU", "tree latency"))
     for label, l_net in nets:
         for n in [int(x) for x in a.project.split(",")]:
             m = math.ceil(n / cpn)
-            flat_cpu, tree_cpu = ca + cb * n, ca + cb * m
+            flat_cpu, tree_cpu = ca + cb * n, ca + cb * m + c_eng * n
             print("  %-28s %7d %6d %13s %16s %16s %13s %14s"
                   % (label, n, m, us(flat_cpu), us(flat_cpu + 2 * l_net), us(e * n),
                      us(tree_cpu), us(tree_cpu + 2 * l_net + 2 * d * f * l_node)))
     print("  assumptions: one engine per core, so no engine waits for a core (this machine's measured e does);")
     print("    b, measured on one node, is also the controller's cost of a message to another node;")
     print("    inside a tree each send costs about l_node and a parent sends to its f children in turn;")
-    print("    the controller still passes N results to the client and the client parses them: for")
-    print("    execute('pass') they are a few bytes each and not in the tree's a + b*M;")
+    print("    in a tree the controller still settles each engine and passes its result (about 140 bytes")
+    print("    for execute('pass')) to the client: c*N, measured on one node whose 2 cores N engines share,")
+    print("    so c also holds the controller's longer waits there;")
     print("    no contention on the network, no stragglers (one slow engine delays every shape);")
     print("    a fit over Ns of one oversubscribed node extrapolated 64-1,000x beyond them.")
 
