@@ -8,6 +8,7 @@ fixtures always stop their cluster and, as a last resort, kill every process
 of its session. Every wait is bounded.
 """
 import contextlib
+import glob
 import hashlib
 import os
 import pty
@@ -63,8 +64,56 @@ def child_env():
     return env
 
 
+# Profile directories this session made (new_dir) and the Open MPI
+# shared-memory segments there were before it: pytest_sessionfinish removes
+# what the session left behind.
+_made_dirs = []
+_shm_before = set()
+SHM_GLOB = "/dev/shm/vader_segment.*"
+
+
 def new_dir(prefix="ipmpi-test-"):
-    return tempfile.mkdtemp(prefix=prefix)
+    d = tempfile.mkdtemp(prefix=prefix)
+    _made_dirs.append(d)
+    return d
+
+
+def _shm_mapped():
+    """The /dev/shm files some live process maps (another test program's
+    running job among them)."""
+    mapped = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/maps" % pid) as f:
+                for line in f:
+                    i = line.find("/dev/shm/")
+                    if i >= 0:
+                        mapped.add(line[i:].rstrip("\n").replace(" (deleted)", ""))
+        except OSError:
+            pass
+    return mapped
+
+
+def pytest_sessionstart(session):
+    _shm_before.update(glob.glob(SHM_GLOB))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Removes the profile directories of this session (kept, with their
+    logs, when a test failed) and the shared-memory segments its killed
+    jobs left in /dev/shm (Open MPI removes them only on a clean exit); a
+    segment a live process maps stays."""
+    if exitstatus == 0:
+        for d in _made_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    mapped = _shm_mapped()
+    for path in set(glob.glob(SHM_GLOB)) - _shm_before - mapped:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def ipcluster(*args, timeout=180, ipmpi_dir=None, check=False):
