@@ -3,6 +3,7 @@
  */
 #include "mpilink.h"
 
+#include "backoff.h"
 #include "doorbell.h"
 
 #include <stdlib.h>
@@ -475,6 +476,14 @@ int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg)
         int base = c == 0 ? 1 : l->extra[c - 1].base;
         if (c > 0 && !l->extra[c - 1].open)
             continue;
+        if (c == 0 && l->bell_tells) {
+            uint64_t now = ipmpi_now_ns();
+            if (now < l->probe_due && ipmpi_doorbell_ctl_announced(l->bell) == l->near_hdrs) {
+                l->probes_skipped++;
+                continue;
+            }
+            l->probe_due = now + IPMPI_PROBE_MAX_NS;
+        }
         for (;;) {
             int flag = 0;
             MPI_Message msg;

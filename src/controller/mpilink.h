@@ -34,6 +34,10 @@ typedef struct ipmpi_mpilink_comm {
     int open; /* 0 once the job left: its headers are not probed any more */
 } ipmpi_mpilink_comm_t;
 
+/* The longest the link goes without probing comm for headers, however
+ * quiet the bell says it is: a net under the announcements. */
+#define IPMPI_PROBE_MAX_NS (10000000ull)
+
 typedef struct ipmpi_mpilink {
     MPI_Comm comm;
     int comm_size; /* link ranks below it are ranks of comm */
@@ -58,6 +62,15 @@ typedef struct ipmpi_mpilink {
      * frames seen, against those the engines announced on the
      * controller's bell (doorbell.h). */
     uint64_t near_hdrs;
+    /* Set by the owner before each progress: 1 when every rank of comm
+     * that may send a header now is on this node, so announces it on the
+     * bell first (no engine of another node has work). Then progress
+     * skips the probe of comm while every announced header was seen
+     * (Open MPI's probe for any source walks every peer: its cost grows
+     * with the engines), but for one probe every IPMPI_PROBE_MAX_NS. */
+    int bell_tells;
+    uint64_t probe_due;
+    uint64_t probes_skipped; /* counted for the log at the end */
     /* Called after every header posted, with the rank (engines on other
      * nodes: a wake-up datagram); NULL: none. Set by the owner. */
     void (*wake)(void *arg, int rank);
