@@ -101,7 +101,7 @@ def cpu_sections(cluster, pid, seen):
     raise RuntimeError("the controller logged no CPU sections within 10 s of SIGUSR1")
 
 
-def steady(mec, n):
+def steady(mec):
     """Runs execute('pass') on all until the controller's delivered-results
     memory is full (RESULT_SHARE bytes of replies); returns the client's
     bytes read per request."""
@@ -150,7 +150,7 @@ def ipmpi_at(n, tree, a):
         mec = c.client(timeout=300)
         try:
             ctl = controller_pid(c)
-            out["bytes"] = steady(mec, n)
+            out["bytes"] = steady(mec)
             s0 = cpu_sections(c, ctl, 0)
             w0, c0 = voluntary_switches(ctl), cpu_seconds(ctl)
             out["exec_all"] = median_seconds(lambda: mec.execute("pass"), a.requests)
