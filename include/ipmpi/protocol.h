@@ -109,6 +109,13 @@
 #define IPMPI_F_RETRY 0x0800u
 /* On a client's request: its replies may come as IPMPI_F_GATHER frames. */
 #define IPMPI_F_GATHER_OK 0x1000u
+/* On an inner frame of an IPMPI_F_GATHER part: a run. Engines target,
+ * target + 1, ..., target + aux - 1 each answered exactly as the nearest
+ * whole inner frame before it in the part (same kind, flags, req_id,
+ * status, total, lengths and parts); the run has no parts of its own
+ * (nparts 0). Relays fold identical replies into runs (ipmpi_gather_fold),
+ * so the replies of N engines that agree cost O(subtrees) bytes. */
+#define IPMPI_F_SAME 0x2000u
 #define IPMPI_TAG_TREE 3
 #define IPMPI_TAG_GATHER 4
 

@@ -503,11 +503,21 @@ static void store_output(ipmpi_cl_t *c, ipmpi_cl_entry_t *e, ipmpi_cl_reply_t *r
  * mu held.
  */
 static int split_gathered(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks, ipmpi_cl_entry_t *e, const uint8_t *data,
-                          uint64_t len)
+                          uint64_t len, uint32_t total)
 {
+    /* Runs (IPMPI_F_SAME) stand for many replies each: never more than
+     * the request's engines (total), so a few bytes cannot fill memory. */
+    uint64_t got = 0;
+    ipmpi_gather_each_t it;
+    ipmpi_gather_each_init(&it, data, (size_t)len, &c->lim);
     ipmpi_hdr_t h;
-    long n;
-    while ((n = ipmpi_gather_next(data, (size_t)len, &c->lim, &h)) > 0) {
+    const uint8_t *f;
+    int n;
+    while ((n = ipmpi_gather_each_next(&it, &h, &f)) > 0) {
+        if (++got > total) {
+            n = IPMPI_EPROTO;
+            break;
+        }
         ipmpi_cl_reply_t rep = {.target = h.target, .status = h.status, .nparts = h.nparts};
         rep.lens = calloc(h.nparts ? h.nparts : 1, sizeof *rep.lens);
         rep.parts = calloc(h.nparts ? h.nparts : 1, sizeof *rep.parts);
@@ -515,10 +525,10 @@ static int split_gathered(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks, ipmpi_cl
         size_t at = ipmpi_hdr_wire_size(h.nparts);
         for (uint32_t i = 0; ok && i < h.nparts; i++) {
             char *d = NULL;
-            rep.lens[i] = ipmpi_get_u64(data + IPMPI_HDR_SIZE + 8u * i);
+            rep.lens[i] = ipmpi_get_u64(f + IPMPI_HDR_SIZE + 8u * i);
             rep.parts[i] = rx_alloc(hooks, rep.lens[i], &d);
             if ((ok = rep.parts[i] != NULL))
-                memcpy(d, data + at, (size_t)rep.lens[i]);
+                memcpy(d, f + at, (size_t)rep.lens[i]);
             at += (size_t)rep.lens[i];
         }
         if (!ok || append_reply(&e->reps, &e->nrep, &e->cap, &rep) != 0) {
@@ -526,8 +536,6 @@ static int split_gathered(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks, ipmpi_cl
             set_broken(c, IPMPI_ENOMEM, "out of memory storing a reply");
             return IPMPI_ENOMEM;
         }
-        data += n;
-        len -= (uint64_t)n;
     }
     if (n < 0) {
         set_broken(c, IPMPI_EPROTO, "malformed gathered replies from the controller");
@@ -574,7 +582,8 @@ static void rx_deliver(ipmpi_cl_t *c, const ipmpi_cl_hooks_t *hooks)
         /* Without its bytes (no memory for them) the replies it holds
          * cannot even be counted: the link breaks rather than hang. */
         int bad = rep.status != 0 || rep.nparts != 1 || (rx->h.flags & IPMPI_F_SHM) || !rx->data || !rx->data[0] ||
-                  split_gathered(c, hooks, e, (const uint8_t *)rx->data[0], rep.lens[0]) != 0;
+                  split_gathered(c, hooks, e, (const uint8_t *)rx->data[0], rep.lens[0],
+                                 rx->h.total ? rx->h.total : 1) != 0;
         reply_release(&rep, hooks);
         if (bad) {
             if (!c->err)

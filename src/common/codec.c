@@ -2,6 +2,7 @@
 #include "codec.h"
 
 #include <limits.h>
+#include <string.h>
 
 #include "ipmpi/errors.h"
 
@@ -82,7 +83,8 @@ long ipmpi_gather_next(const uint8_t *p, size_t left, const ipmpi_limits_t *lim,
     if (hn <= 0)
         return hn == 0 ? IPMPI_EPROTO : hn;
     if (!(h->flags & IPMPI_F_REPLY) ||
-        (h->flags & (IPMPI_F_MORE | IPMPI_F_SHM | IPMPI_F_GATHER | IPMPI_F_PACKED)))
+        (h->flags & (IPMPI_F_MORE | IPMPI_F_SHM | IPMPI_F_GATHER | IPMPI_F_PACKED)) ||
+        ((h->flags & IPMPI_F_SAME) && h->nparts != 0))
         return IPMPI_EPROTO;
     size_t wire = ipmpi_hdr_wire_size(h->nparts);
     if (wire > left)
@@ -97,6 +99,109 @@ long ipmpi_gather_next(const uint8_t *p, size_t left, const ipmpi_limits_t *lim,
     if (sum > left - wire || wire + sum > (uint64_t)LONG_MAX)
         return IPMPI_EPROTO;
     return (long)(wire + sum);
+}
+
+void ipmpi_gather_each_init(ipmpi_gather_each_t *it, const uint8_t *p, size_t left, const ipmpi_limits_t *lim)
+{
+    memset(it, 0, sizeof *it);
+    it->p = p;
+    it->left = left;
+    it->lim = lim;
+}
+
+int ipmpi_gather_each_next(ipmpi_gather_each_t *it, ipmpi_hdr_t *h, const uint8_t **frame)
+{
+    if (it->run_left == 0) {
+        ipmpi_hdr_t f;
+        long n = ipmpi_gather_next(it->p, it->left, it->lim, &f);
+        if (n <= 0)
+            return (int)n;
+        if (f.flags & IPMPI_F_SAME) {
+            if (!it->ref || f.aux == 0 || f.aux > IPMPI_GATHER_RUN_MAX || f.target < 0 ||
+                (uint64_t)f.target + f.aux > (uint64_t)INT32_MAX)
+                return IPMPI_EPROTO;
+            it->run_left = f.aux;
+            it->run_next = f.target;
+        } else {
+            if (f.aux != 0)
+                return IPMPI_EPROTO;
+            it->ref = it->p;
+            it->refh = f;
+            it->run_left = 1;
+            it->run_next = f.target;
+        }
+        it->p += n;
+        it->left -= (size_t)n;
+    }
+    *h = it->refh;
+    h->target = it->run_next++;
+    it->run_left--;
+    *frame = it->ref;
+    return 1;
+}
+
+/* Whether whole inner frames a and b (headers ha, hb; wire bytes na, nb)
+ * are the same reply but for their target. */
+static int same_reply(const uint8_t *a, const ipmpi_hdr_t *ha, long na, const uint8_t *b, const ipmpi_hdr_t *hb,
+                      long nb)
+{
+    return na == nb && ha->kind == hb->kind && ha->flags == hb->flags && ha->req_id == hb->req_id &&
+           ha->status == hb->status && ha->total == hb->total && ha->nparts == hb->nparts &&
+           memcmp(a + IPMPI_HDR_SIZE, b + IPMPI_HDR_SIZE, (size_t)na - IPMPI_HDR_SIZE) == 0;
+}
+
+long ipmpi_gather_fold(uint8_t *buf, size_t len, const ipmpi_limits_t *lim)
+{
+    /* Checked whole first, so that a malformed part is left as it came. */
+    ipmpi_gather_each_t chk;
+    ipmpi_gather_each_init(&chk, buf, len, lim);
+    ipmpi_hdr_t h;
+    const uint8_t *fr;
+    int rc;
+    while ((rc = ipmpi_gather_each_next(&chk, &h, &fr)) > 0)
+        ;
+    if (rc < 0)
+        return rc;
+    size_t rd = 0, wr = 0, ref = 0, run = 0;
+    long refn = 0;
+    int have_ref = 0, have_run = 0; /* run: the last frame written is a run */
+    ipmpi_hdr_t refh = {0}, runh = {0};
+    while (rd < len) {
+        ipmpi_hdr_t f;
+        long n = ipmpi_gather_next(buf + rd, len - rd, lim, &f);
+        int32_t first = f.target;
+        uint64_t count = 0;
+        if (f.flags & IPMPI_F_SAME)
+            count = f.aux; /* repeats the last whole frame, which matches refh */
+        else if (have_ref && same_reply(buf + ref, &refh, refn, buf + rd, &f, n))
+            count = 1;
+        if (count == 0) {
+            /* A new reply: kept whole (moved down over what was folded). */
+            memmove(buf + wr, buf + rd, (size_t)n);
+            ref = wr;
+            refn = n;
+            refh = f;
+            have_ref = 1;
+            have_run = 0;
+            wr += (size_t)n;
+        } else if (have_run && (uint64_t)runh.target + runh.aux == (uint64_t)first &&
+                   runh.aux + count <= IPMPI_GATHER_RUN_MAX) {
+            runh.aux += count;
+            ipmpi_hdr_encode(&runh, NULL, buf + run, IPMPI_HDR_SIZE);
+        } else {
+            runh = refh;
+            runh.flags = IPMPI_F_REPLY | IPMPI_F_SAME;
+            runh.target = first;
+            runh.nparts = 0;
+            runh.aux = count;
+            run = wr;
+            ipmpi_hdr_encode(&runh, NULL, buf + wr, IPMPI_HDR_SIZE);
+            have_run = 1;
+            wr += IPMPI_HDR_SIZE;
+        }
+        rd += (size_t)n;
+    }
+    return (long)wr;
 }
 
 void ipmpi_shmref_encode(const ipmpi_shmref_t *r, uint8_t *out)

@@ -74,11 +74,47 @@ long ipmpi_lens_decode(const uint8_t *buf, size_t len, uint32_t nparts, const ip
  * its part lengths are the u64s at p + IPMPI_HDR_SIZE (ipmpi_get_u64)
  * and its parts follow them back to back. Checks: the whole frame lies
  * within left; it is one engine's final reply (IPMPI_F_REPLY and none of
- * IPMPI_F_MORE, IPMPI_F_SHM, IPMPI_F_GATHER, IPMPI_F_PACKED); its lengths
- * respect lim. Returns the frame's bytes (header, lengths and parts), 0
+ * IPMPI_F_MORE, IPMPI_F_SHM, IPMPI_F_GATHER, IPMPI_F_PACKED), or a run
+ * (IPMPI_F_SAME, nparts 0: see ipmpi_gather_each); its lengths respect
+ * lim. Returns the frame's bytes (header, lengths and parts), 0
  * when left is 0 (no more), or IPMPI_EPROTO / IPMPI_E2BIG. No allocation.
  */
 long ipmpi_gather_next(const uint8_t *p, size_t left, const ipmpi_limits_t *lim, ipmpi_hdr_t *h);
+
+/*
+ * The engines' replies of a gathered part one by one, runs
+ * (IPMPI_F_SAME) expanded: ipmpi_gather_each_next gives each engine's
+ * header (its own target; for a run, the header of the whole frame it
+ * repeats) and in *frame the whole inner frame whose lengths (at
+ * *frame + IPMPI_HDR_SIZE) and parts are its reply. Besides what
+ * ipmpi_gather_next checks: a run has nparts 0, a count (aux) of 1 to
+ * IPMPI_GATHER_RUN_MAX and targets that stay below INT32_MAX, and follows
+ * a whole frame; a whole frame has aux 0. *whole_frames (if not NULL)
+ * counts the whole frames seen. Returns 1 (one reply), 0 at the end, or
+ * IPMPI_EPROTO / IPMPI_E2BIG. No allocation.
+ */
+#define IPMPI_GATHER_RUN_MAX (1u << 24)
+typedef struct ipmpi_gather_each {
+    const uint8_t *p;
+    size_t left;
+    const ipmpi_limits_t *lim;
+    const uint8_t *ref; /* the last whole frame, or NULL */
+    ipmpi_hdr_t refh;
+    uint64_t run_left;  /* engines of the current run still to give */
+    int32_t run_next;
+} ipmpi_gather_each_t;
+void ipmpi_gather_each_init(ipmpi_gather_each_t *it, const uint8_t *p, size_t left, const ipmpi_limits_t *lim);
+int ipmpi_gather_each_next(ipmpi_gather_each_t *it, ipmpi_hdr_t *h, const uint8_t **frame);
+
+/*
+ * Folds the gathered replies buf[0..len) in place: a whole frame that
+ * repeats the last whole one kept (all but its target) becomes part of a
+ * run (IPMPI_F_SAME), and runs of consecutive targets merge. The result
+ * gives the same replies in the same order through ipmpi_gather_each and
+ * is never longer. Returns the new length, or IPMPI_EPROTO /
+ * IPMPI_E2BIG (buf unchanged) when buf is malformed.
+ */
+long ipmpi_gather_fold(uint8_t *buf, size_t len, const ipmpi_limits_t *lim);
 
 /*
  * Before HELLO (doc/protocol.md section 1) a connection may send one

@@ -251,20 +251,25 @@ int ipmpi_ctl_gathered_each(const ipmpi_parts_t *g, int (*fn)(void *arg, const i
 {
     /* Checked against the link's limits when it arrived. */
     const ipmpi_limits_t any = {.max_parts = IPMPI_MAX_PARTS, .max_part = UINT64_MAX, .max_frame = UINT64_MAX};
-    const uint8_t *f = g->n ? g->bufs[0] : NULL;
-    size_t left = g->n ? (size_t)g->lens[0] : 0;
+    ipmpi_gather_each_t it;
+    ipmpi_gather_each_init(&it, g->n ? g->bufs[0] : NULL, g->n ? (size_t)g->lens[0] : 0, &any);
     ipmpi_hdr_t h;
-    long n;
-    while ((n = ipmpi_gather_next(f, left, &any, &h)) > 0) {
-        ipmpi_parts_t *p = inner_parts(f, &h);
-        int rc = p ? fn(arg, &h, p) : IPMPI_ENOMEM;
-        ipmpi_parts_unref(p);
-        if (rc != 0)
-            return rc;
-        f += n;
-        left -= (size_t)n;
+    const uint8_t *f;
+    ipmpi_parts_t *p = NULL;
+    const uint8_t *pf = NULL; /* the frame p was copied from: a run's engines share it */
+    int n, rc = 0;
+    while (rc == 0 && (n = ipmpi_gather_each_next(&it, &h, &f)) > 0) {
+        if (f != pf) {
+            ipmpi_parts_unref(p);
+            p = inner_parts(f, &h);
+            pf = p ? f : NULL;
+        }
+        rc = p ? fn(arg, &h, p) : IPMPI_ENOMEM;
     }
-    return n < 0 ? (int)n : 0;
+    ipmpi_parts_unref(p);
+    if (rc != 0)
+        return rc;
+    return n < 0 ? n : 0;
 }
 
 /* An inner frame as the frame its engine would have sent alone. */
@@ -285,11 +290,14 @@ static ipmpi_req_t *answered(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint
 {
     ipmpi_req_t *r = NULL;
     uint64_t mark = c->gathered;
+    ipmpi_gather_each_t it;
+    ipmpi_gather_each_init(&it, f, left, &c->link.lim);
     ipmpi_hdr_t h;
-    long n;
+    const uint8_t *fr;
+    int n;
     *count = 0;
     *whole = 1;
-    while ((n = ipmpi_gather_next(f, left, &c->link.lim, &h)) > 0) {
+    while ((n = ipmpi_gather_each_next(&it, &h, &fr)) > 0) {
         if (h.target < 0 || h.target >= c->nengines)
             break;
         ipmpi_engine_slot_t *e = &c->eng[h.target];
@@ -301,8 +309,6 @@ static ipmpi_req_t *answered(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint
         if (!*count)
             r = hr;
         (*count)++;
-        f += n;
-        left -= (size_t)n;
     }
     if (n != 0) {
         *count = UINT32_MAX;
@@ -345,9 +351,11 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
     ipmpi_ctl_result_gathered(c, r, parts, count);
     uint64_t now = ipmpi_now_ns();
     int kick = 0;
+    ipmpi_gather_each_t it;
+    ipmpi_gather_each_init(&it, f, left, &c->link.lim);
     ipmpi_hdr_t h;
-    long n;
-    while ((n = ipmpi_gather_next(f, left, &c->link.lim, &h)) > 0) {
+    const uint8_t *fr;
+    while (ipmpi_gather_each_next(&it, &h, &fr) > 0) {
         ipmpi_engine_slot_t *e = &c->eng[h.target];
         ipmpi_sitem_t it;
         ipmpi_ctl_reply_in(c, e, h.flags, now, &it);
@@ -357,8 +365,6 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
         if (--r->pending == 0)
             ipmpi_ctl_req_release(c, r);
         ipmpi_ctl_dispatch(c, e);
-        f += n;
-        left -= (size_t)n;
     }
     if (kick)
         ipmpi_ctl_kick(c);

@@ -398,6 +398,13 @@ static int tree_finish(engine_t *e, const ipmpi_hdr_t *req, uint8_t **buf, size_
     int rc = ipmpi_eng_tree_gather(e->comm, e->job->bell, e->tree, e->ntree, buf, len, cap, rank_gone, e);
     if (rc != 0)
         return rc;
+    /* Replies that agree travel as runs (IPMPI_F_SAME): what goes up
+     * grows with the distinct replies, not with the engines. */
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    long folded = *len ? ipmpi_gather_fold(*buf, *len, &lim) : 0;
+    if (folded > 0)
+        *len = (size_t)folded;
     if (e->src != 0) {
         rc = ipmpi_eng_tree_send_up(e->comm, e->src, *buf ? *buf : (const uint8_t *)"", *len, rank_gone, e);
         if (rc != IPMPI_EDEAD)

@@ -14,6 +14,7 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "codec.h"
@@ -179,6 +180,41 @@ static void check_gathered(const uint8_t *data, size_t size, const ipmpi_limits_
         __builtin_trap();
 }
 
+/* Runs expanded (ipmpi_gather_each), and folded (ipmpi_gather_fold): a
+ * fold of an accepted part is never longer and gives the same replies
+ * (target, status, lengths and bytes) in the same order; a refused part
+ * is refused by the fold too, and left as it came. */
+static void check_fold(const uint8_t *data, size_t size, const ipmpi_limits_t *lim)
+{
+    uint8_t *copy = malloc(size ? size : 1);
+    if (!copy)
+        return;
+    memcpy(copy, data, size);
+    long n = ipmpi_gather_fold(copy, size, lim);
+    ipmpi_gather_each_t a, b;
+    ipmpi_gather_each_init(&a, data, size, lim);
+    ipmpi_gather_each_init(&b, copy, n > 0 ? (size_t)n : 0, lim);
+    ipmpi_hdr_t ha, hb;
+    const uint8_t *fa, *fb;
+    int ra, rb = 0;
+    while ((ra = ipmpi_gather_each_next(&a, &ha, &fa)) > 0) {
+        if (n < 0)
+            continue;
+        rb = ipmpi_gather_each_next(&b, &hb, &fb);
+        size_t wa = ipmpi_hdr_wire_size(ha.nparts), body = 0;
+        for (uint32_t i = 0; i < ha.nparts; i++)
+            body += (size_t)ipmpi_get_u64(fa + IPMPI_HDR_SIZE + 8u * i);
+        if (rb != 1 || ha.target != hb.target || ha.status != hb.status || ha.nparts != hb.nparts ||
+            ha.kind != hb.kind || ha.flags != hb.flags || memcmp(fa + IPMPI_HDR_SIZE, fb + IPMPI_HDR_SIZE,
+                                                                   wa - IPMPI_HDR_SIZE + body) != 0)
+            __builtin_trap();
+    }
+    if (ra < 0 ? (n != ra || memcmp(copy, data, size) != 0)
+               : (n < 0 || (size_t)n > size || ipmpi_gather_each_next(&b, &hb, &fb) != 0))
+        __builtin_trap();
+    free(copy);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     ipmpi_limits_t def, tight = {8, 4096, 10000}, open = {IPMPI_MAX_PARTS, UINT64_MAX, UINT64_MAX};
@@ -201,6 +237,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_shm_table(data, size, &open);
     check_gathered(data, size, &def);
     check_gathered(data, size, &tight);
+    check_fold(data, size, &def);
     check_furl(data, size);
     check_taskdesc(data, size);
     return 0;

@@ -55,13 +55,23 @@ def forwarded_whole(cluster):
     return int(m[0][0]), int(m[0][1])
 
 
-def inner_replies(part):
-    """The (target, status, flags, parts) of each reply in a gathered part."""
+def inner_replies(part, runs=None):
+    """The (target, status, flags, parts) of each reply in a gathered part,
+    runs (F_SAME: engines target .. target + aux - 1 answered as the whole
+    frame before) expanded; runs (a list) collects each run's (target, aux)."""
     out, at = [], 0
     while at < len(part):
-        magic, version, kind, flags, _req, target, status, _total, nparts, _aux = HDR.unpack_from(part, at)
+        magic, version, kind, flags, _req, target, status, _total, nparts, aux = HDR.unpack_from(part, at)
         assert magic == MAGIC and flags & C.F_REPLY and not flags & (C.F_MORE | C.F_GATHER | C.F_SHM)
         at += 40
+        if flags & C.F_SAME:
+            assert nparts == 0 and aux >= 1 and out, (nparts, aux)
+            _t, st, f, p = out[-1]
+            out += [(target + i, st, f, p) for i in range(aux)]
+            if runs is not None:
+                runs.append((target, aux))
+            continue
+        assert aux == 0
         lens = struct.unpack_from("<%dQ" % nparts, part, at)
         at += 8 * nparts
         parts = []
@@ -73,10 +83,11 @@ def inner_replies(part):
     return out
 
 
-def raw_replies(s, rid, flags_seen):
+def raw_replies(s, rid, flags_seen, runs=None, sizes=None):
     """Every engine's reply to request rid on raw connection s, gathered
     frames taken apart: {target: (status, parts)}; flags_seen collects the
-    frames' flags."""
+    frames' flags, runs the runs of the gathered ones (inner_replies),
+    sizes the bytes of each gathered part."""
     got, total = {}, None
     while total is None or len(got) < total:
         kind, flags, req_id, target, status, tot, parts = read_frame(s)
@@ -84,7 +95,9 @@ def raw_replies(s, rid, flags_seen):
         flags_seen.append(flags)
         assert total in (None, tot)
         total = tot
-        subs = inner_replies(parts[0]) if flags & C.F_GATHER else [(target, status, flags, parts)]
+        if flags & C.F_GATHER and sizes is not None:
+            sizes.append(len(parts[0]))
+        subs = inner_replies(parts[0], runs) if flags & C.F_GATHER else [(target, status, flags, parts)]
         for t, st, _f, p in subs:
             assert t not in got, "engine %d answered twice" % t
             got[t] = (st, p)
@@ -117,6 +130,54 @@ def test_gathered_replies_reach_the_client_whole(cluster):
         assert {t: _serialize.loads(p[1:]) for t, (st, p) in got.items()} == {t: [t + 1] for t in range(N)}
     finally:
         s.close()
+
+
+def test_agreeing_replies_travel_folded_and_every_engine_still_gets_its_own(cluster):
+    """Relays fold replies that agree into runs (F_SAME): for execute
+    ('pass') on 8 engines, 4 gathered frames of one whole reply and one run
+    each. Replies that differ stay whole, in engine order, also when only
+    some engines agree, and an error raised on every engine folds too."""
+    key = parse_furl(cluster.mec_furl)[3]
+    s = tls_connect(cluster.mec_furl, timeout=T)
+    s.settimeout(T)
+    try:
+        assert hello(s, key)[4] == 0
+        rank = b"import os; r = int(os.environ['OMPI_COMM_WORLD_RANK'])\n"
+        cases = ((20, b"pass", lambda t: ""), (21, rank + b"print(r % 2)", lambda t: "%d\n" % ((t + 1) % 2)),
+                 (22, rank + b"print(r)", lambda t: "%d\n" % (t + 1)))
+        for rid, code, out in cases:
+            s.sendall(frame(C.K_EXECUTE, rid, C.TARGET_ALL, [code], flags=C.F_GATHER_OK))
+            runs, sizes = [], []
+            got = raw_replies(s, rid, [], runs, sizes)
+            assert sorted(got) == list(range(N))
+            for t, (st, p) in got.items():
+                meta = _serialize.loads(p[:1])
+                assert st == 0 and "id" not in meta and meta["stdout"] == out(t), (t, meta)
+            if rid == 20:
+                # Each engine and its child agree: 4 runs of 1 (engines 1, 3, 5, 7).
+                assert sorted(runs) == [(1, 1), (3, 1), (5, 1), (7, 1)], runs
+                # So each gathered part is one whole reply and a 40-byte run.
+                whole = 40 + 8 * len(got[0][1]) + sum(len(p) for p in got[0][1])
+                assert sizes == [whole + 40] * 4, (sizes, whole)
+            else:
+                # Engines 0 and 1 (ranks 1 and 2) print different things: nothing folds.
+                assert runs == [], runs
+        s.sendall(frame(C.K_EXECUTE, 23, C.TARGET_ALL, [b"1/0"], flags=C.F_GATHER_OK))
+        runs = []
+        got = raw_replies(s, 23, [], runs)
+        assert sorted(got) == list(range(N)) and all(st == C.EREMOTE for st, _ in got.values())
+        assert len(runs) == 4, runs
+    finally:
+        s.close()
+    # The client puts each engine's id back into its result and its error.
+    m = cluster.client(timeout=T)
+    try:
+        assert [r["id"] for r in m.execute("pass")] == list(range(N))
+        with pytest.raises(client.CompositeError) as ei:
+            m.execute("1/0")
+        assert sorted(e.engine_id for e in ei.value.errors) == list(range(N))
+    finally:
+        m.close()
 
 
 def test_the_client_gets_the_replies_whole():

@@ -970,6 +970,160 @@ static void test_gather_next_refuses_what_is_not_one_whole_final_reply(void **st
     assert_int_equal(ipmpi_gather_next(buf, len, &lim, &h), IPMPI_EPROTO);
 }
 
+/* Appends a run (IPMPI_F_SAME) of count engines from target. */
+static void put_run(uint8_t *buf, size_t *at, int32_t target, uint64_t count)
+{
+    ipmpi_hdr_t h = {.kind = IPMPI_K_EXECUTE, .flags = IPMPI_F_REPLY | IPMPI_F_SAME, .req_id = 77, .target = target,
+                     .aux = count};
+    assert_int_equal(ipmpi_hdr_encode(&h, NULL, buf + *at, IPMPI_HDR_SIZE), IPMPI_HDR_SIZE);
+    *at += IPMPI_HDR_SIZE;
+}
+
+/* Every reply of gathered part buf[0..len): targets, statuses and the
+ * first byte of part 0 (0 without parts) into the arrays; returns how
+ * many, or the iterator's error. */
+static int each_reply(const uint8_t *buf, size_t len, int32_t *target, int32_t *status, uint8_t *first, int cap)
+{
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    ipmpi_gather_each_t it;
+    ipmpi_gather_each_init(&it, buf, len, &lim);
+    ipmpi_hdr_t h;
+    const uint8_t *f;
+    int rc, k = 0;
+    while ((rc = ipmpi_gather_each_next(&it, &h, &f)) > 0) {
+        assert_true(k < cap);
+        target[k] = h.target;
+        status[k] = h.status;
+        first[k] = h.nparts && ipmpi_get_u64(f + IPMPI_HDR_SIZE) ? f[ipmpi_hdr_wire_size(h.nparts)] : 0;
+        k++;
+    }
+    return rc < 0 ? rc : k;
+}
+
+static void test_gather_each_expands_runs_to_the_frame_they_repeat(void **state)
+{
+    (void)state;
+    uint8_t buf[512];
+    size_t len = 0;
+    const uint64_t one[1] = {5};
+    put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
+    put_run(buf, &len, 1, 3);
+    put_inner(buf, &len, 9, IPMPI_F_REPLY, 1, one, 'b');
+    put_run(buf, &len, 4, 2);
+    int32_t t[16], st[16];
+    uint8_t first[16];
+    assert_int_equal(each_reply(buf, len, t, st, first, 16), 7);
+    const int32_t want_t[7] = {0, 1, 2, 3, 9, 4, 5};
+    const char want_f[8] = "aaaabbb";
+    for (int i = 0; i < 7; i++) {
+        assert_int_equal(t[i], want_t[i]);
+        assert_int_equal(first[i], (uint8_t)want_f[i]);
+    }
+}
+
+static void test_gather_each_refuses_runs_that_repeat_nothing_or_overflow(void **state)
+{
+    (void)state;
+    uint8_t buf[512];
+    int32_t t[4], st[4];
+    uint8_t first[4];
+    const uint64_t one[1] = {5};
+    size_t len = 0;
+    put_run(buf, &len, 1, 1); /* nothing before it to repeat */
+    assert_int_equal(each_reply(buf, len, t, st, first, 4), IPMPI_EPROTO);
+    const uint64_t bad[] = {0, (uint64_t)IPMPI_GATHER_RUN_MAX + 1, (uint64_t)INT32_MAX};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        len = 0;
+        put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
+        put_run(buf, &len, 1, bad[i]);
+        assert_int_equal(each_reply(buf, len, t, st, first, 4), IPMPI_EPROTO);
+    }
+    /* A run with parts of its own, and a whole frame with a count. */
+    len = 0;
+    put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
+    put_inner(buf, &len, 1, IPMPI_F_REPLY | IPMPI_F_SAME, 1, one, 'a');
+    assert_int_equal(each_reply(buf, len, t, st, first, 4), IPMPI_EPROTO);
+    len = 0;
+    put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
+    ipmpi_put_u64(buf + 32, 2);
+    assert_int_equal(each_reply(buf, len, t, st, first, 4), IPMPI_EPROTO);
+}
+
+static void test_gather_fold_makes_runs_of_agreeing_replies_and_keeps_every_reply(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint8_t buf[2048];
+    size_t len = 0;
+    const uint64_t one[1] = {50};
+    /* A relay's own reply, then two children's parts: the first already
+     * folded (a whole frame and a run), the second not. Engine 7 differs;
+     * engine 8 agrees with the others again. */
+    put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
+    put_inner(buf, &len, 1, IPMPI_F_REPLY, 1, one, 'a');
+    put_run(buf, &len, 2, 3);
+    put_inner(buf, &len, 5, IPMPI_F_REPLY, 1, one, 'a');
+    put_inner(buf, &len, 6, IPMPI_F_REPLY, 1, one, 'a');
+    put_inner(buf, &len, 7, IPMPI_F_REPLY, 1, one, 'z');
+    put_inner(buf, &len, 8, IPMPI_F_REPLY, 1, one, 'a');
+    int32_t t0[16], s0[16], t1[16], s1[16];
+    uint8_t f0[16], f1[16];
+    int k = each_reply(buf, len, t0, s0, f0, 16);
+    assert_int_equal(k, 9);
+    long n = ipmpi_gather_fold(buf, len, &lim);
+    /* 0 whole, run 1..6, 7 whole, 8 whole (it repeats 7's predecessor, not 7). */
+    assert_int_equal(n, (long)(3 * (ipmpi_hdr_wire_size(1) + 50) + IPMPI_HDR_SIZE));
+    assert_int_equal(each_reply(buf, (size_t)n, t1, s1, f1, 16), k);
+    for (int i = 0; i < k; i++) {
+        assert_int_equal(t1[i], t0[i]);
+        assert_int_equal(s1[i], s0[i]);
+        assert_int_equal(f1[i], f0[i]);
+    }
+    /* Folding again changes nothing. */
+    assert_int_equal(ipmpi_gather_fold(buf, (size_t)n, &lim), n);
+}
+
+static void test_gather_fold_keeps_replies_that_differ_in_status_or_flags_apart(void **state)
+{
+    (void)state;
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    uint8_t buf[1024];
+    size_t len = 0;
+    const uint64_t one[1] = {8};
+    put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
+    put_inner(buf, &len, 1, IPMPI_F_REPLY | IPMPI_F_PROPS, 1, one, 'a');
+    put_inner(buf, &len, 2, IPMPI_F_REPLY, 1, one, 'a');
+    ipmpi_put_u32(buf + 2 * (ipmpi_hdr_wire_size(1) + 8) + 20, (uint32_t)IPMPI_EREMOTE); /* engine 2's status */
+    put_inner(buf, &len, 3, IPMPI_F_REPLY, 0, NULL, 0);
+    put_inner(buf, &len, 4, IPMPI_F_REPLY, 0, NULL, 0);
+    long n = ipmpi_gather_fold(buf, len, &lim);
+    /* Only 4 joins 3: as a run, whose 40 bytes are those of a frame
+     * without parts. */
+    assert_int_equal(n, (long)len);
+    ipmpi_hdr_t h;
+    assert_int_equal(ipmpi_hdr_decode(buf + len - IPMPI_HDR_SIZE, IPMPI_HDR_SIZE, &lim, &h), IPMPI_HDR_SIZE);
+    assert_true(h.flags & IPMPI_F_SAME);
+    assert_int_equal(h.aux, 1);
+    assert_int_equal(h.target, 4);
+    ipmpi_hdr_t h2;
+    assert_int_equal(ipmpi_hdr_decode(buf + len - 2 * IPMPI_HDR_SIZE, IPMPI_HDR_SIZE, &lim, &h2), IPMPI_HDR_SIZE);
+    assert_false(h2.flags & IPMPI_F_SAME);
+    int32_t t[8], st[8];
+    uint8_t f[8];
+    assert_int_equal(each_reply(buf, (size_t)n, t, st, f, 8), 5);
+    assert_int_equal(st[2], IPMPI_EREMOTE);
+    assert_int_equal(st[1], 0);
+    assert_int_equal(t[4], 4);
+    /* Malformed: refused, the bytes left as they came. */
+    uint8_t copy[1024];
+    memcpy(copy, buf, (size_t)n);
+    assert_int_equal(ipmpi_gather_fold(buf, (size_t)n - 1, &lim), IPMPI_EPROTO);
+    assert_memory_equal(buf, copy, (size_t)n);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1011,6 +1165,10 @@ int main(void)
         cmocka_unit_test(test_taskdesc_every_truncation_is_refused),
         cmocka_unit_test(test_gather_next_walks_every_inner_reply),
         cmocka_unit_test(test_gather_next_refuses_what_is_not_one_whole_final_reply),
+        cmocka_unit_test(test_gather_each_expands_runs_to_the_frame_they_repeat),
+        cmocka_unit_test(test_gather_each_refuses_runs_that_repeat_nothing_or_overflow),
+        cmocka_unit_test(test_gather_fold_makes_runs_of_agreeing_replies_and_keeps_every_reply),
+        cmocka_unit_test(test_gather_fold_keeps_replies_that_differ_in_status_or_flags_apart),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

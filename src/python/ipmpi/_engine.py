@@ -655,9 +655,11 @@ class Engine:
                 etype = type(exc).__name__
             except BaseException:
                 etype = type(again).__name__
-            meta = {"id": self.id, "kind": _META_KINDS.get(kind, str(kind)), "number": None,
+            meta = {"kind": _META_KINDS.get(kind, str(kind)), "number": None,
                     "input": "", "stdout": "", "stderr": "", "etype": etype,
                     "evalue": "", "traceback": etype + "\n"}
+            if kind == K_TASK_SUBMIT:
+                meta["id"] = self.id
             return EREMOTE, [pickle.dumps(meta, protocol=5)], False
 
     # ---- dispatch ----
@@ -676,8 +678,16 @@ class Engine:
                 streamer)
 
     def _meta(self, kind, number, code, out, err):
-        return {"id": self.id, "kind": _META_KINDS.get(kind, str(kind)), "number": number,
+        # The engine's id is in every reply frame's header; MultiEngine
+        # replies leave it out of the meta (the client's results._split
+        # puts it back), so that engines which agree send the same bytes
+        # and a broadcast tree folds their replies into one run
+        # (IPMPI_F_SAME). A task's meta names its engine itself.
+        meta = {"kind": _META_KINDS.get(kind, str(kind)), "number": number,
                 "input": code, "stdout": out, "stderr": err}
+        if kind == K_TASK_SUBMIT:
+            meta["id"] = self.id
+        return meta
 
     def _handle(self, kind, parts):
         if kind == K_TASK_SUBMIT:

@@ -104,11 +104,18 @@ def _split(replies):
     for target, status, parts in replies:
         if status == 0:
             meta = _serialize.loads(parts[:1]) if parts else {}
-            eid = meta.get("id", target) if isinstance(meta, dict) else target
+            if isinstance(meta, dict):
+                meta.setdefault("id", target)   # engines leave it to the frame
+                eid = meta["id"]
+            else:
+                eid = target
             ok.append((eid, meta, parts))
         elif status == _c.EREMOTE:
             meta = _serialize.loads(parts[:1]) if parts else {}
-            eid = meta.get("id", target)
+            if not isinstance(meta, dict):
+                meta = {}
+            meta.setdefault("id", target)
+            eid = meta["id"]
             errors.append(RemoteError(eid, meta.get("etype", "Exception"), meta.get("evalue", ""),
                                       meta.get("traceback", ""), meta))
         else:
