@@ -68,8 +68,14 @@
 #define ACCEPT_PAUSE_NS (100ull * 1000000ull)
 /* Longest sleep on the bell (doorbell.h) while engines work: the loop
  * still looks at MPI this often, since a small send MPI reported complete
- * may reach its engine only at a later progress call (dispatch.c). */
+ * may reach its engine only at a later progress call (dispatch.c). Once
+ * trees came back, about as long as their subtrees take (c->tree_ns), up
+ * to BELL_TREE_MAX_NS: a request to hundreds of engines on a few cores
+ * takes tens of ms, and a wake-up every 10 ms cost the loop a context
+ * switch each for nothing. Engines answering directly still bound the
+ * sleep by their ring-again (ipmpi_ctl_rering), 2 ms after their send. */
 #define BELL_MAX_NS (10000000ull)
+#define BELL_TREE_MAX_NS (100000000ull)
 
 /* Set by SIGTERM/SIGINT, and by SIGUSR1 with --cpu-sections; the only
  * state a signal handler may touch. */
@@ -781,7 +787,10 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         else if (busy && bell_may_sleep(c, now - bo.last_busy >= bell_spin_ns)) {
             /* Sleep until the engine whose frame the loop needs rings (or
              * a client or timer wakes it). */
-            uint64_t d = now + BELL_MAX_NS;
+            uint64_t most = c->tree_ns < BELL_MAX_NS        ? BELL_MAX_NS
+                            : c->tree_ns < BELL_TREE_MAX_NS ? c->tree_ns
+                                                            : BELL_TREE_MAX_NS;
+            uint64_t d = now + most;
             if (c->watch.enabled && c->watch.next_ns < d)
                 d = c->watch.next_ns;
             if (next_deadline < d)

@@ -67,6 +67,13 @@ typedef struct ipmpi_ctl {
     /* Gathered frames of trees seen (also numbers them: gather_mark), and
      * of them those forwarded to the client whole (tree.c). */
     uint64_t gathered, gathered_whole;
+    /* How long a tree's subtree takes, from the controller's send to its
+     * root until that root's gathered frame came (moving average, tree.c):
+     * the first ring-again of a root, and the loop's longest sleep on its
+     * bell, wait about that long rather than a fixed few ms, which at
+     * hundreds of engines woke the loop several times per request for
+     * nothing. 0 until the first tree came back. */
+    uint64_t tree_ns;
     ipmpi_cpusec_t cpu; /* --cpu-sections (cpusec.h) */
     int nheld;     /* engines whose next request is held back (ipmpi_ctl_release_held) */
     /* Task clients whose tasks are held back: their sessions have too many
@@ -222,6 +229,10 @@ void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank);
 /* e's work is still unanswered: ring its doorbell (this node) or send its
  * datagram (another node) again when its back-off is due. */
 void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now);
+/* e was just posted work it will answer only after about gap_ns: its first
+ * wake-up again comes then (at most 1 s), not after the usual 2 ms (a gap
+ * below that changes nothing). */
+void ipmpi_ctl_wake_later(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t gap_ns);
 void ipmpi_ctl_wake_fini(ipmpi_ctl_t *c);
 /* Reads the rings of engines on other nodes waiting on the wake-up
  * sockets (engine/wake.c); returns how many were valid. */

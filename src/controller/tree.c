@@ -89,35 +89,23 @@ static uint32_t top_slices(const ipmpi_ctl_t *c, const ipmpi_req_t *r, uint32_t 
     return k;
 }
 
-typedef struct {
-    uint64_t key;
-    int pos;
-} keyed_t;
-
-static int by_key(const void *x, const void *y)
-{
-    const keyed_t *a = x, *b = y;
-    if (a->key != b->key)
-        return a->key < b->key ? -1 : 1;
-    return a->pos - b->pos;
-}
-
-/* The ranks of ids[0..n) into out, grouped by node: the controller's
- * first (key 0), each group in the order given. 0 or IPMPI_ENOMEM. */
+/* The ranks of ids[0..n) into out, grouped by node (ipmpi_tree_group):
+ * the controller's first (key 0), each group in the order given. 0 or
+ * IPMPI_ENOMEM. */
 static int group_by_node(const ipmpi_ctl_t *c, const int *ids, int n, int32_t *out)
 {
-    keyed_t *k = malloc((size_t)(n > 0 ? n : 1) * sizeof *k);
+    ipmpi_tree_keyed_t *k = malloc((size_t)(n > 0 ? n : 1) * sizeof *k);
     if (!k)
         return IPMPI_ENOMEM;
     for (int i = 0; i < n; i++) {
         k[i].key = node_key(c, &c->eng[ids[i]]);
         k[i].pos = i;
     }
-    qsort(k, (size_t)n, sizeof *k, by_key);
-    for (int i = 0; i < n; i++)
+    int rc = ipmpi_tree_group(k, (uint32_t)n) == 0 ? 0 : IPMPI_ENOMEM;
+    for (int i = 0; rc == 0 && i < n; i++)
         out[i] = c->eng[ids[k[i].pos]].rank;
     free(k);
-    return 0;
+    return rc;
 }
 
 void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
@@ -183,6 +171,12 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
             snprintf(msg, sizeof msg, "controller could not send to engine %d: %s", e->id, ipmpi_strerror(rc));
             ipmpi_log(IPMPI_LOG_ERROR, "%s", msg);
             ipmpi_ctl_engine_died(c, e, msg); /* its subtree gets retries */
+        } else {
+            /* A root answers only once its whole subtree did: ringing it
+             * again before then only wakes the loop (its post rang it,
+             * ipmpi_ctl_wake). So the first ring-again waits about as long
+             * as subtrees take (c->tree_ns), then backs off as usual. */
+            ipmpi_ctl_wake_later(c, e, c->tree_ns);
         }
     }
     free(start);
@@ -326,6 +320,15 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
     uint32_t count = UINT32_MAX;
     int whole = 0;
     c->gathered++;
+    if (rank >= 1 && rank <= c->nengines) {
+        /* How long the subtree of the engine that sent it took (a root's
+         * request went out when it was put in flight). */
+        const ipmpi_sitem_t *it = ipmpi_sched_inflight(&c->sched, rank - 1);
+        if (it && it->type == IPMPI_SITEM_REQ && it->u.req->tree && it->u.req->tree_open) {
+            uint64_t took = ipmpi_now_ns() - it->sent_ns;
+            c->tree_ns = c->tree_ns ? c->tree_ns - c->tree_ns / 4 + took / 4 : took;
+        }
+    }
     ipmpi_req_t *r = f ? answered(c, f, left, &count, &whole) : NULL;
     if (count == UINT32_MAX) {
         ipmpi_log(IPMPI_LOG_ERROR, "malformed gathered replies from rank %d; dropped", rank);

@@ -117,6 +117,15 @@ void ipmpi_ctl_wake(ipmpi_ctl_t *c, int rank)
     e->wake_due = ipmpi_now_ns() + e->wake_gap;
 }
 
+void ipmpi_ctl_wake_later(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t gap_ns)
+{
+    (void)c;
+    if (gap_ns <= WAKE_FIRST_GAP_NS)
+        return;
+    e->wake_gap = gap_ns < WAKE_MAX_GAP_NS ? gap_ns : WAKE_MAX_GAP_NS;
+    e->wake_due = ipmpi_now_ns() + e->wake_gap;
+}
+
 void ipmpi_ctl_wake_again(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, uint64_t now)
 {
     if (now < e->wake_due)

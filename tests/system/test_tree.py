@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import (HDR, MAGIC, controller_log, controller_pid, frame, hello, parse_furl, read_frame, running_cluster,
+from conftest import (HDR, MAGIC, bell_counts, controller_log, controller_pid, frame, hello, parse_furl, read_frame, running_cluster,
                       start_cluster, stop_cluster, tls_connect)
 from ipmpi import _consts as C
 from ipmpi import _serialize, client
@@ -195,6 +195,38 @@ def test_the_client_gets_the_replies_whole():
         stop_cluster(c)
     gathered, whole = forwarded_whole(c)
     assert gathered >= 40 * 4 and whole == gathered, (gathered, whole)
+
+
+def test_a_long_tree_request_does_not_wake_the_controller_every_few_ms():
+    """While a tree runs, the controller sleeps on its bell until the roots'
+    gathered replies are announced; its ring-again of the roots and its
+    longest sleep follow how long subtrees take (learnt from the first
+    trees), not fixed 2 ms / 10 ms timers: a 60 ms request costs it a
+    couple of wake-ups, not ten."""
+    c = start_cluster(N, engine_args=("--tree-min", "2", "--busy-spin-us", "0", "--wait-spin-us", "0"), join=False)
+    try:
+        m = c.client(timeout=T)
+        m.execute("import time")
+        for _ in range(3):     # the controller learns how long these trees take
+            m.execute("time.sleep(0.06)")
+        m.close()
+    finally:
+        stop_cluster(c)
+    warm, _rings, _far = bell_counts(c.log_dir)
+    c = start_cluster(N, engine_args=("--tree-min", "2", "--busy-spin-us", "0", "--wait-spin-us", "0"), join=False)
+    try:
+        m = c.client(timeout=T)
+        m.execute("import time")
+        for _ in range(3 + 12):
+            m.execute("time.sleep(0.06)")
+        m.close()
+    finally:
+        stop_cluster(c)
+    sleeps, rings, _far = bell_counts(c.log_dir)
+    # The 12 requests after the same start: fixed timers woke the loop at
+    # 2, 6, 10, 14, 20, 30 ... ms, 6 or more times per request.
+    assert sleeps - warm <= 12 * 3, (warm, sleeps, rings)
+    assert rings >= 12, (warm, sleeps, rings)  # and it was the roots' rings that woke it
 
 
 def cpu_sections(cluster):

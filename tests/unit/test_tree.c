@@ -100,11 +100,54 @@ static void test_every_rank_is_found_at_its_own_subtree_and_depth_is_logarithmic
     assert_int_equal(len, 1);
 }
 
+/* The positions ipmpi_tree_group leaves keys[0..n) in. */
+static void group(const uint64_t *keys, uint32_t n, int32_t *pos)
+{
+    ipmpi_tree_keyed_t k[16];
+    assert_true(n <= 16);
+    for (uint32_t i = 0; i < n; i++) {
+        k[i].key = keys[i];
+        k[i].pos = (int32_t)i;
+    }
+    assert_int_equal(ipmpi_tree_group(k, n), 0);
+    for (uint32_t i = 0; i < n; i++)
+        pos[i] = k[i].pos;
+}
+
+static void test_grouping_by_node_puts_the_controllers_first_and_keeps_each_nodes_order(void **state)
+{
+    (void)state;
+    int32_t pos[16];
+    /* Grouped already, the other nodes in any key order: nothing moves. */
+    const uint64_t one[] = {0, 0, 0, 0};
+    const uint64_t nodes[] = {0, 0, 9, 9, 9, 3, 3, 7};
+    const int32_t same[] = {0, 1, 2, 3, 4, 5, 6, 7};
+    group(one, 4, pos);
+    assert_memory_equal(pos, same, 4 * sizeof *pos);
+    group(nodes, 8, pos);
+    assert_memory_equal(pos, same, 8 * sizeof *pos);
+    /* Interleaved: sorted by key, each node's engines in the order given. */
+    const uint64_t mixed[] = {5, 0, 5, 0, 2};
+    const int32_t want_mixed[] = {1, 3, 4, 0, 2};
+    group(mixed, 5, pos);
+    assert_memory_equal(pos, want_mixed, 5 * sizeof *pos);
+    /* A node's engines in two runs. */
+    const uint64_t split[] = {0, 8, 8, 4, 8};
+    const int32_t want_split[] = {0, 3, 1, 2, 4};
+    group(split, 5, pos);
+    assert_memory_equal(pos, want_split, 5 * sizeof *pos);
+    /* Nothing, and one. */
+    assert_int_equal(ipmpi_tree_group(NULL, 0), 0);
+    group(split + 1, 1, pos);
+    assert_int_equal(pos[0], 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_children_slices_are_contiguous_near_equal_and_cover_the_rest),
         cmocka_unit_test(test_every_rank_is_found_at_its_own_subtree_and_depth_is_logarithmic),
+        cmocka_unit_test(test_grouping_by_node_puts_the_controllers_first_and_keeps_each_nodes_order),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
