@@ -23,15 +23,19 @@ times each, each measuring:
                client whole: the replies of N engines reach it and the
                client as that many frames instead of N
 
-And two controls in the tree cluster, --requests / 2 each, to tell the
-controller's work for N engines from the rest:
+  client read  the bytes the client read per request (its /proc/self/io):
+               with trees, the relays fold replies that agree into runs
+               (IPMPI_F_SAME), so this stays flat as N grows
 
-  same bytes   the client's bytes per execute on all (its /proc/self/io)
-               pulled from engine 0 alone: what the reply bytes cost the
-               controller without N engines
-  contended    that pull again while engines 1..N-1 run a loop of 2 ms
-               sleeps: what the same work costs the controller while the
-               node's cores are shared by N busy processes (this VM: 2)
+And two controls in the tree cluster, --requests / 2 each, to tell the
+controller's work for N engines from what the machine adds:
+
+  16 engines   execute('pass') on engines 0..15 only (a tree of 16): the
+               request of the 16-engine cluster, in this one
+  contended    that again while the other N-16 engines run a loop of 2 ms
+               sleeps: the same work while the node's cores (this VM: 2)
+               are shared by N processes; the all-engine request's CPU
+               beyond this is what its N engines cost the controller
 
 The peer: ipyparallel 7.1's BroadcastView (its tree: the scheduler sends
 one message per broadcast) running the same execute('pass') on all, at the
@@ -101,44 +105,56 @@ def cpu_sections(cluster, pid, seen):
     raise RuntimeError("the controller logged no CPU sections within 10 s of SIGUSR1")
 
 
+# At most this many warm-up requests: folded tree replies are a few
+# hundred bytes, which would take tens of thousands of requests to fill
+# RESULT_SHARE, and grow the heap by a page every several requests anyway.
+STEADY_MAX = 600
+
+
 def steady(mec):
     """Runs execute('pass') on all until the controller's delivered-results
-    memory is full (RESULT_SHARE bytes of replies); returns the client's
-    bytes read per request."""
+    memory is full (RESULT_SHARE bytes of replies), or STEADY_MAX times;
+    returns the client's bytes read per request."""
     for _ in range(20):
         mec.execute("pass")
     b0 = read_bytes()
     for _ in range(20):
         mec.execute("pass")
     per = (read_bytes() - b0) / 20.0
-    for _ in range(min(20000, int(RESULT_SHARE / max(per, 1.0)) + 1)):
+    for _ in range(min(STEADY_MAX, int(RESULT_SHARE / max(per, 1.0)) + 1)):
         mec.execute("pass")
     return per
 
 
-def pull_cpu(mec, ctl, repeat):
+# The control's request: execute('pass') on this many engines (a tree).
+CONTROL_ENGINES = 16
+
+
+def part_cpu(mec, ctl, repeat):
+    part = list(range(CONTROL_ENGINES))
     c0 = cpu_seconds(ctl)
     for _ in range(repeat):
-        mec.pull("b", targets=0)
+        mec.execute("pass", targets=part)
     return (cpu_seconds(ctl) - c0) / repeat
 
 
-def controls(mec, ctl, n, nbytes, a):
-    """The same reply bytes from engine 0 alone, quiet and contended."""
+def controls(mec, ctl, n, a):
+    """The request of a CONTROL_ENGINES-engine cluster, in this one: quiet,
+    and while the other engines sleep 2 ms in a loop."""
     out = {}
-    mec.push(dict(b=b"x" * int(nbytes)), targets=0)
     for _ in range(20):
-        mec.pull("b", targets=0)
+        mec.execute("pass", targets=list(range(CONTROL_ENGINES)))
     reps = max(a.requests // 2, 10)
-    out["same_bytes"] = pull_cpu(mec, ctl, reps)
-    if n > 1:
+    out["part_quiet"] = part_cpu(mec, ctl, reps)
+    if n > CONTROL_ENGINES:
+        others = list(range(CONTROL_ENGINES, n))
         mec.execute("import time\n_t = time.time()\nwhile time.time() - _t < 600: time.sleep(0.002)",
-                    targets=list(range(1, n)), block=False)
+                    targets=others, block=False)
         time.sleep(1.0)
         try:
-            out["contended"] = pull_cpu(mec, ctl, reps)
+            out["part_contended"] = part_cpu(mec, ctl, reps)
         finally:
-            mec.interrupt(list(range(1, n)))
+            mec.interrupt(others)
     return out
 
 
@@ -158,8 +174,8 @@ def ipmpi_at(n, tree, a):
             out["wakeups"] = (voluntary_switches(ctl) - w0) / a.requests
             s1 = cpu_sections(c, ctl, 1)
             out["sections"] = {k: (s1[k] - s0[k]) * 1e-3 / a.requests for k in s1}
-            if tree:
-                out.update(controls(mec, ctl, n, out["bytes"], a))
+            if tree and n >= CONTROL_ENGINES:
+                out.update(controls(mec, ctl, n, a))
         finally:
             mec.close()
         c.stop()
@@ -203,8 +219,9 @@ def main():
         for tree in (False, True):
             for r in rows[tree]:
                 line = ("  %-4s execute('pass') on all %.2f ms | controller CPU per request %.0f us (%.2f us per engine), "
-                        "%.1f wake-ups" % ("tree" if tree else "flat", r["exec_all"] * 1e3, r["ctl_cpu"] * 1e6,
-                                           r["ctl_cpu"] * 1e6 / n, r["wakeups"]))
+                        "%.1f wake-ups | client read %.0f B" % ("tree" if tree else "flat", r["exec_all"] * 1e3,
+                                                                r["ctl_cpu"] * 1e6, r["ctl_cpu"] * 1e6 / n,
+                                                                r["wakeups"], r["bytes"]))
                 if tree:
                     line += " | %.1f gathered frames per request, %.0f%% forwarded whole" % (r["gathered"], r["whole"] * 100)
                 if p:
@@ -220,10 +237,11 @@ def main():
                       flush=True)
                 if tree:
                     curve.append((n, r["ctl_cpu"]))
-                    print("        controls: the reply's %.1f KB pulled from engine 0 alone: controller CPU %.0f us; "
-                          "the same while the other %d engines sleep 2 ms in a loop: %.0f us"
-                          % (r["bytes"] / 1e3, r["same_bytes"] * 1e6, n - 1, r.get("contended", 0.0) * 1e6),
-                          flush=True)
+                if "part_contended" in r:
+                    print("        controls: execute('pass') on engines 0..%d only: controller CPU %.0f us; the same "
+                          "while the other %d engines sleep 2 ms in a loop: %.0f us"
+                          % (CONTROL_ENGINES - 1, r["part_quiet"] * 1e6, n - CONTROL_ENGINES,
+                             r["part_contended"] * 1e6), flush=True)
     if len({n for n, _ in curve}) > 1:
         fa, fc, how = scale_model.fit_line([n for n, _ in curve], [y for _, y in curve])
         print("tree: controller CPU per request = a + c*N with a = %.0f us, c = %.2f us per engine (%s); the model of"

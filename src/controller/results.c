@@ -22,10 +22,11 @@
 
 _Static_assert(offsetof(ipmpi_result_t, key) == 0, "a record must begin with its key (ipmpi_idtab_t)");
 
-/* Bytes a record costs beyond its replies' parts. */
-static uint64_t overhead(uint32_t total)
+/* Bytes a record costs beyond its replies' parts and its table of them
+ * (counted in res->bytes as it grows: room_for_reply). */
+static uint64_t overhead(void)
 {
-    return sizeof(ipmpi_result_t) + (uint64_t)total * sizeof(ipmpi_rreply_t);
+    return sizeof(ipmpi_result_t);
 }
 
 /* "instance:session:req", the id users see (ipmpi.results parses it). */
@@ -55,9 +56,32 @@ static void drop_replies(ipmpi_results_t *rs, ipmpi_result_t *res)
         ipmpi_parts_unref(res->reps[i].parts);
     free(res->reps);
     res->reps = NULL;
-    uint64_t kept = res->bytes - overhead(res->total);
+    res->repcap = 0;
+    uint64_t kept = res->bytes - overhead();
     ipmpi_rstore_count(&rs->st, -(int64_t)kept);
     res->bytes -= kept;
+}
+
+/* Room in res->reps for one more entry, counted in the budget. 0 or
+ * IPMPI_ENOMEM. */
+static int room_for_reply(ipmpi_results_t *rs, ipmpi_result_t *res)
+{
+    if (res->nrep < res->repcap)
+        return 0;
+    uint32_t cap = res->repcap ? 2 * res->repcap : 4;
+    if (cap > res->total)
+        cap = res->total;
+    if (cap <= res->nrep)
+        return IPMPI_ENOMEM; /* never: at most total replies are kept */
+    ipmpi_rreply_t *n = realloc(res->reps, (size_t)cap * sizeof *n);
+    if (!n)
+        return IPMPI_ENOMEM;
+    uint64_t more = (uint64_t)(cap - res->repcap) * sizeof *n;
+    res->reps = n;
+    res->repcap = cap;
+    res->bytes += more;
+    ipmpi_rstore_count(&rs->st, (int64_t)more);
+    return 0;
 }
 
 static void record_free(ipmpi_result_t *res)
@@ -133,7 +157,6 @@ void ipmpi_ctl_result_open(ipmpi_ctl_t *c, const ipmpi_session_t *s, ipmpi_req_t
         res->ngot = 0;
         res->dropped = 0;
         res->missed = 0;
-        ipmpi_rstore_count(&rs->st, (int64_t)overhead(r->total) - (int64_t)res->bytes);
     } else {
         if (res)
             record_remove(rs, res, 0);
@@ -143,16 +166,11 @@ void ipmpi_ctl_result_open(ipmpi_ctl_t *c, const ipmpi_session_t *s, ipmpi_req_t
             return; /* out of memory: this request gets no kept result */
         }
         ipmpi_rentry_init(&res->e);
-        ipmpi_rstore_count(&rs->st, (int64_t)overhead(r->total));
+        ipmpi_rstore_count(&rs->st, (int64_t)overhead());
+        res->bytes = overhead();
     }
-    res->bytes = overhead(r->total);
     res->kind = r->kind;
     res->total = r->total;
-    res->reps = calloc(r->total, sizeof *res->reps);
-    if (!res->reps) {
-        record_remove(rs, res, 0);
-        return;
-    }
     res->req = r;
     r->res = res;
     make_room(c, 0);
@@ -252,11 +270,16 @@ static void keep(ipmpi_ctl_t *c, ipmpi_req_t *r, const ipmpi_rreply_t *rp, int o
     if (!res->dropped) {
         uint64_t n = rp->parts ? ipmpi_parts_bytes(rp->parts) : 0;
         make_room(c, n);
-        if (!ipmpi_rstore_fits(&c->results.st, n)) {
+        int fits = ipmpi_rstore_fits(&c->results.st, n);
+        if (!fits || room_for_reply(&c->results, res) != 0) {
             char id[64];
             id_str(c->instance, res->key, id, sizeof id);
-            ipmpi_log(IPMPI_LOG_INFO, "request %s: its replies are too large to keep within --result-memory "
-                      "(%llu MiB); they go to its client only", id, (unsigned long long)(c->results.st.budget >> 20));
+            if (fits)
+                ipmpi_log(IPMPI_LOG_WARN, "request %s: no memory to keep its replies; they go to its client only", id);
+            else
+                ipmpi_log(IPMPI_LOG_INFO, "request %s: its replies are too large to keep within --result-memory "
+                          "(%llu MiB); they go to its client only", id,
+                          (unsigned long long)(c->results.st.budget >> 20));
             drop_replies(&c->results, res);
             res->dropped = 1;
         } else {

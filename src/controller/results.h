@@ -47,7 +47,9 @@ typedef struct ipmpi_result {
     uint32_t total, nrep;   /* nrep entries of reps used */
     uint32_t ngot;          /* engines' replies in (a gathered entry holds several) */
     uint64_t bytes;         /* counted for the replies kept so far */
-    ipmpi_rreply_t *reps;   /* room for total entries, nrep filled */
+    ipmpi_rreply_t *reps;   /* room for repcap entries (grown as replies come: a tree's
+                             * replies to N engines are a few gathered entries), nrep filled */
+    uint32_t repcap;
     ipmpi_req_t *req;       /* while running (r->res points back); NULL once finished */
     struct ipmpi_rsub {
         uint64_t session, client_req;
