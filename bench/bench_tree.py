@@ -33,9 +33,11 @@ controller's work for N engines from what the machine adds:
   16 engines   execute('pass') on engines 0..15 only (a tree of 16): the
                request of the 16-engine cluster, in this one
   contended    that again while the other N-16 engines run a loop of 2 ms
-               sleeps: the same work while the node's cores (this VM: 2)
-               are shared by N processes; the all-engine request's CPU
-               beyond this is what its N engines cost the controller
+               sleeps, and while they spin: the same work while the
+               node's cores (this VM: 2) are shared by N processes, as
+               they are while a request to all N runs; the all-engine
+               request's CPU beyond these is what its N engines cost the
+               controller
 
 The peer: ipyparallel 7.1's BroadcastView (its tree: the scheduler sends
 one message per broadcast) running the same execute('pass') on all, at the
@@ -148,13 +150,15 @@ def controls(mec, ctl, n, a):
     out["part_quiet"] = part_cpu(mec, ctl, reps)
     if n > CONTROL_ENGINES:
         others = list(range(CONTROL_ENGINES, n))
-        mec.execute("import time\n_t = time.time()\nwhile time.time() - _t < 600: time.sleep(0.002)",
-                    targets=others, block=False)
-        time.sleep(1.0)
-        try:
-            out["part_contended"] = part_cpu(mec, ctl, reps)
-        finally:
-            mec.interrupt(others)
+        for key, loop in (("part_contended", "time.sleep(0.002)"), ("part_saturated", "pass")):
+            mec.execute("import time\n_t = time.time()\nwhile time.time() - _t < 600: " + loop,
+                        targets=others, block=False)
+            time.sleep(1.0)
+            try:
+                out[key] = part_cpu(mec, ctl, reps)
+            finally:
+                mec.interrupt(others)
+            time.sleep(0.5)
     return out
 
 
@@ -239,9 +243,9 @@ def main():
                     curve.append((n, r["ctl_cpu"]))
                 if "part_contended" in r:
                     print("        controls: execute('pass') on engines 0..%d only: controller CPU %.0f us; the same "
-                          "while the other %d engines sleep 2 ms in a loop: %.0f us"
+                          "while the other %d engines sleep 2 ms in a loop: %.0f us; while they spin: %.0f us"
                           % (CONTROL_ENGINES - 1, r["part_quiet"] * 1e6, n - CONTROL_ENGINES,
-                             r["part_contended"] * 1e6), flush=True)
+                             r["part_contended"] * 1e6, r["part_saturated"] * 1e6), flush=True)
     if len({n for n, _ in curve}) > 1:
         fa, fc, how = scale_model.fit_line([n for n, _ in curve], [y for _, y in curve])
         print("tree: controller CPU per request = a + c*N with a = %.0f us, c = %.2f us per engine (%s); the model of"

@@ -84,13 +84,14 @@ def self_signed_cert(workdir):
 
 
 @contextlib.contextmanager
-def ipmpi_cluster(n, start_timeout=120, engine_args=()):
+def ipmpi_cluster(n, start_timeout=120, engine_args=(), ipmpi_bin=None):
     """Yields (cluster, seconds start() took) for a started ipmpi cluster
-    of n engines in a private IPMPI_DIR, its ranks given engine_args;
-    stops it whatever happens."""
+    of n engines in a private IPMPI_DIR, its ranks given engine_args
+    (ipmpi_bin: that executable instead of the build tree's); stops it
+    whatever happens."""
     from ipmpi.cluster import Cluster
     with tmpdir("ipmpi-bench-") as d:
-        c = Cluster(n=n, ipmpi_dir=d, engine_args=engine_args)
+        c = Cluster(n=n, ipmpi_dir=d, engine_args=engine_args, ipmpi_bin=ipmpi_bin)
         try:
             t0 = time.perf_counter()
             c.start(timeout=start_timeout)

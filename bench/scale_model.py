@@ -9,8 +9,9 @@ Inputs, each printed with where it came from:
             "controller CPU per request", from /proc/PID/schedstat)
   c         the controller's CPU per engine of a tree request, what it
             still does for each engine when the replies come gathered
-            (settles it in its scheduler, passes its reply on to the
-            client, and on this VM waits longer with N): the slope of
+            and folded (settles it in its scheduler; on this VM, also
+            what the rest costs more while N engines share 2 cores): the
+            slope of
             bench_tree.py's tree CPU per request on one node, a parameter
             (--tree-per-engine-us, default the figure of
             doc/performance.rst)
@@ -59,7 +60,7 @@ PINGPONG = "--pingpong-child"
 DOC_POINTS = "16:100:0.5,64:200:2.0,256:1900:17.9"
 # doc/performance.rst's tree curve (make bench BENCH=tree, --no-spin, steady
 # state): the slope of the controller's CPU per tree request, us per engine.
-DOC_TREE_PER_ENGINE_US = 1.7
+DOC_TREE_PER_ENGINE_US = 0.9
 
 
 def add_model_args(ap):
@@ -190,9 +191,9 @@ def report(points, l_node, a, source):
     print("  assumptions: one engine per core, so no engine waits for a core (this machine's measured e does);")
     print("    b, measured on one node, is also the controller's cost of a message to another node;")
     print("    inside a tree each send costs about l_node and a parent sends to its f children in turn;")
-    print("    in a tree the controller still settles each engine and passes its result (about 140 bytes")
-    print("    for execute('pass')) to the client: c*N, measured on one node whose 2 cores N engines share,")
-    print("    so c also holds the controller's longer waits there;")
+    print("    in a tree the controller still settles each engine in its scheduler (the replies of engines")
+    print("    that agree come folded, a few hundred bytes per subtree): c*N, measured on one node whose 2")
+    print("    cores N engines share, so c also holds what every system call and cache line costs more there;")
     print("    no contention on the network, no stragglers (one slow engine delays every shape);")
     print("    a fit over Ns of one oversubscribed node extrapolated 64-1,000x beyond them.")
 
