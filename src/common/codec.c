@@ -134,7 +134,7 @@ int ipmpi_gather_each_next(ipmpi_gather_each_t *it, ipmpi_hdr_t *h, const uint8_
         it->left -= (size_t)n;
     }
     *h = it->refh;
-    h->target = it->run_next++;
+    h->target = (int32_t)it->run_next++;
     it->run_left--;
     *frame = it->ref;
     return 1;

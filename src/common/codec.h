@@ -101,7 +101,7 @@ typedef struct ipmpi_gather_each {
     const uint8_t *ref; /* the last whole frame, or NULL */
     ipmpi_hdr_t refh;
     uint64_t run_left;  /* engines of the current run still to give */
-    int32_t run_next;
+    int64_t run_next;   /* (wide: a whole frame's target may be INT32_MAX) */
 } ipmpi_gather_each_t;
 void ipmpi_gather_each_init(ipmpi_gather_each_t *it, const uint8_t *p, size_t left, const ipmpi_limits_t *lim);
 int ipmpi_gather_each_next(ipmpi_gather_each_t *it, ipmpi_hdr_t *h, const uint8_t **frame);

@@ -1039,6 +1039,12 @@ static void test_gather_each_refuses_runs_that_repeat_nothing_or_overflow(void *
         put_run(buf, &len, 1, bad[i]);
         assert_int_equal(each_reply(buf, len, t, st, first, 4), IPMPI_EPROTO);
     }
+    /* A whole frame may name any target, INT32_MAX too (the fuzzer's
+     * find: the iterator's next target overflowed). */
+    len = 0;
+    put_inner(buf, &len, INT32_MAX, IPMPI_F_REPLY, 1, one, 'a');
+    assert_int_equal(each_reply(buf, len, t, st, first, 4), 1);
+    assert_int_equal(t[0], INT32_MAX);
     /* A run with parts of its own, and a whole frame with a count. */
     len = 0;
     put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
