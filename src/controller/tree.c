@@ -354,11 +354,11 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
     ipmpi_ctl_result_gathered(c, r, parts, count);
     uint64_t now = ipmpi_now_ns();
     int kick = 0;
-    ipmpi_gather_each_t it;
-    ipmpi_gather_each_init(&it, f, left, &c->link.lim);
+    ipmpi_gather_each_t each;
+    ipmpi_gather_each_init(&each, f, left, &c->link.lim);
     ipmpi_hdr_t h;
     const uint8_t *fr;
-    while (ipmpi_gather_each_next(&it, &h, &fr) > 0) {
+    while (ipmpi_gather_each_next(&each, &h, &fr) > 0) {
         ipmpi_engine_slot_t *e = &c->eng[h.target];
         ipmpi_sitem_t it;
         ipmpi_ctl_reply_in(c, e, h.flags, now, &it);
