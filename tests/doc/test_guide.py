@@ -201,6 +201,19 @@ class Chapter:
         with open(os.path.join(self.home, name), "w") as f:
             f.write("\n".join(block.lines) + "\n")
 
+    def logs(self):
+        """The cluster logs under this home (controller, engines, ipcluster),
+        their last 200 lines each: why a failing chapter's job ended."""
+        out = []
+        for root, _dirs, files in os.walk(self.home):
+            for name in sorted(files):
+                if name.endswith(".log"):
+                    path = os.path.join(root, name)
+                    with open(path, errors="replace") as f:
+                        tail = f.read().splitlines()[-200:]
+                    out.append("==== %s\n%s" % (os.path.relpath(path, self.home), "\n".join(tail)))
+        return "\n".join(out) or "(no log under %s)" % self.home
+
     def cleanup(self):
         for c in list(self.globs.values()):
             close = getattr(c, "close", None)
@@ -259,6 +272,10 @@ def test_examples(path, monkeypatch):
                     ch.write_file(b)
             except AssertionError as e:
                 failures.append(str(e))
+        if failures:
+            # The logs of the job the examples ran against, read before
+            # cleanup removes the home directory.
+            failures.append("the cluster's logs:\n" + ch.logs())
     finally:
         ch.cleanup()
     assert not failures, "\n\n".join(failures)
