@@ -672,6 +672,29 @@ static int bell_may_sleep(ipmpi_ctl_t *c, int spun)
     return ipmpi_doorbell_ctl_sleep(c->job->bell, c->link.near_hdrs, k);
 }
 
+/* 1 while frames announced on the bell are on their way (MPI has not
+ * delivered them yet) and were first seen so for less than ANN_POLL_NS:
+ * the loop polls for them at once instead of backing off. A replied
+ * tree's roots often announce before the loop looks, and a backed-off
+ * ppoll() cost a context switch per request; past ANN_POLL_NS (an
+ * engine that died between its announcement and its send) the usual
+ * back-off resumes. */
+#define ANN_POLL_NS (200000ull)
+
+static int announced_on_the_way(ipmpi_ctl_t *c, uint64_t now)
+{
+    if (c->job->bell->ctl_fd < 0)
+        return 0;
+    uint64_t ann = ipmpi_doorbell_ctl_announced(c->job->bell);
+    if (ann == c->link.near_hdrs)
+        return 0;
+    if (ann != c->ann_ahead) {
+        c->ann_ahead = ann;
+        c->ann_since = now;
+    }
+    return now - c->ann_since < ANN_POLL_NS;
+}
+
 static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
 {
     ipmpi_backoff_t bo;
@@ -809,6 +832,8 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
                 bell++;
             }
         }
+        else if (busy && announced_on_the_way(c, now))
+            timeout = 0;
         else if (busy)
             timeout = ipmpi_backoff_next(&bo, now);
         else if (now - bo.last_busy < bo.spin_ns)

@@ -74,6 +74,11 @@ typedef struct ipmpi_ctl {
      * hundreds of engines woke the loop several times per request for
      * nothing. 0 until the first tree came back. */
     uint64_t tree_ns;
+    /* Frames this node's engines announced on the bell that MPI has not
+     * delivered yet (controller.c, bell_may_sleep): the announced count
+     * last seen ahead, and since when. They are on their way, so the loop
+     * polls for them at once for a while instead of backing off. */
+    uint64_t ann_ahead, ann_since;
     ipmpi_cpusec_t cpu; /* --cpu-sections (cpusec.h) */
     int nheld;     /* engines whose next request is held back (ipmpi_ctl_release_held) */
     /* Task clients whose tasks are held back: their sessions have too many
