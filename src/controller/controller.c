@@ -42,6 +42,7 @@
 #include "ipmpi/errors.h"
 #include "log.h"
 #include "tls.h"
+#include "tree.h"
 
 #define HELLO_TIMEOUT_NS (10ull * 1000000000ull)
 #define FLUSH_TIMEOUT_NS (2ull * 1000000000ull)
@@ -610,7 +611,9 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     c->mark = calloc((size_t)c->cap_engines, sizeof *c->mark);
     c->targets = calloc((size_t)c->cap_engines, sizeof *c->targets);
     c->tree_ids = calloc((size_t)c->cap_engines, sizeof *c->tree_ids);
-    if (!c->eng || !c->mark || !c->targets || !c->tree_ids)
+    c->tree_keys = calloc((size_t)c->cap_engines, sizeof *c->tree_keys);
+    c->tree_slices = calloc(2 * ((size_t)c->cap_engines + 1), sizeof *c->tree_slices);
+    if (!c->eng || !c->mark || !c->targets || !c->tree_ids || !c->tree_keys || !c->tree_slices)
         return IPMPI_ENOMEM;
     for (int i = 0; i < c->nengines; i++) {
         c->eng[i].id = i;
@@ -989,6 +992,8 @@ static void teardown(ipmpi_ctl_t *c)
     free(c->mark);
     free(c->targets);
     free(c->tree_ids);
+    free(c->tree_keys);
+    free(c->tree_slices);
     free(c->sess);
     free(c->sgen);
     ipmpi_reqtab_fini(&c->reqs);

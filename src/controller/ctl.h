@@ -28,23 +28,27 @@
 #include "watch.h"
 
 typedef struct ipmpi_engine_slot {
+    /* What a request to all engines reads of each (requests.c, tree.c,
+     * dispatch.c) comes first, in one cache line: at hundreds of engines
+     * the loop walks every slot several times per request, after the
+     * engines' processes have taken the cores (and the caches). */
     int id, rank;
     int ready;
     int dead;
-    char why[128];        /* PMIx state (or reason) of its death */
-    char *props;          /* READY JSON, NUL-terminated */
     int held;             /* head request waits: its client is not reading (dispatch.c) */
-    /* On another node: where its wake-up datagrams go (wake.c); fd -1: none. */
-    int wake_fd;
-    struct sockaddr_storage wake_addr;
-    socklen_t wake_len;
-    uint64_t wake_key, wake_gap, wake_due;
     int rings;            /* a ring came from it (wake.c): the loop may sleep on the bell while it works */
+    int join_first;       /* of a job that joined later (join.c): its engines' first id */
+    int wake_fd;          /* on another node: where its wake-up datagrams go (wake.c); -1: none */
+    uint64_t wake_due;
     uint64_t host_key;    /* nonzero, one per host of wake_addr (wake.c): trees group engines by it (tree.c) */
     uint64_t gather_mark; /* the gathered frame its reply was last seen in (tree.c: no engine twice) */
-    /* Of a job that joined later (join.c): its engines' first id, and the
-     * TCP connection whose end says the engine is gone (-1: none yet). */
-    int join_first;
+    uint64_t wake_key, wake_gap;
+    char *props;          /* READY JSON, NUL-terminated */
+    char why[128];        /* PMIx state (or reason) of its death */
+    struct sockaddr_storage wake_addr;
+    socklen_t wake_len;
+    /* Of a job that joined later: the TCP connection whose end says the
+     * engine is gone (-1: none yet). */
     int live_fd;
     /* The key of its INTERRUPT and KILL datagrams (READY's "intr" part,
      * admin.c), when intr_ok; they go where its wake-ups go. */
@@ -91,6 +95,12 @@ typedef struct ipmpi_ctl {
     uint32_t markgen;
     int *targets;   /* scratch: resolved target ids (nengines) */
     int *tree_ids;  /* scratch: the engines of a broadcast tree (requests.c) */
+    /* Scratch of a tree's send (tree.c), room for every engine: 4 KiB
+     * malloc'd per request at 256 engines is a large-bin request, for
+     * which glibc consolidated its fast bins each time (perf: 1.4% of the
+     * controller's CPU per request). */
+    struct ipmpi_tree_keyed *tree_keys;
+    uint32_t *tree_slices; /* 2 * (engines + 1): the top's slices, start then len */
     uint64_t rering_at; /* next ipmpi_ctl_rering */
     int wake_fd4, wake_fd6; /* UDP sockets for wake-ups (wake.c), -1 until needed */
 

@@ -94,9 +94,7 @@ static uint32_t top_slices(const ipmpi_ctl_t *c, const ipmpi_req_t *r, uint32_t 
  * IPMPI_ENOMEM. */
 static int group_by_node(const ipmpi_ctl_t *c, const int *ids, int n, int32_t *out)
 {
-    ipmpi_tree_keyed_t *k = malloc((size_t)(n > 0 ? n : 1) * sizeof *k);
-    if (!k)
-        return IPMPI_ENOMEM;
+    ipmpi_tree_keyed_t *k = c->tree_keys;
     for (int i = 0; i < n; i++) {
         k[i].key = node_key(c, &c->eng[ids[i]]);
         k[i].pos = i;
@@ -104,7 +102,6 @@ static int group_by_node(const ipmpi_ctl_t *c, const int *ids, int n, int32_t *o
     int rc = ipmpi_tree_group(k, (uint32_t)n) == 0 ? 0 : IPMPI_ENOMEM;
     for (int i = 0; rc == 0 && i < n; i++)
         out[i] = c->eng[ids[k[i].pos]].rank;
-    free(k);
     return rc;
 }
 
@@ -129,8 +126,8 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
          * post arms them: ipmpi_ctl_wake), and those it sends a retry. */
         c->eng[ids[i]].wake_due = UINT64_MAX;
     }
-    uint32_t *start = r->tree ? malloc(2 * (size_t)r->ntree * sizeof *start) : NULL;
-    if (!start) {
+    uint32_t *start = c->tree_slices;
+    if (!r->tree) {
         /* No memory for the tree: each engine gets its own send. */
         free(r->tree);
         r->tree = NULL;
@@ -179,7 +176,6 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
             ipmpi_ctl_wake_later(c, e, c->tree_ns);
         }
     }
-    free(start);
 }
 
 void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
