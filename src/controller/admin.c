@@ -224,10 +224,15 @@ void ipmpi_ctl_do_shm_probe(ipmpi_session_t *s, const ipmpi_hdr_t *h, const ipmp
     ipmpi_parts_unref(out);
 }
 
-int ipmpi_ctl_signal_engine(const ipmpi_engine_slot_t *e, int sig)
+long ipmpi_ctl_engine_pid(const ipmpi_engine_slot_t *e)
 {
     const char *p = e->props ? strstr(e->props, "\"pid\":") : NULL;
-    long pid = p ? strtol(p + 6, NULL, 10) : 0;
+    return p ? strtol(p + 6, NULL, 10) : 0;
+}
+
+int ipmpi_ctl_signal_engine(const ipmpi_engine_slot_t *e, int sig)
+{
+    long pid = ipmpi_ctl_engine_pid(e);
     if (pid <= 1 || e->dead)
         return IPMPI_ENOENT;
     char path[64], buf[512];

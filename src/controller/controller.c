@@ -448,12 +448,15 @@ static void watch_tick(ipmpi_ctl_t *c, uint64_t now, int busy)
 {
     if (!c->watch.enabled)
         return;
+    /* Engines watched by pidfd show their end at once: the table then
+     * only backs them up (watch.h). */
+    uint64_t every = busy && !ipmpi_ctl_watch_pids_cover(&c->watch) ? WATCH_BUSY_NS : WATCH_IDLE_NS;
     if (now >= c->watch.next_ns) {
         ipmpi_ctl_watch_poll(&c->watch, ipmpi_ctl_rank_dead, c);
-        c->watch.next_ns = now + (busy ? WATCH_BUSY_NS : WATCH_IDLE_NS);
-    } else if (busy && c->watch.next_ns > now + WATCH_BUSY_NS) {
+        c->watch.next_ns = now + every;
+    } else if (c->watch.next_ns > now + every) {
         /* Work just arrived: deaths must now show within 250 ms. */
-        c->watch.next_ns = now + WATCH_BUSY_NS;
+        c->watch.next_ns = now + every;
     }
 }
 
@@ -636,7 +639,7 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     c->link.wake_arg = c;
     if (ipmpi_host_id(c->host_id, sizeof c->host_id) != 0)
         c->host_id[0] = '\0'; /* no /proc: clients use TLS only */
-    ipmpi_ctl_watch_init(&c->watch, job->have_pmix, job->jobid);
+    ipmpi_ctl_watch_init(&c->watch, job->have_pmix, job->jobid, job->world_size);
     c->watch.next_ns = ipmpi_now_ns() + WATCH_IDLE_NS;
 
     c->gate = ipmpi_gate_new();
@@ -765,8 +768,8 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             next_deadline = c->accept_resume;
 
         uint32_t jcap = ipmpi_ctl_join_nfds(c);
-        if (pcap < c->scap + 4 + jcap) {
-            pcap = c->scap + 4 + jcap;
+        if (pcap < c->scap + 5 + jcap) {
+            pcap = c->scap + 5 + jcap;
             struct pollfd *np = realloc(pfd, pcap * sizeof *np);
             uint32_t *ns = realloc(pslot, pcap * sizeof *ns);
             if (np)
@@ -799,9 +802,17 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             n++;
         }
 
-        /* Joins and joined engines' liveness after the sessions. */
+        /* Joins and joined engines' liveness after the sessions, then
+         * the pidfds of this host's engines (watch.h). */
         nfds_t nsfd = n;
         n += ipmpi_ctl_join_fds(c, pfd + n, pcap - (uint32_t)n);
+        nfds_t njfd = n;
+        if (ipmpi_ctl_watch_fd(&c->watch) >= 0) {
+            pfd[n].fd = ipmpi_ctl_watch_fd(&c->watch);
+            pfd[n].events = POLLIN;
+            pfd[n].revents = 0;
+            n++;
+        }
 
         uint64_t timeout;
         int bell = 0;
@@ -871,8 +882,10 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
         }
         if (nev > 0)
             ipmpi_backoff_busy(&bo, now);
-        if (nsfd < n)
-            ipmpi_ctl_join_events(c, pfd + nsfd, (uint32_t)(n - nsfd));
+        if (nsfd < njfd)
+            ipmpi_ctl_join_events(c, pfd + nsfd, (uint32_t)(njfd - nsfd));
+        if (njfd < n && pfd[njfd].revents)
+            ipmpi_ctl_watch_reap(&c->watch, ipmpi_ctl_rank_dead, c);
         n = nsfd;
         if (pfd[0].revents & POLLIN)
             accept_clients(c, now);
@@ -925,6 +938,8 @@ static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
               "%llu rings from other nodes; %llu probes of MPI spared by a quiet bell",
               (unsigned long long)c->bell_sleeps, (unsigned long long)c->bell_rings,
               (unsigned long long)c->far_rings, (unsigned long long)c->link.probes_skipped);
+    ipmpi_log(IPMPI_LOG_INFO, "dead engines: %llu queries of the PMIx process table; %d engines watched by pidfd "
+              "at the end", (unsigned long long)c->watch.queries, ipmpi_ctl_watch_npids(&c->watch));
     if (c->gathered)
         ipmpi_log(IPMPI_LOG_INFO, "trees: %llu gathered reply frames, %llu of them forwarded to the client whole",
                   (unsigned long long)c->gathered, (unsigned long long)c->gathered_whole);
@@ -986,6 +1001,7 @@ static void teardown(ipmpi_ctl_t *c)
     ipmpi_ctl_results_fini(c);
     ipmpi_ctl_wake_fini(c);
     ipmpi_sched_fini(&c->sched);
+    ipmpi_ctl_watch_fini(&c->watch);
     for (int i = 0; c->eng && i < c->nengines; i++)
         free(c->eng[i].props);
     free(c->eng);

@@ -276,6 +276,8 @@ void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_
  * IPMPI_ENOENT when it cannot be signalled from here.
  */
 int ipmpi_ctl_signal_engine(const ipmpi_engine_slot_t *e, int sig);
+/* The process id engine e gave in its READY, unchecked (0: none). */
+long ipmpi_ctl_engine_pid(const ipmpi_engine_slot_t *e);
 /* READY's third part "intr HEX": the key of e's INTERRUPT datagrams. */
 void ipmpi_ctl_intr_register(ipmpi_engine_slot_t *e, const char *text, size_t len);
 /* Sends e (on another node or joined: no signal reaches it) an INTERRUPT

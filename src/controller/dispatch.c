@@ -313,6 +313,8 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
     e->dead = 1;
     c->nlive--;
     c->any_died = 1;
+    if (e->join_first == 0)
+        ipmpi_ctl_watch_forget(&c->watch, e->rank);
     snprintf(e->why, sizeof e->why, "%s", why);
     ipmpi_log(IPMPI_LOG_ERROR, "engine %d (rank %d) died: %s", e->id, e->rank, why);
     ipmpi_sched_engine_dead(&c->sched, e->id);
@@ -377,6 +379,9 @@ static void store_ready(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_parts_t *p
         ipmpi_log(IPMPI_LOG_DEBUG, "engine %d (rank %d) ready: %s", e->id, e->rank, props ? props : "");
     if (!e->ready) {
         e->ready = 1;
+        /* Its end shows at once if it runs on this host (watch.h). */
+        if (e->join_first == 0)
+            (void)ipmpi_ctl_watch_pid(&c->watch, e->rank, ipmpi_ctl_engine_pid(e));
         ipmpi_sched_engine_ready(&c->sched, e->id);
         ipmpi_ctl_kick(c);
     }

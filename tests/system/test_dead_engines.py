@@ -7,11 +7,14 @@ fails within 5 s with an error naming the engine, requests queued behind it
 on that engine fail too, the other engines keep working, and get_ids no
 longer lists it.
 """
+import os
+import re
+import signal
 import time
 
 import pytest
 
-from conftest import connected_client, running_cluster
+from conftest import connected_client, controller_log, running_cluster, start_cluster, stop_cluster
 from ipmpi import client
 
 
@@ -110,6 +113,37 @@ def test_kill_of_a_busy_engine_ends_it_now(mec5):
     mec5.kill(targets=v, timeout=10)
     assert time.monotonic() - t0 < 5.0
     check_death(mec5, ids, v, pid, dying, behind, t0)
+
+
+def test_engines_on_the_controllers_host_are_watched_by_pidfd_not_by_polling():
+    # Each engine on the controller's host is watched by a pidfd: its end
+    # wakes the controller at once, and the PMIx process table (whose
+    # query copies every rank's row, O(ranks)) is then only a backstop,
+    # asked every 2 s instead of every 250 ms while engines work.
+    c = start_cluster(3)
+    try:
+        t0 = time.monotonic()
+        mec = c.client(timeout=60)
+        pids = mec.execute("import os, time; mypid = os.getpid()") and mec.pull("mypid")
+        mec.execute("time.sleep(4)")          # busy: 16 queries at the old 250 ms
+        dying = mec.execute("time.sleep(600)", targets=2, block=False)
+        time.sleep(0.3)
+        os.kill(pids[2], signal.SIGKILL)
+        with pytest.raises(client.DeadEngineError) as ei:
+            dying.get_result(timeout=30)
+        # Seen by the pidfd: the process table would say "PROC ABORTED ...".
+        assert "engine 2 died (rank 3): its process" in str(ei.value), str(ei.value)
+        assert mec.get_ids() == [0, 1]
+        mec.close()
+    finally:
+        stop_cluster(c)
+    took = time.monotonic() - t0
+    log = controller_log(c.log_dir)
+    m = re.search(r"dead engines: (\d+) queries of the PMIx process table; (\d+) engines watched by pidfd", log)
+    assert m, log[-3000:]
+    # Start-up (READYs) and the shutdown may ask; the busy 4 s must not.
+    assert int(m.group(1)) <= took / 2 + 2, (m.group(0), took)
+    assert int(m.group(2)) == 2, m.group(0)
 
 
 def test_survivor_still_serves_every_kind(mec5):
