@@ -56,13 +56,6 @@ void ipmpi_mpilink_init(ipmpi_mpilink_t *l, MPI_Comm comm)
 
 void ipmpi_mpilink_fini(ipmpi_mpilink_t *l)
 {
-    if (l->hposted) {
-        /* A receive: cancelled at once (before MPI_Finalize, which would
-         * wait for it). */
-        MPI_Cancel(&l->hreq);
-        MPI_Wait(&l->hreq, MPI_STATUS_IGNORE);
-    }
-    free(l->hbuf);
     free(l->extra);
     free(l->sreq);
     free(l->sop);
@@ -376,11 +369,18 @@ int ipmpi_mpilink_stream_abort(ipmpi_mpilink_t *l, ipmpi_sendop_t *op)
     return rc;
 }
 
-/* Header message buf (count bytes) came from src (in comm: ranks 1..
- * are link ranks base..): post receives for all its parts. buf stays
- * the caller's. */
-static int start_recv(ipmpi_mpilink_t *l, const uint8_t *buf, int count, int src, MPI_Comm comm, int base)
+/* A header arrived: take it and post receives for all its parts. */
+static int start_recv(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st, MPI_Comm comm, int base)
 {
+    int count = 0, src = st->MPI_SOURCE; /* in comm: ranks 1.. are link ranks base.. */
+    MPI_Get_count(st, MPI_BYTE, &count);
+    uint8_t *buf = malloc(count > 0 ? (size_t)count : 1);
+    if (!buf)
+        return IPMPI_ENOMEM;
+    if (MPI_Mrecv(buf, count, MPI_BYTE, msg, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+        free(buf);
+        return IPMPI_EMPI;
+    }
     int rc = IPMPI_EPROTO;
     ipmpi_hdr_t h;
     uint64_t *lens = NULL, total = 0;
@@ -426,6 +426,7 @@ static int start_recv(ipmpi_mpilink_t *l, const uint8_t *buf, int count, int src
         op->next = l->recv_head;
         l->recv_head = op;
         free(lens);
+        free(buf);
         return 0;
     }
     op->bulk = has_bulk(h.nparts, lens);
@@ -446,6 +447,7 @@ static int start_recv(ipmpi_mpilink_t *l, const uint8_t *buf, int count, int src
     l->recv_head = op;
     l->nbulk += (uint32_t)op->bulk;
     free(lens);
+    free(buf);
     return 0;
 bad:
     /* Receives already posted keep their buffers: leak them with the op. */
@@ -457,86 +459,8 @@ bad:
     ipmpi_log(IPMPI_LOG_ERROR, "bad frame from rank %d (%d bytes of header): %s", base + src - 1, count,
               ipmpi_strerror(rc));
     free(lens);
-    return rc;
-}
-
-/* A probed header message (joined jobs' communicators): received, then
- * taken as any header. */
-static int recv_probed(ipmpi_mpilink_t *l, MPI_Message *msg, MPI_Status *st, MPI_Comm comm, int base)
-{
-    int count = 0;
-    MPI_Get_count(st, MPI_BYTE, &count);
-    uint8_t *buf = malloc(count > 0 ? (size_t)count : 1);
-    if (!buf)
-        return IPMPI_ENOMEM;
-    int rc = MPI_Mrecv(buf, count, MPI_BYTE, msg, MPI_STATUS_IGNORE) == MPI_SUCCESS
-                 ? start_recv(l, buf, count, st->MPI_SOURCE, comm, base)
-                 : IPMPI_EMPI;
     free(buf);
     return rc;
-}
-
-/* Posts the receive for comm's next header (hbuf: room for the largest
- * header message the limits allow, or a packed frame). */
-static int post_hdr(ipmpi_mpilink_t *l)
-{
-    if (!l->hbuf) {
-        size_t cap = ipmpi_hdr_wire_size(l->lim.max_parts);
-        if (cap < IPMPI_PACK_MAX)
-            cap = IPMPI_PACK_MAX;
-        if (cap > INT32_MAX || !(l->hbuf = malloc(cap)))
-            return IPMPI_ENOMEM;
-        l->hcap = cap;
-    }
-    if (MPI_Irecv(l->hbuf, (int)l->hcap, MPI_BYTE, MPI_ANY_SOURCE, IPMPI_TAG_HDR, l->comm, &l->hreq) != MPI_SUCCESS)
-        return IPMPI_EMPI;
-    l->hposted = 1;
-    return 0;
-}
-
-/* The headers of comm that arrived, in order: each taken (start_recv),
- * the receive posted again. Returns how many, or IPMPI_EMPI. */
-static int take_hdrs(ipmpi_mpilink_t *l)
-{
-    int events = 0;
-    for (;;) {
-        if (!l->hposted) {
-            int rc = post_hdr(l);
-            if (rc == IPMPI_EMPI)
-                return rc;
-            if (rc != 0)
-                return events; /* no memory: the next progress tries again */
-        }
-        int flag = 0;
-        MPI_Status st;
-        int mrc = MPI_Test(&l->hreq, &flag, &st);
-        if (mrc == MPI_SUCCESS && !flag)
-            return events;
-        l->hposted = 0;
-        if (mrc != MPI_SUCCESS) {
-            int cls = 0;
-            MPI_Error_class(mrc, &cls);
-            if (cls != MPI_ERR_TRUNCATE)
-                return IPMPI_EMPI;
-            /* Not a header of ours (an engine's header is never this
-             * large): dropped, and the link goes on. */
-            l->hdrs_dropped++;
-            ipmpi_log(IPMPI_LOG_ERROR, "a message of tag %d larger than %zu bytes came to the controller: dropped",
-                      IPMPI_TAG_HDR, l->hcap);
-            continue;
-        }
-        int count = 0, src = st.MPI_SOURCE;
-        MPI_Get_count(&st, MPI_BYTE, &count);
-        if (ipmpi_doorbell_reaches(l->bell, src))
-            l->near_hdrs++;
-        if (start_recv(l, l->hbuf, count, src, l->comm, 1) == IPMPI_EMPI)
-            return IPMPI_EMPI;
-        events++;
-        /* Every frame the bell announced is in: testing again would only
-         * cost MPI a progress call. */
-        if (l->bell_tells && ipmpi_doorbell_ctl_announced(l->bell) == l->near_hdrs)
-            return events;
-    }
 }
 
 int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg)
@@ -560,13 +484,6 @@ int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg)
             }
             l->probe_due = now + IPMPI_PROBE_MAX_NS;
         }
-        if (c == 0) {
-            int n = take_hdrs(l);
-            if (n < 0)
-                return n;
-            events += n;
-            continue;
-        }
         for (;;) {
             int flag = 0;
             MPI_Message msg;
@@ -575,7 +492,9 @@ int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg)
                 return IPMPI_EMPI;
             if (!flag)
                 break;
-            int rc = recv_probed(l, &msg, &st, comm, base);
+            if (c == 0 && ipmpi_doorbell_reaches(l->bell, st.MPI_SOURCE))
+                l->near_hdrs++;
+            int rc = start_recv(l, &msg, &st, comm, base);
             if (rc == IPMPI_EMPI)
                 return rc;
             events++;

@@ -71,15 +71,6 @@ typedef struct ipmpi_mpilink {
     int bell_tells;
     uint64_t probe_due;
     uint64_t probes_skipped; /* counted for the log at the end */
-    /* comm's headers arrive in a receive posted ahead for any source
-     * (ob1 matches an arriving message against its posted receives;
-     * a probe for any source walked every peer, O(engines) per probe,
-     * ~4 us at 256): hbuf holds room for the largest header message. */
-    uint8_t *hbuf;
-    size_t hcap;
-    MPI_Request hreq;
-    int hposted;
-    uint64_t hdrs_dropped; /* header messages larger than hcap (not ours) */
     /* Called after every header posted, with the rank (engines on other
      * nodes: a wake-up datagram); NULL: none. Set by the owner. */
     void (*wake)(void *arg, int rank);
