@@ -67,7 +67,10 @@ typedef struct ipmpi_mpilink {
      * bell first (no engine of another node has work). Then progress
      * skips the probe of comm while every announced header was seen
      * (Open MPI's probe for any source walks every peer: its cost grows
-     * with the engines), but for one probe every IPMPI_PROBE_MAX_NS. */
+     * with the engines), but for one probe every IPMPI_PROBE_MAX_NS, and
+     * stops probing once every announced header was taken. (A receive
+     * posted ahead for any source is no cheaper: ob1 walks every peer
+     * when it is posted; measured, within the spread at 256 engines.) */
     int bell_tells;
     uint64_t probe_due;
     uint64_t probes_skipped; /* counted for the log at the end */
