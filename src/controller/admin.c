@@ -233,20 +233,7 @@ long ipmpi_ctl_engine_pid(const ipmpi_engine_slot_t *e)
 int ipmpi_ctl_signal_engine(const ipmpi_engine_slot_t *e, int sig)
 {
     long pid = ipmpi_ctl_engine_pid(e);
-    if (pid <= 1 || e->dead)
-        return IPMPI_ENOENT;
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return IPMPI_ENOENT;
-    size_t got = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[got] = '\0';
-    /* "pid (comm) state ppid ...": comm may hold spaces and parentheses. */
-    const char *rp = strrchr(buf, ')');
-    long ppid = 0;
-    if (!rp || sscanf(rp + 1, " %*c %ld", &ppid) != 1 || ppid != (long)getppid())
+    if (pid <= 1 || e->dead || !ipmpi_ctl_watch_sibling(pid))
         return IPMPI_ENOENT;
     return kill((pid_t)pid, sig) == 0 ? 0 : IPMPI_ENOENT;
 }

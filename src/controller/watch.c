@@ -75,6 +75,12 @@ static int stat_fields(long pid, long long *out, int max)
     return n;
 }
 
+int ipmpi_ctl_watch_sibling(long pid)
+{
+    long long f[2];
+    return stat_fields(pid, f, 2) == 2 && f[1] == (long long)getppid();
+}
+
 int ipmpi_ctl_watch_pid(ipmpi_ctl_watch_t *w, int rank, long pid)
 {
     if (!w->enabled || rank < 1 || rank >= w->nranks || pid <= 1)
@@ -101,9 +107,8 @@ int ipmpi_ctl_watch_pid(ipmpi_ctl_watch_t *w, int rank, long pid)
         return 0;
     /* Opened first, checked second: the process checked is the one the
      * pidfd holds (had it ended in between, the pidfd says so). */
-    long long f[2];
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)rank};
-    if (stat_fields(pid, f, 2) != 2 || f[1] != (long long)getppid() || epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    if (!ipmpi_ctl_watch_sibling(pid) || epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
         close(fd);
         return 0;
     }

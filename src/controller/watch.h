@@ -46,6 +46,10 @@ void ipmpi_ctl_watch_init(ipmpi_ctl_watch_t *w, int have_pmix, const char *nspac
 /* Closes the pidfds and their epoll. */
 void ipmpi_ctl_watch_fini(ipmpi_ctl_watch_t *w);
 
+/* 1 when process pid is a sibling of this one (the same parent: mpirun's
+ * or srun's daemon on this host), as /proc/PID/stat tells. */
+int ipmpi_ctl_watch_sibling(long pid);
+
 /*
  * Watches rank's process pid by pidfd from now on, if it is a sibling of
  * this process (the same parent: mpirun's or srun's daemon on this host,
