@@ -60,7 +60,7 @@ PINGPONG = "--pingpong-child"
 DOC_POINTS = "16:100:0.5,64:200:2.0,256:1900:17.9"
 # doc/performance.rst's tree curve (make bench BENCH=tree, --no-spin, steady
 # state): the slope of the controller's CPU per tree request, us per engine.
-DOC_TREE_PER_ENGINE_US = 0.9
+DOC_TREE_PER_ENGINE_US = 0.6
 
 
 def add_model_args(ap):
