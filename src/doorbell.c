@@ -36,6 +36,10 @@ enum { AWAKE = 0, ASLEEP = 1 };
 /* Each word on a cache line of its own: a ring must not make the other
  * sleepers' lines bounce. */
 #define SLOT_BYTES 64
+/* Rank 0's slot is followed by the ring of announcers: (idx + 1) << 24 |
+ * rank per entry, so a reader tells a current entry from an old one. */
+#define RING_BYTES (IPMPI_DOORBELL_RING * 8u)
+#define RING_RANK_BITS 24
 
 static long futex(_Atomic uint32_t *w, int op, uint32_t val, const struct timespec *ts)
 {
@@ -51,6 +55,7 @@ int ipmpi_doorbell_init(ipmpi_doorbell_t *d, MPI_Comm comm)
     d->win = MPI_WIN_NULL;
     d->ctl_fd = -1;
     MPI_Comm_size(comm, &d->world_size);
+    MPI_Comm_rank(comm, &d->rank);
     d->word = calloc((size_t)d->world_size, sizeof *d->word);
     if (!d->word)
         return IPMPI_ENOMEM;
@@ -58,13 +63,14 @@ int ipmpi_doorbell_init(ipmpi_doorbell_t *d, MPI_Comm comm)
     if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &d->node) != MPI_SUCCESS)
         goto off;
     void *base = NULL;
-    int rc = MPI_Win_allocate_shared(SLOT_BYTES, 1, MPI_INFO_NULL, d->node, &base, &d->win);
+    MPI_Aint mine = d->rank == 0 ? SLOT_BYTES + RING_BYTES : SLOT_BYTES;
+    int rc = MPI_Win_allocate_shared(mine, 1, MPI_INFO_NULL, d->node, &base, &d->win);
     if (rc != MPI_SUCCESS)
         goto off;
     /* The window's memory starts zeroed on every MPI we know, but nothing
      * promises it: each rank clears its own slot (AWAKE, no interrupt, the
      * controller's counters at 0) before any rank may use another's. */
-    memset(base, 0, SLOT_BYTES);
+    memset(base, 0, (size_t)mine);
     MPI_Barrier(d->node);
     int nnode = 0;
     MPI_Comm_size(d->node, &nnode);
@@ -81,8 +87,11 @@ int ipmpi_doorbell_init(ipmpi_doorbell_t *d, MPI_Comm comm)
         if (wr == MPI_UNDEFINED || MPI_Win_shared_query(d->win, i, &size, &disp, &p) != MPI_SUCCESS ||
             size < (MPI_Aint)SLOT_BYTES || !p)
             ok = 0;
-        else
+        else {
             d->word[wr] = p;
+            if (wr == 0 && size >= (MPI_Aint)(SLOT_BYTES + RING_BYTES))
+                d->ring = (_Atomic uint64_t *)((char *)p + SLOT_BYTES);
+        }
     }
     MPI_Group_free(&gnode);
     MPI_Group_free(&gworld);
@@ -229,6 +238,16 @@ uint64_t ipmpi_doorbell_ctl_announced(const ipmpi_doorbell_t *d)
     return atomic_load(ctl_u64(d, CTL_ANNOUNCED_OFFSET));
 }
 
+int ipmpi_doorbell_ctl_announcer(const ipmpi_doorbell_t *d, uint64_t idx)
+{
+    if (!d || !d->ring)
+        return -1;
+    uint64_t v = atomic_load_explicit(&d->ring[idx % IPMPI_DOORBELL_RING], memory_order_acquire);
+    if (v >> RING_RANK_BITS != idx + 1)
+        return -1;
+    return (int)(v & ((1u << RING_RANK_BITS) - 1));
+}
+
 int ipmpi_doorbell_ctl_sleep(ipmpi_doorbell_t *d, uint64_t seen, uint64_t k)
 {
     if (d->ctl_fd < 0 || k == 0)
@@ -265,6 +284,10 @@ void ipmpi_doorbell_announce(ipmpi_doorbell_t *d, int urgent)
     if (!ipmpi_doorbell_reaches(d, 0) || d->mine == d->word[0])
         return;
     uint64_t n = atomic_fetch_add(ctl_u64(d, CTL_ANNOUNCED_OFFSET), 1) + 1;
+    /* Who made announcement n - 1, before the frame goes. */
+    if (d->ring && d->rank > 0 && d->rank < (1 << RING_RANK_BITS))
+        atomic_store_explicit(&d->ring[(n - 1) % IPMPI_DOORBELL_RING], n << RING_RANK_BITS | (uint64_t)d->rank,
+                              memory_order_release);
     _Atomic uint32_t *w = d->word[0];
     if (atomic_load(w) != ASLEEP)
         return;

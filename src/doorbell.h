@@ -42,7 +42,14 @@ typedef struct ipmpi_doorbell {
     _Atomic uint32_t **word;   /* per rank of comm: its word if on this node, else NULL */
     _Atomic uint32_t *mine;    /* this rank's word */
     int ctl_fd;                /* the controller's bell socket: its own (controller), for sending (engine); -1 */
+    int rank;                  /* this rank in comm */
+    /* After rank 0's slot: who made the controller's last
+     * IPMPI_DOORBELL_RING announcements (NULL: none; doorbell_ctl_announcer). */
+    _Atomic uint64_t *ring;
 } ipmpi_doorbell_t;
+
+/* Announcements whose maker the controller can look up. */
+#define IPMPI_DOORBELL_RING 64u
 
 /*
  * Next to each word, the request id an INTERRUPT is for (0: none) and the
@@ -136,5 +143,14 @@ int ipmpi_doorbell_ctl_sleep(ipmpi_doorbell_t *d, uint64_t seen, uint64_t k);
 int ipmpi_doorbell_ctl_woke(ipmpi_doorbell_t *d);
 /* Engine on the controller's node, before it sends a frame to it. */
 void ipmpi_doorbell_announce(ipmpi_doorbell_t *d, int urgent);
+/*
+ * The rank (in comm) that made announcement idx (0 = the first ever), or
+ * -1 when that is not known (not written yet: its engine has not sent
+ * that frame either; or overwritten: more than IPMPI_DOORBELL_RING
+ * announcements since). The engine records itself after it counted, and
+ * before it sends: so the controller can probe MPI for that rank alone
+ * (a probe for any source walks every peer of the communicator).
+ */
+int ipmpi_doorbell_ctl_announcer(const ipmpi_doorbell_t *d, uint64_t idx);
 
 #endif

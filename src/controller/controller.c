@@ -935,9 +935,11 @@ static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
         ipmpi_log(IPMPI_LOG_INFO, "signal %d: shutting down", (int)stop_signal);
     ipmpi_log(IPMPI_LOG_INFO, "shutting down: %u request(s) still queued or running", c->reqs.len);
     ipmpi_log(IPMPI_LOG_INFO, "slept on its bell %llu times while engines worked, woken by a ring %llu times; "
-              "%llu rings from other nodes; %llu probes of MPI spared by a quiet bell",
+              "%llu rings from other nodes; %llu probes of MPI spared by a quiet bell; probes of MPI for the "
+              "engines that announced a frame %llu, for any source %llu",
               (unsigned long long)c->bell_sleeps, (unsigned long long)c->bell_rings,
-              (unsigned long long)c->far_rings, (unsigned long long)c->link.probes_skipped);
+              (unsigned long long)c->far_rings, (unsigned long long)c->link.probes_skipped,
+              (unsigned long long)c->link.probes_named, (unsigned long long)c->link.probes_any);
     ipmpi_log(IPMPI_LOG_INFO, "dead engines: %llu queries of the PMIx process table; %d engines watched by pidfd "
               "at the end", (unsigned long long)c->watch.queries, ipmpi_ctl_watch_npids(&c->watch));
     if (c->gathered)

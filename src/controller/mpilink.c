@@ -56,6 +56,8 @@ void ipmpi_mpilink_init(ipmpi_mpilink_t *l, MPI_Comm comm)
 
 void ipmpi_mpilink_fini(ipmpi_mpilink_t *l)
 {
+    free(l->pend);
+    free(l->pend_list);
     free(l->extra);
     free(l->sreq);
     free(l->sop);
@@ -463,6 +465,61 @@ bad:
     return rc;
 }
 
+/* Every announced frame was taken: nobody is owed. */
+static void pend_clear(ipmpi_mpilink_t *l, uint64_t announced)
+{
+    for (uint32_t i = 0; i < l->npend; i++)
+        l->pend[l->pend_list[i]] = 0;
+    l->npend = 0;
+    l->ann_cur = announced;
+    l->ann_lost = 0;
+}
+
+/* Reads the makers of the announcements up to `announced` into pend.
+ * Returns 1 when every frame owed is from a known rank, else 0 (probe any
+ * source this time). */
+static int pend_read(ipmpi_mpilink_t *l, uint64_t announced)
+{
+    if (!l->pend) {
+        l->pend = calloc((size_t)l->comm_size, sizeof *l->pend);
+        l->pend_list = malloc((size_t)l->comm_size * sizeof *l->pend_list);
+        if (!l->pend || !l->pend_list) {
+            free(l->pend);
+            free(l->pend_list);
+            l->pend = NULL;
+            l->pend_list = NULL;
+            return 0;
+        }
+    }
+    if (l->ann_lost)
+        return 0;
+    if (announced - l->ann_cur > IPMPI_DOORBELL_RING) {
+        l->ann_lost = 1; /* overwritten: any source until all are taken */
+        return 0;
+    }
+    while (l->ann_cur < announced) {
+        int r = ipmpi_doorbell_ctl_announcer(l->bell, l->ann_cur);
+        if (r <= 0 || r >= l->comm_size)
+            return 0; /* not recorded yet: its frame is not sent either, but later ones may be */
+        if (l->pend[r]++ == 0)
+            l->pend_list[l->npend++] = r;
+        l->ann_cur++;
+    }
+    return 1;
+}
+
+/* A frame from rank r of comm was taken. */
+static void pend_took(ipmpi_mpilink_t *l, int r)
+{
+    if (!l->pend || r <= 0 || r >= l->comm_size || l->pend[r] == 0 || --l->pend[r] > 0)
+        return;
+    for (uint32_t i = 0; i < l->npend; i++)
+        if (l->pend_list[i] == r) {
+            l->pend_list[i] = l->pend_list[--l->npend];
+            break;
+        }
+}
+
 int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg)
 {
     int events = progress_sends(l);
@@ -476,24 +533,43 @@ int ipmpi_mpilink_progress(ipmpi_mpilink_t *l, ipmpi_mpilink_cb cb, void *arg)
         int base = c == 0 ? 1 : l->extra[c - 1].base;
         if (c > 0 && !l->extra[c - 1].open)
             continue;
+        /* named: the ranks that owe frames are known (the bell's ring):
+         * probe them alone. */
+        int named = 0;
         if (c == 0 && l->bell_tells) {
             uint64_t now = ipmpi_now_ns();
-            if (now < l->probe_due && ipmpi_doorbell_ctl_announced(l->bell) == l->near_hdrs) {
+            uint64_t ann = ipmpi_doorbell_ctl_announced(l->bell);
+            if (ann == l->near_hdrs)
+                pend_clear(l, ann);
+            if (now < l->probe_due && ann == l->near_hdrs) {
                 l->probes_skipped++;
                 continue;
             }
             l->probe_due = now + IPMPI_PROBE_MAX_NS;
+            named = ann != l->near_hdrs && pend_read(l, ann) && now < l->wild_due;
+            if (!named)
+                l->wild_due = now + IPMPI_PROBE_MAX_NS;
         }
         for (;;) {
             int flag = 0;
             MPI_Message msg;
             MPI_Status st;
-            if (MPI_Improbe(MPI_ANY_SOURCE, IPMPI_TAG_HDR, comm, &flag, &msg, &st) != MPI_SUCCESS)
-                return IPMPI_EMPI;
+            for (uint32_t k = 0; named && !flag && k < l->npend; k++) {
+                l->probes_named++;
+                if (MPI_Improbe(l->pend_list[k], IPMPI_TAG_HDR, comm, &flag, &msg, &st) != MPI_SUCCESS)
+                    return IPMPI_EMPI;
+            }
+            if (!named) {
+                l->probes_any++;
+                if (MPI_Improbe(MPI_ANY_SOURCE, IPMPI_TAG_HDR, comm, &flag, &msg, &st) != MPI_SUCCESS)
+                    return IPMPI_EMPI;
+            }
             if (!flag)
                 break;
-            if (c == 0 && ipmpi_doorbell_reaches(l->bell, st.MPI_SOURCE))
+            if (c == 0 && ipmpi_doorbell_reaches(l->bell, st.MPI_SOURCE)) {
                 l->near_hdrs++;
+                pend_took(l, st.MPI_SOURCE);
+            }
             int rc = start_recv(l, &msg, &st, comm, base);
             if (rc == IPMPI_EMPI)
                 return rc;

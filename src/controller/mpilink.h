@@ -74,6 +74,19 @@ typedef struct ipmpi_mpilink {
     int bell_tells;
     uint64_t probe_due;
     uint64_t probes_skipped; /* counted for the log at the end */
+    /* Who announced the frames not taken yet (the bell's ring of
+     * announcers, doorbell.h): pend[rank] frames of each, the ranks in
+     * pend_list; ann_cur is the next announcement to read. While they are
+     * known the link probes those ranks alone; when not (a maker not
+     * recorded yet, or more than the ring holds) it probes any source, as
+     * it does at least every IPMPI_PROBE_MAX_NS. */
+    uint32_t *pend;
+    int *pend_list;
+    uint32_t npend;
+    uint64_t ann_cur;
+    int ann_lost;
+    uint64_t wild_due;
+    uint64_t probes_named, probes_any; /* counted for the log at the end */
     /* Called after every header posted, with the rank (engines on other
      * nodes: a wake-up datagram); NULL: none. Set by the owner. */
     void (*wake)(void *arg, int rank);
