@@ -884,8 +884,14 @@ static void run_loop(ipmpi_ctl_t *c, const sigset_t *waitmask)
             ipmpi_backoff_busy(&bo, now);
         if (nsfd < njfd)
             ipmpi_ctl_join_events(c, pfd + nsfd, (uint32_t)(njfd - nsfd));
-        if (njfd < n && pfd[njfd].revents)
+        if (njfd < n && pfd[njfd].revents) {
+            /* What an engine sent before it ended (the answer to its own
+             * KILL, say) is taken first: its end, seen at once by its
+             * pidfd, must not overtake its last frames. */
+            for (int k = 0; k < 3; k++)
+                (void)mpi_progress(c);
             ipmpi_ctl_watch_reap(&c->watch, ipmpi_ctl_rank_dead, c);
+        }
         n = nsfd;
         if (pfd[0].revents & POLLIN)
             accept_clients(c, now);
