@@ -369,14 +369,18 @@ def pids(mec):
 
 
 def test_a_relay_killed_before_the_request_costs_the_others_nothing(cluster, mec):
-    # Engine 0 relays to engine 1. Killed just before the request (not yet
-    # seen dead): the controller sends engine 1 the request again when it
-    # sees engine 0 die; engine 1 runs it once.
+    # Engine 0 relays to engine 1. It never forwards the request: stopped
+    # before it came (alive: the controller, which sees an end on its host
+    # at once, still sends it the tree), killed once it was sent. The
+    # controller sends engine 1 the request again when it sees engine 0
+    # die; engine 1 runs it once.
     p = pids(mec)
     mec.execute("count = 0")
-    os.kill(p[0], signal.SIGKILL)
+    os.kill(p[0], signal.SIGSTOP)
     t0 = time.monotonic()
     pr = mec.execute("count += 1; import os; w = os.getpid()", block=False)
+    time.sleep(0.3)
+    os.kill(p[0], signal.SIGKILL)
     with pytest.raises(client.CompositeError) as ei:
         pr.get_result(timeout=T)
     assert time.monotonic() - t0 < 10
