@@ -455,7 +455,8 @@ static void watch_tick(ipmpi_ctl_t *c, uint64_t now, int busy)
         ipmpi_ctl_watch_poll(&c->watch, ipmpi_ctl_rank_dead, c);
         c->watch.next_ns = now + every;
     } else if (c->watch.next_ns > now + every) {
-        /* Work just arrived: deaths must now show within 250 ms. */
+        /* Work just arrived: deaths must now show within `every` (250 ms
+         * while some live engine of the job has no pidfd). */
         c->watch.next_ns = now + every;
     }
 }

@@ -79,7 +79,7 @@ typedef struct ipmpi_ctl {
      * nothing. 0 until the first tree came back. */
     uint64_t tree_ns;
     /* Frames this node's engines announced on the bell that MPI has not
-     * delivered yet (controller.c, bell_may_sleep): the announced count
+     * delivered yet (controller.c, announced_on_the_way): the announced count
      * last seen ahead, and since when. They are on their way, so the loop
      * polls for them at once for a while instead of backing off. */
     uint64_t ann_ahead, ann_since;

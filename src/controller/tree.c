@@ -128,10 +128,8 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
     }
     uint32_t *start = c->tree_slices;
     if (!r->tree) {
-        /* No memory for the tree: each engine gets its own send. */
-        free(r->tree);
-        r->tree = NULL;
-        r->ntree = 0;
+        /* No memory for the tree (r->ntree stays 0): each engine gets its
+         * own send. */
         for (int i = 0; i < n; i++) {
             ipmpi_engine_slot_t *e = &c->eng[ids[i]];
             ipmpi_hdr_t h = {.kind = r->kind, .flags = r->eng_flags, .req_id = r->id, .target = e->id};
