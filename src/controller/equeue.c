@@ -325,6 +325,7 @@ ipmpi_req_t *ipmpi_req_new(uint64_t id, uint64_t client_req, uint64_t session, u
     r->kind = kind;
     r->total = total;
     r->payload = payload;
+    ipmpi_ql_init(&r->running);
     return r;
 }
 
@@ -332,6 +333,8 @@ void ipmpi_req_free(ipmpi_req_t *r)
 {
     if (!r)
         return;
+    if (r->nfly) /* freed while in flight: a caller's bug, but the running list stays whole */
+        ipmpi_ql_remove(&r->running);
     ipmpi_parts_unref(r->payload);
     free(r->tree);
     free(r);
@@ -344,6 +347,8 @@ void ipmpi_equeue_init(ipmpi_equeue_t *q)
 
 void ipmpi_equeue_fini(ipmpi_equeue_t *q)
 {
+    if (q->total)
+        *q->total -= q->len;
     free(q->ring);
     memset(q, 0, sizeof *q);
 }
@@ -367,6 +372,8 @@ int ipmpi_equeue_push(ipmpi_equeue_t *q, ipmpi_req_t *r)
     }
     q->ring[(q->head + q->len) & (q->cap - 1)] = r;
     q->len++;
+    if (q->total)
+        (*q->total)++;
     return 0;
 }
 
@@ -377,6 +384,8 @@ ipmpi_req_t *ipmpi_equeue_pop(ipmpi_equeue_t *q)
     ipmpi_req_t *r = q->ring[q->head];
     q->head = (q->head + 1) & (q->cap - 1);
     q->len--;
+    if (q->total)
+        (*q->total)--;
     return r;
 }
 

@@ -18,6 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "qlink.h"
+
 /*
  * Memory that some parts live in instead of a buffer of their own (a
  * shared-memory mapping, shmbuf.h): reference-counted, release() frees it
@@ -157,6 +159,12 @@ typedef struct ipmpi_req {
     /* Its subtrees whose gathered frame has not come yet (tree.c): the
      * frames the controller's bell may sleep for; 0 once a relay died. */
     uint32_t tree_open;
+    /* Engines that hold it in flight (sched.c counts them), and while
+     * that is nonzero its link in the scheduler's list of running
+     * requests (ipmpi_sched_t.running): the controller's bell reads them
+     * instead of every engine (dispatch.c). */
+    uint32_t nfly;
+    ipmpi_qlink_t running;
 } ipmpi_req_t;
 
 /* Allocates a request owning payload (taken on success). NULL on ENOMEM. */
@@ -174,6 +182,9 @@ typedef struct ipmpi_equeue {
     uint32_t cap;   /* 0 or a power of two */
     uint32_t head;  /* index of the oldest entry */
     uint32_t len;
+    /* NULL, or a count that every push and pop of this queue moves too
+     * (the scheduler's requests queued on all its engines). */
+    uint32_t *total;
 } ipmpi_equeue_t;
 
 void ipmpi_equeue_init(ipmpi_equeue_t *q);

@@ -23,6 +23,7 @@ static int engines_init(ipmpi_sched_t *s, int from, int to)
     for (int i = from; i < to; i++) {
         ipmpi_sengine_t *e = &s->eng[i];
         ipmpi_equeue_init(&e->q);
+        e->q.total = &s->nreq_queued;
         ipmpi_ql_init(&e->open);
         e->fly_cap = cap;
         e->fly = calloc(cap, sizeof *e->fly);
@@ -50,6 +51,7 @@ int ipmpi_sched_init_cap(ipmpi_sched_t *s, int nengines, int capacity, uint32_t 
     ipmpi_ql_init(&s->ring);
     ipmpi_ql_init(&s->parked);
     ipmpi_ql_init(&s->open);
+    ipmpi_ql_init(&s->running);
     s->depth = depth;
     s->nengines = nengines;
     s->capacity = capacity;
@@ -85,6 +87,12 @@ void ipmpi_sched_fini(ipmpi_sched_t *s)
     free(s->eng);
     s->eng = NULL;
     s->nengines = 0;
+    /* Requests still running outlive the list: detached, their free does
+     * not touch it. */
+    while (!ipmpi_ql_empty(&s->running)) {
+        IPMPI_CONTAINER_OF(s->running.next, ipmpi_req_t, running)->nfly = 0;
+        ipmpi_ql_remove(s->running.next);
+    }
 }
 
 static void unpark_all(ipmpi_sched_t *s);
@@ -332,14 +340,18 @@ uint32_t ipmpi_sched_spin(ipmpi_sched_t *s)
 
 /* ---- handing out ---- */
 
-static int fly_push(ipmpi_sengine_t *e, const ipmpi_sitem_t *it)
+static int fly_push(ipmpi_sched_t *s, ipmpi_sengine_t *e, const ipmpi_sitem_t *it)
 {
     if (e->fly_len == e->fly_cap)
         return -1; /* cannot happen: room is checked first */
     e->fly[(e->fly_head + e->fly_len) & (e->fly_cap - 1)] = *it;
     e->fly_len++;
-    if (it->type == IPMPI_SITEM_TASK)
+    if (it->type == IPMPI_SITEM_TASK) {
         e->fly_tasks++;
+        s->nfly_tasks++;
+    } else if (it->u.req->nfly++ == 0) {
+        ipmpi_ql_push_back(&s->running, &it->u.req->running);
+    }
     return 0;
 }
 
@@ -401,7 +413,7 @@ static ipmpi_stask_t *pick_task(ipmpi_sched_t *s, int e)
 /* Puts *it in flight on en and returns it in *out: 1. */
 static int hand_out(ipmpi_sched_t *s, ipmpi_sengine_t *en, const ipmpi_sitem_t *it, ipmpi_sitem_t *out)
 {
-    fly_push(en, it);
+    fly_push(s, en, it);
     en->last_task = it->type == IPMPI_SITEM_TASK;
     *out = *it;
     update_open(s, en);
@@ -447,12 +459,6 @@ int ipmpi_sched_next(ipmpi_sched_t *s, int e, uint64_t now, int (*hold)(void *ct
     return rc;
 }
 
-int ipmpi_sched_idle(const ipmpi_sched_t *s, int e)
-{
-    return e >= 0 && e < s->nengines && s->eng[e].live && s->eng[e].fly_len == 0 &&
-           ipmpi_equeue_len(&s->eng[e].q) == 0;
-}
-
 int ipmpi_sched_start_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r, uint64_t now)
 {
     if (!ipmpi_sched_idle(s, e))
@@ -463,11 +469,53 @@ int ipmpi_sched_start_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r, uint64_t now)
     return 0;
 }
 
-const ipmpi_sitem_t *ipmpi_sched_inflight(const ipmpi_sched_t *s, int e)
+int ipmpi_sched_start_reqs(ipmpi_sched_t *s, const int *ids, int n, ipmpi_req_t *r, uint64_t now)
 {
-    if (e < 0 || e >= s->nengines || s->eng[e].fly_len == 0)
-        return NULL;
-    return &s->eng[e].fly[s->eng[e].fly_head];
+    ipmpi_sitem_t it = {.type = IPMPI_SITEM_REQ, .sent_ns = now};
+    it.u.req = r;
+    int started = 0;
+    for (int i = 0; i < n; i++) {
+        if (!ipmpi_sched_idle(s, ids[i]))
+            continue;
+        /* hand_out for an idle engine: the ring is empty, and with a
+         * request in flight it has no room for a task. */
+        ipmpi_sengine_t *en = &s->eng[ids[i]];
+        en->fly[en->fly_head] = it;
+        en->fly_len = 1;
+        en->last_task = 0;
+        if (ipmpi_ql_linked(&en->open))
+            ipmpi_ql_remove(&en->open);
+        started++;
+    }
+    if (started && r->nfly == 0)
+        ipmpi_ql_push_back(&s->running, &r->running);
+    r->nfly += (uint32_t)started;
+    return started;
+}
+
+uint32_t ipmpi_sched_done_reqs(ipmpi_sched_t *s, const uint32_t *ids, uint32_t n, ipmpi_req_t *r, uint64_t now)
+{
+    uint32_t done = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (ids[i] >= (uint32_t)s->nengines)
+            continue;
+        ipmpi_sengine_t *en = &s->eng[ids[i]];
+        const ipmpi_sitem_t *head = en->fly_len ? &en->fly[en->fly_head] : NULL;
+        if (!head || head->type != IPMPI_SITEM_REQ || head->u.req != r)
+            continue;
+        /* ipmpi_sched_done for a request */
+        en->fly_head = (en->fly_head + 1) & (en->fly_cap - 1);
+        en->fly_len--;
+        if (ipmpi_equeue_len(&en->q) == 0)
+            en->last_task = 0;
+        en->last_reply_ns = now;
+        update_open(s, en);
+        done++;
+    }
+    r->nfly -= done;
+    if (done && r->nfly == 0)
+        ipmpi_ql_remove(&r->running);
+    return done;
 }
 
 int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out)
@@ -480,6 +528,7 @@ int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out)
     en->fly_len--;
     if (out->type == IPMPI_SITEM_TASK) {
         en->fly_tasks--;
+        s->nfly_tasks--;
         /* A task that waited ahead on the engine started when the one
          * before it was answered, not when it was sent. */
         uint64_t start = out->sent_ns > en->last_reply_ns ? out->sent_ns : en->last_reply_ns;
@@ -488,9 +537,12 @@ int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out)
             en->task_ns = took;
         else
             en->task_ns = en->task_ns - (en->task_ns >> EWMA_SHIFT) + (took >> EWMA_SHIFT);
-    } else if (ipmpi_equeue_len(&en->q) == 0) {
+    } else {
+        if (--out->u.req->nfly == 0)
+            ipmpi_ql_remove(&out->u.req->running);
         /* No more requests wait: tasks may use the engine fully. */
-        en->last_task = 0;
+        if (ipmpi_equeue_len(&en->q) == 0)
+            en->last_task = 0;
     }
     en->last_reply_ns = now;
     update_open(s, en);

@@ -43,34 +43,6 @@
 
 #include "equeue.h"
 
-/* Intrusive doubly linked list (libuv's queue.h in spirit): a list head
- * is a link whose next and prev point to itself when empty. */
-typedef struct ipmpi_qlink {
-    struct ipmpi_qlink *next, *prev;
-} ipmpi_qlink_t;
-
-#define IPMPI_CONTAINER_OF(ptr, type, member) ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
-
-static inline void ipmpi_ql_init(ipmpi_qlink_t *h) { h->next = h->prev = h; }
-static inline int ipmpi_ql_empty(const ipmpi_qlink_t *h) { return h->next == h; }
-static inline void ipmpi_ql_insert_after(ipmpi_qlink_t *at, ipmpi_qlink_t *n)
-{
-    n->prev = at;
-    n->next = at->next;
-    at->next->prev = n;
-    at->next = n;
-}
-static inline void ipmpi_ql_push_back(ipmpi_qlink_t *h, ipmpi_qlink_t *n) { ipmpi_ql_insert_after(h->prev, n); }
-static inline void ipmpi_ql_push_front(ipmpi_qlink_t *h, ipmpi_qlink_t *n) { ipmpi_ql_insert_after(h, n); }
-static inline void ipmpi_ql_remove(ipmpi_qlink_t *n)
-{
-    n->prev->next = n->next;
-    n->next->prev = n->prev;
-    n->next = n->prev = n;
-}
-/* A link that is in no list points to itself (after init or remove). */
-static inline int ipmpi_ql_linked(const ipmpi_qlink_t *n) { return n->next != n; }
-
 /* Look-ahead only while an engine's recent tasks take less than this. */
 #define IPMPI_SCHED_LOOKAHEAD_MAX_NS 2000000ull
 /* Tasks of one client looked at per turn for one that the engine accepts
@@ -142,6 +114,13 @@ typedef struct ipmpi_sched {
     ipmpi_qlink_t open;     /* live engines that could take a task now */
     uint32_t nqueued;       /* tasks in clients' queues */
     uint32_t nparked;
+    uint32_t nreq_queued;   /* requests in the engines' queues (their equeue_t.total) */
+    uint32_t nfly_tasks;    /* tasks in flight on all engines */
+    /* Requests in flight on at least one engine (ipmpi_req_t.running),
+     * oldest first: what the controller's bell waits for, read without
+     * walking the engines. The scheduler must not be copied (the queues
+     * point at nreq_queued, the requests at this list). */
+    ipmpi_qlink_t running;
 } ipmpi_sched_t;
 
 /*
@@ -212,8 +191,20 @@ int ipmpi_sched_next(ipmpi_sched_t *s, int e, uint64_t now, int (*hold)(void *ct
  * IPMPI_EAGAIN (nothing changed).
  */
 int ipmpi_sched_start_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r, uint64_t now);
-/* 1 when engine e is live, has nothing in flight and nothing queued. */
-int ipmpi_sched_idle(const ipmpi_sched_t *s, int e);
+/*
+ * The same for every engine of ids[0..n) at once (a broadcast tree's,
+ * whose engines tree.c picked idle): each idle one gets r in flight, one
+ * that is not is left as it is. Returns how many got it.
+ */
+int ipmpi_sched_start_reqs(ipmpi_sched_t *s, const int *ids, int n, ipmpi_req_t *r, uint64_t now);
+/* 1 when engine e is live, has nothing in flight and nothing queued.
+ * Inline, as ipmpi_sched_inflight: a request to all engines asks both of
+ * each engine. */
+static inline int ipmpi_sched_idle(const ipmpi_sched_t *s, int e)
+{
+    return e >= 0 && e < s->nengines && s->eng[e].live && s->eng[e].fly_len == 0 &&
+           ipmpi_equeue_len(&s->eng[e].q) == 0;
+}
 /*
  * A live engine with room for a task (nothing in flight preferred), or
  * -1. Room is not acceptance: every queued task may refuse or avoid that
@@ -227,13 +218,26 @@ int ipmpi_sched_open_engine(const ipmpi_sched_t *s);
 static inline int ipmpi_sched_has_tasks(const ipmpi_sched_t *s) { return s->nqueued > 0; }
 
 /* The oldest in-flight item of e, or NULL (the reply matches it). */
-const ipmpi_sitem_t *ipmpi_sched_inflight(const ipmpi_sched_t *s, int e);
+static inline const ipmpi_sitem_t *ipmpi_sched_inflight(const ipmpi_sched_t *s, int e)
+{
+    if (e < 0 || e >= s->nengines || s->eng[e].fly_len == 0)
+        return NULL;
+    return &s->eng[e].fly[s->eng[e].fly_head];
+}
 /*
  * Engine e answered its oldest in-flight item: removes it into *out and
  * returns 1 (0 when nothing is in flight). now feeds e's task service
  * time, which decides its look-ahead.
  */
 int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out);
+
+/*
+ * Engines ids[0..n) answered request r (a broadcast tree's gathered
+ * replies): takes r out of flight on each of them whose oldest item it is,
+ * as ipmpi_sched_done would one by one; the others are left as they are.
+ * Returns how many it took r from.
+ */
+uint32_t ipmpi_sched_done_reqs(ipmpi_sched_t *s, const uint32_t *ids, uint32_t n, ipmpi_req_t *r, uint64_t now);
 
 /*
  * Engine e refused task t (depend): t was in flight there and has been

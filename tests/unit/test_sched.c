@@ -189,6 +189,133 @@ static void test_engines_added_later_get_the_next_ids_and_work_while_the_others_
     ipmpi_req_free(r2);
 }
 
+/* How many requests the running list holds, and whether r is one. */
+static int running_len(const ipmpi_sched_t *s, const ipmpi_req_t *r, int *has)
+{
+    int n = 0;
+    *has = 0;
+    for (const ipmpi_qlink_t *q = s->running.next; q != &s->running; q = q->next, n++)
+        *has |= IPMPI_CONTAINER_OF(q, ipmpi_req_t, running) == r;
+    return n;
+}
+
+static void test_running_list_and_counts_follow_every_hand_out_answer_and_pop(void **state)
+{
+    (void)state;
+    ipmpi_sched_t s;
+    sched_up(&s, 3, 1);
+    int has;
+    ipmpi_req_t *r = mkreq(1, 1), *q = mkreq(2, 1);
+    for (int e = 0; e < 3; e++)
+        assert_int_equal(ipmpi_sched_queue_req(&s, e, r), 0);
+    assert_int_equal(s.nreq_queued, 3);
+    assert_int_equal(running_len(&s, r, &has), 0);
+    assert_ptr_equal(next_req(&s, 0, 1), r);
+    assert_ptr_equal(next_req(&s, 1, 1), r);
+    /* Running on two engines: one entry in the list, two in flight. */
+    assert_int_equal(s.nreq_queued, 1);
+    assert_int_equal(r->nfly, 2);
+    assert_int_equal(running_len(&s, r, &has), 1);
+    assert_true(has);
+    assert_int_equal(ipmpi_sched_queue_req(&s, 0, q), 0);
+    assert_int_equal(s.nreq_queued, 2);
+    /* A pop outside the scheduler (clear_queue, a death) counts too. */
+    assert_ptr_equal(ipmpi_equeue_pop(&s.eng[2].q), r);
+    assert_int_equal(s.nreq_queued, 1);
+    assert_ptr_equal(done_req(&s, 0, 2), r);
+    assert_int_equal(running_len(&s, r, &has), 1);
+    assert_ptr_equal(done_req(&s, 1, 2), r);
+    assert_int_equal(r->nfly, 0);
+    assert_int_equal(running_len(&s, r, &has), 0);
+    /* Started directly (a tree's engines) runs the same. */
+    assert_int_equal(ipmpi_sched_start_req(&s, 2, r, 3), 0);
+    assert_ptr_equal(next_req(&s, 0, 3), q);
+    assert_int_equal(s.nreq_queued, 0);
+    assert_int_equal(running_len(&s, q, &has), 2);
+    assert_true(has);
+    assert_ptr_equal(IPMPI_CONTAINER_OF(s.running.next, ipmpi_req_t, running), r); /* oldest first */
+    assert_ptr_equal(done_req(&s, 2, 4), r);
+    /* Tasks in flight are counted, not listed. */
+    ipmpi_sched_client_t *cl = ipmpi_sched_client_new(1);
+    assert_non_null(cl);
+    ipmpi_stask_t t;
+    ipmpi_stask_init(&t, 9);
+    ipmpi_sched_submit(&s, cl, &t);
+    assert_ptr_equal(next_task(&s, 1, 5), &t);
+    assert_int_equal(s.nfly_tasks, 1);
+    assert_int_equal(running_len(&s, q, &has), 1);
+    assert_ptr_equal(done_task(&s, 1, 6), &t);
+    assert_int_equal(s.nfly_tasks, 0);
+    ipmpi_stask_fini(&t);
+    ipmpi_sched_client_unref(cl);
+    /* Queued and in flight at the end: the queue's count goes with its
+     * engine, the running request is detached (its free touches no list). */
+    assert_int_equal(ipmpi_sched_queue_req(&s, 1, r), 0);
+    assert_int_equal(s.nreq_queued, 1);
+    ipmpi_sched_fini(&s);
+    assert_int_equal(s.nreq_queued, 0);
+    assert_true(ipmpi_ql_empty(&s.running));
+    assert_int_equal(q->nfly, 0);
+    ipmpi_req_free(q);
+    ipmpi_req_free(r);
+}
+
+static void test_a_tree_request_goes_in_flight_and_is_settled_on_all_its_engines_at_once(void **state)
+{
+    (void)state;
+    ipmpi_sched_t s;
+    sched_up(&s, 4, 2);
+    int has;
+    ipmpi_req_t *busy = mkreq(1, 1), *r = mkreq(2, 1);
+    assert_int_equal(ipmpi_sched_start_req(&s, 2, busy, 1), 0);
+    assert_int_not_equal(ipmpi_sched_open_engine(&s), -1); /* idle engines have room for tasks */
+    int ids[] = {0, 1, 2, 3};
+    /* Engine 2 is not idle: it is left as it was. */
+    assert_int_equal(ipmpi_sched_start_reqs(&s, ids, 4, r, 5), 3);
+    assert_int_equal(r->nfly, 3);
+    assert_int_equal(running_len(&s, r, &has), 2);
+    assert_true(has);
+    assert_int_equal(ipmpi_sched_open_engine(&s), -1); /* none has room now */
+    for (int e = 0; e < 4; e++) {
+        const ipmpi_sitem_t *it = ipmpi_sched_inflight(&s, e);
+        assert_non_null(it);
+        assert_ptr_equal(it->u.req, e == 2 ? busy : r);
+        assert_int_equal(it->sent_ns, e == 2 ? 1 : 5);
+        assert_int_equal(inflight_count(&s, e), 1);
+        assert_false(ipmpi_sched_idle(&s, e));
+    }
+    /* Nothing is idle any more: a second call starts nothing. */
+    assert_int_equal(ipmpi_sched_start_reqs(&s, ids, 4, busy, 6), 0);
+    assert_int_equal(busy->nfly, 1);
+    /* Their gathered replies: settled at once; engine 2 (its oldest item
+     * is another request) and an id out of range are left alone. */
+    const uint32_t answered[] = {0, 1, 2, 3, 7};
+    assert_int_equal(ipmpi_sched_done_reqs(&s, answered, 5, r, 7), 3);
+    assert_int_equal(r->nfly, 0);
+    assert_int_equal(running_len(&s, busy, &has), 1);
+    assert_true(has);
+    for (int e = 0; e < 4; e++)
+        assert_int_equal(ipmpi_sched_idle(&s, e), e != 2);
+    assert_int_equal(s.eng[3].last_reply_ns, 7);
+    assert_int_equal(ipmpi_sched_done_reqs(&s, answered, 5, r, 8), 0); /* twice: nothing */
+    assert_ptr_equal(done_req(&s, 2, 9), busy);
+    assert_true(ipmpi_ql_empty(&s.running));
+    assert_int_not_equal(ipmpi_sched_open_engine(&s), -1);
+    /* Engines with room are open for tasks again. */
+    ipmpi_sched_client_t *cl = ipmpi_sched_client_new(1);
+    assert_non_null(cl);
+    ipmpi_stask_t t;
+    ipmpi_stask_init(&t, 3);
+    ipmpi_sched_submit(&s, cl, &t);
+    assert_ptr_equal(next_task(&s, 1, 10), &t);
+    assert_ptr_equal(done_task(&s, 1, 11), &t);
+    ipmpi_stask_fini(&t);
+    ipmpi_sched_client_unref(cl);
+    ipmpi_sched_fini(&s);
+    ipmpi_req_free(busy);
+    ipmpi_req_free(r);
+}
+
 static void test_init_starts_with_no_live_engine_and_nothing_queued(void **state)
 {
     (void)state;
@@ -1529,6 +1656,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_client_lives_while_a_task_or_the_session_holds_it),
         cmocka_unit_test(test_client_unref_at_one_frees_the_record),
         cmocka_unit_test(test_engines_added_later_get_the_next_ids_and_work_while_the_others_stay_put),
+        cmocka_unit_test(test_running_list_and_counts_follow_every_hand_out_answer_and_pop),
+        cmocka_unit_test(test_a_tree_request_goes_in_flight_and_is_settled_on_all_its_engines_at_once),
         cmocka_unit_test(test_stask_fini_frees_refusals_and_the_client_reference),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
