@@ -38,6 +38,7 @@ typedef struct ipmpi_engine_slot {
     int held;             /* head request waits: its client is not reading (dispatch.c) */
     int rings;            /* a ring came from it (wake.c): the loop may sleep on the bell while it works */
     int join_first;       /* of a job that joined later (join.c): its engines' first id */
+    int near;             /* on the controller's node: its doorbell is in reach (doorbell.h), set once */
     int wake_fd;          /* on another node: where its wake-up datagrams go (wake.c); -1: none */
     uint64_t wake_due;
     uint64_t host_key;    /* nonzero, one per host of wake_addr (wake.c): trees group engines by it (tree.c) */
@@ -95,6 +96,7 @@ typedef struct ipmpi_ctl {
     uint32_t markgen;
     int *targets;   /* scratch: resolved target ids (nengines) */
     int *tree_ids;  /* scratch: the engines of a broadcast tree (requests.c) */
+    uint32_t *gather_ids; /* scratch: the engines a gathered frame answers for, id << 1 | props (tree.c) */
     /* Scratch of a tree's send (tree.c), room for every engine: 4 KiB
      * malloc'd per request at 256 engines is a large-bin request, for
      * which glibc consolidated its fast bins each time (perf: 1.4% of the

@@ -106,6 +106,11 @@ static int dispatch_one(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e)
 
 void ipmpi_ctl_dispatch(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e)
 {
+    /* Nothing waits for it (the common case after each of a broadcast's
+     * replies): the scheduler would hand it nothing. A held engine is
+     * looked at again: its hold must be lifted. */
+    if (!e->held && ipmpi_equeue_len(&c->sched.eng[e->id].q) == 0 && !ipmpi_sched_has_tasks(&c->sched))
+        return;
     while (dispatch_one(c, e))
         ;
 }
@@ -247,18 +252,20 @@ void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
 void ipmpi_ctl_busy(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e, int d)
 {
     c->nbusy += d;
-    if (!ipmpi_doorbell_reaches(c->link.bell, e->rank))
+    if (!e->near)
         c->nbusy_far += d;
 }
 
 /*
  * The loop may sleep until k more frames came from this node's engines
  * when nothing else can need it before: the smallest number of replies a
- * request in flight still waits for (each engine holds one item, all of
- * them near; for a tree, its subtrees' gathered frames still to come).
- * Anything else in the way (a task, a tree whose relay died, an engine with
- * more work queued behind its running request, a held client, sends or
- * receives under way) makes it 1 or 0, which only costs wake-ups.
+ * request in flight still waits for (each engine holds one item; for a
+ * tree, its subtrees' gathered frames still to come). Anything else in
+ * the way (a task, a tree whose relay died, a request queued behind a
+ * running one, a held client, sends or receives under way) makes it 1 or
+ * 0, which only costs wake-ups. It reads the requests in flight (the
+ * scheduler's list), not the engines: one request to every engine is one
+ * look, whatever their number.
  */
 uint64_t ipmpi_ctl_bell_count(ipmpi_ctl_t *c)
 {
@@ -268,23 +275,22 @@ uint64_t ipmpi_ctl_bell_count(ipmpi_ctl_t *c)
     /* Engines of other nodes ring by datagram after every frame (wake.c),
      * once they showed they can: the count is for this node's only. */
     for (int i = 0; c->nbusy_far > 0 && i < c->nengines; i++)
-        if (c->sched.eng[i].fly_len > 0 && !ipmpi_doorbell_reaches(c->link.bell, c->eng[i].rank) && !c->eng[i].rings)
+        if (c->sched.eng[i].fly_len > 0 && !c->eng[i].near && !c->eng[i].rings)
             return 0;
+    if (c->sched.nfly_tasks > 0 || c->sched.nreq_queued > 0)
+        return 1;
     uint64_t k = UINT64_MAX;
-    for (int i = 0; i < c->nengines && k > 1; i++) {
-        const ipmpi_sengine_t *se = &c->sched.eng[i];
-        if (se->fly_len == 0 || !ipmpi_doorbell_reaches(c->link.bell, c->eng[i].rank))
-            continue;
-        const ipmpi_sitem_t *it = ipmpi_sched_inflight(&c->sched, i);
-        if (se->fly_len > 1 || se->fly_tasks > 0 || ipmpi_equeue_len(&se->q) > 0 || it->type != IPMPI_SITEM_REQ ||
-            it->u.req->stream || (it->u.req->tree && !it->u.req->tree_open))
+    const ipmpi_qlink_t *run = &c->sched.running;
+    for (const ipmpi_qlink_t *q = run->next; q != run && k > 1; q = q->next) {
+        const ipmpi_req_t *r = IPMPI_CONTAINER_OF(q, ipmpi_req_t, running);
+        if (r->stream || (r->tree && !r->tree_open))
             k = 1;
-        else if (it->u.req->tree && it->u.req->tree_open < k)
+        else if (r->tree && r->tree_open < k)
             /* One gathered frame per subtree (replies sent directly only
              * add frames, which wake the loop sooner). */
-            k = it->u.req->tree_open;
-        else if (!it->u.req->tree && it->u.req->pending < k)
-            k = it->u.req->pending;
+            k = r->tree_open;
+        else if (!r->tree && r->pending < k)
+            k = r->pending;
     }
     return k == UINT64_MAX || k == 0 ? 1 : k;
 }

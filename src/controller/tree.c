@@ -46,15 +46,15 @@ int ipmpi_ctl_tree_engine(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
      * controller's node (its doorbell) or by datagram (a root elsewhere;
      * below it, engines of its node ring each other's doorbells). */
     return c->watch.enabled && !e->dead && e->ready && !e->held && e->join_first == 0 &&
-           e->rank < c->job->world_size && (ipmpi_doorbell_reaches(c->link.bell, e->rank) || e->wake_fd >= 0) &&
+           e->rank < c->job->world_size && (e->near || e->wake_fd >= 0) &&
            ipmpi_sched_idle(&c->sched, e->id);
 }
 
 /* Which node engine e is on, as far as trees go: 0 for the controller's,
  * else the key of the host its wake-ups go to (wake.c). */
-static uint64_t node_key(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
+static uint64_t node_key(const ipmpi_engine_slot_t *e)
 {
-    return ipmpi_doorbell_reaches(c->link.bell, e->rank) ? 0 : e->host_key;
+    return e->near ? 0 : e->host_key;
 }
 
 /*
@@ -68,7 +68,7 @@ static uint64_t node_key(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
 static uint32_t top_slices(const ipmpi_ctl_t *c, const ipmpi_req_t *r, uint32_t *start, uint32_t *len)
 {
     uint32_t at = 1, k = 0;
-    while (at < r->ntree && node_key(c, &c->eng[r->tree[at] - 1]) == 0)
+    while (at < r->ntree && node_key(&c->eng[r->tree[at] - 1]) == 0)
         at++;
     if (at > 1) {
         uint32_t ns[IPMPI_TREE_FANOUT], nl[IPMPI_TREE_FANOUT];
@@ -79,9 +79,9 @@ static uint32_t top_slices(const ipmpi_ctl_t *c, const ipmpi_req_t *r, uint32_t 
         }
     }
     while (at < r->ntree) {
-        uint64_t key = node_key(c, &c->eng[r->tree[at] - 1]);
+        uint64_t key = node_key(&c->eng[r->tree[at] - 1]);
         start[k] = at;
-        while (at < r->ntree && node_key(c, &c->eng[r->tree[at] - 1]) == key)
+        while (at < r->ntree && node_key(&c->eng[r->tree[at] - 1]) == key)
             at++;
         len[k] = at - start[k];
         k++;
@@ -96,7 +96,7 @@ static int group_by_node(const ipmpi_ctl_t *c, const int *ids, int n, int32_t *o
 {
     ipmpi_tree_keyed_t *k = c->tree_keys;
     for (int i = 0; i < n; i++) {
-        k[i].key = node_key(c, &c->eng[ids[i]]);
+        k[i].key = node_key(&c->eng[ids[i]]);
         k[i].pos = i;
     }
     int rc = ipmpi_tree_group(k, (uint32_t)n) == 0 ? 0 : IPMPI_ENOMEM;
@@ -117,8 +117,8 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
         r->ntree = (uint32_t)n + 1;
         r->tree[0] = 0;
     }
+    ipmpi_sched_start_reqs(&c->sched, ids, n, r, now);
     for (int i = 0; i < n; i++) {
-        ipmpi_sched_start_req(&c->sched, ids[i], r, now);
         ipmpi_ctl_busy(c, &c->eng[ids[i]], 1);
         /* Engines below the roots are rung by their parents, and again
          * by them while they wait for their replies (engine/tree.c); the
@@ -271,10 +271,12 @@ static int as_engine_frame(void *arg, const ipmpi_hdr_t *h, ipmpi_parts_t *p)
  * The request the inner frames of gathered part f (left bytes) answer (the
  * first one's; NULL: none in flight), and in *whole whether they all are
  * the final replies of distinct engines that run it and its client takes
- * them whole; *count gets their number. Malformed: NULL and *count =
- * UINT32_MAX.
+ * them whole; *count gets their number. While whole, c->gather_ids gets
+ * their engine ids, so that settling them needs no second pass over the
+ * frames, and *props says whether one carries IPMPI_F_PROPS. Malformed:
+ * NULL and *count = UINT32_MAX.
  */
-static ipmpi_req_t *answered(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint32_t *count, int *whole)
+static ipmpi_req_t *answered(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint32_t *count, int *whole, int *props)
 {
     ipmpi_req_t *r = NULL;
     uint64_t mark = c->gathered;
@@ -285,6 +287,7 @@ static ipmpi_req_t *answered(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint
     int n;
     *count = 0;
     *whole = 1;
+    *props = 0;
     while ((n = ipmpi_gather_each_next(&it, &h, &fr)) > 0) {
         if (h.target < 0 || h.target >= c->nengines)
             break;
@@ -293,6 +296,9 @@ static ipmpi_req_t *answered(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint
         ipmpi_req_t *hr = it && it->type == IPMPI_SITEM_REQ && it->u.req->id == h.req_id ? it->u.req : NULL;
         if (!hr || (*count && hr != r) || e->dead || e->gather_mark == mark)
             *whole = 0;
+        else if (*whole) /* all distinct so far: fewer than c->nengines */
+            c->gather_ids[*count] = (uint32_t)h.target;
+        *props |= (h.flags & IPMPI_F_PROPS) != 0;
         e->gather_mark = mark;
         if (!*count)
             r = hr;
@@ -312,7 +318,7 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
     const uint8_t *f = parts->n == 1 ? parts->bufs[0] : NULL;
     size_t left = parts->n == 1 ? (size_t)parts->lens[0] : 0;
     uint32_t count = UINT32_MAX;
-    int whole = 0;
+    int whole = 0, props = 0;
     c->gathered++;
     if (rank >= 1 && rank <= c->nengines) {
         /* How long the subtree of the engine that sent it took (a root's
@@ -323,7 +329,7 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
             c->tree_ns = c->tree_ns ? c->tree_ns - c->tree_ns / 4 + took / 4 : took;
         }
     }
-    ipmpi_req_t *r = f ? answered(c, f, left, &count, &whole) : NULL;
+    ipmpi_req_t *r = f ? answered(c, f, left, &count, &whole, &props) : NULL;
     if (count == UINT32_MAX) {
         ipmpi_log(IPMPI_LOG_ERROR, "malformed gathered replies from rank %d; dropped", rank);
         goto done;
@@ -346,24 +352,28 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
      * engine's final reply settles (ipmpi_ctl_engine_frame's work). */
     c->gathered_whole++;
     ipmpi_ctl_result_gathered(c, r, parts, count);
-    uint64_t now = ipmpi_now_ns();
-    int kick = 0;
-    ipmpi_gather_each_t each;
-    ipmpi_gather_each_init(&each, f, left, &c->link.lim);
-    ipmpi_hdr_t h;
-    const uint8_t *fr;
-    while (ipmpi_gather_each_next(&each, &h, &fr) > 0) {
-        ipmpi_engine_slot_t *e = &c->eng[h.target];
-        ipmpi_sitem_t it;
-        ipmpi_ctl_reply_in(c, e, h.flags, now, &it);
-        kick |= (h.flags & IPMPI_F_PROPS) != 0;
-        /* answered: r has at least count replies pending, so only the
-         * last inner frame can release it. */
-        if (--r->pending == 0)
-            ipmpi_ctl_req_release(c, r);
+    /* Every engine at once (ipmpi_ctl_reply_in's work); answered: each
+     * one's oldest item is r. */
+    ipmpi_sched_done_reqs(&c->sched, c->gather_ids, count, r, ipmpi_now_ns());
+    if (props) {
+        ipmpi_gather_each_t each;
+        ipmpi_gather_each_init(&each, f, left, &c->link.lim);
+        ipmpi_hdr_t h;
+        const uint8_t *fr;
+        while (ipmpi_gather_each_next(&each, &h, &fr) > 0)
+            if (h.flags & IPMPI_F_PROPS)
+                ipmpi_sched_props_changed(&c->sched, h.target);
+    }
+    /* answered: r has at least count replies pending. */
+    r->pending -= count;
+    if (r->pending == 0)
+        ipmpi_ctl_req_release(c, r);
+    for (uint32_t i = 0; i < count; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[c->gather_ids[i]];
+        ipmpi_ctl_busy(c, e, -1);
         ipmpi_ctl_dispatch(c, e);
     }
-    if (kick)
+    if (props)
         ipmpi_ctl_kick(c);
 done:
     ipmpi_parts_unref(parts);

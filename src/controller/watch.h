@@ -13,8 +13,8 @@
  * live. A query of the process table costs O(ranks) (PMIx copies every
  * row: about 0.5 ms at 256 ranks, 12% of the controller's CPU per request
  * to all of them when it came every 250 ms); once every live engine of
- * the job is watched by pidfd it only backs them up, every 2 s
- * (ipmpi_ctl_watch_pids_cover).
+ * the job is watched by pidfd it only backs them up, every 10 s
+ * (ipmpi_ctl_watch_pids_cover; controller.c).
  *
  * Thread safety: none; the controller's loop thread only.
  */

@@ -119,13 +119,14 @@ def test_engines_on_the_controllers_host_are_watched_by_pidfd_not_by_polling():
     # Each engine on the controller's host is watched by a pidfd: its end
     # wakes the controller at once, and the PMIx process table (whose
     # query copies every rank's row, O(ranks)) is then only a backstop,
-    # asked every 2 s instead of every 250 ms while engines work.
+    # asked every 10 s instead of every 250 ms while engines work (or
+    # every 2 s while they idle).
     c = start_cluster(3)
     try:
         t0 = time.monotonic()
         mec = c.client(timeout=60)
         pids = mec.execute("import os, time; mypid = os.getpid()") and mec.pull("mypid")
-        mec.execute("time.sleep(4)")          # busy: 16 queries at the old 250 ms
+        mec.execute("time.sleep(8)")          # busy: 32 queries at 250 ms, 4 at 2 s
         dying = mec.execute("time.sleep(600)", targets=2, block=False)
         time.sleep(0.3)
         os.kill(pids[2], signal.SIGKILL)
@@ -141,8 +142,8 @@ def test_engines_on_the_controllers_host_are_watched_by_pidfd_not_by_polling():
     log = controller_log(c.log_dir)
     m = re.search(r"dead engines: (\d+) queries of the PMIx process table; (\d+) engines watched by pidfd", log)
     assert m, log[-3000:]
-    # Start-up (READYs) and the shutdown may ask; the busy 4 s must not.
-    assert int(m.group(1)) <= took / 2 + 2, (m.group(0), took)
+    # Start-up (READYs) and the shutdown may ask; the busy 8 s at most once.
+    assert int(m.group(1)) <= took / 10 + 2, (m.group(0), took)
     assert int(m.group(2)) == 2, m.group(0)
 
 
