@@ -238,7 +238,9 @@ void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
     uint64_t next = UINT64_MAX;
     for (int i = 0; i < c->nengines; i++) {
         ipmpi_engine_slot_t *e = &c->eng[i];
-        if (e->dead || !ipmpi_sched_inflight(&c->sched, i))
+        /* UINT64_MAX: not to be rung again (a tree's engines below its
+         * roots), whatever it runs. */
+        if (e->dead || e->wake_due == UINT64_MAX || !ipmpi_sched_inflight(&c->sched, i))
             continue;
         ipmpi_ctl_wake_again(c, e, now);
         if (e->wake_due < next)

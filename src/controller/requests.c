@@ -188,7 +188,9 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     /* r may be freed by the last req_fail_one; nothing reads it after that. */
     for (int i = 0; i < n; i++) {
         ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];
-        const ipmpi_sitem_t *run = ipmpi_sched_inflight(&c->sched, e->id);
+        /* (Nothing in flight anywhere: no engine's slot in the scheduler
+         * need be read.) */
+        const ipmpi_sitem_t *run = ipmpi_sched_quiet(&c->sched) ? NULL : ipmpi_sched_inflight(&c->sched, e->id);
         if (run && run->type == IPMPI_SITEM_REQ)
             ipmpi_ctl_stream_withdraw(run->u.req);
         if (e->dead) {

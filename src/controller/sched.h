@@ -217,6 +217,12 @@ int ipmpi_sched_open_engine(const ipmpi_sched_t *s);
 /* 1 when some task is queued (not parked), else 0. */
 static inline int ipmpi_sched_has_tasks(const ipmpi_sched_t *s) { return s->nqueued > 0; }
 
+/* 1 when no engine has anything in flight or queued: every live engine
+ * is idle, which a request to all engines then need not ask each one. */
+static inline int ipmpi_sched_quiet(const ipmpi_sched_t *s)
+{
+    return ipmpi_ql_empty(&s->running) && s->nreq_queued == 0 && s->nfly_tasks == 0;
+}
 /* The oldest in-flight item of e, or NULL (the reply matches it). */
 static inline const ipmpi_sitem_t *ipmpi_sched_inflight(const ipmpi_sched_t *s, int e)
 {

@@ -47,7 +47,7 @@ int ipmpi_ctl_tree_engine(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
      * below it, engines of its node ring each other's doorbells). */
     return c->watch.enabled && !e->dead && e->ready && !e->held && e->join_first == 0 &&
            e->rank < c->job->world_size && (e->near || e->wake_fd >= 0) &&
-           ipmpi_sched_idle(&c->sched, e->id);
+           (ipmpi_sched_quiet(&c->sched) || ipmpi_sched_idle(&c->sched, e->id)); /* ready, not dead: live */
 }
 
 /* Which node engine e is on, as far as trees go: 0 for the controller's,

@@ -206,9 +206,11 @@ static void test_running_list_and_counts_follow_every_hand_out_answer_and_pop(vo
     sched_up(&s, 3, 1);
     int has;
     ipmpi_req_t *r = mkreq(1, 1), *q = mkreq(2, 1);
+    assert_true(ipmpi_sched_quiet(&s));
     for (int e = 0; e < 3; e++)
         assert_int_equal(ipmpi_sched_queue_req(&s, e, r), 0);
     assert_int_equal(s.nreq_queued, 3);
+    assert_false(ipmpi_sched_quiet(&s)); /* queued, nothing in flight yet */
     assert_int_equal(running_len(&s, r, &has), 0);
     assert_ptr_equal(next_req(&s, 0, 1), r);
     assert_ptr_equal(next_req(&s, 1, 1), r);
@@ -224,9 +226,11 @@ static void test_running_list_and_counts_follow_every_hand_out_answer_and_pop(vo
     assert_int_equal(s.nreq_queued, 1);
     assert_ptr_equal(done_req(&s, 0, 2), r);
     assert_int_equal(running_len(&s, r, &has), 1);
+    assert_false(ipmpi_sched_quiet(&s)); /* r runs on engine 1 */
     assert_ptr_equal(done_req(&s, 1, 2), r);
     assert_int_equal(r->nfly, 0);
     assert_int_equal(running_len(&s, r, &has), 0);
+    assert_false(ipmpi_sched_quiet(&s)); /* q still waits on engine 0 */
     /* Started directly (a tree's engines) runs the same. */
     assert_int_equal(ipmpi_sched_start_req(&s, 2, r, 3), 0);
     assert_ptr_equal(next_req(&s, 0, 3), q);
@@ -243,9 +247,13 @@ static void test_running_list_and_counts_follow_every_hand_out_answer_and_pop(vo
     ipmpi_sched_submit(&s, cl, &t);
     assert_ptr_equal(next_task(&s, 1, 5), &t);
     assert_int_equal(s.nfly_tasks, 1);
+    assert_false(ipmpi_sched_quiet(&s));
     assert_int_equal(running_len(&s, q, &has), 1);
     assert_ptr_equal(done_task(&s, 1, 6), &t);
     assert_int_equal(s.nfly_tasks, 0);
+    assert_ptr_equal(done_req(&s, 0, 6), q);
+    assert_true(ipmpi_sched_quiet(&s)); /* nothing queued, nothing in flight */
+    assert_int_equal(ipmpi_sched_start_req(&s, 0, q, 7), 0);
     ipmpi_stask_fini(&t);
     ipmpi_sched_client_unref(cl);
     /* Queued and in flight at the end: the queue's count goes with its
