@@ -96,7 +96,7 @@ typedef struct ipmpi_ctl {
     uint32_t markgen;
     int *targets;   /* scratch: resolved target ids (nengines) */
     int *tree_ids;  /* scratch: the engines of a broadcast tree (requests.c) */
-    uint32_t *gather_ids; /* scratch: the engines a gathered frame answers for, id << 1 | props (tree.c) */
+    uint32_t *gather_ids; /* scratch: the engines a gathered frame answers for (tree.c) */
     /* Scratch of a tree's send (tree.c), room for every engine: 4 KiB
      * malloc'd per request at 256 engines is a large-bin request, for
      * which glibc consolidated its fast bins each time (perf: 1.4% of the
