@@ -56,8 +56,7 @@ void ipmpi_mpilink_init(ipmpi_mpilink_t *l, MPI_Comm comm)
 
 void ipmpi_mpilink_fini(ipmpi_mpilink_t *l)
 {
-    free(l->pend);
-    free(l->pend_list);
+    free(l->pend); /* pend_list with it */
     free(l->extra);
     free(l->sreq);
     free(l->sop);
@@ -481,15 +480,11 @@ static void pend_clear(ipmpi_mpilink_t *l, uint64_t announced)
 static int pend_read(ipmpi_mpilink_t *l, uint64_t announced)
 {
     if (!l->pend) {
-        l->pend = calloc((size_t)l->comm_size, sizeof *l->pend);
-        l->pend_list = malloc((size_t)l->comm_size * sizeof *l->pend_list);
-        if (!l->pend || !l->pend_list) {
-            free(l->pend);
-            free(l->pend_list);
-            l->pend = NULL;
-            l->pend_list = NULL;
+        /* One block: the counts, then the list (both 4 bytes a rank). */
+        l->pend = calloc(2 * (size_t)l->comm_size, sizeof *l->pend);
+        if (!l->pend)
             return 0;
-        }
+        l->pend_list = (int *)(l->pend + l->comm_size);
     }
     if (l->ann_lost)
         return 0;

@@ -76,7 +76,8 @@ typedef struct ipmpi_mpilink {
     uint64_t probes_skipped; /* counted for the log at the end */
     /* Who announced the frames not taken yet (the bell's ring of
      * announcers, doorbell.h): pend[rank] frames of each, the ranks in
-     * pend_list; ann_cur is the next announcement to read. While they are
+     * pend_list (in pend's allocation); ann_cur is the next announcement
+     * to read. While they are
      * known the link probes those ranks alone; when not (a maker not
      * recorded yet, or more than the ring holds) it probes any source, as
      * it does at least every IPMPI_PROBE_MAX_NS. */

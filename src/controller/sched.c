@@ -461,12 +461,7 @@ int ipmpi_sched_next(ipmpi_sched_t *s, int e, uint64_t now, int (*hold)(void *ct
 
 int ipmpi_sched_start_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r, uint64_t now)
 {
-    if (!ipmpi_sched_idle(s, e))
-        return IPMPI_EAGAIN;
-    ipmpi_sitem_t it = {.type = IPMPI_SITEM_REQ, .sent_ns = now}, out;
-    it.u.req = r;
-    hand_out(s, &s->eng[e], &it, &out);
-    return 0;
+    return ipmpi_sched_start_reqs(s, &e, 1, r, now) == 1 ? 0 : IPMPI_EAGAIN;
 }
 
 int ipmpi_sched_start_reqs(ipmpi_sched_t *s, const int *ids, int n, ipmpi_req_t *r, uint64_t now)
@@ -477,8 +472,10 @@ int ipmpi_sched_start_reqs(ipmpi_sched_t *s, const int *ids, int n, ipmpi_req_t 
     for (int i = 0; i < n; i++) {
         if (!ipmpi_sched_idle(s, ids[i]))
             continue;
-        /* hand_out for an idle engine: the ring is empty, and with a
-         * request in flight it has no room for a task. */
+        /* hand_out for an idle engine, without its general cases (a
+         * broadcast puts hundreds in flight at once): the ring is empty,
+         * and with a request in flight the engine has no room for a task;
+         * r joins the running list once, below. */
         ipmpi_sengine_t *en = &s->eng[ids[i]];
         en->fly[en->fly_head] = it;
         en->fly_len = 1;
@@ -493,36 +490,9 @@ int ipmpi_sched_start_reqs(ipmpi_sched_t *s, const int *ids, int n, ipmpi_req_t 
     return started;
 }
 
-uint32_t ipmpi_sched_done_reqs(ipmpi_sched_t *s, const uint32_t *ids, uint32_t n, ipmpi_req_t *r, uint64_t now)
+/* Takes en's oldest in-flight item (it has one) into *out, answered now. */
+static void fly_pop(ipmpi_sched_t *s, ipmpi_sengine_t *en, uint64_t now, ipmpi_sitem_t *out)
 {
-    uint32_t done = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        if (ids[i] >= (uint32_t)s->nengines)
-            continue;
-        ipmpi_sengine_t *en = &s->eng[ids[i]];
-        const ipmpi_sitem_t *head = en->fly_len ? &en->fly[en->fly_head] : NULL;
-        if (!head || head->type != IPMPI_SITEM_REQ || head->u.req != r)
-            continue;
-        /* ipmpi_sched_done for a request */
-        en->fly_head = (en->fly_head + 1) & (en->fly_cap - 1);
-        en->fly_len--;
-        if (ipmpi_equeue_len(&en->q) == 0)
-            en->last_task = 0;
-        en->last_reply_ns = now;
-        update_open(s, en);
-        done++;
-    }
-    r->nfly -= done;
-    if (done && r->nfly == 0)
-        ipmpi_ql_remove(&r->running);
-    return done;
-}
-
-int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out)
-{
-    if (e < 0 || e >= s->nengines || s->eng[e].fly_len == 0)
-        return 0;
-    ipmpi_sengine_t *en = &s->eng[e];
     *out = en->fly[en->fly_head];
     en->fly_head = (en->fly_head + 1) & (en->fly_cap - 1);
     en->fly_len--;
@@ -546,5 +516,29 @@ int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out)
     }
     en->last_reply_ns = now;
     update_open(s, en);
+}
+
+uint32_t ipmpi_sched_done_reqs(ipmpi_sched_t *s, const uint32_t *ids, uint32_t n, ipmpi_req_t *r, uint64_t now)
+{
+    uint32_t done = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (ids[i] >= (uint32_t)s->nengines)
+            continue;
+        ipmpi_sengine_t *en = &s->eng[ids[i]];
+        const ipmpi_sitem_t *head = en->fly_len ? &en->fly[en->fly_head] : NULL;
+        if (!head || head->type != IPMPI_SITEM_REQ || head->u.req != r)
+            continue;
+        ipmpi_sitem_t it;
+        fly_pop(s, en, now, &it);
+        done++;
+    }
+    return done;
+}
+
+int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out)
+{
+    if (e < 0 || e >= s->nengines || s->eng[e].fly_len == 0)
+        return 0;
+    fly_pop(s, &s->eng[e], now, out);
     return 1;
 }
