@@ -42,6 +42,7 @@ import subprocess
 import time
 
 import benchlib
+import scale_model
 from bench_scale import controller_pid
 
 ENGINE_ARGS = ("--tree-min", "2", "--busy-spin-us", "0", "--wait-spin-us", "0")
@@ -115,17 +116,6 @@ def one_cluster(n, binary, a):
             "fns": {k: v / r for k, v in fns.items()}}
 
 
-def fit(points):
-    """Least squares a + c*N over [(N, y)]."""
-    k = len(points)
-    sx = sum(x for x, _ in points)
-    sy = sum(y for _, y in points)
-    sxx = sum(x * x for x, _ in points)
-    sxy = sum(x * y for x, y in points)
-    c = (k * sxy - sx * sy) / (k * sxx - sx * sx)
-    return (sy - c * sx) / k, c
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--engines", default="16,64,256")
@@ -154,8 +144,8 @@ def main():
         pts = sorted(got[label].items())
         print("%s = %s" % (label, binary))
         if len(pts) >= 2:
-            fa, fc = fit([(n, r["work"]) for n, r in pts])
-            print("  fit of work per request: %.0f + %.0f * N instructions" % (fa, fc))
+            fa, fc, how = scale_model.fit_line([n for n, _ in pts], [r["work"] for _, r in pts])
+            print("  fit of work per request: %.0f + %.0f * N instructions (%s)" % (fa, fc, how))
             lo, hi = pts[0], pts[-1]
             grow = sorted(((hi[1]["fns"].get(f, 0) - lo[1]["fns"].get(f, 0)) / (hi[0] - lo[0]), f)
                           for f in hi[1]["fns"])
