@@ -109,30 +109,52 @@ void ipmpi_gather_each_init(ipmpi_gather_each_t *it, const uint8_t *p, size_t le
     it->lim = lim;
 }
 
+/* Reads the next inner frame (a whole one or a run) into it: 1, 0 at the
+ * end, or an error. */
+static int each_load(ipmpi_gather_each_t *it)
+{
+    ipmpi_hdr_t f;
+    long n = ipmpi_gather_next(it->p, it->left, it->lim, &f);
+    if (n <= 0)
+        return (int)n;
+    if (f.flags & IPMPI_F_SAME) {
+        if (!it->ref || f.aux == 0 || f.aux > IPMPI_GATHER_RUN_MAX || f.target < 0 ||
+            (uint64_t)f.target + f.aux > (uint64_t)INT32_MAX)
+            return IPMPI_EPROTO;
+        it->run_left = f.aux;
+        it->run_next = f.target;
+    } else {
+        if (f.aux != 0)
+            return IPMPI_EPROTO;
+        it->ref = it->p;
+        it->refh = f;
+        it->run_left = 1;
+        it->run_next = f.target;
+    }
+    it->p += n;
+    it->left -= (size_t)n;
+    return 1;
+}
+
+int ipmpi_gather_each_run(ipmpi_gather_each_t *it, ipmpi_hdr_t *h, const uint8_t **frame, uint32_t *count)
+{
+    int rc;
+    if (it->run_left == 0 && (rc = each_load(it)) <= 0)
+        return rc;
+    *h = it->refh;
+    h->target = (int32_t)it->run_next;
+    *count = (uint32_t)it->run_left;
+    it->run_next += (int64_t)it->run_left;
+    it->run_left = 0;
+    *frame = it->ref;
+    return 1;
+}
+
 int ipmpi_gather_each_next(ipmpi_gather_each_t *it, ipmpi_hdr_t *h, const uint8_t **frame)
 {
-    if (it->run_left == 0) {
-        ipmpi_hdr_t f;
-        long n = ipmpi_gather_next(it->p, it->left, it->lim, &f);
-        if (n <= 0)
-            return (int)n;
-        if (f.flags & IPMPI_F_SAME) {
-            if (!it->ref || f.aux == 0 || f.aux > IPMPI_GATHER_RUN_MAX || f.target < 0 ||
-                (uint64_t)f.target + f.aux > (uint64_t)INT32_MAX)
-                return IPMPI_EPROTO;
-            it->run_left = f.aux;
-            it->run_next = f.target;
-        } else {
-            if (f.aux != 0)
-                return IPMPI_EPROTO;
-            it->ref = it->p;
-            it->refh = f;
-            it->run_left = 1;
-            it->run_next = f.target;
-        }
-        it->p += n;
-        it->left -= (size_t)n;
-    }
+    int rc;
+    if (it->run_left == 0 && (rc = each_load(it)) <= 0)
+        return rc;
     *h = it->refh;
     h->target = (int32_t)it->run_next++;
     it->run_left--;

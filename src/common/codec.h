@@ -105,6 +105,13 @@ typedef struct ipmpi_gather_each {
 } ipmpi_gather_each_t;
 void ipmpi_gather_each_init(ipmpi_gather_each_t *it, const uint8_t *p, size_t left, const ipmpi_limits_t *lim);
 int ipmpi_gather_each_next(ipmpi_gather_each_t *it, ipmpi_hdr_t *h, const uint8_t **frame);
+/*
+ * The same a run at a time: *count engines from h->target on (a whole
+ * frame is a run of 1; an engine's reply and the run that repeats it come
+ * as two), with the same checks. The two calls may be mixed: a run that
+ * ipmpi_gather_each_next began comes with the engines it has not given.
+ */
+int ipmpi_gather_each_run(ipmpi_gather_each_t *it, ipmpi_hdr_t *h, const uint8_t **frame, uint32_t *count);
 
 /*
  * Folds the gathered replies buf[0..len) in place: a whole frame that

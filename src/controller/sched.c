@@ -58,13 +58,17 @@ int ipmpi_sched_init_cap(ipmpi_sched_t *s, int nengines, int capacity, uint32_t 
     if (capacity == 0)
         return 0;
     s->eng = calloc((size_t)capacity, sizeof *s->eng);
-    if (!s->eng)
-        return IPMPI_ENOMEM;
-    if (engines_init(s, 0, nengines) != 0) {
+    /* The live set and a gang's pending set, one allocation. */
+    size_t words = ipmpi_bits_words((uint32_t)capacity);
+    s->live = calloc(2 * words, sizeof *s->live);
+    if (!s->eng || !s->live || engines_init(s, 0, nengines) != 0) {
         free(s->eng);
+        free(s->live);
         s->eng = NULL;
+        s->live = NULL;
         return IPMPI_ENOMEM;
     }
+    s->gang.pending = s->live + words;
     return 0;
 }
 
@@ -85,7 +89,11 @@ void ipmpi_sched_fini(ipmpi_sched_t *s)
         free(s->eng[i].fly);
     }
     free(s->eng);
+    free(s->live);
     s->eng = NULL;
+    s->live = NULL;
+    s->gang.pending = NULL;
+    s->gang.left = 0;
     s->nengines = 0;
     /* Requests still running outlive the list: detached, their free does
      * not touch it. */
@@ -99,9 +107,11 @@ static void unpark_all(ipmpi_sched_t *s);
 
 /* ---- the list of engines with room for a task ---- */
 
+static int en_id(const ipmpi_sched_t *s, const ipmpi_sengine_t *e) { return (int)(e - s->eng); }
+
 static uint32_t task_room(const ipmpi_sched_t *s, const ipmpi_sengine_t *e)
 {
-    if (!e->live)
+    if (!e->live || ipmpi_sched_gang_pending(s, en_id(s, e))) /* a request in flight */
         return 0;
     /* A request waits: let the tasks in flight drain so it can go. */
     if (ipmpi_equeue_len(&e->q) > 0 && (e->last_task || e->fly_len > 0))
@@ -118,6 +128,8 @@ static void update_open(ipmpi_sched_t *s, ipmpi_sengine_t *e)
 {
     if (ipmpi_ql_linked(&e->open))
         ipmpi_ql_remove(&e->open);
+    if (ipmpi_sched_gang_pending(s, en_id(s, e)))
+        s->gang.open_stale = 1; /* back in when it answered */
     if (task_room(s, e) == 0)
         return;
     if (e->fly_len == 0)
@@ -141,6 +153,7 @@ void ipmpi_sched_engine_ready(ipmpi_sched_t *s, int e)
     if (e < 0 || e >= s->nengines || s->eng[e].live)
         return;
     s->eng[e].live = 1;
+    ipmpi_bit_set(s->live, (uint32_t)e);
     s->nlive++;
     update_open(s, &s->eng[e]);
     /* An engine that has refused nothing yet may take a parked task. */
@@ -152,6 +165,7 @@ void ipmpi_sched_engine_dead(ipmpi_sched_t *s, int e)
     if (e < 0 || e >= s->nengines || !s->eng[e].live)
         return;
     s->eng[e].live = 0;
+    ipmpi_bit_clear(s->live, (uint32_t)e);
     s->nlive--;
     update_open(s, &s->eng[e]);
     /* Parked tasks stay parked: every engine still live refused them. */
@@ -340,6 +354,15 @@ uint32_t ipmpi_sched_spin(ipmpi_sched_t *s)
 
 /* ---- handing out ---- */
 
+/* Every write of last_task goes here: s->nlast_task counts the set ones,
+ * so a gang's answers need not look at each engine when none is. */
+static void set_last_task(ipmpi_sched_t *s, ipmpi_sengine_t *en, int v)
+{
+    if (en->last_task != v)
+        s->nlast_task += v ? 1u : (uint32_t)-1;
+    en->last_task = v;
+}
+
 static int fly_push(ipmpi_sched_t *s, ipmpi_sengine_t *e, const ipmpi_sitem_t *it)
 {
     if (e->fly_len == e->fly_cap)
@@ -414,7 +437,7 @@ static ipmpi_stask_t *pick_task(ipmpi_sched_t *s, int e)
 static int hand_out(ipmpi_sched_t *s, ipmpi_sengine_t *en, const ipmpi_sitem_t *it, ipmpi_sitem_t *out)
 {
     fly_push(s, en, it);
-    en->last_task = it->type == IPMPI_SITEM_TASK;
+    set_last_task(s, en, it->type == IPMPI_SITEM_TASK);
     *out = *it;
     update_open(s, en);
     return 1;
@@ -439,7 +462,7 @@ int ipmpi_sched_next(ipmpi_sched_t *s, int e, uint64_t now, int (*hold)(void *ct
         return 0;
     ipmpi_sengine_t *en = &s->eng[e];
     int rc = 0;
-    int req_ready = ipmpi_equeue_len(&en->q) > 0 && en->fly_len == 0;
+    int req_ready = ipmpi_equeue_len(&en->q) > 0 && ipmpi_sched_nfly(s, e) == 0;
     /* A request goes when nothing is in flight and, if tasks wait too,
      * when it is the requests' turn (a task went last). */
     if (req_ready && (en->last_task || s->nqueued == 0) && (rc = give_req(s, en, now, hold, ctx, out)) == 1)
@@ -479,7 +502,7 @@ int ipmpi_sched_start_reqs(ipmpi_sched_t *s, const int *ids, int n, ipmpi_req_t 
         ipmpi_sengine_t *en = &s->eng[ids[i]];
         en->fly[en->fly_head] = it;
         en->fly_len = 1;
-        en->last_task = 0;
+        set_last_task(s, en, 0);
         if (ipmpi_ql_linked(&en->open))
             ipmpi_ql_remove(&en->open);
         started++;
@@ -488,6 +511,16 @@ int ipmpi_sched_start_reqs(ipmpi_sched_t *s, const int *ids, int n, ipmpi_req_t 
         ipmpi_ql_push_back(&s->running, &r->running);
     r->nfly += (uint32_t)started;
     return started;
+}
+
+/* Request r was answered on en (its nfly counted en). */
+static void req_answered(ipmpi_sched_t *s, ipmpi_sengine_t *en, ipmpi_req_t *r)
+{
+    if (--r->nfly == 0)
+        ipmpi_ql_remove(&r->running);
+    /* No more requests wait: tasks may use the engine fully. */
+    if (ipmpi_equeue_len(&en->q) == 0)
+        set_last_task(s, en, 0);
 }
 
 /* Takes en's oldest in-flight item (it has one) into *out, answered now. */
@@ -508,14 +541,74 @@ static void fly_pop(ipmpi_sched_t *s, ipmpi_sengine_t *en, uint64_t now, ipmpi_s
         else
             en->task_ns = en->task_ns - (en->task_ns >> EWMA_SHIFT) + (took >> EWMA_SHIFT);
     } else {
-        if (--out->u.req->nfly == 0)
-            ipmpi_ql_remove(&out->u.req->running);
-        /* No more requests wait: tasks may use the engine fully. */
-        if (ipmpi_equeue_len(&en->q) == 0)
-            en->last_task = 0;
+        req_answered(s, en, out->u.req);
     }
     en->last_reply_ns = now;
     update_open(s, en);
+}
+
+/* A gang member's answer, taken alone (its bit is pending). */
+static void gang_pop(ipmpi_sched_t *s, ipmpi_sengine_t *en, uint64_t now, ipmpi_sitem_t *out)
+{
+    *out = s->gang.item;
+    ipmpi_bit_clear(s->gang.pending, (uint32_t)en_id(s, en));
+    s->gang.left--;
+    req_answered(s, en, out->u.req);
+    en->last_reply_ns = now;
+    update_open(s, en);
+}
+
+uint32_t ipmpi_sched_start_gang(ipmpi_sched_t *s, ipmpi_req_t *r, uint64_t now)
+{
+    if (!ipmpi_sched_quiet(s) || s->nqueued > 0 || s->nlive == 0 || s->gang.left > 0)
+        return 0;
+    /* Quiet: every live engine is idle, so every one of them takes r. Their
+     * open links stay as they are (task_room reads the gang). */
+    memcpy(s->gang.pending, s->live, ipmpi_bits_words((uint32_t)s->nengines) * sizeof *s->live);
+    s->gang.left = (uint32_t)s->nlive;
+    s->gang.open_stale = 0;
+    s->gang.item = (ipmpi_sitem_t){.type = IPMPI_SITEM_REQ, .u.req = r, .sent_ns = now};
+    if (r->nfly == 0)
+        ipmpi_ql_push_back(&s->running, &r->running);
+    r->nfly += s->gang.left;
+    return s->gang.left;
+}
+
+int ipmpi_sched_gang_take(ipmpi_sched_t *s, uint32_t lo, uint32_t n)
+{
+    if (s->gang.left == 0 || n == 0 || lo >= (uint32_t)s->nengines || n > (uint32_t)s->nengines - lo ||
+        !ipmpi_bits_all(s->gang.pending, lo, n))
+        return 0;
+    ipmpi_bits_put(s->gang.pending, lo, n, 0);
+    return 1;
+}
+
+void ipmpi_sched_gang_untake(ipmpi_sched_t *s, uint32_t lo, uint32_t n)
+{
+    ipmpi_bits_put(s->gang.pending, lo, n, 1);
+}
+
+void ipmpi_sched_gang_settle(ipmpi_sched_t *s, uint32_t lo, uint32_t n, uint64_t now)
+{
+    ipmpi_req_t *r = s->gang.item.u.req;
+    if (n == 0 || n > s->gang.left)
+        return; /* not taken: cannot happen */
+    s->gang.left -= n;
+    r->nfly -= n;
+    if (r->nfly == 0)
+        ipmpi_ql_remove(&r->running);
+    /* What fly_pop does per engine is needed only when a task or a queued
+     * request left something to redo; else the members are as before the
+     * gang: idle, in the open list, last_task clear. (last_reply_ns stays:
+     * it matters only for a task queued ahead, which a member had none of.) */
+    if (s->gang.open_stale || s->nlast_task > 0 || s->nreq_queued > 0)
+        for (uint32_t i = lo; i < lo + n; i++) {
+            ipmpi_sengine_t *en = &s->eng[i];
+            if (ipmpi_equeue_len(&en->q) == 0)
+                set_last_task(s, en, 0);
+            en->last_reply_ns = now;
+            update_open(s, en);
+        }
 }
 
 uint32_t ipmpi_sched_done_reqs(ipmpi_sched_t *s, const uint32_t *ids, uint32_t n, ipmpi_req_t *r, uint64_t now)
@@ -525,11 +618,14 @@ uint32_t ipmpi_sched_done_reqs(ipmpi_sched_t *s, const uint32_t *ids, uint32_t n
         if (ids[i] >= (uint32_t)s->nengines)
             continue;
         ipmpi_sengine_t *en = &s->eng[ids[i]];
-        const ipmpi_sitem_t *head = en->fly_len ? &en->fly[en->fly_head] : NULL;
+        const ipmpi_sitem_t *head = ipmpi_sched_inflight(s, (int)ids[i]);
         if (!head || head->type != IPMPI_SITEM_REQ || head->u.req != r)
             continue;
         ipmpi_sitem_t it;
-        fly_pop(s, en, now, &it);
+        if (ipmpi_sched_gang_pending(s, (int)ids[i]))
+            gang_pop(s, en, now, &it);
+        else
+            fly_pop(s, en, now, &it);
         done++;
     }
     return done;
@@ -537,8 +633,13 @@ uint32_t ipmpi_sched_done_reqs(ipmpi_sched_t *s, const uint32_t *ids, uint32_t n
 
 int ipmpi_sched_done(ipmpi_sched_t *s, int e, uint64_t now, ipmpi_sitem_t *out)
 {
-    if (e < 0 || e >= s->nengines || s->eng[e].fly_len == 0)
+    if (e < 0 || e >= s->nengines)
         return 0;
-    fly_pop(s, &s->eng[e], now, out);
+    if (ipmpi_sched_gang_pending(s, e))
+        gang_pop(s, &s->eng[e], now, out);
+    else if (s->eng[e].fly_len > 0)
+        fly_pop(s, &s->eng[e], now, out);
+    else
+        return 0;
     return 1;
 }

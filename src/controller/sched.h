@@ -41,6 +41,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bitset.h"
 #include "equeue.h"
 
 /* Look-ahead only while an engine's recent tasks take less than this. */
@@ -103,6 +104,28 @@ typedef struct ipmpi_sengine {
     ipmpi_qlink_t open;     /* in the scheduler's list of engines with room for a task */
 } ipmpi_sengine_t;
 
+/*
+ * A request to every live engine, started while nothing else ran
+ * (ipmpi_sched_start_gang): one item for all of them instead of one per
+ * engine, so that a broadcast tree's gathered replies, which come as runs
+ * of engines (IPMPI_F_SAME), settle in word operations per run
+ * (ipmpi_sched_gang_take, ipmpi_sched_gang_settle) and the send touches
+ * no engine's slot. A member is in flight while its bit is pending; every
+ * per-engine call (inflight, idle, done, done_reqs, next) sees the gang
+ * as that engine's oldest in-flight item, so the paths that settle one
+ * engine at a time (a death, a retry, a reply sent alone) need not know
+ * it. Answered members are free at once, as after any request: a gang is
+ * no barrier.
+ */
+typedef struct ipmpi_sgang {
+    ipmpi_sitem_t item; /* the request (u.req) and when it went */
+    uint64_t *pending;  /* members that have not answered: capacity bits */
+    uint32_t left;      /* their number; 0: no gang */
+    /* A pending member's link in the open list was dropped (or kept
+     * stale): members that answer need update_open one by one. */
+    int open_stale;
+} ipmpi_sgang_t;
+
 typedef struct ipmpi_sched {
     int nengines;
     int capacity;           /* engines eng[] has room for (joins add up to it) */
@@ -121,6 +144,9 @@ typedef struct ipmpi_sched {
      * walking the engines. The scheduler must not be copied (the queues
      * point at nreq_queued, the requests at this list). */
     ipmpi_qlink_t running;
+    uint64_t *live;         /* live engines as bits (capacity bits): a gang's members */
+    uint32_t nlast_task;    /* engines whose last_task is set (a gang's answers need not look at each) */
+    ipmpi_sgang_t gang;
 } ipmpi_sched_t;
 
 /*
@@ -197,13 +223,44 @@ int ipmpi_sched_start_req(ipmpi_sched_t *s, int e, ipmpi_req_t *r, uint64_t now)
  * that is not is left as it is. Returns how many got it.
  */
 int ipmpi_sched_start_reqs(ipmpi_sched_t *s, const int *ids, int n, ipmpi_req_t *r, uint64_t now);
+/* 1 while engine e is a member of the gang that has not answered it. */
+static inline int ipmpi_sched_gang_pending(const ipmpi_sched_t *s, int e)
+{
+    return s->gang.left > 0 && ipmpi_bit_get(s->gang.pending, (uint32_t)e);
+}
+/* Items in flight on engine e (a pending gang counts as one). */
+static inline uint32_t ipmpi_sched_nfly(const ipmpi_sched_t *s, int e)
+{
+    return s->eng[e].fly_len + (uint32_t)ipmpi_sched_gang_pending(s, e);
+}
+/*
+ * Puts r in flight on every live engine as one gang, when nothing is in
+ * flight or queued anywhere and no task waits (ipmpi_sched_quiet and no
+ * queued task): returns the number of members (s->nlive), or 0 and
+ * nothing changed. Word operations only: no engine's slot is read.
+ */
+uint32_t ipmpi_sched_start_gang(ipmpi_sched_t *s, ipmpi_req_t *r, uint64_t now);
+/*
+ * Gathered replies for engines [lo, lo + n) of the gang: when every one
+ * is pending, takes them out of the pending set and returns 1; else 0
+ * and nothing changed. Only the bits move: ipmpi_sched_gang_untake puts
+ * them back (the replies could not be delivered whole), and
+ * ipmpi_sched_gang_settle completes what ipmpi_sched_done does for each
+ * (counts, the running list, the end of the gang; the engines' open
+ * links and last_task one by one only when a task or a request made them
+ * stale). Take, then untake or settle, before anything else runs.
+ */
+int ipmpi_sched_gang_take(ipmpi_sched_t *s, uint32_t lo, uint32_t n);
+void ipmpi_sched_gang_untake(ipmpi_sched_t *s, uint32_t lo, uint32_t n);
+void ipmpi_sched_gang_settle(ipmpi_sched_t *s, uint32_t lo, uint32_t n, uint64_t now);
+
 /* 1 when engine e is live, has nothing in flight and nothing queued.
  * Inline, as ipmpi_sched_inflight: a request to all engines asks both of
  * each engine. */
 static inline int ipmpi_sched_idle(const ipmpi_sched_t *s, int e)
 {
     return e >= 0 && e < s->nengines && s->eng[e].live && s->eng[e].fly_len == 0 &&
-           ipmpi_equeue_len(&s->eng[e].q) == 0;
+           ipmpi_equeue_len(&s->eng[e].q) == 0 && !ipmpi_sched_gang_pending(s, e);
 }
 /*
  * A live engine with room for a task (nothing in flight preferred), or
@@ -226,7 +283,12 @@ static inline int ipmpi_sched_quiet(const ipmpi_sched_t *s)
 /* The oldest in-flight item of e, or NULL (the reply matches it). */
 static inline const ipmpi_sitem_t *ipmpi_sched_inflight(const ipmpi_sched_t *s, int e)
 {
-    if (e < 0 || e >= s->nengines || s->eng[e].fly_len == 0)
+    if (e < 0 || e >= s->nengines)
+        return NULL;
+    /* A pending gang is the oldest: nothing goes to a member before it answered. */
+    if (ipmpi_sched_gang_pending(s, e))
+        return &s->gang.item;
+    if (s->eng[e].fly_len == 0)
         return NULL;
     return &s->eng[e].fly[s->eng[e].fly_head];
 }

@@ -1022,6 +1022,50 @@ static void test_gather_each_expands_runs_to_the_frame_they_repeat(void **state)
     }
 }
 
+static void test_gather_each_run_gives_whole_runs_and_the_rest_of_a_begun_one(void **state)
+{
+    (void)state;
+    uint8_t buf[512];
+    size_t len = 0;
+    const uint64_t one[1] = {5};
+    put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
+    put_run(buf, &len, 1, 3);
+    put_inner(buf, &len, 9, IPMPI_F_REPLY, 1, one, 'b');
+    put_run(buf, &len, 4, 2);
+    ipmpi_limits_t lim;
+    ipmpi_limits_default(&lim);
+    ipmpi_gather_each_t it;
+    ipmpi_gather_each_init(&it, buf, len, &lim);
+    ipmpi_hdr_t h;
+    const uint8_t *f, *fa;
+    uint32_t n = 0;
+    assert_int_equal(ipmpi_gather_each_run(&it, &h, &fa, &n), 1);
+    assert_int_equal(h.target, 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(fa[ipmpi_hdr_wire_size(1)], 'a');
+    /* One engine of the run by each_next, the rest as a run. */
+    assert_int_equal(ipmpi_gather_each_next(&it, &h, &f), 1);
+    assert_int_equal(h.target, 1);
+    assert_int_equal(ipmpi_gather_each_run(&it, &h, &f, &n), 1);
+    assert_int_equal(h.target, 2);
+    assert_int_equal(n, 2);
+    assert_ptr_equal(f, fa);
+    assert_int_equal(h.flags & IPMPI_F_SAME, 0); /* the header of the frame it repeats */
+    assert_int_equal(ipmpi_gather_each_run(&it, &h, &f, &n), 1);
+    assert_int_equal(h.target, 9);
+    assert_int_equal(n, 1);
+    assert_int_equal(ipmpi_gather_each_run(&it, &h, &f, &n), 1);
+    assert_int_equal(h.target, 4);
+    assert_int_equal(n, 2);
+    assert_int_equal(f[ipmpi_hdr_wire_size(1)], 'b');
+    assert_int_equal(ipmpi_gather_each_run(&it, &h, &f, &n), 0);
+    /* A run with nothing to repeat: refused as by each_next. */
+    len = 0;
+    put_run(buf, &len, 1, 1);
+    ipmpi_gather_each_init(&it, buf, len, &lim);
+    assert_int_equal(ipmpi_gather_each_run(&it, &h, &f, &n), IPMPI_EPROTO);
+}
+
 static void test_gather_each_refuses_runs_that_repeat_nothing_or_overflow(void **state)
 {
     (void)state;
@@ -1172,6 +1216,7 @@ int main(void)
         cmocka_unit_test(test_gather_next_walks_every_inner_reply),
         cmocka_unit_test(test_gather_next_refuses_what_is_not_one_whole_final_reply),
         cmocka_unit_test(test_gather_each_expands_runs_to_the_frame_they_repeat),
+        cmocka_unit_test(test_gather_each_run_gives_whole_runs_and_the_rest_of_a_begun_one),
         cmocka_unit_test(test_gather_each_refuses_runs_that_repeat_nothing_or_overflow),
         cmocka_unit_test(test_gather_fold_makes_runs_of_agreeing_replies_and_keeps_every_reply),
         cmocka_unit_test(test_gather_fold_keeps_replies_that_differ_in_status_or_flags_apart),

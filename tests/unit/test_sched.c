@@ -1608,12 +1608,167 @@ static void test_stask_fini_frees_refusals_and_the_client_reference(void **state
 }
 
 /* An argument runs only the tests whose names match it (a glob). */
+/* ---- gangs: one request on every live engine as one item ---- */
+
+/* Engines whose link is in the open list. */
+static int open_len(const ipmpi_sched_t *s)
+{
+    int n = 0;
+    for (const ipmpi_qlink_t *q = s->open.next; q != &s->open; q = q->next)
+        n++;
+    return n;
+}
+
+static void test_a_gang_holds_a_request_on_every_live_engine_and_settles_runs_of_them(void **state)
+{
+    (void)state;
+    ipmpi_sched_t s;
+    /* 130 engines: the sets span three words; engine 70 is dead. */
+    sched_up(&s, 130, 0);
+    ipmpi_sched_engine_dead(&s, 70);
+    ipmpi_req_t *r = mkreq(1, 1), *other = mkreq(2, 1);
+    /* Not quiet (a request queued): no gang, nothing changed. */
+    assert_int_equal(ipmpi_sched_queue_req(&s, 3, other), 0);
+    assert_int_equal(ipmpi_sched_start_gang(&s, r, 5), 0);
+    assert_int_equal(r->nfly, 0);
+    assert_ptr_equal(next_req(&s, 3, 6), other);
+    assert_int_equal(ipmpi_sched_start_gang(&s, r, 5), 0); /* in flight: not quiet either */
+    assert_ptr_equal(done_req(&s, 3, 7), other);
+    assert_int_equal(ipmpi_sched_start_gang(&s, r, 8), 129);
+    assert_int_equal(r->nfly, 129);
+    int has = 0;
+    assert_int_equal(running_len(&s, r, &has), 1);
+    assert_true(has);
+    assert_false(ipmpi_sched_quiet(&s));
+    for (int e = 0; e < 130; e++) {
+        const ipmpi_sitem_t *it = ipmpi_sched_inflight(&s, e);
+        if (e == 70) {
+            assert_null(it);
+            continue;
+        }
+        assert_non_null(it);
+        assert_ptr_equal(it->u.req, r);
+        assert_int_equal(it->type, IPMPI_SITEM_REQ);
+        assert_int_equal(it->sent_ns, 8);
+        assert_int_equal(ipmpi_sched_nfly(&s, e), 1);
+        assert_false(ipmpi_sched_idle(&s, e));
+        assert_int_equal(inflight_count(&s, e), 0); /* no engine's ring was touched */
+    }
+    /* A second gang waits for the first. */
+    assert_int_equal(ipmpi_sched_start_gang(&s, other, 9), 0);
+    /* Runs: only when every engine of the run is pending; the dead one
+     * is no member, an id past the end is refused. */
+    assert_int_equal(ipmpi_sched_gang_take(&s, 60, 20), 0);
+    assert_int_equal(ipmpi_sched_gang_take(&s, 120, 11), 0);
+    assert_int_equal(ipmpi_sched_gang_take(&s, 0, 0), 0);
+    assert_int_equal(ipmpi_sched_gang_take(&s, 0, 64), 1);
+    assert_int_equal(ipmpi_sched_gang_take(&s, 63, 2), 0); /* 63 taken: nothing changed */
+    assert_true(ipmpi_sched_gang_pending(&s, 64));
+    ipmpi_sched_gang_untake(&s, 0, 64); /* could not be delivered whole */
+    for (int e = 0; e < 64; e++)
+        assert_ptr_equal(ipmpi_sched_inflight(&s, e)->u.req, r);
+    assert_int_equal(ipmpi_sched_gang_take(&s, 0, 64), 1);
+    ipmpi_sched_gang_settle(&s, 0, 64, 10);
+    assert_int_equal(r->nfly, 65);
+    for (int e = 0; e < 64; e++) {
+        assert_null(ipmpi_sched_inflight(&s, e));
+        assert_true(ipmpi_sched_idle(&s, e));
+    }
+    assert_int_equal(ipmpi_sched_gang_take(&s, 64, 6), 1);
+    ipmpi_sched_gang_settle(&s, 64, 6, 11);
+    assert_int_equal(ipmpi_sched_gang_take(&s, 71, 58), 1);
+    ipmpi_sched_gang_settle(&s, 71, 58, 11);
+    /* The last member answers alone (a reply sent directly). */
+    assert_int_equal(r->nfly, 1);
+    assert_ptr_equal(done_req(&s, 129, 12), r);
+    assert_int_equal(s.eng[129].last_reply_ns, 12);
+    assert_int_equal(r->nfly, 0);
+    assert_int_equal(s.gang.left, 0);
+    assert_true(ipmpi_sched_quiet(&s));
+    assert_int_equal(ipmpi_sched_gang_take(&s, 0, 1), 0); /* no gang */
+    /* Every live engine has room for a task again, as before the gang. */
+    assert_int_equal(open_len(&s), 129);
+    /* And the next gang may go. */
+    assert_int_equal(ipmpi_sched_start_gang(&s, other, 13), 129);
+    const uint32_t all[] = {0, 1, 70, 129, 500};
+    assert_int_equal(ipmpi_sched_done_reqs(&s, all, 5, r, 14), 0); /* another request: untouched */
+    assert_int_equal(ipmpi_sched_done_reqs(&s, all, 5, other, 14), 3);
+    assert_int_equal(other->nfly, 126);
+    /* A member dies: its item is taken back one by one, as for any engine. */
+    ipmpi_sched_engine_dead(&s, 5);
+    assert_ptr_equal(done_req(&s, 5, 15), other);
+    assert_false(ipmpi_sched_gang_pending(&s, 5));
+    assert_int_equal(other->nfly, 125);
+    ipmpi_sched_fini(&s);
+    assert_int_equal(other->nfly, 0); /* detached by fini */
+    ipmpi_req_free(r);
+    ipmpi_req_free(other);
+}
+
+static void test_a_gang_member_takes_no_task_or_request_until_it_answered_then_both_go(void **state)
+{
+    (void)state;
+    ipmpi_sched_t s;
+    sched_up(&s, 4, 1);
+    ipmpi_sched_client_t *cl = ipmpi_sched_client_new(1);
+    assert_non_null(cl);
+    ipmpi_stask_t t[3];
+    mktasks(t, 3, 10);
+    /* Engine 1 ran a task last: the gang's answer clears that, as any
+     * request's answer does. */
+    submit_all(&s, cl, t, 1);
+    assert_ptr_equal(next_task(&s, 1, 1), &t[0]);
+    assert_ptr_equal(done_task(&s, 1, 2), &t[0]);
+    assert_true(s.eng[1].last_task);
+    assert_int_equal(s.nlast_task, 1);
+    ipmpi_req_t *r = mkreq(1, 1), *after = mkreq(2, 1);
+    assert_int_equal(ipmpi_sched_start_gang(&s, r, 3), 4);
+    /* A task submitted now finds no member with room; the open list
+     * drops each member it is offered. */
+    submit_all(&s, cl, t + 1, 2);
+    int offered = 0, e;
+    while ((e = ipmpi_sched_open_engine(&s)) >= 0 && offered < 10) {
+        next_nothing(&s, e, 4);
+        offered++;
+    }
+    assert_int_equal(offered, 4);
+    assert_int_equal(open_len(&s), 0);
+    assert_int_equal(ipmpi_sched_open_engine(&s), -1);
+    assert_true(s.gang.open_stale);
+    /* A request queued behind the gang on engine 2. */
+    assert_int_equal(ipmpi_sched_queue_req(&s, 2, after), 0);
+    next_nothing(&s, 2, 5);
+    /* A task cancelled while the gang runs: nothing left to hand out. */
+    assert_int_equal(ipmpi_sched_cancel(&s, &t[2]), 0);
+    /* Engines 0 and 1 answer in one run: they are open again, and engine 1
+     * lost its last_task. */
+    assert_int_equal(ipmpi_sched_gang_take(&s, 0, 2), 1);
+    ipmpi_sched_gang_settle(&s, 0, 2, 6);
+    assert_false(s.eng[1].last_task);
+    assert_int_equal(s.nlast_task, 0);
+    assert_int_equal(open_len(&s), 2);
+    assert_ptr_equal(next_task(&s, 0, 7), &t[1]);
+    /* Engine 2's queued request goes once it answered; engine 3 after. */
+    assert_int_equal(ipmpi_sched_gang_take(&s, 2, 2), 1);
+    ipmpi_sched_gang_settle(&s, 2, 2, 8);
+    assert_int_equal(s.gang.left, 0);
+    assert_int_equal(r->nfly, 0);
+    assert_ptr_equal(next_req(&s, 2, 9), after);
+    /* Open: 1 and 3 (idle), 0 (one task in flight, room for one ahead). */
+    assert_int_equal(open_len(&s), 3);
+    settle(&s, t, 3);
+    ipmpi_sched_client_unref(cl);
+    ipmpi_req_free(r);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1)
         cmocka_set_test_filter(argv[1]);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_init_rejects_bad_depth_and_engine_count),
+        cmocka_unit_test(test_a_gang_holds_a_request_on_every_live_engine_and_settles_runs_of_them),
+        cmocka_unit_test(test_a_gang_member_takes_no_task_or_request_until_it_answered_then_both_go),
         cmocka_unit_test(test_init_starts_with_no_live_engine_and_nothing_queued),
         cmocka_unit_test(test_stask_init_sets_id_and_nothing_else),
         cmocka_unit_test(test_requests_to_one_engine_go_in_fifo_order),
