@@ -379,7 +379,7 @@ void ipmpi_ctl_do_interrupt(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_
             /* The first of the named requests sent to e: the running one,
              * or one sent ahead, interrupted when it starts. */
             const ipmpi_sengine_t *se = &c->sched.eng[e->id];
-            const ipmpi_sitem_t *hit = NULL;
+            const ipmpi_sitem_t *hit = run->type == IPMPI_SITEM_REQ && named(&nm, run->u.req) ? run : NULL;
             for (uint32_t k = 0; k < se->fly_len && !hit; k++) {
                 const ipmpi_sitem_t *it = &se->fly[(se->fly_head + k) & (se->fly_cap - 1)];
                 if (it->type == IPMPI_SITEM_REQ && named(&nm, it->u.req))

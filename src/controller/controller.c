@@ -622,12 +622,15 @@ static int setup(ipmpi_ctl_t *c, const ipmpi_opts_t *o, const ipmpi_job_t *job, 
     c->gather_ids = calloc((size_t)c->cap_engines, sizeof *c->gather_ids);
     c->tree_keys = calloc((size_t)c->cap_engines, sizeof *c->tree_keys);
     c->tree_slices = calloc(2 * ((size_t)c->cap_engines + 1), sizeof *c->tree_slices);
-    if (!c->eng || !c->mark || !c->targets || !c->tree_ids || !c->gather_ids || !c->tree_keys || !c->tree_slices)
+    c->gang_runs = calloc(2 * (size_t)c->cap_engines, sizeof *c->gang_runs);
+    if (!c->eng || !c->mark || !c->targets || !c->tree_ids || !c->gather_ids || !c->tree_keys || !c->tree_slices ||
+        !c->gang_runs)
         return IPMPI_ENOMEM;
     for (int i = 0; i < c->nengines; i++) {
         c->eng[i].id = i;
         c->eng[i].rank = i + 1;
         c->eng[i].near = ipmpi_doorbell_reaches(job->bell, i + 1);
+        c->nmute_far += !c->eng[i].near;
         c->eng[i].wake_fd = -1;
         c->eng[i].live_fd = -1;
     }
@@ -956,8 +959,10 @@ static int shutdown_job(ipmpi_ctl_t *c, const sigset_t *waitmask)
     ipmpi_log(IPMPI_LOG_INFO, "dead engines: %llu queries of the PMIx process table; %d engines watched by pidfd "
               "at the end", (unsigned long long)c->watch.queries, ipmpi_ctl_watch_npids(&c->watch));
     if (c->gathered)
-        ipmpi_log(IPMPI_LOG_INFO, "trees: %llu gathered reply frames, %llu of them forwarded to the client whole",
-                  (unsigned long long)c->gathered, (unsigned long long)c->gathered_whole);
+        ipmpi_log(IPMPI_LOG_INFO, "trees: %llu gathered reply frames, %llu of them forwarded to the client whole; "
+                  "%llu requests to all engines sent as a gang, %llu frames settled as runs of engines",
+                  (unsigned long long)c->gathered, (unsigned long long)c->gathered_whole,
+                  (unsigned long long)c->gangs, (unsigned long long)c->gang_frames);
     log_cpu_sections(c);
     ipmpi_ctl_fail_all(c);
     int died = c->any_died;
@@ -1026,6 +1031,8 @@ static void teardown(ipmpi_ctl_t *c)
     free(c->gather_ids);
     free(c->tree_keys);
     free(c->tree_slices);
+    free(c->gang_runs);
+    ipmpi_ctl_tree_all_free(c);
     free(c->sess);
     free(c->sgen);
     ipmpi_reqtab_fini(&c->reqs);

@@ -40,6 +40,7 @@ typedef struct ipmpi_engine_slot {
     int join_first;       /* of a job that joined later (join.c): its engines' first id */
     int near;             /* on the controller's node: its doorbell is in reach (doorbell.h), set once */
     int wake_fd;          /* on another node: where its wake-up datagrams go (wake.c); -1: none */
+    int tree_root;        /* a root of the all-engine tree (tree.c): rung again while a gang waits */
     uint64_t wake_due;
     uint64_t host_key;    /* nonzero, one per host of wake_addr (wake.c): trees group engines by it (tree.c) */
     uint64_t gather_mark; /* the gathered frame its reply was last seen in (tree.c: no engine twice) */
@@ -68,10 +69,24 @@ typedef struct ipmpi_ctl {
     int nlive;     /* engines not dead */
     int nbusy;     /* engines with a request running */
     int nbusy_far; /* of them, on another node or joined: they ring the bell by datagram (wake.c) */
+    /* Engines on another node or joined that have not rung yet (wake.c;
+     * one that died stays counted): while none, the bell's count need not
+     * look for a busy one of them (dispatch.c). */
+    int nmute_far;
     uint64_t bell_sleeps, bell_rings, far_rings; /* counted for the log at the end */
     /* Gathered frames of trees seen (also numbers them: gather_mark), and
      * of them those forwarded to the client whole (tree.c). */
     uint64_t gathered, gathered_whole;
+    /* Requests to every engine sent as a gang (tree.c, sched.h), and the
+     * gathered frames settled as runs of engines rather than one by one. */
+    uint64_t gangs, gang_frames;
+    /* The broadcast tree of every live engine (tree.c), built for the
+     * engines as they were at engines_gen (all_gen): ready and deaths
+     * bump engines_gen, and the next request to all builds it again. NULL:
+     * none (not built, or some live engine cannot take part in a tree). */
+    struct ipmpi_ctl_alltree *all;
+    uint64_t engines_gen, all_gen;
+    uint32_t *gang_runs; /* scratch: (first, count) of each run a gathered frame settles (tree.c) */
     /* How long a tree's subtree takes, from the controller's send to its
      * root until that root's gathered frame came (moving average, tree.c):
      * the first ring-again of a root, and the loop's longest sleep on its
@@ -185,6 +200,19 @@ int ipmpi_ctl_join_start(ipmpi_ctl_t *c);
  * an IPMPI_F_GATHER frame apart (takes parts).
  */
 int ipmpi_ctl_tree_kind(unsigned kind);
+/* A request of h's kind to all engines (n of them) may go as one gang:
+ * nothing else runs, every live engine can take part in a tree, and the
+ * all-engine tree is built (here, when the engines changed). 1 or 0. */
+int ipmpi_ctl_tree_all_ready(ipmpi_ctl_t *c, const ipmpi_session_t *s, const ipmpi_hdr_t *h);
+/* Sends r to every live engine as a gang with the all-engine tree (after
+ * tree_all_ready said 1; r->pending = the live engines). */
+void ipmpi_ctl_tree_send_all(ipmpi_ctl_t *c, ipmpi_req_t *r);
+/* The ring-again pass (ipmpi_ctl_rering) while only gang r is in flight
+ * and its subtrees are whole: its roots that have not answered; returns
+ * when the first is due next (UINT64_MAX: none). */
+uint64_t ipmpi_ctl_tree_rering_gang(ipmpi_ctl_t *c, const ipmpi_req_t *r, uint64_t now);
+/* Frees the all-engine tree (the controller's end). */
+void ipmpi_ctl_tree_all_free(ipmpi_ctl_t *c);
 /* 1 when session has so many unread replies that its next request waits
  * (dispatch.c; the scheduler's hold test). */
 int ipmpi_ctl_must_hold(ipmpi_ctl_t *c, uint64_t session);

@@ -236,11 +236,25 @@ void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
     if (now < c->rering_at)
         return;
     uint64_t next = UINT64_MAX;
+    const ipmpi_req_t *g = c->sched.gang.left > 0 ? c->sched.gang.item.u.req : NULL;
+    if (g && g->tree_open > 0 && c->sched.nfly_tasks == 0 && c->sched.running.next == &g->running &&
+        c->sched.running.prev == &g->running) {
+        /* Nothing but a gang in flight, its subtrees whole: only its roots
+         * are rung again, not every engine looked at. */
+        next = ipmpi_ctl_tree_rering_gang(c, g, now);
+        c->rering_at = next > now + IPMPI_RERING_NS ? next : now + IPMPI_RERING_NS;
+        return;
+    }
     for (int i = 0; i < c->nengines; i++) {
         ipmpi_engine_slot_t *e = &c->eng[i];
         /* UINT64_MAX: not to be rung again (a tree's engines below its
          * roots), whatever it runs. */
         if (e->dead || e->wake_due == UINT64_MAX || !ipmpi_sched_inflight(&c->sched, i))
+            continue;
+        /* A gang's engines below its roots are rung by their parents while
+         * its subtrees are whole (tree.c; their wake_due is left as it
+         * was, not set per engine). */
+        if (!e->tree_root && ipmpi_sched_gang_pending(&c->sched, i) && c->sched.gang.item.u.req->tree_open > 0)
             continue;
         ipmpi_ctl_wake_again(c, e, now);
         if (e->wake_due < next)
@@ -276,8 +290,8 @@ uint64_t ipmpi_ctl_bell_count(ipmpi_ctl_t *c)
         return 0;
     /* Engines of other nodes ring by datagram after every frame (wake.c),
      * once they showed they can: the count is for this node's only. */
-    for (int i = 0; c->nbusy_far > 0 && i < c->nengines; i++)
-        if (c->sched.eng[i].fly_len > 0 && !c->eng[i].near && !c->eng[i].rings)
+    for (int i = 0; c->nbusy_far > 0 && c->nmute_far > 0 && i < c->nengines; i++)
+        if (ipmpi_sched_nfly(&c->sched, i) > 0 && !c->eng[i].near && !c->eng[i].rings)
             return 0;
     if (c->sched.nfly_tasks > 0 || c->sched.nreq_queued > 0)
         return 1;
@@ -319,6 +333,7 @@ void ipmpi_ctl_engine_died(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, const char *w
     /* Engines below it in a broadcast tree get its request directly. */
     ipmpi_ctl_tree_orphans(c, e);
     e->dead = 1;
+    c->engines_gen++; /* the tree of all engines is built again */
     c->nlive--;
     c->any_died = 1;
     if (e->join_first == 0)
@@ -385,6 +400,7 @@ static void store_ready(ipmpi_ctl_t *c, ipmpi_engine_slot_t *e, ipmpi_parts_t *p
         ipmpi_ctl_intr_register(e, (const char *)p->bufs[2], (size_t)p->lens[2]);
     if (!e->ready)
         ipmpi_log(IPMPI_LOG_DEBUG, "engine %d (rank %d) ready: %s", e->id, e->rank, props ? props : "");
+    c->engines_gen++; /* ready, or how it wakes changed: the tree of all engines is built again */
     if (!e->ready) {
         e->ready = 1;
         /* Its end shows at once if it runs on this host (watch.h). */

@@ -336,7 +336,10 @@ void ipmpi_req_free(ipmpi_req_t *r)
     if (r->nfly) /* freed while in flight: a caller's bug, but the running list stays whole */
         ipmpi_ql_remove(&r->running);
     ipmpi_parts_unref(r->payload);
-    free(r->tree);
+    if (r->tree_back)
+        ipmpi_backing_unref(r->tree_back);
+    else
+        free(r->tree);
     free(r);
 }
 

@@ -156,6 +156,9 @@ typedef struct ipmpi_req {
      * engines' ranks; owned, NULL: sent to each engine. */
     int32_t *tree;
     uint32_t ntree;
+    /* Not NULL: tree lies in this shared memory (the controller's tree of
+     * every engine, tree.c), one reference held, instead of being owned. */
+    ipmpi_backing_t *tree_back;
     /* Its subtrees whose gathered frame has not come yet (tree.c): the
      * frames the controller's bell may sleep for; 0 once a relay died. */
     uint32_t tree_open;

@@ -258,6 +258,7 @@ static void add_job(ipmpi_ctl_t *c, pending_join_t *pj)
         e->rank = e->id + 1;
         e->wake_fd = e->live_fd = -1;
         e->join_first = pj->first;
+        c->nmute_far++;
     }
     c->nengines += pj->n;
     c->nlive += pj->n;

@@ -162,8 +162,10 @@ static void queue_on(ipmpi_ctl_t *c, ipmpi_req_t *r, ipmpi_engine_slot_t *e)
         ipmpi_ctl_dispatch(c, e);
 }
 
-/* Queues an engine-kind request on every target engine: one shared payload. */
-static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p, int n)
+/* Queues an engine-kind request on every target engine: one shared
+ * payload. all: the targets are every live engine, n of them, sent as one
+ * gang (ipmpi_ctl_tree_all_ready said so; c->targets is not filled). */
+static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipmpi_parts_t *p, int n, int all)
 {
     if (h->target == IPMPI_TARGET_LIST)
         ipmpi_parts_drop_first(p);
@@ -181,6 +183,12 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     r->reply_flags = h->flags & (IPMPI_F_SHM_OK | IPMPI_F_VM_OK | IPMPI_F_GATHER_OK);
     r->eng_flags = h->flags & IPMPI_F_STREAM;
     ipmpi_ctl_result_open(c, s, r);
+    if (all) {
+        uint64_t t = ipmpi_cpusec_begin(&c->cpu);
+        ipmpi_ctl_tree_send_all(c, r);
+        ipmpi_cpusec_end(&c->cpu, IPMPI_CS_TREE_SEND, t);
+        return;
+    }
     char msg[256];
     /* Many idle engines: a broadcast tree, one per node (tree.c). */
     int tree = c->o->tree_min > 0 && n >= (int)c->o->tree_min && ipmpi_ctl_tree_kind(h->kind) &&
@@ -358,9 +366,14 @@ void ipmpi_ctl_route(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, i
             ipmpi_ctl_reply_err(s, h, IPMPI_EKIND, "unknown request kind %u", h->kind);
             break;
         }
+        /* To all while nothing else runs: one gang, no engine looked at. */
+        if (h->target == IPMPI_TARGET_ALL && ipmpi_ctl_tree_all_ready(c, s, h)) {
+            submit(c, s, h, p, c->sched.nlive, 1);
+            return;
+        }
         if ((n = resolve(c, s, h, p)) < 0)
             break;
-        submit(c, s, h, p, n);
+        submit(c, s, h, p, n, 0);
         return; /* submit took p */
     }
 done:

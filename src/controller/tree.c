@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "backoff.h"
+#include "bitset.h"
 #include "ctl.h"
 #include "doorbell.h"
 #include "ipmpi/errors.h"
@@ -58,17 +59,18 @@ static uint64_t node_key(const ipmpi_engine_slot_t *e)
 }
 
 /*
- * The top of a request's tree (r->tree[0] is the controller): the
- * controller's children, as slices [start, start + len) of r->tree. The
+ * The top of a tree (tree[0] is the controller; ntree entries): the
+ * controller's children, as slices [start, start + len) of tree. The
  * engines of its own node come first, in up to IPMPI_TREE_FANOUT slices
  * (tree.h); then each other node's engines, one slice each. A pure
  * function of r->tree and where its engines are, so the slices are found
  * again when a relay dies. Returns how many (at most n - 1).
  */
-static uint32_t top_slices(const ipmpi_ctl_t *c, const ipmpi_req_t *r, uint32_t *start, uint32_t *len)
+static uint32_t top_slices(const ipmpi_ctl_t *c, const int32_t *tree, uint32_t ntree, uint32_t *start,
+                           uint32_t *len)
 {
     uint32_t at = 1, k = 0;
-    while (at < r->ntree && node_key(&c->eng[r->tree[at] - 1]) == 0)
+    while (at < ntree && node_key(&c->eng[tree[at] - 1]) == 0)
         at++;
     if (at > 1) {
         uint32_t ns[IPMPI_TREE_FANOUT], nl[IPMPI_TREE_FANOUT];
@@ -78,10 +80,10 @@ static uint32_t top_slices(const ipmpi_ctl_t *c, const ipmpi_req_t *r, uint32_t 
             len[k] = nl[i];
         }
     }
-    while (at < r->ntree) {
-        uint64_t key = node_key(&c->eng[r->tree[at] - 1]);
+    while (at < ntree) {
+        uint64_t key = node_key(&c->eng[tree[at] - 1]);
         start[k] = at;
-        while (at < r->ntree && node_key(&c->eng[r->tree[at] - 1]) == key)
+        while (at < ntree && node_key(&c->eng[tree[at] - 1]) == key)
             at++;
         len[k] = at - start[k];
         k++;
@@ -103,6 +105,32 @@ static int group_by_node(const ipmpi_ctl_t *c, const int *ids, int n, int32_t *o
     for (int i = 0; rc == 0 && i < n; i++)
         out[i] = c->eng[ids[k[i].pos]].rank;
     return rc;
+}
+
+/* Sends r to the root e of one of its top slices: its subtree sub (NULL:
+ * no memory for it) first, then the request. */
+static void send_root(ipmpi_ctl_t *c, const ipmpi_req_t *r, ipmpi_engine_slot_t *e, ipmpi_parts_t *sub)
+{
+    /* The subtree first (its own tag): the root reads it right after the
+     * header. */
+    int rc = sub ? ipmpi_mpilink_send_msg(&c->link, e->rank, IPMPI_TAG_TREE, sub) : IPMPI_ENOMEM;
+    if (rc == 0) {
+        ipmpi_hdr_t h = {.kind = r->kind, .flags = (uint16_t)(r->eng_flags | IPMPI_F_TREE), .req_id = r->id,
+                         .target = e->id};
+        rc = ipmpi_mpilink_send(&c->link, e->rank, &h, r->payload);
+    }
+    if (rc != 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "controller could not send to engine %d: %s", e->id, ipmpi_strerror(rc));
+        ipmpi_log(IPMPI_LOG_ERROR, "%s", msg);
+        ipmpi_ctl_engine_died(c, e, msg); /* its subtree gets retries */
+    } else {
+        /* A root answers only once its whole subtree did: ringing it
+         * again before then only wakes the loop (its post rang it,
+         * ipmpi_ctl_wake). So the first ring-again waits about as long
+         * as subtrees take (c->tree_ns), then backs off as usual. */
+        ipmpi_ctl_wake_later(c, e, c->tree_ns);
+    }
 }
 
 void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
@@ -139,41 +167,164 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
         return;
     }
     uint32_t *len = start + r->ntree;
-    uint32_t k = top_slices(c, r, start, len);
+    uint32_t k = top_slices(c, r->tree, r->ntree, start, len);
     int32_t *t = r->tree;
     r->tree_open = k;
     ipmpi_log(IPMPI_LOG_DEBUG, "request %llu sent as a tree of %d engines in %u sends", (unsigned long long)r->id, n,
               k);
     for (uint32_t i = 0; i < k; i++) {
-        ipmpi_engine_slot_t *e = &c->eng[t[start[i]] - 1];
         uint64_t bytes = (uint64_t)len[i] * sizeof *t;
         ipmpi_parts_t *sub = ipmpi_parts_new(1, &bytes);
-        int rc = IPMPI_ENOMEM;
-        if (sub) {
+        if (sub)
             memcpy(sub->bufs[0], t + start[i], (size_t)bytes);
-            /* The subtree first (its own tag): the root reads it right
-             * after the header. */
-            rc = ipmpi_mpilink_send_msg(&c->link, e->rank, IPMPI_TAG_TREE, sub);
-            ipmpi_parts_unref(sub);
-        }
-        if (rc == 0) {
-            ipmpi_hdr_t h = {.kind = r->kind, .flags = (uint16_t)(r->eng_flags | IPMPI_F_TREE), .req_id = r->id,
-                             .target = e->id};
-            rc = ipmpi_mpilink_send(&c->link, e->rank, &h, r->payload);
-        }
-        if (rc != 0) {
-            char msg[160];
-            snprintf(msg, sizeof msg, "controller could not send to engine %d: %s", e->id, ipmpi_strerror(rc));
-            ipmpi_log(IPMPI_LOG_ERROR, "%s", msg);
-            ipmpi_ctl_engine_died(c, e, msg); /* its subtree gets retries */
-        } else {
-            /* A root answers only once its whole subtree did: ringing it
-             * again before then only wakes the loop (its post rang it,
-             * ipmpi_ctl_wake). So the first ring-again waits about as long
-             * as subtrees take (c->tree_ns), then backs off as usual. */
-            ipmpi_ctl_wake_later(c, e, c->tree_ns);
-        }
+        send_root(c, r, &c->eng[t[start[i]] - 1], sub);
+        ipmpi_parts_unref(sub);
     }
+}
+
+/* ---- the tree of every live engine: a request to all of them as a gang ---- */
+
+/*
+ * Built once per set of live engines (ctl.h: engines_gen), so that a
+ * request to all of them touches no engine's slot: the tree's ranks, the
+ * top's slices with each subtree's message ready to send, and which
+ * engines are on other nodes (the busy counts of a gathered run). Shared
+ * by the requests sent with it (ipmpi_req_t.tree_back).
+ */
+typedef struct ipmpi_ctl_alltree {
+    ipmpi_backing_t back; /* the controller's reference, and one per request */
+    uint32_t n;           /* engines */
+    uint32_t nfar;        /* of them on other nodes */
+    uint32_t nslices;
+    uint32_t *start, *len;  /* the top's slices of tree */
+    ipmpi_parts_t **sub;    /* each slice's subtree message */
+    uint64_t *far;          /* engines on other nodes, as bits by id */
+    int32_t *tree;          /* n + 1: the controller (0), then the engines' ranks */
+} ipmpi_ctl_alltree_t;
+
+static void alltree_release(ipmpi_backing_t *b)
+{
+    ipmpi_ctl_alltree_t *a = IPMPI_CONTAINER_OF(b, ipmpi_ctl_alltree_t, back);
+    for (uint32_t i = 0; a->sub && i < a->nslices; i++)
+        ipmpi_parts_unref(a->sub[i]);
+    free(a->sub);
+    free(a->start);
+    free(a->far);
+    free(a->tree);
+    free(a);
+}
+
+/* The tree of every live engine, or NULL: one cannot take part in a tree
+ * (joined, unwatched, not wakeable), none is live, or no memory. */
+static ipmpi_ctl_alltree_t *alltree_build(ipmpi_ctl_t *c)
+{
+    int n = 0, ok = c->watch.enabled;
+    for (int i = 0; i < c->nengines; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[i];
+        e->tree_root = 0;
+        if (e->dead || !e->ready)
+            continue;
+        if (e->join_first != 0 || e->rank >= c->job->world_size || !(e->near || e->wake_fd >= 0))
+            ok = 0;
+        c->tree_ids[n++] = i;
+    }
+    if (!ok || n == 0)
+        return NULL;
+    ipmpi_ctl_alltree_t *a = calloc(1, sizeof *a);
+    if (!a)
+        return NULL;
+    a->back.refs = 1;
+    a->back.release = alltree_release;
+    a->n = (uint32_t)n;
+    a->tree = malloc(((size_t)n + 1) * sizeof *a->tree);
+    a->start = malloc(2 * ((size_t)n + 1) * sizeof *a->start);
+    a->far = calloc(ipmpi_bits_words((uint32_t)c->nengines), sizeof *a->far);
+    if (!a->tree || !a->start || !a->far || group_by_node(c, c->tree_ids, n, a->tree + 1) != 0)
+        goto fail;
+    a->tree[0] = 0;
+    a->len = a->start + n + 1;
+    a->nslices = top_slices(c, a->tree, a->n + 1, a->start, a->len);
+    a->sub = calloc(a->nslices ? a->nslices : 1, sizeof *a->sub);
+    if (!a->sub)
+        goto fail;
+    for (uint32_t i = 0; i < a->nslices; i++) {
+        uint64_t bytes = (uint64_t)a->len[i] * sizeof *a->tree;
+        if (!(a->sub[i] = ipmpi_parts_new(1, &bytes)))
+            goto fail;
+        memcpy(a->sub[i]->bufs[0], a->tree + a->start[i], (size_t)bytes);
+        c->eng[a->tree[a->start[i]] - 1].tree_root = 1;
+    }
+    for (int i = 0; i < n; i++)
+        if (!c->eng[c->tree_ids[i]].near) {
+            ipmpi_bit_set(a->far, (uint32_t)c->tree_ids[i]);
+            a->nfar++;
+        }
+    ipmpi_log(IPMPI_LOG_DEBUG, "tree of all %d engines: %u sends from the controller", n, a->nslices);
+    return a;
+fail:
+    for (int i = 0; i < c->nengines; i++)
+        c->eng[i].tree_root = 0;
+    alltree_release(&a->back);
+    return NULL;
+}
+
+void ipmpi_ctl_tree_all_free(ipmpi_ctl_t *c)
+{
+    if (c->all)
+        ipmpi_backing_unref(&c->all->back);
+    c->all = NULL;
+}
+
+int ipmpi_ctl_tree_all_ready(ipmpi_ctl_t *c, const ipmpi_session_t *s, const ipmpi_hdr_t *h)
+{
+    /* What ipmpi_sched_start_gang needs (nothing else runs: every live
+     * engine is idle), and what submit's tree asks of a request, first:
+     * the tree is built again only then. */
+    if (c->o->tree_min == 0 || (uint32_t)c->sched.nlive < c->o->tree_min || !ipmpi_ctl_tree_kind(h->kind) ||
+        !ipmpi_sched_quiet(&c->sched) || ipmpi_sched_has_tasks(&c->sched) || c->sched.gang.left > 0 ||
+        c->nheld || ipmpi_ctl_must_hold(c, s->id))
+        return 0;
+    if (c->all_gen != c->engines_gen) {
+        ipmpi_ctl_tree_all_free(c);
+        c->all = alltree_build(c);
+        c->all_gen = c->engines_gen;
+    }
+    return c->all && c->all->n == (uint32_t)c->sched.nlive;
+}
+
+void ipmpi_ctl_tree_send_all(ipmpi_ctl_t *c, ipmpi_req_t *r)
+{
+    ipmpi_ctl_alltree_t *a = c->all;
+    r->tree = a->tree;
+    r->ntree = a->n + 1;
+    r->tree_back = ipmpi_backing_ref(&a->back);
+    r->tree_open = a->nslices;
+    /* Every engine's busy count at once (ipmpi_ctl_busy of each). Below
+     * the roots, engines are rung by their parents: the ring-again pass
+     * skips them while the gang waits for its subtrees (dispatch.c). */
+    uint32_t n = ipmpi_sched_start_gang(&c->sched, r, ipmpi_now_ns());
+    c->nbusy += (int)n;
+    c->nbusy_far += (int)a->nfar;
+    c->gangs++;
+    ipmpi_log(IPMPI_LOG_DEBUG, "request %llu sent as a tree of %u engines in %u sends: all, as a gang",
+              (unsigned long long)r->id, n, a->nslices);
+    for (uint32_t i = 0; i < a->nslices; i++)
+        send_root(c, r, &c->eng[a->tree[a->start[i]] - 1], a->sub[i]);
+}
+
+uint64_t ipmpi_ctl_tree_rering_gang(ipmpi_ctl_t *c, const ipmpi_req_t *r, uint64_t now)
+{
+    const ipmpi_ctl_alltree_t *a = IPMPI_CONTAINER_OF(r->tree_back, ipmpi_ctl_alltree_t, back);
+    uint64_t next = UINT64_MAX;
+    for (uint32_t i = 0; i < a->nslices; i++) {
+        ipmpi_engine_slot_t *e = &c->eng[a->tree[a->start[i]] - 1];
+        if (e->dead || e->wake_due == UINT64_MAX || !ipmpi_sched_gang_pending(&c->sched, e->id))
+            continue;
+        ipmpi_ctl_wake_again(c, e, now);
+        if (e->wake_due < next)
+            next = e->wake_due;
+    }
+    return next;
 }
 
 void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
@@ -190,7 +341,7 @@ void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
                   "their request until the client gives up", e->id);
         return;
     }
-    uint32_t *len = start + r->ntree, k = top_slices(c, r, start, len), found = 0;
+    uint32_t *len = start + r->ntree, k = top_slices(c, r->tree, r->ntree, start, len), found = 0;
     for (uint32_t i = 0; i < k && !found; i++)
         if ((found = ipmpi_tree_find(r->tree + start[i], len[i], e->rank, &lo, &n)))
             lo += start[i];
@@ -313,6 +464,82 @@ static ipmpi_req_t *answered(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint
     return r;
 }
 
+/*
+ * A gathered frame for the gang (sched.h), settled a run at a time: each
+ * run of engines that answered alike (IPMPI_F_SAME) is one check of the
+ * gang's pending bits and one update of every count, not one per engine.
+ * Returns 1 when it did all of ipmpi_ctl_tree_gathered's work, 0 when the
+ * frame is not the gang's whole answer for engines still pending, or its
+ * client cannot take it whole (nothing changed: the general path takes
+ * it, engine by engine).
+ */
+static int gang_gathered(ipmpi_ctl_t *c, ipmpi_parts_t *parts, const uint8_t *f, size_t left)
+{
+    ipmpi_req_t *r = c->sched.gang.item.u.req;
+    ipmpi_session_t *s = ipmpi_ctl_session(c, r->session);
+    if (!s || !(r->reply_flags & IPMPI_F_GATHER_OK) || r->quiet || r->out_dropped || !r->tree_back)
+        return 0;
+    ipmpi_gather_each_t it;
+    ipmpi_gather_each_init(&it, f, left, &c->link.lim);
+    ipmpi_hdr_t h;
+    const uint8_t *fr;
+    uint32_t k, nruns = 0, count = 0, *runs = c->gang_runs;
+    int rc, props = 0;
+    /* Each run is taken out of the pending set as it is read, so that an
+     * engine named twice is refused; all are put back if one is. */
+    while ((rc = ipmpi_gather_each_run(&it, &h, &fr, &k)) > 0) {
+        if (h.req_id != r->id || h.target < 0 || !ipmpi_sched_gang_take(&c->sched, (uint32_t)h.target, k)) {
+            rc = -1;
+            break;
+        }
+        runs[2 * nruns] = (uint32_t)h.target;
+        runs[2 * nruns + 1] = k;
+        nruns++;
+        count += k;
+        props |= (h.flags & IPMPI_F_PROPS) != 0;
+    }
+    ipmpi_hdr_t out = {.kind = r->kind, .flags = IPMPI_F_REPLY | IPMPI_F_GATHER, .req_id = r->client_req,
+                       .target = IPMPI_TARGET_ALL, .total = r->total};
+    if (rc != 0 || count == 0 || count > r->pending || ipmpi_session_send(s, &out, parts) != 0) {
+        for (uint32_t i = 0; i < nruns; i++)
+            ipmpi_sched_gang_untake(&c->sched, runs[2 * i], runs[2 * i + 1]);
+        return 0;
+    }
+    /* Delivered whole: what each engine's final reply settles. */
+    c->gathered_whole++;
+    c->gang_frames++;
+    if (r->tree_open)
+        r->tree_open--;
+    ipmpi_ctl_result_gathered(c, r, parts, count);
+    const ipmpi_ctl_alltree_t *a = IPMPI_CONTAINER_OF(r->tree_back, ipmpi_ctl_alltree_t, back);
+    uint64_t now = ipmpi_now_ns();
+    uint32_t far = 0;
+    for (uint32_t i = 0; i < nruns; i++) {
+        ipmpi_sched_gang_settle(&c->sched, runs[2 * i], runs[2 * i + 1], now);
+        if (a->nfar)
+            far += ipmpi_bits_count(a->far, runs[2 * i], runs[2 * i + 1]);
+    }
+    c->nbusy -= (int)count;
+    c->nbusy_far -= (int)far;
+    if (props) {
+        ipmpi_gather_each_init(&it, f, left, &c->link.lim);
+        while (ipmpi_gather_each_next(&it, &h, &fr) > 0)
+            if (h.flags & IPMPI_F_PROPS)
+                ipmpi_sched_props_changed(&c->sched, h.target);
+    }
+    r->pending -= count;
+    if (r->pending == 0)
+        ipmpi_ctl_req_release(c, r);
+    /* Engines that answered take what waits for them, if anything does. */
+    if (c->sched.nreq_queued > 0 || ipmpi_sched_has_tasks(&c->sched) || c->nheld)
+        for (uint32_t i = 0; i < nruns; i++)
+            for (uint32_t e = runs[2 * i]; e < runs[2 * i] + runs[2 * i + 1]; e++)
+                ipmpi_ctl_dispatch(c, &c->eng[e]);
+    if (props)
+        ipmpi_ctl_kick(c);
+    return 1;
+}
+
 void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
 {
     const uint8_t *f = parts->n == 1 ? parts->bufs[0] : NULL;
@@ -329,6 +556,8 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
             c->tree_ns = c->tree_ns ? c->tree_ns - c->tree_ns / 4 + took / 4 : took;
         }
     }
+    if (f && c->sched.gang.left > 0 && gang_gathered(c, parts, f, left))
+        goto done;
     ipmpi_req_t *r = f ? answered(c, f, left, &count, &whole, &props) : NULL;
     if (count == UINT32_MAX) {
         ipmpi_log(IPMPI_LOG_ERROR, "malformed gathered replies from rank %d; dropped", rank);

@@ -152,6 +152,8 @@ static uint64_t read_rings(ipmpi_ctl_t *c, int fd)
             continue;
         if (id < 0 || id >= c->nengines || c->eng[id].wake_fd < 0 || c->eng[id].wake_key != key)
             continue; /* not from one of ours: it woke the loop, nothing more */
+        if (!c->eng[id].rings && !c->eng[id].near)
+            c->nmute_far--;
         c->eng[id].rings = 1;
         n++;
     }

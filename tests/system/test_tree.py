@@ -405,3 +405,53 @@ def test_a_relay_killed_while_its_subtree_runs_costs_the_others_nothing(cluster,
     assert mec.pull("v", targets=[0, 1, 3, 4, 5, 6, 7]) == [5] * 7
     # And the next requests go round the dead engine.
     assert [r["stdout"] for r in mec.execute("print('on')")] == ["on\n"] * (N - 1)
+
+
+def gangs_sent(cluster):
+    """(requests sent to all engines as a gang, gathered frames settled as
+    runs): the controller's line at its end, so it must have stopped."""
+    m = re.findall(r"(\d+) requests to all engines sent as a gang, (\d+) frames settled as runs of engines",
+                   controller_log(cluster.log_dir))
+    assert len(m) == 1, m
+    return int(m[0][0]), int(m[0][1])
+
+
+def test_requests_to_all_go_as_one_gang_and_work_queued_meanwhile_runs_after():
+    # A request to every engine while nothing else runs goes as one gang
+    # (one item in the controller's scheduler, its replies settled a run
+    # of engines at a time). A request queued on one engine, a task, and
+    # a request to all sent while a gang runs must each still run once,
+    # in each engine's order, and the gangs after them must go again.
+    c = start_cluster(N, engine_args=("--tree-min", "2", "--log-level", "3"))
+    try:
+        mec = c.client(timeout=T)
+        tc = client.TaskClient(c.tc_furl, timeout=T)
+        for i in range(20):
+            mec.execute("x = %d" % i)
+        assert mec.pull("x") == [19] * N
+        slow = mec.execute("import time; time.sleep(1.5); order = ['gang']", block=False)
+        time.sleep(0.3)
+        one = mec.execute("order.append('one')", targets=[5], block=False)
+        tid = tc.run(client.StringTask("t = 3", pull="t"))
+        after = mec.execute("order.append('all')", block=False)
+        assert len(slow.get_result(timeout=T)) == N
+        one.get_result(timeout=T)
+        assert tc.get_task_result(tid, block=True).ns.t == 3
+        assert len(after.get_result(timeout=T)) == N
+        orders = mec.pull("order")
+        assert orders[5] == ["gang", "one", "all"], orders
+        assert all(o == ["gang", "all"] for i, o in enumerate(orders) if i != 5), orders
+        assert [r["stdout"] for r in mec.execute("print('on')")] == ["on\n"] * N
+        tc.close()
+        mec.close()
+    finally:
+        stop_cluster(c)
+    gangs, runs = gangs_sent(c)
+    whole = forwarded_whole(c)
+    # 20 + the slow one + pull + print (+ the ids the client asked for):
+    # every request to all while nothing else ran; not `after`.
+    assert gangs >= 23, (gangs, runs, whole)
+    # Every gathered frame of a gang was settled as runs: one per subtree
+    # (4 on this node) and gang.
+    assert runs >= 4 * gangs - 4, (gangs, runs, whole)
+    assert whole[1] >= runs
