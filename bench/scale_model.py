@@ -7,11 +7,11 @@ Inputs, each printed with where it came from:
   a, b      the controller's CPU per execute('pass') on all engines:
             a + b*N, least squares over the Ns measured (bench_scale.py's
             "controller CPU per request", from /proc/PID/schedstat)
-  c         the controller's CPU per engine of a tree request, what it
-            still does for each engine when the replies come gathered
-            and folded (settles it in its scheduler; on this VM, also
-            what the rest costs more while N engines share 2 cores): the
-            slope of
+  c         the controller's CPU per engine of a tree request: its own
+            work per engine is ~30 instructions (gangs settle runs of
+            engines at once; bench_ctl_instr.py), so on this VM c is
+            mostly what the rest costs more while N engines share 2
+            cores: the slope of
             bench_tree.py's tree CPU per request on one node, a parameter
             (--tree-per-engine-us, default the figure of
             doc/performance.rst)
@@ -191,9 +191,10 @@ def report(points, l_node, a, source):
     print("  assumptions: one engine per core, so no engine waits for a core (this machine's measured e does);")
     print("    b, measured on one node, is also the controller's cost of a message to another node;")
     print("    inside a tree each send costs about l_node and a parent sends to its f children in turn;")
-    print("    in a tree the controller still settles each engine in its scheduler (the replies of engines")
-    print("    that agree come folded, a few hundred bytes per subtree): c*N, measured on one node whose 2")
-    print("    cores N engines share, so c also holds what every system call and cache line costs more there;")
+    print("    c*N is the CPU-time slope measured on one node whose 2 cores N engines share: the controller's")
+    print("    own work per engine is ~30 instructions since gangs (bench_ctl_instr.py: a request to all")
+    print("    settles each run of agreeing engines at once), so c is almost all what every system call and")
+    print("    cache line costs more there, and over-states a node with a core per engine;")
     print("    no contention on the network, no stragglers (one slow engine delays every shape);")
     print("    a fit over Ns of one oversubscribed node extrapolated 64-1,000x beyond them.")
 

@@ -464,6 +464,20 @@ static ipmpi_req_t *answered(ipmpi_ctl_t *c, const uint8_t *f, size_t left, uint
     return r;
 }
 
+/* The engines of gathered part f (left bytes) whose replies changed their
+ * properties (IPMPI_F_PROPS, rare: a second walk of the part) get a new
+ * generation in the scheduler. */
+static void props_changed(ipmpi_ctl_t *c, const uint8_t *f, size_t left)
+{
+    ipmpi_gather_each_t each;
+    ipmpi_gather_each_init(&each, f, left, &c->link.lim);
+    ipmpi_hdr_t h;
+    const uint8_t *fr;
+    while (ipmpi_gather_each_next(&each, &h, &fr) > 0)
+        if (h.flags & IPMPI_F_PROPS)
+            ipmpi_sched_props_changed(&c->sched, h.target);
+}
+
 /*
  * A gathered frame for the gang (sched.h), settled a run at a time: each
  * run of engines that answered alike (IPMPI_F_SAME) is one check of the
@@ -521,12 +535,8 @@ static int gang_gathered(ipmpi_ctl_t *c, ipmpi_parts_t *parts, const uint8_t *f,
     }
     c->nbusy -= (int)count;
     c->nbusy_far -= (int)far;
-    if (props) {
-        ipmpi_gather_each_init(&it, f, left, &c->link.lim);
-        while (ipmpi_gather_each_next(&it, &h, &fr) > 0)
-            if (h.flags & IPMPI_F_PROPS)
-                ipmpi_sched_props_changed(&c->sched, h.target);
-    }
+    if (props)
+        props_changed(c, f, left);
     r->pending -= count;
     if (r->pending == 0)
         ipmpi_ctl_req_release(c, r);
@@ -584,15 +594,8 @@ void ipmpi_ctl_tree_gathered(ipmpi_ctl_t *c, int rank, ipmpi_parts_t *parts)
     /* Every engine at once (ipmpi_ctl_reply_in's work); answered: each
      * one's oldest item is r. */
     ipmpi_sched_done_reqs(&c->sched, c->gather_ids, count, r, ipmpi_now_ns());
-    if (props) {
-        ipmpi_gather_each_t each;
-        ipmpi_gather_each_init(&each, f, left, &c->link.lim);
-        ipmpi_hdr_t h;
-        const uint8_t *fr;
-        while (ipmpi_gather_each_next(&each, &h, &fr) > 0)
-            if (h.flags & IPMPI_F_PROPS)
-                ipmpi_sched_props_changed(&c->sched, h.target);
-    }
+    if (props)
+        props_changed(c, f, left);
     /* answered: r has at least count replies pending. */
     r->pending -= count;
     if (r->pending == 0)

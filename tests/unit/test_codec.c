@@ -1001,16 +1001,24 @@ static int each_reply(const uint8_t *buf, size_t len, int32_t *target, int32_t *
     return rc < 0 ? rc : k;
 }
 
-static void test_gather_each_expands_runs_to_the_frame_they_repeat(void **state)
+/* A gathered part of 7 replies: engine 0 ('a'), a run of 1-3 repeating
+ * it, engine 9 ('b'), a run of 4-5 repeating that. */
+static size_t put_two_runs(uint8_t *buf)
 {
-    (void)state;
-    uint8_t buf[512];
     size_t len = 0;
     const uint64_t one[1] = {5};
     put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
     put_run(buf, &len, 1, 3);
     put_inner(buf, &len, 9, IPMPI_F_REPLY, 1, one, 'b');
     put_run(buf, &len, 4, 2);
+    return len;
+}
+
+static void test_gather_each_expands_runs_to_the_frame_they_repeat(void **state)
+{
+    (void)state;
+    uint8_t buf[512];
+    size_t len = put_two_runs(buf);
     int32_t t[16], st[16];
     uint8_t first[16];
     assert_int_equal(each_reply(buf, len, t, st, first, 16), 7);
@@ -1026,12 +1034,7 @@ static void test_gather_each_run_gives_whole_runs_and_the_rest_of_a_begun_one(vo
 {
     (void)state;
     uint8_t buf[512];
-    size_t len = 0;
-    const uint64_t one[1] = {5};
-    put_inner(buf, &len, 0, IPMPI_F_REPLY, 1, one, 'a');
-    put_run(buf, &len, 1, 3);
-    put_inner(buf, &len, 9, IPMPI_F_REPLY, 1, one, 'b');
-    put_run(buf, &len, 4, 2);
+    size_t len = put_two_runs(buf);
     ipmpi_limits_t lim;
     ipmpi_limits_default(&lim);
     ipmpi_gather_each_t it;
