@@ -200,17 +200,21 @@ int ipmpi_ctl_join_start(ipmpi_ctl_t *c);
  * an IPMPI_F_GATHER frame apart (takes parts).
  */
 int ipmpi_ctl_tree_kind(unsigned kind);
-/* A request of h's kind to all engines (n of them) may go as one gang:
+/* A request of kind from session s to n engines may travel as a tree:
+ * trees are on, n reaches --tree-min, the kind may, and the client is not
+ * held (submit's test, and the gang's below). */
+int ipmpi_ctl_tree_may(ipmpi_ctl_t *c, const ipmpi_session_t *s, unsigned kind, int n);
+/* A request of h's kind to all engines may go as one gang:
  * nothing else runs, every live engine can take part in a tree, and the
  * all-engine tree is built (here, when the engines changed). 1 or 0. */
 int ipmpi_ctl_tree_all_ready(ipmpi_ctl_t *c, const ipmpi_session_t *s, const ipmpi_hdr_t *h);
 /* Sends r to every live engine as a gang with the all-engine tree (after
  * tree_all_ready said 1; r->pending = the live engines). */
 void ipmpi_ctl_tree_send_all(ipmpi_ctl_t *c, ipmpi_req_t *r);
-/* The ring-again pass (ipmpi_ctl_rering) while only gang r is in flight
- * and its subtrees are whole: its roots that have not answered; returns
- * when the first is due next (UINT64_MAX: none). */
-uint64_t ipmpi_ctl_tree_rering_gang(ipmpi_ctl_t *c, const ipmpi_req_t *r, uint64_t now);
+/* The engine id of root k of gang request r's tree (the engines the
+ * controller sent it to), or -1 past the last: the ring-again pass's
+ * engines while only the gang is in flight (dispatch.c). */
+int ipmpi_ctl_tree_gang_root(const ipmpi_req_t *r, uint32_t k);
 /* Frees the all-engine tree (the controller's end). */
 void ipmpi_ctl_tree_all_free(ipmpi_ctl_t *c);
 /* 1 when session has so many unread replies that its next request waits

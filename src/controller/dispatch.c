@@ -231,6 +231,20 @@ void ipmpi_ctl_release_held(ipmpi_ctl_t *c, uint64_t now)
  * futex call per engine and period, the largest part of its CPU time per
  * request to many engines.
  */
+/* Rings engine i again when its work is unanswered and due; *next gets
+ * the earliest due. */
+static void rering_one(ipmpi_ctl_t *c, int i, uint64_t now, uint64_t *next)
+{
+    ipmpi_engine_slot_t *e = &c->eng[i];
+    /* UINT64_MAX: not to be rung again (a tree's engines below its
+     * roots), whatever it runs. */
+    if (e->dead || e->wake_due == UINT64_MAX || !ipmpi_sched_inflight(&c->sched, i))
+        return;
+    ipmpi_ctl_wake_again(c, e, now);
+    if (e->wake_due < *next)
+        *next = e->wake_due;
+}
+
 void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
 {
     if (now < c->rering_at)
@@ -241,24 +255,18 @@ void ipmpi_ctl_rering(ipmpi_ctl_t *c, uint64_t now)
         c->sched.running.prev == &g->running) {
         /* Nothing but a gang in flight, its subtrees whole: only its roots
          * are rung again, not every engine looked at. */
-        next = ipmpi_ctl_tree_rering_gang(c, g, now);
-        c->rering_at = next > now + IPMPI_RERING_NS ? next : now + IPMPI_RERING_NS;
-        return;
-    }
-    for (int i = 0; i < c->nengines; i++) {
-        ipmpi_engine_slot_t *e = &c->eng[i];
-        /* UINT64_MAX: not to be rung again (a tree's engines below its
-         * roots), whatever it runs. */
-        if (e->dead || e->wake_due == UINT64_MAX || !ipmpi_sched_inflight(&c->sched, i))
-            continue;
-        /* A gang's engines below its roots are rung by their parents while
-         * its subtrees are whole (tree.c; their wake_due is left as it
-         * was, not set per engine). */
-        if (!e->tree_root && ipmpi_sched_gang_pending(&c->sched, i) && c->sched.gang.item.u.req->tree_open > 0)
-            continue;
-        ipmpi_ctl_wake_again(c, e, now);
-        if (e->wake_due < next)
-            next = e->wake_due;
+        int id;
+        for (uint32_t k = 0; (id = ipmpi_ctl_tree_gang_root(g, k)) >= 0; k++)
+            rering_one(c, id, now, &next);
+    } else {
+        for (int i = 0; i < c->nengines; i++) {
+            /* A gang's engines below its roots are rung by their parents
+             * while its subtrees are whole (tree.c; their wake_due is left
+             * as it was, not set per engine). */
+            if (!c->eng[i].tree_root && ipmpi_sched_gang_pending(&c->sched, i) && g->tree_open > 0)
+                continue;
+            rering_one(c, i, now, &next);
+        }
     }
     /* The next look: when the first of them is due, and the loop's sleep
      * on its bell ends then too (controller.c). */

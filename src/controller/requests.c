@@ -191,8 +191,7 @@ static void submit(ipmpi_ctl_t *c, ipmpi_session_t *s, const ipmpi_hdr_t *h, ipm
     }
     char msg[256];
     /* Many idle engines: a broadcast tree, one per node (tree.c). */
-    int tree = c->o->tree_min > 0 && n >= (int)c->o->tree_min && ipmpi_ctl_tree_kind(h->kind) &&
-               !ipmpi_ctl_must_hold(c, s->id), ntree = 0;
+    int tree = ipmpi_ctl_tree_may(c, s, h->kind, n), ntree = 0;
     /* r may be freed by the last req_fail_one; nothing reads it after that. */
     for (int i = 0; i < n; i++) {
         ipmpi_engine_slot_t *e = &c->eng[c->targets[i]];

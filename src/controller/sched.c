@@ -513,14 +513,23 @@ int ipmpi_sched_start_reqs(ipmpi_sched_t *s, const int *ids, int n, ipmpi_req_t 
     return started;
 }
 
-/* Request r was answered on en (its nfly counted en). */
-static void req_answered(ipmpi_sched_t *s, ipmpi_sengine_t *en, ipmpi_req_t *r)
+/* Request r was answered on n engines that held it. */
+static void req_left(ipmpi_req_t *r, uint32_t n)
 {
-    if (--r->nfly == 0)
+    r->nfly -= n;
+    if (r->nfly == 0)
         ipmpi_ql_remove(&r->running);
+}
+
+/* Engine en answered its oldest item (a request: req) now: what follows
+ * for the engine itself. */
+static void engine_answered(ipmpi_sched_t *s, ipmpi_sengine_t *en, int req, uint64_t now)
+{
     /* No more requests wait: tasks may use the engine fully. */
-    if (ipmpi_equeue_len(&en->q) == 0)
+    if (req && ipmpi_equeue_len(&en->q) == 0)
         set_last_task(s, en, 0);
+    en->last_reply_ns = now;
+    update_open(s, en);
 }
 
 /* Takes en's oldest in-flight item (it has one) into *out, answered now. */
@@ -541,10 +550,9 @@ static void fly_pop(ipmpi_sched_t *s, ipmpi_sengine_t *en, uint64_t now, ipmpi_s
         else
             en->task_ns = en->task_ns - (en->task_ns >> EWMA_SHIFT) + (took >> EWMA_SHIFT);
     } else {
-        req_answered(s, en, out->u.req);
+        req_left(out->u.req, 1);
     }
-    en->last_reply_ns = now;
-    update_open(s, en);
+    engine_answered(s, en, out->type == IPMPI_SITEM_REQ, now);
 }
 
 /* A gang member's answer, taken alone (its bit is pending). */
@@ -553,9 +561,8 @@ static void gang_pop(ipmpi_sched_t *s, ipmpi_sengine_t *en, uint64_t now, ipmpi_
     *out = s->gang.item;
     ipmpi_bit_clear(s->gang.pending, (uint32_t)en_id(s, en));
     s->gang.left--;
-    req_answered(s, en, out->u.req);
-    en->last_reply_ns = now;
-    update_open(s, en);
+    req_left(out->u.req, 1);
+    engine_answered(s, en, 1, now);
 }
 
 uint32_t ipmpi_sched_start_gang(ipmpi_sched_t *s, ipmpi_req_t *r, uint64_t now)
@@ -590,25 +597,17 @@ void ipmpi_sched_gang_untake(ipmpi_sched_t *s, uint32_t lo, uint32_t n)
 
 void ipmpi_sched_gang_settle(ipmpi_sched_t *s, uint32_t lo, uint32_t n, uint64_t now)
 {
-    ipmpi_req_t *r = s->gang.item.u.req;
     if (n == 0 || n > s->gang.left)
         return; /* not taken: cannot happen */
     s->gang.left -= n;
-    r->nfly -= n;
-    if (r->nfly == 0)
-        ipmpi_ql_remove(&r->running);
+    req_left(s->gang.item.u.req, n);
     /* What fly_pop does per engine is needed only when a task or a queued
      * request left something to redo; else the members are as before the
      * gang: idle, in the open list, last_task clear. (last_reply_ns stays:
      * it matters only for a task queued ahead, which a member had none of.) */
     if (s->gang.open_stale || s->nlast_task > 0 || s->nreq_queued > 0)
-        for (uint32_t i = lo; i < lo + n; i++) {
-            ipmpi_sengine_t *en = &s->eng[i];
-            if (ipmpi_equeue_len(&en->q) == 0)
-                set_last_task(s, en, 0);
-            en->last_reply_ns = now;
-            update_open(s, en);
-        }
+        for (uint32_t i = lo; i < lo + n; i++)
+            engine_answered(s, &s->eng[i], 1, now);
 }
 
 uint32_t ipmpi_sched_done_reqs(ipmpi_sched_t *s, const uint32_t *ids, uint32_t n, ipmpi_req_t *r, uint64_t now)
@@ -617,16 +616,10 @@ uint32_t ipmpi_sched_done_reqs(ipmpi_sched_t *s, const uint32_t *ids, uint32_t n
     for (uint32_t i = 0; i < n; i++) {
         if (ids[i] >= (uint32_t)s->nengines)
             continue;
-        ipmpi_sengine_t *en = &s->eng[ids[i]];
         const ipmpi_sitem_t *head = ipmpi_sched_inflight(s, (int)ids[i]);
-        if (!head || head->type != IPMPI_SITEM_REQ || head->u.req != r)
-            continue;
         ipmpi_sitem_t it;
-        if (ipmpi_sched_gang_pending(s, (int)ids[i]))
-            gang_pop(s, en, now, &it);
-        else
-            fly_pop(s, en, now, &it);
-        done++;
+        if (head && head->type == IPMPI_SITEM_REQ && head->u.req == r)
+            done += (uint32_t)ipmpi_sched_done(s, (int)ids[i], now, &it);
     }
     return done;
 }

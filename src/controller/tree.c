@@ -40,6 +40,12 @@ int ipmpi_ctl_tree_kind(unsigned kind)
     }
 }
 
+int ipmpi_ctl_tree_may(ipmpi_ctl_t *c, const ipmpi_session_t *s, unsigned kind, int n)
+{
+    return c->o->tree_min > 0 && n >= (int)c->o->tree_min && ipmpi_ctl_tree_kind(kind) &&
+           !ipmpi_ctl_must_hold(c, s->id);
+}
+
 int ipmpi_ctl_tree_engine(const ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
 {
     /* Idle, of this job (joined jobs have their own communicators),
@@ -105,6 +111,17 @@ static int group_by_node(const ipmpi_ctl_t *c, const int *ids, int n, int32_t *o
     for (int i = 0; rc == 0 && i < n; i++)
         out[i] = c->eng[ids[k[i].pos]].rank;
     return rc;
+}
+
+/* The message that precedes the request to a slice's root: the slice's
+ * ranks t[start, start + len), the root first. NULL on ENOMEM. */
+static ipmpi_parts_t *subtree_msg(const int32_t *t, uint32_t start, uint32_t len)
+{
+    uint64_t bytes = (uint64_t)len * sizeof *t;
+    ipmpi_parts_t *sub = ipmpi_parts_new(1, &bytes);
+    if (sub)
+        memcpy(sub->bufs[0], t + start, (size_t)bytes);
+    return sub;
 }
 
 /* Sends r to the root e of one of its top slices: its subtree sub (NULL:
@@ -173,10 +190,7 @@ void ipmpi_ctl_tree_send(ipmpi_ctl_t *c, ipmpi_req_t *r, const int *ids, int n)
     ipmpi_log(IPMPI_LOG_DEBUG, "request %llu sent as a tree of %d engines in %u sends", (unsigned long long)r->id, n,
               k);
     for (uint32_t i = 0; i < k; i++) {
-        uint64_t bytes = (uint64_t)len[i] * sizeof *t;
-        ipmpi_parts_t *sub = ipmpi_parts_new(1, &bytes);
-        if (sub)
-            memcpy(sub->bufs[0], t + start[i], (size_t)bytes);
+        ipmpi_parts_t *sub = subtree_msg(t, start[i], len[i]);
         send_root(c, r, &c->eng[t[start[i]] - 1], sub);
         ipmpi_parts_unref(sub);
     }
@@ -248,10 +262,8 @@ static ipmpi_ctl_alltree_t *alltree_build(ipmpi_ctl_t *c)
     if (!a->sub)
         goto fail;
     for (uint32_t i = 0; i < a->nslices; i++) {
-        uint64_t bytes = (uint64_t)a->len[i] * sizeof *a->tree;
-        if (!(a->sub[i] = ipmpi_parts_new(1, &bytes)))
+        if (!(a->sub[i] = subtree_msg(a->tree, a->start[i], a->len[i])))
             goto fail;
-        memcpy(a->sub[i]->bufs[0], a->tree + a->start[i], (size_t)bytes);
         c->eng[a->tree[a->start[i]] - 1].tree_root = 1;
     }
     for (int i = 0; i < n; i++)
@@ -280,9 +292,8 @@ int ipmpi_ctl_tree_all_ready(ipmpi_ctl_t *c, const ipmpi_session_t *s, const ipm
     /* What ipmpi_sched_start_gang needs (nothing else runs: every live
      * engine is idle), and what submit's tree asks of a request, first:
      * the tree is built again only then. */
-    if (c->o->tree_min == 0 || (uint32_t)c->sched.nlive < c->o->tree_min || !ipmpi_ctl_tree_kind(h->kind) ||
-        !ipmpi_sched_quiet(&c->sched) || ipmpi_sched_has_tasks(&c->sched) || c->sched.gang.left > 0 ||
-        c->nheld || ipmpi_ctl_must_hold(c, s->id))
+    if (!ipmpi_ctl_tree_may(c, s, h->kind, c->sched.nlive) || !ipmpi_sched_quiet(&c->sched) ||
+        ipmpi_sched_has_tasks(&c->sched) || c->sched.gang.left > 0 || c->nheld)
         return 0;
     if (c->all_gen != c->engines_gen) {
         ipmpi_ctl_tree_all_free(c);
@@ -312,19 +323,10 @@ void ipmpi_ctl_tree_send_all(ipmpi_ctl_t *c, ipmpi_req_t *r)
         send_root(c, r, &c->eng[a->tree[a->start[i]] - 1], a->sub[i]);
 }
 
-uint64_t ipmpi_ctl_tree_rering_gang(ipmpi_ctl_t *c, const ipmpi_req_t *r, uint64_t now)
+int ipmpi_ctl_tree_gang_root(const ipmpi_req_t *r, uint32_t k)
 {
     const ipmpi_ctl_alltree_t *a = IPMPI_CONTAINER_OF(r->tree_back, ipmpi_ctl_alltree_t, back);
-    uint64_t next = UINT64_MAX;
-    for (uint32_t i = 0; i < a->nslices; i++) {
-        ipmpi_engine_slot_t *e = &c->eng[a->tree[a->start[i]] - 1];
-        if (e->dead || e->wake_due == UINT64_MAX || !ipmpi_sched_gang_pending(&c->sched, e->id))
-            continue;
-        ipmpi_ctl_wake_again(c, e, now);
-        if (e->wake_due < next)
-            next = e->wake_due;
-    }
-    return next;
+    return k < a->nslices ? a->tree[a->start[k]] - 1 : -1;
 }
 
 void ipmpi_ctl_tree_orphans(ipmpi_ctl_t *c, const ipmpi_engine_slot_t *e)
